@@ -1,0 +1,35 @@
+"""trime-fairseq: TRIME and memory-augmented LMs as a fairseq ``--user-dir`` plugin.
+
+fairseq itself is installed separately (see ``scripts/setup.sh``): on Python 3.11 the
+working build is ``fairseq-fixed==0.12.3.1`` installed with ``--no-deps`` (its metadata
+pulls in torchaudio and a second torch).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="trime-fairseq",
+    version="0.1.0",
+    description="TRIME, kNN-LM, kNN-MT and memory-augmented LMs as a fairseq plugin",
+    packages=find_packages(include=["trime_fairseq", "trime_fairseq.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.0",
+        "numpy<2",
+        "hydra-core==1.3.2",
+        "omegaconf==2.3.0",
+        "faiss-cpu",
+        "sacrebleu",
+        "sentencepiece",
+        "tqdm",
+        "matplotlib",
+        "bm25s",
+        "rank-bm25",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "trime-prepare-lm = trime_fairseq.cli.prepare_lm:main",
+            "trime-tune = trime_fairseq.cli.tune:main",
+        ]
+    },
+)

@@ -1,0 +1,80 @@
+"""Small builders shared by the tests: tiny dictionaries, models and data."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import List, Optional
+
+import torch
+from fairseq.data import Dictionary
+from fairseq.models.transformer_lm import TransformerLanguageModel
+
+import trime_fairseq  # noqa: F401  (registers everything)
+from trime_fairseq.models.architectures import trime_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_dictionary(n_words: int = 40) -> Dictionary:
+    d = Dictionary()
+    for i in range(n_words):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def make_model(
+    dictionary: Dictionary, adaptive_cutoff: Optional[str] = None, seed: int = 0, **overrides
+) -> TransformerLanguageModel:
+    """A 2-layer, d=32 ``transformer_lm`` (optionally with an adaptive softmax)."""
+    torch.manual_seed(seed)
+    args = argparse.Namespace(tokens_per_sample=128, **overrides)
+    if adaptive_cutoff:
+        args.adaptive_softmax_cutoff = adaptive_cutoff
+        args.share_decoder_input_output_embed = False
+    trime_tiny(args)
+    task = SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary)
+    model = TransformerLanguageModel.build_model(args, task)
+    return model.eval()
+
+
+def random_tokens(dictionary: Dictionary, bsz: int, length: int, seed: int = 0, vocab: Optional[int] = None) -> torch.Tensor:
+    """Tokens drawn from a small sub-vocabulary so labels repeat (memory has positives)."""
+    g = torch.Generator().manual_seed(seed)
+    hi = dictionary.nspecial + (vocab or 8)
+    return torch.randint(dictionary.nspecial, hi, (bsz, length), generator=g)
+
+
+def write_tiny_corpus(root: Path, n_docs: int = 24, seed: int = 0) -> Path:
+    """Text files in fairseq's convention (one blank line between documents), binarised."""
+    import random
+
+    rnd = random.Random(seed)
+    words = [f"w{i}" for i in range(30)] + "the a of to and in is".split()
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_docs), ("valid", 16), ("test", 16)):
+        with open(root / f"{split}.txt", "w") as f:
+            for _ in range(n):
+                for _ in range(rnd.randint(2, 5)):
+                    f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(5, 15))) + "\n")
+                f.write("\n")
+    run_cli(
+        ["fairseq_cli.preprocess", "--only-source", "--trainpref", str(root / "train.txt"),
+         "--validpref", str(root / "valid.txt"), "--testpref", str(root / "test.txt"),
+         "--destdir", str(root / "bin"), "--workers", "1"]
+    )
+    return root / "bin"
+
+
+def run_cli(argv: List[str], check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> <args>`` from the repo root; returns the completed process."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", *argv], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc

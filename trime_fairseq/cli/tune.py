@@ -1,0 +1,156 @@
+"""``trime-tune``: pick the test-time memory parameters on the validation set.
+
+One pass of the model over the subset; every grid point is scored on the same forward
+outputs (the combiners' target-only path), so a grid of 20 costs little more than one
+``fairseq-eval-lm`` run. Scoring follows ``fairseq-eval-lm`` exactly (same batches,
+``--context-window``, scored tokens), so the numbers match it.
+
+Examples::
+
+    trime-tune data-bin/corpus --path ckpt/trime.pt --combiner trime \\
+        --grid tau=0.5,0.75,1,1.25,1.5 --tokens-per-sample 512 --context-window 256
+    trime-tune data-bin/corpus --path ckpt/vanilla.pt --combiner cache \\
+        --grid lambda=0.05,0.1,0.2 theta=0.01,0.03,0.1 --out cache_grid.json
+
+Any other flag is passed to fairseq's eval-lm parser (``--max-tokens``, ``--gen-subset``...).
+"""
+import argparse
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from trime_fairseq.memory.combiners import CacheCombiner, Combiner, NoMemory, TrimeCombiner
+
+logger = logging.getLogger("trime_fairseq.tune")
+
+GRID_KEYS = {"trime": ("tau",), "cache": ("lambda", "theta")}
+
+
+def parse_grid(combiner: str, items: Sequence[str]) -> List[Dict[str, float]]:
+    """``["tau=0.5,1"]`` -> ``[{"tau": 0.5}, {"tau": 1.0}]`` (Cartesian product)."""
+    wanted = GRID_KEYS[combiner]
+    axes: Dict[str, List[float]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--grid entries look like name=v1,v2,...; got {item!r}")
+        name, values = item.split("=", 1)
+        if name not in wanted:
+            raise ValueError(f"--grid: {combiner} takes {', '.join(wanted)}; got {name!r}")
+        try:
+            axes[name] = [float(v) for v in values.split(",") if v]
+        except ValueError:
+            raise ValueError(f"--grid {name}: values must be numbers, got {values!r}") from None
+        if not axes[name]:
+            raise ValueError(f"--grid {name}: no values")
+    missing = [k for k in wanted if k not in axes]
+    if missing:
+        raise ValueError(f"--grid for {combiner} needs {', '.join(missing)}=...")
+    return [dict(zip(wanted, combo)) for combo in itertools.product(*(axes[k] for k in wanted))]
+
+
+def make_combiner(combiner: str, point: Dict[str, float], representation: str = "f") -> Combiner:
+    if combiner == "trime":
+        return TrimeCombiner(point["tau"])
+    return CacheCombiner(point["lambda"], point["theta"], representation)
+
+
+def score_grid(models_and_task, cfg, combiners: List[Combiner]) -> Tuple[List[float], int]:
+    """Summed target log-probabilities of each combiner over the subset, and the count."""
+    from trime_fairseq.models.memory_eval import MemoryEvalModel, scoring_inputs
+    from fairseq import utils
+
+    model, task = models_and_task
+    pad = task.source_dictionary.pad()
+    wrapped = MemoryEvalModel(model, NoMemory(), pad).eval()
+    task.load_dataset(cfg.dataset.gen_subset)
+    itr = task.eval_lm_dataloader(
+        dataset=task.dataset(cfg.dataset.gen_subset),
+        max_tokens=cfg.dataset.max_tokens or 4096,
+        batch_size=cfg.dataset.batch_size,
+        max_positions=utils.resolve_max_positions(model.max_positions()),
+        num_workers=0,
+        context_window=cfg.eval_lm.context_window,
+    )
+    sums = [0.0] * len(combiners)
+    count = 0
+    with torch.no_grad():
+        for sample in tqdm(itr, desc="tune", unit="batch", disable=None):
+            if "net_input" not in sample:
+                continue
+            x = scoring_inputs(model, wrapped(**sample["net_input"]), sample, pad)
+            keep = x.target.ne(pad)
+            count += int(keep.sum())
+            for i, comb in enumerate(combiners):
+                lp = comb.target_log_prob(x)
+                sums[i] += float(lp[keep & torch.isfinite(lp)].sum())
+    return sums, count
+
+
+def load(argv: Sequence[str]):
+    """fairseq's eval-lm parser over ``argv``; returns ``(cfg, model, task)``."""
+    from fairseq import checkpoint_utils, options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_eval_lm_parser()
+    args = options.parse_args_and_arch(parser, input_args=list(argv))
+    cfg = convert_namespace_to_omegaconf(args)
+    if cfg.eval_lm.context_window > 0:
+        cfg.task.tokens_per_sample -= cfg.eval_lm.context_window
+    task = tasks.setup_task(cfg.task)
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [cfg.common_eval.path], arg_overrides=eval(cfg.common_eval.model_overrides), task=task
+    )
+    return cfg, models[0], task
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    parser = argparse.ArgumentParser(
+        prog="trime-tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--combiner", choices=sorted(GRID_KEYS), required=True,
+                        help="trime (grid over tau) or cache (grid over lambda and theta)")
+    parser.add_argument("--grid", nargs="+", required=True,
+                        help="name=v1,v2,... per parameter (tau; or lambda and theta)")
+    parser.add_argument("--cache-representation", choices=["f", "g"], default="f",
+                        help="continuous cache hidden state (f = decoder output)")
+    parser.add_argument("--out", default=None, help="write all grid points and the best as JSON")
+    ours, rest = parser.parse_known_args(argv)
+    try:
+        grid = parse_grid(ours.combiner, ours.grid)
+        combiners = [make_combiner(ours.combiner, p, ours.cache_representation) for p in grid]
+    except ValueError as e:
+        parser.error(str(e))
+    if "--user-dir" not in rest:
+        rest = [*rest, "--user-dir", os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    if "--task" not in rest:
+        rest = [*rest, "--task", "trime_lm"]
+    cfg, model, task = load(rest)
+    sums, count = score_grid((model, task), cfg, [NoMemory(), *combiners])
+    if count == 0:
+        parser.error(f"no token to score in subset {cfg.dataset.gen_subset!r}")
+    rows = [{"params": {}, "combiner": "none", "ppl": math.exp(-sums[0] / count)}]
+    for point, comb, s in zip(grid, combiners, sums[1:]):
+        rows.append({"params": point, "combiner": comb.describe(), "ppl": math.exp(-s / count)})
+    best = min(rows[1:], key=lambda r: r["ppl"])
+    for r in rows:
+        logger.info("%-40s ppl %.3f%s", r["combiner"], r["ppl"], "  <- best" if r is best else "")
+    result = {"subset": cfg.dataset.gen_subset, "tokens": count, "rows": rows, "best": best}
+    if ours.out:
+        tmp = ours.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, ours.out)
+    print(json.dumps(best["params"]))
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,138 @@
+"""``--criterion trime_loss``: the TRIME training objective (Eq. 5) for language models.
+
+Thin glue: it runs the model once, reads ``g`` with a hook, takes the token terms from the
+output layer (full or adaptive softmax) and hands everything to
+:func:`trime_fairseq.memory.in_batch.in_batch_log_prob`. The in-batch memory layout comes
+from the batch (``sample["trime_memory"]``, set by the ``trime_lm`` task); batches without
+it (e.g. fairseq's stock ``language_modeling`` task) use local memory.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from fairseq import metrics, utils
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+from omegaconf import II
+
+from trime_fairseq.memory.in_batch import group_batch, in_batch_log_prob
+from trime_fairseq.models.capture import get_capture
+from trime_fairseq.models.output_layer import at_least_float32, target_token_terms
+
+
+@dataclass
+class TrimeLossConfig(FairseqDataclass):
+    ce_warmup_updates: int = field(
+        default=0,
+        metadata={
+            "help": "train with plain cross entropy (Eq. 1) for this many updates before "
+            "switching to the TRIME loss (the paper uses ~5%% of all updates)"
+        },
+    )
+    train_temperature: float = field(
+        default=1.0,
+        metadata={"help": "divide the memory similarity q.k/sqrt(d) by this during training"},
+    )
+    similarity_chunk_size: int = field(
+        default=2048,
+        metadata={
+            "help": "query rows per chunk of the in-batch similarity matrix; bounds its "
+            "memory to chunk x (tokens per memory group)"
+        },
+    )
+    drop_local_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "with external (BM25) batching, drop a segment's local memory with this "
+            "probability, one draw per segment per step (p of §4.3; the paper uses 0.9)"
+        },
+    )
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+@register_criterion("trime_loss", dataclass=TrimeLossConfig)
+class TrimeLoss(FairseqCriterion):
+    """Eq. 5 with in-batch memories; logs the TRIME loss and the plain CE side by side."""
+
+    def __init__(self, cfg: TrimeLossConfig, task) -> None:
+        super().__init__(task)
+        if cfg.ce_warmup_updates < 0:
+            raise ValueError(f"--ce-warmup-updates must be >= 0, got {cfg.ce_warmup_updates}")
+        if cfg.train_temperature <= 0:
+            raise ValueError(f"--train-temperature must be > 0, got {cfg.train_temperature}")
+        if cfg.similarity_chunk_size < 1:
+            raise ValueError(
+                f"--similarity-chunk-size must be >= 1, got {cfg.similarity_chunk_size}"
+            )
+        if not 0.0 <= cfg.drop_local_prob <= 1.0:
+            raise ValueError(f"--drop-local-prob must be in [0, 1], got {cfg.drop_local_prob}")
+        self.cfg = cfg
+        self.num_updates = 0
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.num_updates = num_updates
+
+    def uses_memory(self, training: bool) -> bool:
+        """Plain CE during warm-up; validation always reports the TRIME loss."""
+        return not training or self.num_updates >= self.cfg.ce_warmup_updates
+
+    def forward(self, model, sample, reduce: bool = True):
+        capture = get_capture(model)
+        if self.set_num_updates not in capture.on_num_updates:
+            capture.on_num_updates.append(self.set_num_updates)
+        net_output = model(**sample["net_input"])
+        g = capture.take()
+        target = model.get_targets(sample, net_output)
+        tok_target, tok_lse = target_token_terms(model, net_output, target)
+        nonpad = target.ne(self.padding_idx)
+        ce_lprob = tok_target - tok_lse
+
+        with_memory = self.uses_memory(model.training)
+        if with_memory:
+            spec = sample.get("trime_memory")
+            if spec is not None and spec.get("mode") == "external" and model.training:
+                if self.cfg.drop_local_prob > 0:
+                    keep = torch.rand(target.size(0), device=target.device) >= self.cfg.drop_local_prob
+                    spec = dict(spec, keep_local=keep)
+            (tt, tl, reps, tgt), memory = group_batch(
+                (tok_target, tok_lse, at_least_float32(g), target), spec, target
+            )
+            lprob = in_batch_log_prob(
+                tt, tl, reps, tgt, memory, self.padding_idx,
+                temperature=self.cfg.train_temperature,
+                chunk_size=self.cfg.similarity_chunk_size,
+            ).view_as(target)
+        else:
+            lprob = ce_lprob
+
+        loss = -(lprob * nonpad).sum()
+        ce_loss = -(ce_lprob * nonpad).sum()
+        ntokens = sample["ntokens"]
+        sample_size = sample["target"].size(0) if self.cfg.sentence_avg else ntokens
+        logging_output = {
+            "loss": loss.data,
+            "ce_loss": ce_loss.data,
+            "ntokens": ntokens,
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+            "ce_warmup": 0 if with_memory else 1,
+        }
+        return loss, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        def total(key: str) -> float:
+            return utils.item(sum(log.get(key, 0) for log in logging_outputs))
+
+        sample_size = total("sample_size")
+        ntokens = total("ntokens")
+        metrics.log_scalar("loss", total("loss") / sample_size / math.log(2), sample_size, round=3)
+        metrics.log_scalar("ce_loss", total("ce_loss") / ntokens / math.log(2), ntokens, round=3)
+        metrics.log_scalar("ce_warmup", total("ce_warmup") / max(len(logging_outputs), 1), round=2)
+        metrics.log_derived("ppl", lambda m: utils.get_perplexity(m["loss"].avg))
+        metrics.log_derived("ce_ppl", lambda m: utils.get_perplexity(m["ce_loss"].avg))
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return False

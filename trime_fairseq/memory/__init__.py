@@ -1,0 +1,1 @@
+"""Pure memory math and small memory classes (no fairseq imports)."""

@@ -1,0 +1,193 @@
+"""Training memories built from the batch itself (§4), and the chunked Eq. 5 loss over them.
+
+The batch is viewed as ``G`` groups of ``T`` tokens in reading order; a token's memory is a
+subset of the tokens of its own group:
+
+* ``local`` (§4.1, TRIMELM): groups are segments; memory = earlier tokens of the segment.
+* ``long`` (§4.2, TRIMELM_long): groups are the ``m`` consecutive segments of a document
+  laid end to end; memory = all earlier tokens of the group *of the same document*
+  (Eq. 3 plus the local memory). ``doc_id`` keeps documents shorter than ``m`` segments
+  from seeing each other.
+* ``external`` (§4.3, TRIMELM_ext): one group holding the whole batch; memory = every
+  token of every *other* segment plus the local memory, the latter dropped for a segment
+  when ``keep_local`` is False.
+
+Gradients flow into queries and memory alike. The similarity matrix is built in chunks of
+query rows (with activation checkpointing when there is more than one chunk), so memory
+is ``O(G · chunk · T)`` rather than ``O((G·T)^2)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from trime_fairseq.memory.joint import joint_target_log_prob, scaled_similarity
+
+MODES = ("local", "long", "external")
+
+
+@dataclass
+class InBatchMemory:
+    """Which tokens of a group may serve as memory for which (see module docstring).
+
+    Attributes:
+        mode: one of :data:`MODES`.
+        seg_id: ``[G, T]`` segment index of each token (``external``/``long``).
+        doc_id: ``[G, T]`` document index of each token (``long``).
+        keep_local: ``[G, T]`` bool, False where a token's local memory is dropped
+            (``external``).
+    """
+
+    mode: str = "local"
+    seg_id: Optional[Tensor] = None
+    doc_id: Optional[Tensor] = None
+    keep_local: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown in-batch memory mode {self.mode!r}; choose from {MODES}")
+        if self.mode == "long" and self.doc_id is None:
+            raise ValueError("'long' in-batch memory needs doc_id")
+        if self.mode == "external" and self.seg_id is None:
+            raise ValueError("'external' in-batch memory needs seg_id")
+
+    def key_end(self, q_end: int, total: int) -> int:
+        """Keys beyond this index are never in the memory of queries ``< q_end``."""
+        return total if self.mode == "external" else q_end
+
+    def mask(self, q0: int, q1: int, k_end: int, key_valid: Tensor) -> Tensor:
+        """Bool ``[G, q1-q0, k_end]``: may query ``i`` use key ``j`` as memory."""
+        device = key_valid.device
+        qpos = torch.arange(q0, q1, device=device).view(1, -1, 1)
+        kpos = torch.arange(k_end, device=device).view(1, 1, -1)
+        causal = kpos < qpos
+        valid = key_valid[:, None, :k_end]
+        if self.mode == "local":
+            return causal & valid
+        if self.mode == "long":
+            same_doc = self.doc_id[:, q0:q1, None] == self.doc_id[:, None, :k_end]
+            return causal & same_doc & valid
+        same_seg = self.seg_id[:, q0:q1, None] == self.seg_id[:, None, :k_end]
+        local = same_seg & causal
+        if self.keep_local is not None:
+            local = local & self.keep_local[:, q0:q1, None]
+        return (local | ~same_seg) & valid
+
+
+def _chunk_log_prob(
+    q: Tensor,
+    keys: Tensor,
+    key_labels: Tensor,
+    mask: Tensor,
+    tok_target: Tensor,
+    tok_lse: Tensor,
+    target: Tensor,
+    temperature: float,
+) -> Tensor:
+    scores = scaled_similarity(q, keys, temperature)
+    return joint_target_log_prob(
+        tok_target, tok_lse, scores, key_labels.unsqueeze(1), mask, target
+    )
+
+
+def in_batch_log_prob(
+    tok_target: Tensor,
+    tok_lse: Tensor,
+    reps: Tensor,
+    target: Tensor,
+    memory: InBatchMemory,
+    padding_idx: int,
+    temperature: float = 1.0,
+    chunk_size: int = 2048,
+) -> Tensor:
+    """``log P(target)`` of Eq. 5 for every token of the batch, memory taken in-batch.
+
+    Args:
+        tok_target, tok_lse: ``[G, T]`` token terms (see :mod:`trime_fairseq.memory.joint`).
+        reps: ``[G, T, d]`` the representations ``g`` (queries and keys alike).
+        target: ``[G, T]`` next tokens; also the memory labels. Padding is never memory.
+        memory: which tokens are each token's memory.
+        chunk_size: query rows per chunk of the similarity matrix.
+    Returns:
+        ``[G, T]`` log-probabilities (meaningless at padding targets).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    total = reps.size(1)
+    key_valid = target.ne(padding_idx)
+    bounds = [(q0, min(q0 + chunk_size, total)) for q0 in range(0, total, chunk_size)]
+    use_ckpt = len(bounds) > 1 and torch.is_grad_enabled() and reps.requires_grad
+    out = []
+    for q0, q1 in bounds:
+        k_end = memory.key_end(q1, total)
+        mask = memory.mask(q0, q1, k_end, key_valid)
+        args: Tuple = (
+            reps[:, q0:q1],
+            reps[:, :k_end],
+            target[:, :k_end],
+            mask,
+            tok_target[:, q0:q1],
+            tok_lse[:, q0:q1],
+            target[:, q0:q1],
+            temperature,
+        )
+        if use_ckpt:
+            out.append(checkpoint(_chunk_log_prob, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_log_prob(*args))
+    return torch.cat(out, dim=1)
+
+
+def group_batch(
+    tensors: Tuple[Tensor, ...], spec: Optional[dict], padding_target: Tensor
+) -> Tuple[Tuple[Tensor, ...], InBatchMemory]:
+    """Lay out ``[B, L, ...]`` batch tensors as the ``[G, T, ...]`` groups of ``spec``.
+
+    ``spec`` is the ``sample["trime_memory"]`` dict a batching task adds (absent: local):
+
+    * ``{"mode": "local"}``
+    * ``{"mode": "long", "segments_per_group": m, "row_doc": LongTensor[B]}``: rows
+      ``k·m .. k·m+m-1`` are consecutive segments, in order; ``row_doc`` their documents.
+    * ``{"mode": "external", "keep_local": BoolTensor[B]}``: one group for the batch.
+
+    Args:
+        tensors: batch tensors with leading ``[B, L]`` dims, reshaped alike.
+        padding_target: ``[B, L]`` targets (for shape).
+    """
+    spec = spec or {"mode": "local"}
+    mode = spec.get("mode", "local")
+    bsz, seq_len = padding_target.shape[:2]
+    if mode == "local":
+        return tensors, InBatchMemory("local")
+    if mode == "long":
+        m = int(spec["segments_per_group"])
+        if m < 1 or bsz % m != 0:
+            raise ValueError(
+                f"batch of {bsz} segments cannot be split into groups of {m} consecutive segments"
+            )
+        groups = bsz // m
+
+        def regroup(t: Tensor) -> Tensor:
+            return t.reshape(groups, m * seq_len, *t.shape[2:])
+
+        row_doc = spec["row_doc"].to(padding_target.device)
+        doc_id = row_doc.view(bsz, 1).expand(bsz, seq_len)
+        return tuple(regroup(t) for t in tensors), InBatchMemory("long", doc_id=regroup(doc_id))
+    if mode == "external":
+
+        def flat(t: Tensor) -> Tensor:
+            return t.reshape(1, bsz * seq_len, *t.shape[2:])
+
+        rows = torch.arange(bsz, device=padding_target.device).view(bsz, 1).expand(bsz, seq_len)
+        keep = spec.get("keep_local")
+        keep_t = None
+        if keep is not None:
+            keep_t = flat(keep.to(padding_target.device).view(bsz, 1).expand(bsz, seq_len))
+        return tuple(flat(t) for t in tensors), InBatchMemory(
+            "external", seg_id=flat(rows), keep_local=keep_t
+        )
+    raise ValueError(f"unknown in-batch memory mode {mode!r}; choose from {MODES}")
