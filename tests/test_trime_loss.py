@@ -204,3 +204,14 @@ def test_model_without_last_ffn_is_refused():
     sample = make_sample(random_tokens(d, 1, 4), d.pad())
     with pytest.raises(ValueError, match="decoder.layers"):
         crit(NotATransformer(), sample)
+
+
+def test_logit_terms_gradient():
+    from trime_fairseq.models.output_layer import _LogitTerms
+
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 7, (2, 3))
+    assert torch.autograd.gradcheck(lambda x: _LogitTerms.apply(x, t), (x,))
+    tt, lse = _LogitTerms.apply(x, t)
+    torch.testing.assert_close(lse, torch.logsumexp(x, -1))
+    torch.testing.assert_close(tt, x.gather(-1, t.unsqueeze(-1)).squeeze(-1))

@@ -1,0 +1,117 @@
+"""Training throughput of ``trime_loss`` against plain ``cross_entropy``, same model, same run.
+
+Both criteria train the same architecture on the same batches (fairseq's own task,
+model, criterion and batch iterator); blocks of steps alternate between them so that
+machine noise hits both alike. Prints tokens/s of each, the ratio (target >= 0.95) and the
+peak RSS growth of each, and writes JSON/markdown if asked.
+
+    python benchmarks/train_speed.py DATA_BIN --arch transformer_lm_trime_small \\
+        --tokens-per-sample 512 --max-tokens 4096 --blocks 4 --steps 5
+"""
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+logger = logging.getLogger("benchmarks.train_speed")
+
+VARIANTS: Dict[str, List[str]] = {
+    "cross_entropy": ["--criterion", "cross_entropy"],
+    "trime_loss": ["--criterion", "trime_loss"],
+}
+
+
+def build(data: str, arch: str, extra: List[str], variant: List[str]):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    user_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trime_fairseq")
+    argv = [data, "--user-dir", user_dir, "--task", "trime_lm", "--arch", arch, "--cpu",
+            "--optimizer", "adam", "--lr", "1e-3", *extra, *variant]
+    args = options.parse_args_and_arch(options.get_training_parser(), input_args=argv)
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("train")
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    itr = task.get_batch_iterator(
+        task.dataset("train"), max_tokens=cfg.dataset.max_tokens,
+        max_sentences=cfg.dataset.batch_size, seed=1,
+        max_positions=model.max_positions(),
+    ).next_epoch_itr(shuffle=False)
+    return task, model, criterion, list(itr)
+
+
+def time_steps(task, model, criterion, batches, start: int, steps: int, optim) -> float:
+    """Tokens/s over ``steps`` full training steps (forward, backward, Adam)."""
+    tokens = 0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        sample = batches[(start + i) % len(batches)]
+        optim.zero_grad()
+        loss, _, _ = criterion(model, sample)
+        loss.backward()
+        optim.step()
+        tokens += sample["ntokens"]
+    return tokens / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="binarised LM data (fairseq-preprocess output)")
+    p.add_argument("--arch", default="transformer_lm_trime_small", help="model architecture")
+    p.add_argument("--blocks", type=int, default=4, help="alternating timed blocks per variant")
+    p.add_argument("--steps", type=int, default=5, help="training steps per timed block")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--out", default=None, help="write the result as JSON here (and .md beside)")
+    ours, extra = p.parse_known_args(argv)
+    if ours.threads:
+        torch.set_num_threads(ours.threads)
+    runs = {}
+    for name, variant in VARIANTS.items():
+        torch.manual_seed(1)
+        task, model, criterion, batches = build(ours.data, ours.arch, extra, variant)
+        model.train()
+        optim = torch.optim.Adam(model.parameters(), lr=1e-4)
+        time_steps(task, model, criterion, batches, 0, ours.warmup_steps, optim)
+        runs[name] = dict(task=task, model=model, criterion=criterion, batches=batches, optim=optim, tps=[])
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for block in range(ours.blocks):
+        for name, r in runs.items():
+            r["tps"].append(time_steps(r["task"], r["model"], r["criterion"], r["batches"],
+                                       ours.warmup_steps + block * ours.steps, ours.steps, r["optim"]))
+            logger.info("block %d %-14s %.0f tokens/s", block, name, r["tps"][-1])
+    base = statistics.median(runs["cross_entropy"]["tps"])
+    result = {
+        "arch": ours.arch,
+        "args": extra,
+        "tokens_per_s": {k: statistics.median(r["tps"]) for k, r in runs.items()},
+        "ratio_vs_cross_entropy": {k: statistics.median(r["tps"]) / base for k, r in runs.items()},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_growth_during_timing_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
+        "torch_threads": torch.get_num_threads(),
+    }
+    lines = ["| criterion | tokens/s | ratio vs CE |", "|---|---:|---:|"]
+    for k in runs:
+        lines.append(f"| {k} | {result['tokens_per_s'][k]:.0f} | {result['ratio_vs_cross_entropy'][k]:.3f} |")
+    table = "\n".join(lines)
+    logger.info("\n%s", table)
+    if ours.out:
+        for path, text in ((ours.out, json.dumps(result, indent=2)), (os.path.splitext(ours.out)[0] + ".md", table + "\n")):
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

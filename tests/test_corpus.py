@@ -1,0 +1,299 @@
+"""Tests of the LM corpus builder (trime_fairseq.data.corpus, trime_fairseq.cli.prepare_lm)."""
+
+import importlib.util
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from trime_fairseq.cli.prepare_lm import main
+from trime_fairseq.data import corpus as C
+
+HAS_FAIRSEQ = importlib.util.find_spec("fairseq_cli") is not None
+
+
+def make_docs(n):
+    return [C.Document(f"doc{i:03d}", (f"line one of {i}", f"line two of {i}")) for i in range(n)]
+
+
+def write_folder(root: Path, n: int = 8) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        (sub / f"doc{i}.txt").write_text(f"doc {i} first line\n\n  doc {i}   second line \n")
+    return root
+
+
+def blank_line_structure_ok(path: Path) -> bool:
+    """No leading/trailing/double empty lines; file ends with a newline."""
+    text = path.read_text()
+    lines = text.split("\n")
+    return (
+        text.endswith("\n")
+        and not text.endswith("\n\n")
+        and lines[0] != ""
+        and "\n\n\n" not in text
+    )
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def test_split_is_by_document_disjoint_complete_and_deterministic():
+    docs = make_docs(50)
+    a = C.split_documents(docs, 0.1, 0.1, seed=1)
+    b = C.split_documents(list(reversed(docs)), 0.1, 0.1, seed=1)  # input order irrelevant
+    names = {s: [d.name for d in a[s]] for s in C.SPLITS}
+    assert names == {s: [d.name for d in b[s]] for s in C.SPLITS}
+    assert len(names["valid"]) == 5 and len(names["test"]) == 5 and len(names["train"]) == 40
+    all_names = names["train"] + names["valid"] + names["test"]
+    assert sorted(all_names) == [d.name for d in docs]  # disjoint and covering
+    # documents are kept whole
+    by_name = {d.name: d for d in docs}
+    assert all(d == by_name[d.name] for s in C.SPLITS for d in a[s])
+    c = C.split_documents(docs, 0.1, 0.1, seed=2)
+    assert [d.name for d in c["valid"]] != names["valid"]
+
+
+def test_split_minimum_one_doc_and_errors():
+    parts = C.split_documents(make_docs(3), 0.05, 0.05, seed=1)
+    assert [len(parts[s]) for s in C.SPLITS] == [1, 1, 1]
+    with pytest.raises(C.CorpusError, match="too few documents"):
+        C.split_documents(make_docs(2), 0.05, 0.05)
+    with pytest.raises(C.CorpusError, match="--valid-frac"):
+        C.split_documents(make_docs(10), 0.0, 0.05)
+    dup = make_docs(5) + [C.Document("doc001", ("x",))]
+    with pytest.raises(C.CorpusError, match="duplicate"):
+        C.split_documents(dup)
+
+
+def test_split_max_docs_is_a_seeded_subset():
+    docs = make_docs(40)
+    parts = C.split_documents(docs, 0.1, 0.1, seed=1, max_docs=10)
+    assert sum(len(parts[s]) for s in C.SPLITS) == 10
+    again = C.split_documents(docs, 0.1, 0.1, seed=1, max_docs=10)
+    assert parts == again
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def test_textfile_source_blocks(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\nfirst doc line 1\nfirst doc line 2\n\n \n\nsecond doc\n  \nthird  doc\tx\n")
+    docs = C.load_documents(C.iter_textfile(path))
+    assert [d.lines for d in docs] == [
+        ("first doc line 1", "first doc line 2"),
+        ("second doc",),
+        ("third doc x",),
+    ]
+    assert [d.name for d in docs] == sorted(d.name for d in docs)
+
+
+def test_folder_source(tmp_path):
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    (root / "a.txt").write_text("alpha text\n")
+    (root / "sub" / "b.md").write_text("# beta\n\nbody\n")
+    (root / "sub" / "c.rst").write_text("Gamma\n=====\n\n.. _label:\n\ngamma body\n")
+    (root / "skip.py").write_text("print('no')\n")
+    (root / ".hidden" / "d.txt").write_text("hidden\n")
+    docs = {d.name: d.lines for d in C.load_documents(C.iter_folder(root))}
+    assert docs == {
+        "a.txt": ("alpha text",),
+        "sub/b.md": ("# beta", "body"),
+        "sub/c.rst": ("Gamma", "gamma body"),
+    }
+
+
+def test_wikitext_heading_split_keeps_subheadings(tmp_path):
+    path = tmp_path / "wiki.train.tokens"
+    path.write_text(
+        " \n = Alpha = \n \n Alpha text . \n \n = = History = = \n \n More alpha . \n"
+        " \n = = = Deep = = = \n Deeper . \n \n = Beta = \n \n Beta text . \n"
+    )
+    docs = C.load_documents(C.iter_wikitext(path, prefix="train"))
+    assert [d.lines for d in docs] == [
+        ("= Alpha =", "Alpha text .", "= = History = =", "More alpha .", "= = = Deep = = =", "Deeper ."),
+        ("= Beta =", "Beta text ."),
+    ]
+    assert C.is_wikitext_title(" = Alpha = \n")
+    assert not C.is_wikitext_title(" = = History = = \n")
+    assert not C.is_wikitext_title(" a = b = c\n")
+
+
+def test_clean_rest():
+    text = (
+        "=====\nTitle\n=====\n\n.. _my-label:\n\nSome   *prose* here.\n\nSection\n-------\n\n"
+        ".. code-block:: python\n    :linenos:\n    :emphasize-lines: 2\n\n"
+        "    x = 1\n    \"\"\"doc\"\"\"\n    ...\n\n"
+        ".. method:: filter(*args, **kwargs)\n\n    Filters.\n\nSub\n~~~\n\n"
+        ".. toctree::\n   :maxdepth: 2\n\n   intro\n\n======  =====\ncol a   col b\n======  =====\n"
+    )
+    lines = C.text_to_lines(C.clean_rest(text))
+    assert lines == [
+        "Title", "Some *prose* here.", "Section", "x = 1", '"""doc"""', "...",
+        "filter(*args, **kwargs)", "Filters.", "Sub", "intro", "col a col b",
+    ]
+
+
+def make_sdist(path: Path, top: str, files: dict) -> None:
+    with tarfile.open(path, "w:gz") as archive:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_django_sqlalchemy_from_cache_without_network(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dj, sa = C.DJANGO_DOCS, C.SQLALCHEMY_DOCS
+    make_sdist(cache / f"Django-{dj.version}.tar.gz", f"Django-{dj.version}", {
+        "docs/intro/install.txt": "Install\n=======\n\nRun pip.\n",
+        "docs/_theme/LICENSE.txt": "theme licence\n",
+        "docs/requirements.txt": "sphinx\n",
+        "django/__init__.py": "VERSION = 1\n",
+    })
+    make_sdist(cache / f"sqlalchemy-{sa.version}.tar.gz", f"sqlalchemy-{sa.version}", {
+        "doc/build/orm/session.rst": ".. _session:\n\nSession\n-------\n\nUse it.\n",
+        "doc/build/conf.py": "x = 1\n",
+    })
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("pip must not run when the sdists are cached")
+
+    monkeypatch.setattr(C.subprocess, "run", no_network)
+    docs = dict(C.iter_django_sqlalchemy(cache))
+    assert {k: C.text_to_lines(v) for k, v in docs.items()} == {
+        "django/docs/intro/install.txt": ["Install", "Run pip."],
+        "sqlalchemy/doc/build/orm/session.rst": ["Session", "Use it."],
+    }
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def test_written_files_have_one_blank_line_between_documents(tmp_path):
+    docs = [
+        C.Document("a", ("one two", "three")),
+        C.Document("b", ("four",)),
+        C.Document("c", ("five six", "seven", "eight")),
+    ]
+    path = tmp_path / "train.txt"
+    stats = C.write_documents(path, docs, C.WhitespaceTokenizer())
+    assert path.read_text() == "one two\nthree\n\nfour\n\nfive six\nseven\neight\n"
+    assert (stats.docs, stats.lines, stats.tokens) == (3, 6, 8)
+    assert C.read_fairseq_documents(path) == [["one two", "three"], ["four"], ["five six", "seven", "eight"]]
+
+
+def test_cli_folder_sentencepiece_text_only(tmp_path):
+    root = write_folder(tmp_path / "in", n=12)
+    out = tmp_path / "out"
+    assert main(["--source", "folder", "--input", str(root), "--out", str(out),
+                 "--vocab-size", "40", "--no-binarize", "--valid-frac", "0.1", "--test-frac", "0.1"]) == 0
+    manifest = json.loads((out / "corpus.json").read_text())
+    assert (out / "spm.model").is_file() and not (out / "bin").exists()
+    assert not (out / "spm.train.raw").exists()
+    assert [manifest["splits"][s]["docs"] for s in C.SPLITS] == [10, 1, 1]
+    for split in C.SPLITS:
+        path = out / f"{split}.txt"
+        assert blank_line_structure_ok(path)
+        docs = C.read_fairseq_documents(path)
+        assert len(docs) == manifest["splits"][split]["docs"]
+        assert all(len(d) == 2 for d in docs)  # two lines per source document, none merged
+        assert sum(len(line.split()) for d in docs for line in d) == manifest["splits"][split]["tokens"]
+        assert "\u2581" in path.read_text()  # sentencepiece pieces
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_cli_wikitext_keeps_given_splits(tmp_path):
+    root = tmp_path / "wt"
+    root.mkdir()
+    for split, n in (("train", 3), ("valid", 1), ("test", 2)):
+        text = "".join(f" \n = {split} {i} = \n \n {split} text {i} . \n \n = = Sub = = \n more . \n" for i in range(n))
+        (root / f"wiki.{split}.tokens").write_text(text)
+    out = tmp_path / "out"
+    main(["--source", "wikitext103", "--input", str(root), "--out", str(out),
+          "--tokenizer", "none", "--no-binarize"])
+    manifest = json.loads((out / "corpus.json").read_text())
+    assert [manifest["splits"][s]["docs"] for s in C.SPLITS] == [3, 1, 2]
+    assert C.read_fairseq_documents(out / "valid.txt") == [
+        ["= valid 0 =", "valid text 0 .", "= = Sub = =", "more ."]
+    ]
+
+
+@pytest.mark.skipif(not HAS_FAIRSEQ, reason="fairseq is not importable")
+def test_cli_end_to_end_binarize_and_rerun(tmp_path, caplog):
+    root = write_folder(tmp_path / "in", n=10)
+    out = tmp_path / "out"
+    argv = ["--source", "folder", "--input", str(root), "--out", str(out), "--tokenizer", "none"]
+    assert main(argv) == 0
+    for name in ("dict.txt", "train.bin", "train.idx", "valid.bin", "valid.idx", "test.bin", "test.idx"):
+        assert (out / "bin" / name).is_file(), name
+    manifest = json.loads((out / "corpus.json").read_text())
+    assert sum(manifest["splits"][s]["docs"] for s in C.SPLITS) == 10
+    # doc i has tokens: doc, i, first, line, second -> dict holds the train types
+    dict_words = {line.split()[0] for line in (out / "bin" / "dict.txt").read_text().splitlines()}
+    assert {"doc", "first", "line", "second"} <= dict_words
+    assert manifest["vocab"]["fairseq_dict_entries"] == len(dict_words)
+    for split in C.SPLITS:
+        assert blank_line_structure_ok(out / f"{split}.txt")
+
+    stamp = (out / "corpus.json").stat().st_mtime_ns
+    main(argv)  # complete output with same settings: skipped
+    assert (out / "corpus.json").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="different settings"):
+        main(argv + ["--seed", "7"])
+    main(argv + ["--seed", "7", "--force"])
+    assert json.loads((out / "corpus.json").read_text())["config"]["seed"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+def test_module_is_runnable_with_help():
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "trime_fairseq.cli.prepare_lm", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "--max-docs" in proc.stdout and "--input-sentence-size" in proc.stdout
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "make_argv, expected",
+    [
+        (lambda tmp: ["--source", "folder"], "--input is required"),
+        (lambda tmp: ["--source", "folder", "--input", str(tmp / "nope")], "--input"),
+        (lambda tmp: ["--source", "textfile", "--input", str(tmp)], "--input"),
+        (lambda tmp: ["--source", "wikitext103", "--input", str(tmp)], "wiki.train.tokens"),
+        (lambda tmp: ["--source", "folder", "--input", str(tmp)], "no documents found in --input"),
+    ],
+)
+def test_bad_input_gives_clear_error(tmp_path, make_argv, expected):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as excinfo:
+        main(make_argv(tmp_path) + ["--out", str(out), "--no-binarize", "--tokenizer", "none"])
+    message = str(excinfo.value.code)
+    assert message.startswith("prepare_lm: error: ")
+    assert "--input" in message and expected in message
+    assert "\n" not in message
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_too_few_documents_error(tmp_path):
+    root = write_folder(tmp_path / "in", n=2)
+    with pytest.raises(SystemExit, match="too few documents"):
+        main(["--source", "folder", "--input", str(root), "--out", str(tmp_path / "out"),
+              "--tokenizer", "none", "--no-binarize"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

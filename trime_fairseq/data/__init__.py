@@ -1,0 +1,1 @@
+"""Data utilities for trime_fairseq (corpus building, datasets)."""
