@@ -65,7 +65,7 @@ def test_eval_lm_with_each_memory_flag(trained):
     out = run_cli(["trime_fairseq.cli.tune", str(data), "--path", str(ckpt), "--combiner", "trime",
                    "--grid", "tau=1.0", "--tokens-per-sample", "64", "--context-window", "32",
                    "--gen-subset", "valid", "--cpu"])
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"tau": 1.0}
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"tau": 1.0, "memory_size": 0}
     rows = re.findall(r"ppl ([0-9.]+)", out.stderr)
     assert float(rows[0]) == pytest.approx(vanilla, rel=1e-3)
     assert float(rows[1]) == pytest.approx(trime, rel=1e-3)

@@ -2,8 +2,12 @@
 
 One pass of the model over the subset; every grid point is scored on the same forward
 outputs (the combiners' target-only path), so a grid of 20 costs little more than one
-``fairseq-eval-lm`` run. Scoring follows ``fairseq-eval-lm`` exactly (same batches,
-``--context-window``, scored tokens), so the numbers match it.
+``fairseq-eval-lm`` run. Scoring follows ``fairseq-eval-lm --task trime_lm`` exactly (same
+batches, ``--context-window``, scored tokens), so the numbers match it.
+
+With ``--memory-sizes 0,1000,...`` every grid point is also scored with a long-term
+memory of each size (one pass, at the largest size), and ``--plot`` draws perplexity
+against memory size (the paper's Figure 3).
 
 Examples::
 
@@ -11,6 +15,8 @@ Examples::
         --grid tau=0.5,0.75,1,1.25,1.5 --tokens-per-sample 512 --context-window 256
     trime-tune data-bin/corpus --path ckpt/vanilla.pt --combiner cache \\
         --grid lambda=0.05,0.1,0.2 theta=0.01,0.03,0.1 --out cache_grid.json
+    trime-tune data-bin/corpus --path ckpt/trime_long.pt --combiner trime --grid tau=1 \\
+        --memory-sizes 0,1000,2000,5000,10000 --plot fig3.png ...
 
 Any other flag is passed to fairseq's eval-lm parser (``--max-tokens``, ``--gen-subset``...).
 """
@@ -61,14 +67,23 @@ def make_combiner(combiner: str, point: Dict[str, float], representation: str = 
     return CacheCombiner(point["lambda"], point["theta"], representation)
 
 
-def score_grid(models_and_task, cfg, combiners: List[Combiner]) -> Tuple[List[float], int]:
-    """Summed target log-probabilities of each combiner over the subset, and the count."""
-    from trime_fairseq.models.memory_eval import MemoryEvalModel, scoring_inputs
+def score_grid(
+    models_and_task, cfg, combiners: List[Combiner], memory_sizes: Sequence[int] = (0,)
+) -> Tuple[List[List[float]], int]:
+    """Summed target log-probabilities ``[combiner][memory size]`` over the subset, and
+    the number of scored tokens."""
     from fairseq import utils
+
+    from trime_fairseq.memory.long_term import LongTermMemory
+    from trime_fairseq.models.memory_eval import MemoryEvalModel, scored_rows, scoring_inputs
 
     model, task = models_and_task
     pad = task.source_dictionary.pad()
     wrapped = MemoryEvalModel(model, NoMemory(), pad).eval()
+    max_size = max(memory_sizes)
+    long_memory = None
+    if max_size > 0:
+        long_memory = LongTermMemory(max_size, context=task.args.tokens_per_sample + cfg.eval_lm.context_window)
     task.load_dataset(cfg.dataset.gen_subset)
     itr = task.eval_lm_dataloader(
         dataset=task.dataset(cfg.dataset.gen_subset),
@@ -78,19 +93,48 @@ def score_grid(models_and_task, cfg, combiners: List[Combiner]) -> Tuple[List[fl
         num_workers=0,
         context_window=cfg.eval_lm.context_window,
     )
-    sums = [0.0] * len(combiners)
+    sums = [[0.0] * len(memory_sizes) for _ in combiners]
     count = 0
     with torch.no_grad():
         for sample in tqdm(itr, desc="tune", unit="batch", disable=None):
             if "net_input" not in sample:
                 continue
             x = scoring_inputs(model, wrapped(**sample["net_input"]), sample, pad)
-            keep = x.target.ne(pad)
-            count += int(keep.sum())
-            for i, comb in enumerate(combiners):
-                lp = comb.target_log_prob(x)
-                sums[i] += float(lp[keep & torch.isfinite(lp)].sum())
+            for _, _, row in scored_rows(x, sample, pad, long_memory):
+                keep = row.target.ne(pad)
+                count += int(keep.sum())
+                for j, size in enumerate(memory_sizes):
+                    sized = row.restrict_long_memory(size)
+                    for i, comb in enumerate(combiners):
+                        lp = comb.target_log_prob(sized)
+                        sums[i][j] += float(lp[keep & torch.isfinite(lp)].sum())
     return sums, count
+
+
+def plot_memory_sweep(rows: List[dict], path: str, title: str = "") -> None:
+    """Perplexity against long-term memory size, one line per setting (cf. Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: Dict[str, List[Tuple[int, float]]] = {}
+    for r in rows:
+        lines.setdefault(r.get("label", r["combiner"]), []).append((r["memory_size"], r["ppl"]))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, pts in lines.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("long-term memory size (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title or "perplexity vs. memory size", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def load(argv: Sequence[str]):
@@ -121,9 +165,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                         help="name=v1,v2,... per parameter (tau; or lambda and theta)")
     parser.add_argument("--cache-representation", choices=["f", "g"], default="f",
                         help="continuous cache hidden state (f = decoder output)")
+    parser.add_argument("--memory-sizes", default="0",
+                        help="comma-separated long-term memory sizes (tokens) to score every grid "
+                        "point with; 0 = local memory only")
+    parser.add_argument("--plot", default=None, help="PNG of perplexity vs. memory size")
     parser.add_argument("--out", default=None, help="write all grid points and the best as JSON")
     ours, rest = parser.parse_known_args(argv)
     try:
+        sizes = sorted({int(v) for v in ours.memory_sizes.split(",") if v})
+        if not sizes or sizes[0] < 0:
+            raise ValueError("--memory-sizes must be non-negative integers")
         grid = parse_grid(ours.combiner, ours.grid)
         combiners = [make_combiner(ours.combiner, p, ours.cache_representation) for p in grid]
     except ValueError as e:
@@ -133,16 +184,21 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     if "--task" not in rest:
         rest = [*rest, "--task", "trime_lm"]
     cfg, model, task = load(rest)
-    sums, count = score_grid((model, task), cfg, [NoMemory(), *combiners])
+    sums, count = score_grid((model, task), cfg, [NoMemory(), *combiners], sizes)
     if count == 0:
         parser.error(f"no token to score in subset {cfg.dataset.gen_subset!r}")
-    rows = [{"params": {}, "combiner": "none", "ppl": math.exp(-sums[0] / count)}]
-    for point, comb, s in zip(grid, combiners, sums[1:]):
-        rows.append({"params": point, "combiner": comb.describe(), "ppl": math.exp(-s / count)})
+    rows = [{"params": {}, "combiner": "none", "memory_size": 0, "ppl": math.exp(-sums[0][0] / count)}]
+    for point, comb, per_size in zip(grid, combiners, sums[1:]):
+        for size, s in zip(sizes, per_size):
+            rows.append({"params": dict(point, memory_size=size), "combiner": comb.describe(),
+                         "memory_size": size, "ppl": math.exp(-s / count)})
     best = min(rows[1:], key=lambda r: r["ppl"])
     for r in rows:
-        logger.info("%-40s ppl %.3f%s", r["combiner"], r["ppl"], "  <- best" if r is best else "")
+        logger.info("%-40s M=%-6d ppl %.3f%s", r["combiner"], r["memory_size"], r["ppl"],
+                    "  <- best" if r is best else "")
     result = {"subset": cfg.dataset.gen_subset, "tokens": count, "rows": rows, "best": best}
+    if ours.plot:
+        plot_memory_sweep(rows[1:], ours.plot)
     if ours.out:
         tmp = ours.out + ".tmp"
         with open(tmp, "w") as f:

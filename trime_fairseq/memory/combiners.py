@@ -13,7 +13,7 @@ the full distribution (for ``fairseq-eval-lm``) or the target's log-probability 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -42,6 +42,8 @@ class ScoringInputs:
         keys_g, keys_f: ``[B, K, d]`` the same for memory entries.
         key_labels: ``[B, K]`` next token of each memory entry.
         mask: ``[B, T, K]`` bool, which memory entries each query may use.
+        key_rank: ``[B, K]`` age rank of long-term entries (0 = newest), -1 for local
+            keys; lets a sweep restrict the long-term memory without recomputing.
     """
 
     tok_scores: Tensor
@@ -53,10 +55,42 @@ class ScoringInputs:
     keys_f: Tensor
     key_labels: Tensor
     mask: Tensor
+    key_rank: Optional[Tensor] = None
+
+    _PER_QUERY = ("tok_scores", "tok_lse", "target", "query_g", "query_f", "mask")
 
     def rows(self, start: int, end: int) -> "ScoringInputs":
         """The same inputs for batch rows ``start:end`` (views, no copies)."""
-        return ScoringInputs(**{k: getattr(self, k)[start:end] for k in self.__dataclass_fields__})
+        return ScoringInputs(**{
+            k: None if getattr(self, k) is None else getattr(self, k)[start:end]
+            for k in self.__dataclass_fields__
+        })
+
+    def queries(self, start: int, end: int) -> "ScoringInputs":
+        """Only query positions ``start:end`` (all keys kept)."""
+        return replace(self, **{k: getattr(self, k)[:, start:end] for k in self._PER_QUERY})
+
+    def with_long_memory(self, keys_g: Tensor, keys_f: Tensor, labels: Tensor, allowed: Tensor) -> "ScoringInputs":
+        """Prepend long-term entries (``[B, M, d]`` keys, ``[B, M]`` labels, ``[B, T, M]``
+        mask, newest last) to the keys."""
+        m = labels.size(1)
+        rank = torch.arange(m - 1, -1, -1, device=labels.device).expand(labels.size(0), m)
+        local_rank = torch.full_like(self.key_labels, -1) if self.key_rank is None else self.key_rank
+        return replace(
+            self,
+            keys_g=torch.cat([keys_g, self.keys_g], 1),
+            keys_f=torch.cat([keys_f, self.keys_f], 1),
+            key_labels=torch.cat([labels, self.key_labels], 1),
+            mask=torch.cat([allowed, self.mask], 2),
+            key_rank=torch.cat([rank, local_rank], 1),
+        )
+
+    def restrict_long_memory(self, size: int) -> "ScoringInputs":
+        """Keep only the ``size`` newest long-term entries."""
+        if self.key_rank is None:
+            return self
+        too_old = self.key_rank >= size
+        return replace(self, mask=self.mask & ~too_old.unsqueeze(1))
 
     @property
     def vocab_size(self) -> int:

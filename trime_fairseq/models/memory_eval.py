@@ -5,19 +5,24 @@
 ``trime_lm`` task wraps the loaded model in :class:`MemoryEvalModel`, whose
 ``get_normalized_probs`` returns the memory-augmented distribution of its combiner.
 
-Local memory (``--eval-memory local``): for a query at position ``t`` of a row, every
-earlier position ``j < t`` of the row, *including the ``--context-window`` tokens*, labelled
-with its next token (for context tokens, the next input token: their targets are padding).
-"""
-from __future__ import annotations
+* Local memory: for a query at position ``t`` of a row, every earlier position ``j < t``
+  of the row, *including the ``--context-window`` tokens*, labelled with its next token
+  (for context tokens, the next input token: their targets are padding).
+* Long-term memory (Eq. 3): the ``g``/``f`` of up to ``M`` earlier scored tokens of the same
+  document that lie before the row's context window (so no token is in memory twice),
+  kept in a :class:`~trime_fairseq.memory.long_term.LongTermMemory` across batches. Rows
+  are scored one after another, in reading order.
 
-from typing import Optional
+Positions that are not scored (the context window) get the model's own distribution.
+"""
+from typing import Iterator, Optional, Tuple
 
 import torch
 from fairseq.models import BaseFairseqModel
 from torch import Tensor
 
 from trime_fairseq.memory.combiners import Combiner, ScoringInputs
+from trime_fairseq.memory.long_term import LongTermMemory
 from trime_fairseq.models.capture import get_capture
 from trime_fairseq.models.output_layer import at_least_float32, full_token_scores
 
@@ -38,7 +43,7 @@ def local_mask(labels: Tensor, pad: int) -> Tensor:
 
 
 def scoring_inputs(model, net_output, sample, pad: int) -> ScoringInputs:
-    """Assemble :class:`ScoringInputs` for local memory from a forward of a wrapped model."""
+    """Assemble :class:`ScoringInputs` with local memory from a forward of a wrapped model."""
     extra = net_output[1]
     target = sample["target"]
     if net_output[0].shape[:2] != target.shape:
@@ -50,16 +55,47 @@ def scoring_inputs(model, net_output, sample, pad: int) -> ScoringInputs:
     labels = memory_labels(sample["net_input"]["src_tokens"], target, pad)
     g, f = at_least_float32(extra["trime_g"]), at_least_float32(extra["trime_f"])
     return ScoringInputs(
-        tok_scores=tok_scores,
-        tok_lse=tok_lse,
-        target=target,
-        query_g=g,
-        query_f=f,
-        keys_g=g,
-        keys_f=f,
-        key_labels=labels,
-        mask=local_mask(labels, pad),
+        tok_scores=tok_scores, tok_lse=tok_lse, target=target, query_g=g, query_f=f,
+        keys_g=g, keys_f=f, key_labels=labels, mask=local_mask(labels, pad),
     )
+
+
+def scored_rows(
+    x: ScoringInputs, sample, pad: int, long_memory: Optional[LongTermMemory] = None
+) -> Iterator[Tuple[int, int, ScoringInputs]]:
+    """Yield ``(row, first scored position, inputs of the scored queries)`` in order.
+
+    With ``long_memory``, each row's queries also see the long-term entries of their
+    document, and the row's scored tokens are appended to it after it was yielded.
+    """
+    starts = sample.get("start_indices") or [0] * x.target.size(0)
+    if long_memory is not None and ("doc_ids" not in sample or "positions" not in sample):
+        raise ValueError(
+            "long-term memory needs document ids: evaluate with --task trime_lm (its own data loader)"
+        )
+    for i in range(x.target.size(0)):
+        s = int(starts[i])
+        row = x.rows(i, i + 1).queries(s, x.target.size(1))
+        if long_memory is None:
+            yield i, s, row
+            continue
+        docs, pos = sample["doc_ids"][i], sample["positions"][i]
+        scored = x.target[i, s:].ne(pad).nonzero(as_tuple=True)[0] + s
+        if scored.numel() == 0:
+            yield i, s, row
+            continue
+        window = long_memory.window(int(pos[0]), int(docs[s]))
+        if window is not None:
+            allowed = docs[s:].unsqueeze(1) == window.docs.unsqueeze(0)
+            row = row.with_long_memory(
+                window.keys["g"].unsqueeze(0), window.keys["f"].unsqueeze(0),
+                window.labels.unsqueeze(0), allowed.unsqueeze(0),
+            )
+        yield i, s, row
+        long_memory.append(
+            {"g": x.query_g[i, scored], "f": x.query_f[i, scored]},
+            x.target[i, scored], docs[scored], pos[scored],
+        )
 
 
 class MemoryEvalModel(BaseFairseqModel):
@@ -69,12 +105,14 @@ class MemoryEvalModel(BaseFairseqModel):
     ``max_positions`` are delegated, so any checkpoint of a ``transformer_lm`` loads.
     """
 
-    def __init__(self, model: BaseFairseqModel, combiner: Combiner, pad: int) -> None:
+    def __init__(self, model: BaseFairseqModel, combiner: Combiner, pad: int, long_memory_size: int = 0) -> None:
         super().__init__()
         self.inner = model
         self.combiner = combiner
         self.pad = pad
         self.capture = get_capture(model)
+        self.long_memory_size = long_memory_size
+        self.long_memory: Optional[LongTermMemory] = None
 
     @property
     def decoder(self):
@@ -90,11 +128,13 @@ class MemoryEvalModel(BaseFairseqModel):
     def get_normalized_probs(self, net_output, log_probs: bool, sample=None):
         if sample is None or sample.get("target") is None:
             raise ValueError("memory scoring needs the sample's targets (fairseq-eval-lm)")
-        inputs = scoring_inputs(self.inner, net_output, sample, self.pad)
-        # one row at a time bounds the [T, V] temporaries of the combiner
-        lprobs = torch.cat(
-            [self.combiner.log_probs(inputs.rows(i, i + 1)) for i in range(inputs.target.size(0))]
-        )
+        x = scoring_inputs(self.inner, net_output, sample, self.pad)
+        if self.long_memory_size > 0 and self.long_memory is None:
+            context = int(max(sample.get("start_indices") or [0]))
+            self.long_memory = LongTermMemory(self.long_memory_size, context=max(context, x.target.size(1)))
+        lprobs = x.tok_log_probs()
+        for i, s, row in scored_rows(x, sample, self.pad, self.long_memory):
+            lprobs[i, s:] = self.combiner.log_probs(row)[0]
         return lprobs if log_probs else lprobs.exp()
 
     def get_targets(self, sample, net_output):

@@ -1,26 +1,35 @@
 """``--task trime_lm``: fairseq's language modelling task plus the flags for memories.
 
-Training: batches are fairseq's (local memory); ``trime_loss`` reads the layout.
-Evaluation (``fairseq-eval-lm --task trime_lm``): ``--eval-combiner`` picks how memory is
+Training: with ``--consecutive-segments m`` (> 1) batches hold runs of ``m`` consecutive
+segments of a document (§4.2) and ``trime_loss`` uses long-term in-batch memory; otherwise
+batches are fairseq's and memory is local.
+
+Evaluation (``fairseq-eval-lm --task trime_lm``): blocks are read in order by the task's
+own loader (results never depend on batch size). ``--eval-combiner`` picks how memory is
 used (``none``, ``trime`` = Eq. 6, ``cache`` = continuous cache) and ``--eval-memory`` which
-memory (``local``: the context window and the earlier tokens of the block).
+memory: ``local`` (the context window and the earlier tokens of the block) or
+``local+long`` (plus up to ``--long-memory-size`` earlier tokens of the same document).
 """
 
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
+from fairseq import utils
+from fairseq.data import data_utils, iterators
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
+from trime_fairseq.data.stream import DocumentSegments, StreamBlocks, TokenStream
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, NoMemory, TrimeCombiner
 from trime_fairseq.models.memory_eval import MemoryEvalModel
 
 logger = logging.getLogger(__name__)
 
 EVAL_COMBINERS = ChoiceEnum(["none", "trime", "cache"])
-EVAL_MEMORIES = ChoiceEnum(["local"])
+EVAL_MEMORIES = ChoiceEnum(["local", "local+long"])
 CACHE_REPRESENTATIONS = ChoiceEnum(["f", "g"])
 
 
@@ -39,7 +48,26 @@ class TrimeLMConfig(LanguageModelingConfig):
         default="local",
         metadata={
             "help": "which memory the combiner reads: local = the --context-window tokens "
-            "and the earlier tokens of the scored block, each labelled with its next token"
+            "and the earlier tokens of the scored block, each labelled with its next token; "
+            "local+long = also up to --long-memory-size earlier tokens of the same document"
+        },
+    )
+    long_memory_size: int = field(
+        default=0,
+        metadata={
+            "help": "tokens of long-term memory at test time (with --eval-memory local+long): "
+            "the most recent ones of the current document before the context window; reset "
+            "at document boundaries"
+        },
+    )
+    consecutive_segments: int = field(
+        default=1,
+        metadata={
+            "help": "training batches hold runs of m consecutive segments of a document "
+            "(TRIMELM_long, §4.2); the batch (--batch-size, or --max-tokens / "
+            "--tokens-per-sample) must be a multiple of m. Segments never cross document "
+            "boundaries; a document shorter than m segments shares its run with the next "
+            "document, and memory never crosses documents"
         },
     )
     eval_temperature: float = field(
@@ -63,6 +91,16 @@ class TrimeLMConfig(LanguageModelingConfig):
     )
 
 
+def check_memory_flags(cfg) -> None:
+    """Clear one-line errors for inconsistent memory flags."""
+    if cfg.long_memory_size < 0:
+        raise ValueError(f"--long-memory-size must be >= 0, got {cfg.long_memory_size}")
+    if str(cfg.eval_memory) == "local+long" and cfg.long_memory_size == 0:
+        raise ValueError("--eval-memory local+long needs --long-memory-size > 0")
+    if cfg.consecutive_segments < 1:
+        raise ValueError(f"--consecutive-segments must be >= 1, got {cfg.consecutive_segments}")
+
+
 def build_combiner(cfg) -> Combiner:
     """The combiner that the ``--eval-*`` / ``--cache-*`` flags ask for (clear errors)."""
     kind = str(cfg.eval_combiner)
@@ -81,7 +119,9 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None) -> None:
         super().__init__(args, dictionary, output_dictionary, targets=targets)
+        check_memory_flags(args)
         self.combiner = build_combiner(args)
+        self._streams: Dict[str, TokenStream] = {}
 
     def build_model(self, args, from_checkpoint: bool = False):
         model = super().build_model(args, from_checkpoint)
@@ -89,8 +129,77 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         # model being trained
         if not from_checkpoint or isinstance(self.combiner, NoMemory):
             return model
-        logger.info("scoring with memory: %s over %s memory", self.combiner.describe(), self.args.eval_memory)
-        return MemoryEvalModel(model, self.combiner, self.source_dictionary.pad())
+        long_size = self.args.long_memory_size if str(self.args.eval_memory) == "local+long" else 0
+        logger.info("scoring with memory: %s over %s memory (long-term size %d)",
+                    self.combiner.describe(), self.args.eval_memory, long_size)
+        return MemoryEvalModel(model, self.combiner, self.source_dictionary.pad(), long_memory_size=long_size)
+
+    def stream(self, split: str) -> TokenStream:
+        """The split as one token stream with document ids (cached)."""
+        if split not in self._streams:
+            path = os.path.join(utils.split_paths(self.args.data)[0], split)
+            lines = data_utils.load_indexed_dataset(path, self.dictionary, self.args.dataset_impl)
+            if lines is None:
+                raise FileNotFoundError(f"Dataset not found: {split} ({path})")
+            self._streams[split] = TokenStream.from_lines(lines, self.dictionary.eos())
+        return self._streams[split]
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        m = self.args.consecutive_segments
+        if m > 1:
+            ds = DocumentSegments(self.stream(split), self.args.tokens_per_sample, self.dictionary.pad(), group=m)
+            ds.shuffle = split.startswith("train")
+            self.datasets[split] = ds
+            logger.info("%s: %d segments of <= %d tokens from %d documents, in runs of %d",
+                        split, len(ds), self.args.tokens_per_sample, self.stream(split).num_docs, m)
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                           ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1,
+                           num_shards=1, shard_id=0, num_workers=0, epoch=1, data_buffer_size=0,
+                           disable_iterator_cache=False, **kwargs):
+        if not isinstance(dataset, DocumentSegments):
+            return super().get_batch_iterator(
+                dataset, max_tokens=max_tokens, max_sentences=max_sentences,
+                max_positions=max_positions, ignore_invalid_inputs=ignore_invalid_inputs,
+                required_batch_size_multiple=required_batch_size_multiple, seed=seed,
+                num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+                data_buffer_size=data_buffer_size, disable_iterator_cache=disable_iterator_cache, **kwargs)
+        m = dataset.group
+        bsz = max_sentences or (max_tokens or 0) // self.args.tokens_per_sample
+        if bsz < m:
+            raise ValueError(
+                f"--consecutive-segments {m} is larger than the batch ({bsz} segments of "
+                f"{self.args.tokens_per_sample} tokens); raise --batch-size or --max-tokens"
+            )
+        if bsz % m:
+            raise ValueError(f"the batch ({bsz} segments) must be a multiple of --consecutive-segments {m}")
+        shuffle = getattr(dataset, "shuffle", False)
+
+        def batches(ds, ep):
+            return ds.batches(bsz // m, seed=seed, epoch=ep, shuffle=shuffle)
+
+        return iterators.EpochBatchIterator(
+            dataset=dataset, collate_fn=dataset.collater, batch_sampler=batches, seed=seed,
+            num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+            buffer_size=data_buffer_size, disable_shuffling=not shuffle,
+        )
+
+    def eval_lm_dataloader(self, dataset, max_tokens: Optional[int] = 36000, batch_size=None,
+                           max_positions=None, num_shards: int = 1, shard_id: int = 0,
+                           num_workers: int = 1, data_buffer_size: int = 10, context_window: int = 0):
+        """Blocks in reading order with their context window (see :class:`StreamBlocks`)."""
+        split = next((k for k, v in self.datasets.items() if v is dataset), None)
+        if split is None:
+            raise ValueError("eval_lm_dataloader: the dataset was not loaded by this task")
+        if num_shards > 1 and str(self.args.eval_memory) == "local+long":
+            raise ValueError("--eval-memory local+long reads each document in order: use one process")
+        blocks = StreamBlocks(self.stream(split), self.args.tokens_per_sample, context_window, self.dictionary.pad())
+        return self.get_batch_iterator(
+            dataset=blocks, max_tokens=max_tokens, max_sentences=batch_size,
+            max_positions=max_positions, ignore_invalid_inputs=True, num_shards=num_shards,
+            shard_id=shard_id, num_workers=num_workers, data_buffer_size=data_buffer_size,
+        ).next_epoch_itr(shuffle=False)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if hasattr(criterion, "set_num_updates"):

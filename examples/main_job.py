@@ -1,0 +1,127 @@
+"""The main job: vanilla LM vs. vanilla + continuous cache vs. TRIMELM (paper Table 7 style).
+
+Steps (each one a fairseq / trime command, logged under ``RUN/logs``; rerunning reuses
+finished steps):
+
+1. build the default corpus (Django + SQLAlchemy documentation, sentencepiece 8k);
+2. train a vanilla LM (``cross_entropy``) and a TRIMELM (``trime_loss``, CE warm-up) with
+   the same architecture, data order and number of updates;
+3. tune on valid: the cache's λ and θ (vanilla model), TRIME's τ (TRIME model);
+4. ``fairseq-eval-lm`` on valid and test for every system;
+5. write ``results.md``, ``results.json`` and ``results.png``.
+
+    python examples/main_job.py --run-dir runs/main
+"""
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trime_fairseq.cli import experiment as ex  # noqa: E402
+
+logger = logging.getLogger("main_job")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default="runs/main", help="where data, checkpoints and results go")
+    p.add_argument("--data", default=None, help="use this binarised corpus instead of building the default one")
+    p.add_argument("--arch", default="transformer_lm_trime_small", help="architecture for both models")
+    p.add_argument("--tokens-per-sample", type=int, default=512, help="training segment length L")
+    p.add_argument("--max-tokens", type=int, default=8192, help="tokens per update")
+    p.add_argument("--max-update", type=int, default=320, help="updates per model (same for both)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (inverse_sqrt schedule)")
+    p.add_argument("--warmup-updates", type=int, default=40, help="learning-rate warm-up updates")
+    p.add_argument("--ce-warmup-frac", type=float, default=0.05, help="share of updates trained with plain CE before TRIME")
+    p.add_argument("--eval-tokens-per-sample", type=int, default=512, help="evaluation block incl. context window")
+    p.add_argument("--context-window", type=int, default=256, help="evaluation context window (tokens seen, not scored)")
+    p.add_argument("--tau-grid", default="0.5,0.75,1,1.25,1.5,2", help="TRIME temperatures tried on valid")
+    p.add_argument("--cache-lambda-grid", default="0.05,0.1,0.15,0.2,0.3", help="cache λ values tried on valid")
+    p.add_argument("--cache-theta-grid", default="0.01,0.02,0.05,0.1,0.2", help="cache θ values tried on valid")
+    p.add_argument("--seed", type=int, default=1, help="training seed")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    ex.setup_logging()
+    a = parse_args(argv)
+    run = Path(a.run_dir)
+    logs = run / "logs"
+    if a.data:
+        data = Path(a.data)
+    else:
+        ex.run_logged("trime_fairseq.cli.prepare_lm", ["--out", run / "corpus"], logs / "prepare.log")
+        data = run / "corpus" / "bin"
+    if not (data / "dict.txt").exists():
+        raise SystemExit(f"main_job: error: --data {data} has no dict.txt (not a fairseq-preprocess output)")
+
+    common = [
+        "--task", "trime_lm", "--arch", a.arch, "--tokens-per-sample", a.tokens_per_sample,
+        "--max-tokens", a.max_tokens, "--max-update", a.max_update, "--optimizer", "adam",
+        "--adam-betas", "(0.9, 0.98)", "--lr", a.lr, "--lr-scheduler", "inverse_sqrt",
+        "--warmup-updates", a.warmup_updates, "--warmup-init-lr", "1e-7", "--clip-norm", "1.0",
+        "--seed", a.seed, "--log-interval", "20", "--validate-interval-updates", a.max_update,
+        "--cpu", "--num-workers", "0",
+    ]
+    systems = {}
+    systems["vanilla"] = ex.train(data, run / "ckpt" / "vanilla", [*common, "--criterion", "cross_entropy"], logs / "train_vanilla.log")
+    warm = max(1, int(a.ce_warmup_frac * a.max_update))
+    systems["trime"] = ex.train(
+        data, run / "ckpt" / "trime",
+        [*common, "--criterion", "trime_loss", "--ce-warmup-updates", warm], logs / "train_trime.log",
+    )
+    vanilla_ckpt = run / "ckpt" / "vanilla" / "checkpoint_last.pt"
+    trime_ckpt = run / "ckpt" / "trime" / "checkpoint_last.pt"
+    ev = ["--tokens-per-sample", a.eval_tokens_per_sample, "--context-window", a.context_window,
+          "--max-tokens", 4096, "--cpu", "--num-workers", "0"]
+
+    cache_tuned = ex.tune(data, vanilla_ckpt, "cache",
+                          [f"lambda={a.cache_lambda_grid}", f"theta={a.cache_theta_grid}"],
+                          [*ev, "--gen-subset", "valid"], run / "tune_cache.json", logs / "tune_cache.log")["best"]["params"]
+    trime_tuned = ex.tune(data, trime_ckpt, "trime", [f"tau={a.tau_grid}"], [*ev, "--gen-subset", "valid"],
+                          run / "tune_trime.json", logs / "tune_trime.log")["best"]["params"]
+
+    configs = [
+        ("Transformer (vanilla)", "vanilla", vanilla_ckpt, []),
+        (f"+ continuous cache (λ={cache_tuned['lambda']:g}, θ={cache_tuned['theta']:g})", "vanilla", vanilla_ckpt,
+         ["--eval-combiner", "cache", "--cache-lambda", cache_tuned["lambda"], "--cache-theta", cache_tuned["theta"]]),
+        ("TRIMELM, no memory at test", "trime", trime_ckpt, []),
+        (f"TRIMELM (τ={trime_tuned['tau']:g})", "trime", trime_ckpt,
+         ["--eval-combiner", "trime", "--eval-temperature", trime_tuned["tau"]]),
+    ]
+    rows = []
+    for name, trained, ckpt, flags in configs:
+        row = {"system": name, "train_tokens_per_s": systems[trained]["train_tokens_per_s"]}
+        for subset in ("valid", "test"):
+            tag = f"{trained}_{'_'.join(map(str, flags)) or 'none'}_{subset}".replace("--", "").replace(" ", "")
+            r = ex.eval_lm(data, ckpt, [*ev, *flags, "--gen-subset", subset], logs / f"eval_{tag}.log")
+            row[f"{subset}_ppl"] = r["ppl"]
+            row[f"{subset}_eval_tokens_per_s"] = r["tokens_per_s"]
+        rows.append(row)
+        logger.info("%s: valid %.2f test %.2f", name, row["valid_ppl"], row["test_ppl"])
+
+    ce_tps = systems["vanilla"]["train_tokens_per_s"]
+    table = ex.markdown_table(
+        rows, ["system", "valid_ppl", "test_ppl", "train_tokens_per_s", "test_eval_tokens_per_s"],
+        ["model", "valid ppl", "test ppl", "train tokens/s", "eval tokens/s"],
+    )
+    header = (
+        f"# Main job: local memory (cf. TRIME Table 7)\n\n"
+        f"Corpus: `{data}`; `{a.arch}`, L={a.tokens_per_sample}, {a.max_update} updates of "
+        f"{a.max_tokens} tokens each model; eval blocks of {a.eval_tokens_per_sample} with a "
+        f"{a.context_window}-token context window.\n"
+        f"trime_loss trained at {systems['trime']['train_tokens_per_s'] / ce_tps:.3f}x the tokens/s of cross_entropy.\n\n"
+    )
+    result = {"args": vars(a), "rows": rows, "train": systems, "tuned": {"cache": cache_tuned, "trime": trime_tuned}}
+    ex.atomic_write(run / "results.md", header + table + "\n")
+    ex.atomic_write(run / "results.json", json.dumps(result, indent=2))
+    ex.bar_plot(rows, run / "results.png", "Local memory: vanilla / cache / TRIMELM")
+    logger.info("\n%s%s\nwritten: %s", header, table, run / "results.md")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Building blocks for experiment scripts: run fairseq's own commands, parse, tabulate, plot.
+
+Every number an example reports comes from ``fairseq-train`` / ``fairseq-eval-lm`` /
+``trime-tune`` output parsed here, so anyone can rerun the same commands by hand (each
+step's full command line is logged and its output kept under ``logs/``).
+"""
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+logger = logging.getLogger("trime_fairseq.experiment")
+
+REPO_PKG = str(Path(__file__).resolve().parents[1])  # the trime_fairseq folder (--user-dir)
+_SHOW = re.compile(r"train_inner|\| valid \||Perplexity|Evaluated|<- best|error|Error")
+
+
+class CommandError(RuntimeError):
+    """A step failed; the message holds the command and the end of its output."""
+
+
+def _compact(line: str) -> str:
+    """fairseq's JSON progress lines as ``train_inner | num_updates=20 loss=9.98 ...``."""
+    line = line.rstrip()
+    if "{" in line and ("| train" in line or "| valid" in line):
+        head, _, body = line.partition("{")
+        try:
+            stats = json.loads("{" + body)
+        except json.JSONDecodeError:
+            return line[-200:]
+        keys = ("epoch", "num_updates", "loss", "ce_loss", "ppl", "ce_ppl", "wps", "lr")
+        tag = head.split("|")[-2].strip() if head.count("|") >= 2 else "progress"
+        return tag + " | " + " ".join(f"{k}={stats[k]}" for k in keys if k in stats)
+    return line[-200:]
+
+
+def run_logged(module: str, args: Sequence[str], log_path: Path, show: bool = True) -> str:
+    """Run ``python -m module args``, teeing output to ``log_path``; returns the output.
+
+    Lines with progress (fairseq's ``train_inner``/``valid``, perplexities) are echoed.
+    """
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("$ %s", " ".join(shlex.quote(c) for c in cmd))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    lines: List[str] = []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            lines.append(line)
+            if show and _SHOW.search(line):
+                logger.info("  %s", _compact(line))
+        rc = proc.wait()
+    out = "".join(lines)
+    if rc != 0:
+        tail = "".join(lines[-25:])
+        raise CommandError(f"{module} exited with {rc} (log: {log_path}):\n{tail}")
+    return out
+
+
+def train(data: Path, save_dir: Path, args: Sequence[str], log_path: Path) -> Dict[str, float]:
+    """``fairseq-train``; returns training tokens/s (mean over logged intervals after the
+    first) and wall time. Skips training if ``checkpoint_last.pt`` reached ``--max-update``."""
+    done = save_dir / "train_done.json"
+    if done.exists():
+        logger.info("reusing %s (delete it to retrain)", save_dir)
+        return json.loads(done.read_text())
+    t0 = time.time()
+    out = run_logged(
+        "fairseq_cli.train",
+        [data, "--user-dir", REPO_PKG, "--save-dir", save_dir, "--log-format", "json",
+         "--no-epoch-checkpoints", *args],
+        log_path,
+    )
+    inner = [json.loads(l.split("|")[-1]) for l in out.splitlines() if "| train_inner |" in l]
+    wps = [float(x["wps"]) for x in inner[1:]] or [float(x["wps"]) for x in inner]
+    result = {
+        "train_tokens_per_s": sum(wps) / max(len(wps), 1),
+        "train_wall_s": time.time() - t0,
+        "updates": int(inner[-1]["num_updates"]) if inner else 0,
+    }
+    atomic_write(done, json.dumps(result, indent=2))
+    return result
+
+
+_PPL = re.compile(r"Perplexity: ([0-9.]+)")
+_TPS = re.compile(r"Evaluated ([0-9,]+) tokens in ([0-9.]+)s \(([0-9.]+) tokens/s\)")
+
+
+def eval_lm(data: Path, ckpt: Path, args: Sequence[str], log_path: Path) -> Dict[str, float]:
+    """``fairseq-eval-lm --task trime_lm``; returns perplexity, tokens and tokens/s."""
+    out = run_logged(
+        "fairseq_cli.eval_lm",
+        [data, "--path", ckpt, "--user-dir", REPO_PKG, "--task", "trime_lm", *args],
+        log_path,
+    )
+    ppl = _PPL.findall(out)
+    tps = _TPS.findall(out)
+    if not ppl or not tps:
+        raise CommandError(f"could not read the perplexity from {log_path}")
+    return {"ppl": float(ppl[-1]), "tokens": int(tps[-1][0].replace(",", "")), "tokens_per_s": float(tps[-1][2])}
+
+
+def tune(data: Path, ckpt: Path, combiner: str, grid: Sequence[str], args: Sequence[str], out_json: Path, log_path: Path) -> dict:
+    """``trime-tune`` on the validation set; returns its JSON (rows and best)."""
+    run_logged(
+        "trime_fairseq.cli.tune",
+        [data, "--path", ckpt, "--combiner", combiner, "--grid", *grid, "--out", out_json, *args],
+        log_path,
+    )
+    return json.loads(out_json.read_text())
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def markdown_table(rows: List[Dict], columns: List[str], headers: Optional[List[str]] = None) -> str:
+    headers = headers or columns
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:,.2f}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def bar_plot(rows: List[Dict], path: Path, title: str, keys=("valid_ppl", "test_ppl")) -> None:
+    """Grouped bars of perplexity per system (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["system"] for r in rows]
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(rows), 3.6))
+    for k, key in enumerate(keys):
+        xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(rows))]
+        vals = [r.get(key, float("nan")) for r in rows]
+        bars = ax.bar(xs, vals, width, label=key.replace("_", " "))
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+        stream=sys.stderr, force=True,
+    )

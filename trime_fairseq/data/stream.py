@@ -1,0 +1,212 @@
+"""A binarised LM split as one token stream with document ids, and two views of it.
+
+fairseq's text convention separates documents by an empty line, which binarises to a
+line holding only ``</s>``. :class:`TokenStream` concatenates the lines and gives every
+token its document (a separator belongs to the document it closes).
+
+* :class:`DocumentSegments` (training, §4.2): segments of at most ``L`` tokens that never
+  cross a document boundary, in reading order, so that ``m`` consecutive ones can share a
+  batch.
+* :class:`StreamBlocks` (evaluation): blocks of the stream in order, each with up to
+  ``context`` preceding tokens that are seen but not scored; every item is computed from
+  its index alone, so results do not depend on batch size or order of loading.
+"""
+import logging
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from fairseq.data import FairseqDataset, data_utils
+
+logger = logging.getLogger(__name__)
+
+
+class TokenStream:
+    """All tokens of a split (``int64``) and each token's document index."""
+
+    def __init__(self, tokens: np.ndarray, docs: np.ndarray) -> None:
+        if len(tokens) != len(docs):
+            raise ValueError("tokens and docs must have the same length")
+        self.tokens = tokens
+        self.docs = docs
+
+    @classmethod
+    def from_lines(cls, lines, eos: int) -> "TokenStream":
+        """From a fairseq indexed dataset of lines (each ending in ``eos``)."""
+        sizes = np.asarray(lines.sizes, dtype=np.int64)
+        tokens = None
+        buf = getattr(lines, "_bin_buffer", None)
+        index = getattr(lines, "_index", None)
+        if buf is not None and index is not None:  # mmap: the .bin file is the stream
+            tokens = np.frombuffer(buf, dtype=index.dtype).astype(np.int64)
+            if len(tokens) != int(sizes.sum()):
+                tokens = None
+        if tokens is None:
+            tokens = np.concatenate([lines[i].numpy() for i in range(len(lines))]) if len(lines) else np.zeros(0, np.int64)
+        ends = np.cumsum(sizes)
+        separator = sizes == 1
+        if separator.any():  # only an eos on the line: an empty line, i.e. a document break
+            separator[separator] = tokens[ends[separator] - 1] == eos
+        line_doc = np.concatenate([[0], np.cumsum(separator)[:-1]]) if len(sizes) else np.zeros(0, np.int64)
+        docs = np.repeat(line_doc, sizes)
+        return cls(tokens, docs.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.docs[-1]) + 1 if len(self.docs) else 0
+
+
+def _pad_2d(rows: List[torch.Tensor], pad: int) -> torch.Tensor:
+    return data_utils.collate_tokens(rows, pad, left_pad=False)
+
+
+class DocumentSegments(FairseqDataset):
+    """Training segments: ``source = x[s:s+n]``, ``target = x[s+1:s+n+1]``, inside one document.
+
+    Args:
+        stream: the split.
+        length: L, the segment length.
+        group: m; collated batches carry ``sample["trime_memory"]`` for
+            ``trime_loss`` (``long`` memory over groups of ``m`` consecutive rows).
+    """
+
+    def __init__(self, stream: TokenStream, length: int, pad: int, group: int = 1) -> None:
+        if length < 1:
+            raise ValueError(f"--tokens-per-sample must be >= 1, got {length}")
+        self.stream, self.length, self.pad, self.group = stream, length, pad, group
+        starts: List[np.ndarray] = []
+        lens: List[np.ndarray] = []
+        if len(stream):
+            change = np.flatnonzero(np.diff(stream.docs)) + 1
+            doc_start = np.concatenate([[0], change])
+            doc_end = np.concatenate([change, [len(stream)]])
+            for a, b in zip(doc_start, doc_end):
+                n_src = b - a - 1  # the last token of a document has no next token in it
+                if n_src < 1:
+                    continue
+                s = np.arange(a, a + n_src, length)
+                starts.append(s)
+                lens.append(np.minimum(length, a + n_src - s))
+        self.starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        self.sizes = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+        self.seg_docs = stream.docs[self.starts] if len(self.starts) else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> Dict:
+        s, n = int(self.starts[index]), int(self.sizes[index])
+        toks = torch.from_numpy(self.stream.tokens[s:s + n + 1])
+        return {"id": index, "source": toks[:-1], "target": toks[1:], "doc": int(self.seg_docs[index])}
+
+    def num_tokens(self, index: int) -> int:
+        return int(self.sizes[index])
+
+    def size(self, index: int) -> int:
+        return int(self.sizes[index])
+
+    def ordered_indices(self) -> np.ndarray:
+        return np.arange(len(self))
+
+    def collater(self, samples: List[Dict]) -> Dict:
+        if not samples:
+            return {}
+        src = _pad_2d([s["source"] for s in samples], self.pad)
+        tgt = _pad_2d([s["target"] for s in samples], self.pad)
+        batch = {
+            "id": torch.LongTensor([s["id"] for s in samples]),
+            "nsentences": len(samples),
+            "ntokens": int(tgt.ne(self.pad).sum()),
+            "net_input": {"src_tokens": src, "src_lengths": src.ne(self.pad).sum(1)},
+            "target": tgt,
+        }
+        if self.group > 1:
+            batch["trime_memory"] = {
+                "mode": "long",
+                "segments_per_group": self.group,
+                "row_doc": torch.LongTensor([s["doc"] for s in samples]),
+            }
+        return batch
+
+    def groups(self) -> List[np.ndarray]:
+        """Runs of ``m`` consecutive segments (a trailing incomplete run is dropped)."""
+        m = self.group
+        full = (len(self) // m) * m
+        return [np.arange(i, i + m) for i in range(0, full, m)]
+
+    def batches(self, groups_per_batch: int, seed: int, epoch: int, shuffle: bool) -> List[np.ndarray]:
+        """Batches of whole groups; shuffling moves groups, never segments within one."""
+        groups = self.groups()
+        if shuffle:
+            with data_utils.numpy_seed(seed, epoch):
+                order = np.random.permutation(len(groups))
+            groups = [groups[i] for i in order]
+        return [
+            np.concatenate(groups[i:i + groups_per_batch])
+            for i in range(0, len(groups), groups_per_batch)
+        ]
+
+
+class StreamBlocks(FairseqDataset):
+    """Evaluation blocks in reading order with a context window (see module docstring).
+
+    Item ``i`` scores the targets of source positions ``[i·B, min((i+1)·B, N-1))`` and
+    prepends up to ``context`` earlier tokens whose targets are padding.
+    """
+
+    def __init__(self, stream: TokenStream, block: int, context: int, pad: int) -> None:
+        if block < 1:
+            raise ValueError(f"--tokens-per-sample minus --context-window must be >= 1, got {block}")
+        if context < 0:
+            raise ValueError(f"--context-window must be >= 0, got {context}")
+        self.stream, self.block, self.context, self.pad = stream, block, context, pad
+        n_src = max(len(stream) - 1, 0)
+        self.starts = np.arange(0, n_src, block)
+        self.sizes = np.minimum(block, n_src - self.starts) + np.minimum(self.starts, context)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> Dict:
+        s = int(self.starts[index])
+        e = min(s + self.block, len(self.stream) - 1)
+        c = min(s, self.context)
+        toks = torch.from_numpy(self.stream.tokens[s - c:e + 1])
+        target = toks[1:].clone()
+        target[:c] = self.pad
+        return {
+            "id": index,
+            "source": toks[:-1],
+            "target": target,
+            "start": c,
+            "docs": torch.from_numpy(self.stream.docs[s - c:e]),
+            "positions": torch.arange(s - c, e),
+        }
+
+    def num_tokens(self, index: int) -> int:
+        return int(self.sizes[index])
+
+    def size(self, index: int) -> int:
+        return int(self.sizes[index])
+
+    def ordered_indices(self) -> np.ndarray:
+        return np.arange(len(self))
+
+    def collater(self, samples: List[Dict]) -> Dict:
+        if not samples:
+            return {}
+        src = _pad_2d([s["source"] for s in samples], self.pad)
+        tgt = _pad_2d([s["target"] for s in samples], self.pad)
+        return {
+            "id": torch.LongTensor([s["id"] for s in samples]),
+            "nsentences": len(samples),
+            "ntokens": int(tgt.ne(self.pad).sum()),
+            "net_input": {"src_tokens": src, "src_lengths": src.ne(self.pad).sum(1)},
+            "target": tgt,
+            "start_indices": [s["start"] for s in samples],
+            "doc_ids": _pad_2d([s["docs"] for s in samples], -1),
+            "positions": _pad_2d([s["positions"] for s in samples], -1),
+        }
