@@ -1,5 +1,9 @@
 """Training throughput of ``trime_loss`` against plain ``cross_entropy``, same model, same run.
 
+Variants: ``cross_entropy``; ``trime_loss`` (local memory, fairseq's batches);
+``trime_loss_long`` (``--consecutive-segments m``, long-term in-batch memory) when
+``--long-m`` is given.
+
 Both criteria train the same architecture on the same batches (fairseq's own task,
 model, criterion and batch iterator); blocks of steps alternate between them so that
 machine noise hits both alike. Prints tokens/s of each, the ratio (target >= 0.95) and the
@@ -72,12 +76,20 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=5, help="training steps per timed block")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--tokens-per-sample", type=int, default=512, help="segment length L")
+    p.add_argument("--max-tokens", type=int, default=8192, help="tokens per batch")
+    p.add_argument("--long-m", type=int, default=0, help="also time trime_loss with m consecutive segments")
     p.add_argument("--out", default=None, help="write the result as JSON here (and .md beside)")
     ours, extra = p.parse_known_args(argv)
+    extra = [*extra, "--tokens-per-sample", str(ours.tokens_per_sample)]
+    variants = {k: [*v, "--max-tokens", str(ours.max_tokens)] for k, v in VARIANTS.items()}
+    if ours.long_m > 1:
+        variants["trime_loss_long"] = ["--criterion", "trime_loss", "--consecutive-segments", str(ours.long_m),
+                                       "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
     if ours.threads:
         torch.set_num_threads(ours.threads)
     runs = {}
-    for name, variant in VARIANTS.items():
+    for name, variant in variants.items():
         torch.manual_seed(1)
         task, model, criterion, batches = build(ours.data, ours.arch, extra, variant)
         model.train()
@@ -94,6 +106,7 @@ def main(argv=None) -> dict:
     result = {
         "arch": ours.arch,
         "args": extra,
+        "variants": variants,
         "tokens_per_s": {k: statistics.median(r["tps"]) for k, r in runs.items()},
         "ratio_vs_cross_entropy": {k: statistics.median(r["tps"]) / base for k, r in runs.items()},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -38,9 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ce-warmup-frac", type=float, default=0.05, help="share of updates trained with plain CE before TRIME")
     p.add_argument("--eval-tokens-per-sample", type=int, default=512, help="evaluation block incl. context window")
     p.add_argument("--context-window", type=int, default=256, help="evaluation context window (tokens seen, not scored)")
-    p.add_argument("--tau-grid", default="0.5,0.75,1,1.25,1.5,2", help="TRIME temperatures tried on valid")
-    p.add_argument("--cache-lambda-grid", default="0.05,0.1,0.15,0.2,0.3", help="cache λ values tried on valid")
-    p.add_argument("--cache-theta-grid", default="0.01,0.02,0.05,0.1,0.2", help="cache θ values tried on valid")
+    p.add_argument("--tau-grid", default="0.75,0.9,1,1.1,1.25,1.5", help="TRIME temperatures tried on valid")
+    p.add_argument("--cache-lambda-grid", default="0.1,0.2,0.3,0.4,0.5", help="cache λ values tried on valid")
+    p.add_argument("--cache-theta-grid", default="0.05,0.1,0.2,0.3,0.5", help="cache θ values tried on valid")
     p.add_argument("--seed", type=int, default=1, help="training seed")
     return p.parse_args(argv)
 

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from helpers import REPO, run_cli, write_tiny_corpus
+from helpers import REPO, run_cli
 
 USER_DIR = str(REPO / "trime_fairseq")
 
@@ -18,19 +18,8 @@ def ppl_of(proc) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    data = write_tiny_corpus(root / "corpus")
-    ckpt = root / "ckpt"
-    proc = run_cli([
-        "fairseq_cli.train", str(data), "--user-dir", USER_DIR, "--task", "trime_lm",
-        "--arch", "transformer_lm_trime_tiny", "--criterion", "trime_loss",
-        "--ce-warmup-updates", "3", "--optimizer", "adam", "--lr", "3e-3",
-        "--tokens-per-sample", "64", "--max-tokens", "512", "--max-update", "12",
-        "--save-dir", str(ckpt), "--no-epoch-checkpoints", "--log-format", "json",
-        "--log-interval", "1", "--cpu", "--seed", "1",
-    ])
-    return data, ckpt / "checkpoint_last.pt", proc
+def trained(tiny_lm):
+    return tiny_lm
 
 
 def eval_lm(data, ckpt, *extra):

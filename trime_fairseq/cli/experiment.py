@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -36,7 +37,10 @@ def _compact(line: str) -> str:
             return line[-200:]
         keys = ("epoch", "num_updates", "loss", "ce_loss", "ppl", "ce_ppl", "wps", "lr")
         tag = head.split("|")[-2].strip() if head.count("|") >= 2 else "progress"
-        return tag + " | " + " ".join(f"{k}={stats[k]}" for k in keys if k in stats)
+        prefix = "valid_" if tag == "valid" else ""
+        return tag + " | " + " ".join(
+            f"{k}={stats[prefix + k]}" for k in keys if prefix + k in stats or k in stats and not prefix
+        )
     return line[-200:]
 
 
@@ -81,9 +85,9 @@ def train(data: Path, save_dir: Path, args: Sequence[str], log_path: Path) -> Di
         log_path,
     )
     inner = [json.loads(l.split("|")[-1]) for l in out.splitlines() if "| train_inner |" in l]
-    wps = [float(x["wps"]) for x in inner[1:]] or [float(x["wps"]) for x in inner]
-    result = {
-        "train_tokens_per_s": sum(wps) / max(len(wps), 1),
+    wps = sorted(float(x["wps"]) for x in (inner[1:] or inner))
+    result = {  # median: intervals that include a validation pass are slower
+        "train_tokens_per_s": wps[len(wps) // 2] if wps else 0.0,
         "train_wall_s": time.time() - t0,
         "updates": int(inner[-1]["num_updates"]) if inner else 0,
     }
@@ -157,7 +161,7 @@ def bar_plot(rows: List[Dict], path: Path, title: str, keys=("valid_ppl", "test_
         for b, v in zip(bars, vals):
             ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(names, fontsize=8)
+    ax.set_xticklabels([textwrap.fill(n, 18) for n in names], fontsize=8)
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)

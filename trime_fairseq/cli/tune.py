@@ -32,58 +32,74 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from trime_fairseq.memory.combiners import CacheCombiner, Combiner, NoMemory, TrimeCombiner
+from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
 
 logger = logging.getLogger("trime_fairseq.tune")
 
-GRID_KEYS = {"trime": ("tau",), "cache": ("lambda", "theta")}
+# per combiner: required grid axes, and optional ones with their default
+GRID_KEYS: Dict[str, Tuple[Tuple[str, ...], Dict[str, float]]] = {
+    "trime": (("tau",), {"memory_lambda": 0.0, "memory_tau": 1.0, "k": 0}),
+    "cache": (("lambda", "theta"), {}),
+    "knn": (("lambda", "temperature"), {"k": 0, "cache_lambda": 0.0, "cache_theta": 0.0}),
+}
 
 
 def parse_grid(combiner: str, items: Sequence[str]) -> List[Dict[str, float]]:
     """``["tau=0.5,1"]`` -> ``[{"tau": 0.5}, {"tau": 1.0}]`` (Cartesian product)."""
-    wanted = GRID_KEYS[combiner]
+    required, optional = GRID_KEYS[combiner]
     axes: Dict[str, List[float]] = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--grid entries look like name=v1,v2,...; got {item!r}")
         name, values = item.split("=", 1)
-        if name not in wanted:
-            raise ValueError(f"--grid: {combiner} takes {', '.join(wanted)}; got {name!r}")
+        if name not in required and name not in optional:
+            raise ValueError(f"--grid: {combiner} takes {', '.join([*required, *optional])}; got {name!r}")
         try:
             axes[name] = [float(v) for v in values.split(",") if v]
         except ValueError:
             raise ValueError(f"--grid {name}: values must be numbers, got {values!r}") from None
         if not axes[name]:
             raise ValueError(f"--grid {name}: no values")
-    missing = [k for k in wanted if k not in axes]
+    missing = [k for k in required if k not in axes]
     if missing:
         raise ValueError(f"--grid for {combiner} needs {', '.join(missing)}=...")
-    return [dict(zip(wanted, combo)) for combo in itertools.product(*(axes[k] for k in wanted))]
+    names = list(axes)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(axes[k] for k in names))]
 
 
 def make_combiner(combiner: str, point: Dict[str, float], representation: str = "f") -> Combiner:
+    opt = dict(GRID_KEYS[combiner][1], **point)
     if combiner == "trime":
-        return TrimeCombiner(point["tau"])
-    return CacheCombiner(point["lambda"], point["theta"], representation)
+        return TrimeCombiner(opt["tau"], opt["memory_lambda"], opt["memory_tau"])
+    if combiner == "cache":
+        return CacheCombiner(opt["lambda"], opt["theta"], representation)
+    cache = CacheCombiner(opt["cache_lambda"], opt["cache_theta"], representation) if opt["cache_lambda"] > 0 else None
+    return KnnCombiner(opt["lambda"], opt["temperature"], cache)
 
 
-def score_grid(
-    models_and_task, cfg, combiners: List[Combiner], memory_sizes: Sequence[int] = (0,)
-) -> Tuple[List[List[float]], int]:
-    """Summed target log-probabilities ``[combiner][memory size]`` over the subset, and
-    the number of scored tokens."""
+def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool = False, k: Optional[int] = None):
+    """Every scored row of ``cfg.dataset.gen_subset`` as :class:`ScoringInputs`, in reading
+    order, exactly as ``fairseq-eval-lm --task trime_lm`` sees it (same blocks, context
+    window, long-term memory of ``long_memory_size`` and, with ``external``, ``k``
+    neighbours from ``--datastore``). One model forward per batch; the caller may score
+    each row with as many combiners as it likes."""
     from fairseq import utils
 
+    from trime_fairseq.memory.datastore import model_fingerprint
     from trime_fairseq.memory.long_term import LongTermMemory
     from trime_fairseq.models.memory_eval import MemoryEvalModel, scored_rows, scoring_inputs
 
-    model, task = models_and_task
     pad = task.source_dictionary.pad()
     wrapped = MemoryEvalModel(model, NoMemory(), pad).eval()
-    max_size = max(memory_sizes)
     long_memory = None
-    if max_size > 0:
-        long_memory = LongTermMemory(max_size, context=task.args.tokens_per_sample + cfg.eval_lm.context_window)
+    if long_memory_size > 0:
+        long_memory = LongTermMemory(long_memory_size, context=task.args.tokens_per_sample + cfg.eval_lm.context_window)
+    retriever = None
+    if external:
+        retriever = task.build_retriever(model)
+        if k:
+            retriever.k = min(k, len(retriever.datastore))
+        retriever.datastore.meta.check_compatible(model_sha256=model_fingerprint(model))
     task.load_dataset(cfg.dataset.gen_subset)
     itr = task.eval_lm_dataloader(
         dataset=task.dataset(cfg.dataset.gen_subset),
@@ -93,21 +109,38 @@ def score_grid(
         num_workers=0,
         context_window=cfg.eval_lm.context_window,
     )
-    sums = [[0.0] * len(memory_sizes) for _ in combiners]
-    count = 0
     with torch.no_grad():
-        for sample in tqdm(itr, desc="tune", unit="batch", disable=None):
+        for sample in tqdm(itr, desc="scoring", unit="batch", disable=None):
             if "net_input" not in sample:
                 continue
             x = scoring_inputs(model, wrapped(**sample["net_input"]), sample, pad)
-            for _, _, row in scored_rows(x, sample, pad, long_memory):
-                keep = row.target.ne(pad)
-                count += int(keep.sum())
-                for j, size in enumerate(memory_sizes):
-                    sized = row.restrict_long_memory(size)
-                    for i, comb in enumerate(combiners):
-                        lp = comb.target_log_prob(sized)
-                        sums[i][j] += float(lp[keep & torch.isfinite(lp)].sum())
+            for _, _, row in scored_rows(x, sample, pad, long_memory, retriever):
+                yield row
+
+
+def score_grid(
+    models_and_task, cfg, combiners: List[Combiner], memory_sizes: Sequence[int] = (0,),
+    neighbours: Optional[Sequence[int]] = None,
+) -> Tuple[List[List[float]], int]:
+    """Summed target log-probabilities ``[combiner][memory size]`` over the subset, and
+    the number of scored tokens. ``neighbours[i]`` (0 = all) restricts combiner ``i`` to its
+    nearest retrieved entries: retrieval runs once per batch at the largest K and every
+    grid point reuses it (no second search)."""
+    model, task = models_and_task
+    pad = task.source_dictionary.pad()
+    neighbours = list(neighbours or [0] * len(combiners))
+    external = "ext" in str(task.args.eval_memory) or any(isinstance(c, KnnCombiner) for c in combiners)
+    k = max(neighbours) or None
+    sums = [[0.0] * len(memory_sizes) for _ in combiners]
+    count = 0
+    for row in iter_scored_rows(model, task, cfg, max(memory_sizes), external, k):
+        keep = row.target.ne(pad)
+        count += int(keep.sum())
+        for j, size in enumerate(memory_sizes):
+            sized = row.restrict_long_memory(size)
+            for i, comb in enumerate(combiners):
+                lp = comb.target_log_prob(sized.restrict_external(neighbours[i]) if neighbours[i] else sized)
+                sums[i][j] += float(lp[keep & torch.isfinite(lp)].sum())
     return sums, count
 
 
@@ -160,9 +193,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         prog="trime-tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--combiner", choices=sorted(GRID_KEYS), required=True,
-                        help="trime (grid over tau) or cache (grid over lambda and theta)")
+                        help="trime (grid over tau [memory_lambda memory_tau k]), cache (lambda "
+                        "theta) or knn (lambda temperature [k cache_lambda cache_theta])")
     parser.add_argument("--grid", nargs="+", required=True,
-                        help="name=v1,v2,... per parameter (tau; or lambda and theta)")
+                        help="name=v1,v2,... per parameter; k = neighbours kept of --knn-k retrieved")
     parser.add_argument("--cache-representation", choices=["f", "g"], default="f",
                         help="continuous cache hidden state (f = decoder output)")
     parser.add_argument("--memory-sizes", default="0",
@@ -184,13 +218,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     if "--task" not in rest:
         rest = [*rest, "--task", "trime_lm"]
     cfg, model, task = load(rest)
-    sums, count = score_grid((model, task), cfg, [NoMemory(), *combiners], sizes)
+    ks = [0] + [int(p.get("k", 0)) for p in grid]
+    if any(ks) and not ("ext" in str(task.args.eval_memory) or ours.combiner == "knn"):
+        parser.error("--grid k=... needs external memory (--eval-memory ...+ext or --combiner knn)")
+    sums, count = score_grid((model, task), cfg, [NoMemory(), *combiners], sizes, ks)
     if count == 0:
         parser.error(f"no token to score in subset {cfg.dataset.gen_subset!r}")
     rows = [{"params": {}, "combiner": "none", "memory_size": 0, "ppl": math.exp(-sums[0][0] / count)}]
     for point, comb, per_size in zip(grid, combiners, sums[1:]):
         for size, s in zip(sizes, per_size):
-            rows.append({"params": dict(point, memory_size=size), "combiner": comb.describe(),
+            desc = comb.describe() + (f" k={int(point['k'])}" if point.get("k") else "")
+            rows.append({"params": dict(point, memory_size=size), "combiner": desc,
                          "memory_size": size, "ppl": math.exp(-s / count)})
     best = min(rows[1:], key=lambda r: r["ppl"])
     for r in rows:

@@ -71,12 +71,15 @@ class DocumentSegments(FairseqDataset):
         length: L, the segment length.
         group: m; collated batches carry ``sample["trime_memory"]`` for
             ``trime_loss`` (``long`` memory over groups of ``m`` consecutive rows).
+        external: collated batches ask for ``external`` memory (all other segments of
+            the batch; the batches themselves come from BM25 batching).
     """
 
-    def __init__(self, stream: TokenStream, length: int, pad: int, group: int = 1) -> None:
+    def __init__(self, stream: TokenStream, length: int, pad: int, group: int = 1, external: bool = False) -> None:
         if length < 1:
             raise ValueError(f"--tokens-per-sample must be >= 1, got {length}")
         self.stream, self.length, self.pad, self.group = stream, length, pad, group
+        self.external = external  # batches of BM25-similar segments (TRIMELM_ext)
         starts: List[np.ndarray] = []
         lens: List[np.ndarray] = []
         if len(stream):
@@ -123,7 +126,9 @@ class DocumentSegments(FairseqDataset):
             "net_input": {"src_tokens": src, "src_lengths": src.ne(self.pad).sum(1)},
             "target": tgt,
         }
-        if self.group > 1:
+        if self.external:
+            batch["trime_memory"] = {"mode": "external"}
+        elif self.group > 1:
             batch["trime_memory"] = {
                 "mode": "long",
                 "segments_per_group": self.group,

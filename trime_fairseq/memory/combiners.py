@@ -9,6 +9,12 @@ the full distribution (for ``fairseq-eval-lm``) or the target's log-probability 
 * :class:`TrimeCombiner`: Eq. 6, memory and vocabulary in one softmax, temperature τ.
 * :class:`CacheCombiner`: the continuous cache (Grave et al., 2017):
   ``(1-λ) P_LM + λ P_cache`` with ``P_cache(w) ∝ Σ_{x_j=w} exp(θ h·h_j)``.
+* :class:`KnnCombiner`: kNN-LM (Khandelwal et al., 2020): ``(1-λ) P_LM + λ P_kNN`` over the
+  retrieved external entries, optionally followed by a continuous cache.
+
+External entries (retrieved per query from a datastore) come as ``ext_scores`` (``q·k``
+or ``-‖q-k‖²``) and ``ext_labels``, ``[B, T, K]``; TRIME scales inner products like any
+other memory entry (Eq. 6) and can add Appendix F's separate memory distribution.
 """
 from __future__ import annotations
 
@@ -21,9 +27,10 @@ from torch import Tensor
 
 from trime_fairseq.memory.joint import (
     interpolate,
+    interpolate_at,
     joint_log_probs,
     joint_target_log_prob,
-    memory_log_probs,
+    memory_log_probs_at,
     memory_target_log_prob,
     scaled_similarity,
 )
@@ -56,8 +63,10 @@ class ScoringInputs:
     key_labels: Tensor
     mask: Tensor
     key_rank: Optional[Tensor] = None
+    ext_scores: Optional[Tensor] = None
+    ext_labels: Optional[Tensor] = None
 
-    _PER_QUERY = ("tok_scores", "tok_lse", "target", "query_g", "query_f", "mask")
+    _PER_QUERY = ("tok_scores", "tok_lse", "target", "query_g", "query_f", "mask", "ext_scores", "ext_labels")
 
     def rows(self, start: int, end: int) -> "ScoringInputs":
         """The same inputs for batch rows ``start:end`` (views, no copies)."""
@@ -68,7 +77,19 @@ class ScoringInputs:
 
     def queries(self, start: int, end: int) -> "ScoringInputs":
         """Only query positions ``start:end`` (all keys kept)."""
-        return replace(self, **{k: getattr(self, k)[:, start:end] for k in self._PER_QUERY})
+        return replace(self, **{
+            k: getattr(self, k)[:, start:end] for k in self._PER_QUERY if getattr(self, k) is not None
+        })
+
+    def with_external(self, scores: Tensor, labels: Tensor) -> "ScoringInputs":
+        """Attach per-query retrieved entries ``[B, T, K]`` (``-inf`` score = none)."""
+        return replace(self, ext_scores=scores, ext_labels=labels)
+
+    def restrict_external(self, k: int) -> "ScoringInputs":
+        """Keep only the ``k`` nearest retrieved entries (they come sorted)."""
+        if self.ext_scores is None:
+            return self
+        return replace(self, ext_scores=self.ext_scores[..., :k], ext_labels=self.ext_labels[..., :k])
 
     def with_long_memory(self, keys_g: Tensor, keys_f: Tensor, labels: Tensor, allowed: Tensor) -> "ScoringInputs":
         """Prepend long-term entries (``[B, M, d]`` keys, ``[B, M]`` labels, ``[B, T, M]``
@@ -130,32 +151,56 @@ class NoMemory(Combiner):
         return x.tok_target_log_prob()
 
 
+def memory_entries(x: ScoringInputs, temperature: float):
+    """All memory of ``x`` as ``(scores / τ [B,T,K], labels, mask)``: shared keys (local,
+    long) scored by ``sim = g·g_j/√d``, then the retrieved external entries."""
+    scores = scaled_similarity(x.query_g, x.keys_g, temperature)
+    labels = x.key_labels.unsqueeze(1)
+    mask = x.mask
+    if x.ext_scores is not None:
+        ext = x.ext_scores / (math.sqrt(x.query_g.size(-1)) * temperature)
+        scores = torch.cat([scores, ext], -1)
+        labels = torch.cat([labels.expand(*x.ext_labels.shape[:2], labels.size(-1)), x.ext_labels], -1)
+        mask = torch.cat([mask, torch.isfinite(x.ext_scores)], -1)
+    return scores, labels, mask
+
+
 class TrimeCombiner(Combiner):
-    """Eq. 6: ``P(w) ∝ exp(s_w) + Σ_{x_j=w} exp(sim(g, g_j)/τ)``."""
+    """Eq. 6: ``P(w) ∝ exp(s_w) + Σ_{x_j=w} exp(sim(g, g_j)/τ)`` over all memories; with
+    ``lam > 0`` also Appendix F: ``(1-λ) P + λ P'``, ``P'`` the memory-only distribution
+    at temperature ``τ'`` (Eq. 7-8)."""
 
     name = "trime"
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, temperature: float = 1.0, lam: float = 0.0, memory_temperature: Optional[float] = None) -> None:
         if temperature <= 0:
             raise ValueError(f"--eval-temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-
-    def _scores(self, x: ScoringInputs) -> Tensor:
-        return scaled_similarity(x.query_g, x.keys_g, self.temperature)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"--memory-lambda must be in [0, 1], got {lam}")
+        if lam > 0 and (memory_temperature is None or memory_temperature <= 0):
+            raise ValueError("--memory-lambda > 0 needs --memory-temperature > 0 (tau' of Eq. 7)")
+        self.temperature, self.lam, self.memory_temperature = temperature, lam, memory_temperature
 
     def log_probs(self, x: ScoringInputs) -> Tensor:
-        return joint_log_probs(
-            x.tok_scores, x.tok_lse, self._scores(x), x.key_labels.unsqueeze(1), x.mask
-        )
+        scores, labels, mask = memory_entries(x, self.temperature)
+        lp = joint_log_probs(x.tok_scores, x.tok_lse, scores, labels, mask)
+        if self.lam > 0:
+            s2 = scores * (self.temperature / self.memory_temperature)
+            lp = interpolate_at(lp, *memory_log_probs_at(s2, labels, mask, x.vocab_size), self.lam, mask.any(-1))
+        return lp
 
     def target_log_prob(self, x: ScoringInputs) -> Tensor:
+        scores, labels, mask = memory_entries(x, self.temperature)
         tok_target = x.tok_scores.gather(-1, x.target.unsqueeze(-1)).squeeze(-1)
-        return joint_target_log_prob(
-            tok_target, x.tok_lse, self._scores(x), x.key_labels.unsqueeze(1), x.mask, x.target
-        )
+        lp = joint_target_log_prob(tok_target, x.tok_lse, scores, labels, mask, x.target)
+        if self.lam > 0:
+            s2 = scores * (self.temperature / self.memory_temperature)
+            lp = interpolate(lp, memory_target_log_prob(s2, labels, mask, x.target), self.lam, mask.any(-1))
+        return lp
 
     def describe(self) -> str:
-        return f"trime(tau={self.temperature:g})"
+        extra = f", lambda={self.lam:g}, tau'={self.memory_temperature:g}" if self.lam > 0 else ""
+        return f"trime(tau={self.temperature:g}{extra})"
 
 
 class CacheCombiner(Combiner):
@@ -181,8 +226,8 @@ class CacheCombiner(Combiner):
         return self.theta * torch.matmul(q, k.transpose(-1, -2))
 
     def log_probs(self, x: ScoringInputs) -> Tensor:
-        mem = memory_log_probs(self._scores(x), x.key_labels.unsqueeze(1), x.mask, x.vocab_size)
-        return interpolate(x.tok_log_probs(), mem, self.lam, x.mask.any(-1))
+        mem = memory_log_probs_at(self._scores(x), x.key_labels.unsqueeze(1), x.mask, x.vocab_size)
+        return interpolate_at(x.tok_log_probs(), *mem, self.lam, x.mask.any(-1))
 
     def target_log_prob(self, x: ScoringInputs) -> Tensor:
         mem = memory_target_log_prob(self._scores(x), x.key_labels.unsqueeze(1), x.mask, x.target)
@@ -190,3 +235,44 @@ class CacheCombiner(Combiner):
 
     def describe(self) -> str:
         return f"cache(lambda={self.lam:g}, theta={self.theta:g}, h={self.representation})"
+
+
+class KnnCombiner(Combiner):
+    """kNN-LM: ``(1-λ) P_LM + λ P_kNN``, ``P_kNN(w) ∝ Σ_{retrieved, v_j=w} exp(s_j / T)``
+    (``s_j`` = ``q·k`` or ``-‖q-k‖²``); then, optionally, a continuous cache on top."""
+
+    name = "knn"
+
+    def __init__(self, lam: float, temperature: float = 1.0, cache: Optional[CacheCombiner] = None) -> None:
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"--knn-lambda must be in [0, 1], got {lam}")
+        if temperature <= 0:
+            raise ValueError(f"--knn-temperature must be > 0, got {temperature}")
+        self.lam, self.temperature, self.cache = lam, temperature, cache
+
+    def _knn(self, x: ScoringInputs):
+        if x.ext_scores is None:
+            raise ValueError("kNN-LM needs retrieved neighbours: pass --datastore")
+        return x.ext_scores / self.temperature, x.ext_labels, torch.isfinite(x.ext_scores)
+
+    def log_probs(self, x: ScoringInputs) -> Tensor:
+        s, labels, mask = self._knn(x)
+        lp = interpolate_at(x.tok_log_probs(), *memory_log_probs_at(s, labels, mask, x.vocab_size),
+                            self.lam, mask.any(-1))
+        if self.cache is not None:
+            mem = memory_log_probs_at(self.cache._scores(x), x.key_labels.unsqueeze(1), x.mask, x.vocab_size)
+            lp = interpolate_at(lp, *mem, self.cache.lam, x.mask.any(-1))
+        return lp
+
+    def target_log_prob(self, x: ScoringInputs) -> Tensor:
+        s, labels, mask = self._knn(x)
+        lp = interpolate(x.tok_target_log_prob(), memory_target_log_prob(s, labels, mask, x.target),
+                         self.lam, mask.any(-1))
+        if self.cache is not None:
+            mem = memory_target_log_prob(self.cache._scores(x), x.key_labels.unsqueeze(1), x.mask, x.target)
+            lp = interpolate(lp, mem, self.cache.lam, x.mask.any(-1))
+        return lp
+
+    def describe(self) -> str:
+        c = f" + {self.cache.describe()}" if self.cache else ""
+        return f"knn(lambda={self.lam:g}, T={self.temperature:g}){c}"

@@ -19,7 +19,7 @@ Notation used throughout:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -71,24 +71,24 @@ def joint_target_log_prob(
     return num - den
 
 
-def label_logsumexp(
+def label_logsumexp_at(
     mem_scores: Tensor, mem_labels: Tensor, mem_mask: Tensor, vocab_size: int
-) -> Tensor:
-    """Per-token ``log Σ_{j∈M, x_j=w} exp(m_j)`` for every ``w`` (``-inf`` if absent).
+) -> Tuple[Tensor, Tensor]:
+    """``log Σ_{j∈M, x_j=w} exp(m_j)`` evaluated at each entry's own label ``w = x_k``.
 
-    Args:
-        mem_scores, mem_labels, mem_mask: ``[N, K]``.
-    Returns:
-        ``[N, V]``.
+    Returns ``(labels [N, K], values [N, K])``: entries sharing a label get the same value;
+    masked entries point at label 0 with the value for label 0 (``-inf`` unless it is in
+    memory), so scattering the results back is consistent. Only ``[N, K]`` work plus one
+    ``[N, V]`` scratch buffer.
     """
     scores = mem_scores.masked_fill(~mem_mask, NEG_INF)
-    labels = mem_labels.masked_fill(~mem_mask, 0).long()
+    labels = torch.broadcast_to(mem_labels, scores.shape).masked_fill(~mem_mask, 0).long()
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)  # masked entries -> 0
     sums = scores.new_zeros(scores.shape[:-1] + (vocab_size,))
     sums.scatter_add_(-1, labels, weights)
-    return torch.log(sums) + row_max
+    return labels, torch.log(sums.gather(-1, labels)) + row_max
 
 
 def joint_log_probs(
@@ -100,27 +100,35 @@ def joint_log_probs(
 ) -> Tensor:
     """The whole distribution of Eq. 6, ``log P(w|c)`` for every ``w``: ``[N, V]``.
 
+    Words absent from memory get ``s_w - log Z``; only the memory's labels are updated.
     For an adaptive softmax whose ``tok_scores`` are only valid at some entries (fairseq
     fills the rest with 0), the result is valid at those same entries.
     """
-    mem_by_label = label_logsumexp(mem_scores, mem_labels, mem_mask, tok_scores.size(-1))
-    den = torch.logaddexp(tok_lse, masked_logsumexp(mem_scores, mem_mask))
-    return torch.logaddexp(tok_scores, mem_by_label) - den.unsqueeze(-1)
+    den = torch.logaddexp(tok_lse, masked_logsumexp(mem_scores, mem_mask)).unsqueeze(-1)
+    labels, mem_at = label_logsumexp_at(mem_scores, mem_labels, mem_mask, tok_scores.size(-1))
+    out = tok_scores - den
+    return out.scatter_(-1, labels, torch.logaddexp(tok_scores.gather(-1, labels), mem_at) - den)
+
+
+def memory_log_probs_at(
+    mem_scores: Tensor, mem_labels: Tensor, mem_mask: Tensor, vocab_size: int
+) -> Tuple[Tensor, Tensor]:
+    """The memory-only distribution of Eq. 7 at its support: ``(labels, log P_mem)``,
+    each ``[N, K]`` (also the continuous cache's and kNN-LM's ``P_mem``)."""
+    labels, at = label_logsumexp_at(mem_scores, mem_labels, mem_mask, vocab_size)
+    total = masked_logsumexp(mem_scores, mem_mask).unsqueeze(-1)
+    total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    return labels, at - total
 
 
 def memory_log_probs(
     mem_scores: Tensor, mem_labels: Tensor, mem_mask: Tensor, vocab_size: int
 ) -> Tensor:
-    """The memory-only distribution of Eq. 7 (also the continuous cache's and kNN-LM's
-    ``P_mem``): ``log Σ_{x_j=w} exp(m_j) - log Σ_j exp(m_j)``, ``[N, V]``.
-
-    Rows with an empty memory are all ``-inf``; :func:`interpolate` then keeps the model's
-    distribution for them.
-    """
-    by_label = label_logsumexp(mem_scores, mem_labels, mem_mask, vocab_size)
-    total = masked_logsumexp(mem_scores, mem_mask).unsqueeze(-1)
-    total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
-    return by_label - total
+    """Eq. 7 as a dense ``[N, V]`` distribution (``-inf`` off its support; rows with an
+    empty memory are all ``-inf``)."""
+    labels, at = memory_log_probs_at(mem_scores, mem_labels, mem_mask, vocab_size)
+    out = mem_scores.new_full(at.shape[:-1] + (vocab_size,), NEG_INF)
+    return out.scatter_(-1, labels, at)
 
 
 def memory_target_log_prob(
@@ -131,6 +139,25 @@ def memory_target_log_prob(
     total = masked_logsumexp(mem_scores, mem_mask)
     total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
     return masked_logsumexp(mem_scores, positive) - total
+
+
+def interpolate_at(
+    lprobs: Tensor, labels: Tensor, mem_at: Tensor, lam: float, has_memory: Optional[Tensor] = None
+) -> Tensor:
+    """Eq. 8 for a memory distribution given at its support ``(labels, mem_at)``:
+    ``log((1-λ) P + λ P_mem)`` for every word, touching only ``[N, K]`` entries beyond a
+    shift of ``P``. Rows without memory keep ``P``."""
+    if lam <= 0.0:
+        return lprobs
+    if has_memory is None:
+        has_memory = torch.ones(lprobs.shape[:-1], dtype=torch.bool, device=lprobs.device)
+    keep = math.log1p(-lam) if lam < 1 else NEG_INF
+    shift = torch.where(has_memory, torch.full_like(has_memory, keep, dtype=lprobs.dtype),
+                        torch.zeros_like(has_memory, dtype=lprobs.dtype)).unsqueeze(-1)
+    out = lprobs + shift
+    at = torch.logaddexp(lprobs.gather(-1, labels) + shift, mem_at + math.log(lam))
+    at = torch.where(has_memory.unsqueeze(-1), at, lprobs.gather(-1, labels))
+    return out.scatter_(-1, labels, at)
 
 
 def interpolate(

@@ -12,6 +12,8 @@
   document that lie before the row's context window (so no token is in memory twice),
   kept in a :class:`~trime_fairseq.memory.long_term.LongTermMemory` across batches. Rows
   are scored one after another, in reading order.
+* External memory (Eq. 4): the K nearest datastore entries of each scored query, found
+  by one FAISS search per batch (:class:`~trime_fairseq.memory.retriever.Retriever`).
 
 Positions that are not scored (the context window) get the model's own distribution.
 """
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from trime_fairseq.memory.combiners import Combiner, ScoringInputs
 from trime_fairseq.memory.long_term import LongTermMemory
+from trime_fairseq.memory.retriever import Retriever
 from trime_fairseq.models.capture import get_capture
 from trime_fairseq.models.output_layer import at_least_float32, full_token_scores
 
@@ -61,14 +64,23 @@ def scoring_inputs(model, net_output, sample, pad: int) -> ScoringInputs:
 
 
 def scored_rows(
-    x: ScoringInputs, sample, pad: int, long_memory: Optional[LongTermMemory] = None
+    x: ScoringInputs, sample, pad: int, long_memory: Optional[LongTermMemory] = None,
+    retriever: Optional[Retriever] = None,
 ) -> Iterator[Tuple[int, int, ScoringInputs]]:
     """Yield ``(row, first scored position, inputs of the scored queries)`` in order.
 
     With ``long_memory``, each row's queries also see the long-term entries of their
-    document, and the row's scored tokens are appended to it after it was yielded.
+    document, and the row's scored tokens are appended to it after it was yielded. With
+    ``retriever``, each query also gets its nearest external entries.
     """
     starts = sample.get("start_indices") or [0] * x.target.size(0)
+    external = None
+    if retriever is not None:
+        t = x.target.size(1)
+        queries = torch.cat([x.query_g[i, int(starts[i]):] for i in range(x.target.size(0))])
+        found = retriever.search(queries)
+        external = iter(zip(found.scores.split([t - int(s) for s in starts]),
+                            found.values.split([t - int(s) for s in starts])))
     if long_memory is not None and ("doc_ids" not in sample or "positions" not in sample):
         raise ValueError(
             "long-term memory needs document ids: evaluate with --task trime_lm (its own data loader)"
@@ -76,6 +88,9 @@ def scored_rows(
     for i in range(x.target.size(0)):
         s = int(starts[i])
         row = x.rows(i, i + 1).queries(s, x.target.size(1))
+        if external is not None:
+            ext_scores, ext_values = next(external)
+            row = row.with_external(ext_scores.unsqueeze(0), ext_values.unsqueeze(0))
         if long_memory is None:
             yield i, s, row
             continue
@@ -105,8 +120,11 @@ class MemoryEvalModel(BaseFairseqModel):
     ``max_positions`` are delegated, so any checkpoint of a ``transformer_lm`` loads.
     """
 
-    def __init__(self, model: BaseFairseqModel, combiner: Combiner, pad: int, long_memory_size: int = 0) -> None:
+    def __init__(self, model: BaseFairseqModel, combiner: Combiner, pad: int, long_memory_size: int = 0,
+                 retriever: Optional[Retriever] = None) -> None:
         super().__init__()
+        self.retriever = retriever
+        self._checked_datastore = retriever is None
         self.inner = model
         self.combiner = combiner
         self.pad = pad
@@ -128,12 +146,18 @@ class MemoryEvalModel(BaseFairseqModel):
     def get_normalized_probs(self, net_output, log_probs: bool, sample=None):
         if sample is None or sample.get("target") is None:
             raise ValueError("memory scoring needs the sample's targets (fairseq-eval-lm)")
+        if not self._checked_datastore:  # weights are loaded only after build_model
+            from trime_fairseq.memory.datastore import model_fingerprint
+
+            self.retriever.datastore.meta.check_compatible(
+                model_sha256=model_fingerprint(self.inner), where=f"--datastore {self.retriever.datastore.path}")
+            self._checked_datastore = True
         x = scoring_inputs(self.inner, net_output, sample, self.pad)
         if self.long_memory_size > 0 and self.long_memory is None:
             context = int(max(sample.get("start_indices") or [0]))
             self.long_memory = LongTermMemory(self.long_memory_size, context=max(context, x.target.size(1)))
         lprobs = x.tok_log_probs()
-        for i, s, row in scored_rows(x, sample, self.pad, self.long_memory):
+        for i, s, row in scored_rows(x, sample, self.pad, self.long_memory, self.retriever):
             lprobs[i, s:] = self.combiner.log_probs(row)[0]
         return lprobs if log_probs else lprobs.exp()
 

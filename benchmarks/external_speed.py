@@ -1,0 +1,157 @@
+"""External-memory speed, as ratios against baselines measured in the same run (issue 4).
+
+1. ``bm25``: BM25 batching of ``--bm25-segments`` real training segments (target <= 60 s).
+2. ``datastore``: datastore build keys/s ÷ plain forward tokens/s over the same blocks
+   (target >= 0.9), and peak RSS for two sizes (should stay flat as N grows).
+3. ``ext_eval`` (needs ``--datastore`` with an index): kNN-LM scoring tokens/s ÷ vanilla
+   scoring tokens/s over the same valid blocks (target >= 0.5 at recall@K >= 0.9), with
+   the time split into model / search / combine.
+
+    python benchmarks/external_speed.py DATA_BIN --path CKPT --tokens-per-sample 512 \\
+        --context-window 256 [--datastore runs/ext/ds/vanilla] --out bench_ext.json
+"""
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+logger = logging.getLogger("benchmarks.external_speed")
+
+
+def bench_bm25(task, n_segments: int, length: int = 20, batch_size: int = 16) -> dict:
+    from trime_fairseq.data.bm25 import BM25, bm25_batches
+    from trime_fairseq.data.stream import DocumentSegments
+
+    seg = DocumentSegments(task.stream("train"), length, task.dictionary.pad())
+    n = min(n_segments, len(seg))
+    docs = [seg[i]["source"].numpy() for i in range(n)]
+    t0 = time.perf_counter()
+    bm = BM25(docs)
+    ids, scores = bm.neighbours(32)
+    batches = bm25_batches(ids, scores, batch_size)
+    seconds = time.perf_counter() - t0
+    return {"segments": n, "segment_length": length, "seconds": seconds, "batches": len(batches), "target_s": 60}
+
+
+def bench_datastore(cfg, model, task, max_blocks: int) -> dict:
+    from trime_fairseq.cli.build_datastore import iter_keys
+    from trime_fairseq.memory.datastore import DatastoreMeta, DatastoreWriter
+
+    context = cfg.eval_lm.context_window
+    max_tokens = cfg.dataset.max_tokens or 8192
+    t0 = time.perf_counter()  # baseline: the same forward passes, nothing stored
+    n_fwd = sum(len(v) for _, v, _ in iter_keys(model, task, "train", context, max_tokens, None, max_blocks=max_blocks))
+    forward_tps = n_fwd / (time.perf_counter() - t0)
+    result = {"forward_tokens_per_s": forward_tps}
+    for blocks in (max_blocks // 4, max_blocks):
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with tempfile.TemporaryDirectory() as tmp:
+            n = sum(len(v) for _, v, _ in iter_keys(model, task, "train", context, max_tokens, None, max_blocks=blocks))
+            dim = model.decoder.layers[-1].fc1.in_features
+            meta = DatastoreMeta(size=n, dim=dim, key_dtype="float16", value_dtype="int32", key_type="ffn_input",
+                                 model_sha256="bench", dictionary_sha256="bench", vocab_size=len(task.dictionary), source={})
+            writer = DatastoreWriter(os.path.join(tmp, "ds"), meta)
+            t0 = time.perf_counter()
+            for keys, values, _ in iter_keys(model, task, "train", context, max_tokens, None, max_blocks=blocks):
+                writer.write(keys.float().numpy(), values.numpy())
+                writer.checkpoint()
+            writer.finish()
+            tps = n / (time.perf_counter() - t0)
+        result[f"build_keys_per_s_{n}"] = tps
+        result[f"peak_rss_growth_mb_{n}"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    result["ratio_build_vs_forward"] = tps / forward_tps
+    result["target_ratio"] = 0.9
+    return result
+
+
+def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, lam: float, temp: float) -> dict:
+    from trime_fairseq.data.stream import StreamBlocks
+    from trime_fairseq.memory.combiners import KnnCombiner, NoMemory
+    from trime_fairseq.memory.datastore import Datastore
+    from trime_fairseq.memory.retriever import Retriever
+    from trime_fairseq.models.memory_eval import MemoryEvalModel
+
+    pad = task.dictionary.pad()
+    blocks = StreamBlocks(task.stream("valid"), task.args.tokens_per_sample, cfg.eval_lm.context_window, pad)
+    bsz = max(1, (cfg.dataset.max_tokens or 4096) // (task.args.tokens_per_sample + cfg.eval_lm.context_window))
+    n = min(len(blocks), max_blocks)
+    retriever = Retriever(Datastore(datastore), k=k)
+
+    def run(wrapper):
+        tokens, t_model, t0 = 0, 0.0, time.perf_counter()
+        with torch.no_grad():
+            for s in range(0, n, bsz):
+                sample = blocks.collater([blocks[i] for i in range(s, min(s + bsz, n))])
+                tm = time.perf_counter()
+                out = wrapper(**sample["net_input"])
+                t_model += time.perf_counter() - tm
+                wrapper.get_normalized_probs(out, True, sample)
+                tokens += sample["ntokens"]
+        return tokens / (time.perf_counter() - t0), t_model, time.perf_counter() - t0
+
+    vanilla = MemoryEvalModel(model, NoMemory(), pad)
+    knn = MemoryEvalModel(model, KnnCombiner(lam, temp), pad, retriever=retriever)
+    knn._checked_datastore = True
+    run(vanilla)  # warm-up
+    v_tps, _, _ = run(vanilla)
+    retriever.search_seconds = 0.0
+    k_tps, k_model, k_total = run(knn)
+    return {
+        "vanilla_tokens_per_s": v_tps, "knn_tokens_per_s": k_tps, "ratio": k_tps / v_tps, "target_ratio": 0.5,
+        "k": retriever.k, "keys": len(retriever.datastore), "index": retriever.config.factory,
+        "nprobe": retriever.config.nprobe, "recall": retriever.config.recall,
+        "time_split_s": {"model": k_model, "search": retriever.search_seconds,
+                         "combine": k_total - k_model - retriever.search_seconds},
+    }
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s", force=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="bm25,datastore,ext_eval", help="which parts to run")
+    p.add_argument("--bm25-segments", type=int, default=100_000, help="segments for the BM25 timing")
+    p.add_argument("--blocks", type=int, default=200, help="blocks for datastore and eval timing")
+    p.add_argument("--datastore", default=None, help="datastore (with index) for the ext_eval part")
+    p.add_argument("--knn-k", type=int, default=1024, help="neighbours")
+    p.add_argument("--knn-lambda", type=float, default=0.25, help="kNN-LM lambda")
+    p.add_argument("--knn-temperature", type=float, default=10.0, help="kNN-LM temperature")
+    p.add_argument("--out", default=None, help="write JSON here")
+    ours, rest = p.parse_known_args(argv)
+    from trime_fairseq.cli.tune import load
+
+    user_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trime_fairseq")
+    rest += [] if "--user-dir" in rest else ["--user-dir", user_dir]
+    rest += [] if "--task" in rest else ["--task", "trime_lm"]
+    cfg, model, task = load(rest)
+    model.eval()
+    parts = ours.only.split(",")
+    result = {}
+    if "bm25" in parts:
+        result["bm25"] = bench_bm25(task, ours.bm25_segments)
+        logger.info("bm25: %s", result["bm25"])
+    if "datastore" in parts:
+        result["datastore"] = bench_datastore(cfg, model, task, ours.blocks)
+        logger.info("datastore: %s", result["datastore"])
+    if "ext_eval" in parts and ours.datastore:
+        result["ext_eval"] = bench_ext_eval(cfg, model, task, ours.datastore, ours.knn_k, ours.blocks,
+                                            ours.knn_lambda, ours.knn_temperature)
+        logger.info("ext_eval: %s", result["ext_eval"])
+    print(json.dumps(result, indent=2))
+    if ours.out:
+        with open(ours.out + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(ours.out + ".tmp", ours.out)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,250 @@
+"""Long-term memory: consecutive-segment batching, the long-memory loss, eval with long memory."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_dictionary, make_model
+from test_trime_loss import brute_force_log_prob, criterion_for
+from trime_fairseq.data.stream import DocumentSegments, StreamBlocks, TokenStream
+from trime_fairseq.memory.combiners import CacheCombiner, TrimeCombiner
+from trime_fairseq.memory.long_term import LongTermMemory, MemoryOrderError
+from trime_fairseq.models.capture import get_capture
+from trime_fairseq.models.memory_eval import MemoryEvalModel
+
+
+class Lines:
+    """A stand-in for fairseq's indexed dataset of lines."""
+
+    def __init__(self, lines):
+        self.lines = [torch.tensor(l, dtype=torch.long) for l in lines]
+        self.sizes = np.array([len(l) for l in lines])
+
+    def __len__(self):
+        return len(self.lines)
+
+    def __getitem__(self, i):
+        return self.lines[i]
+
+
+def make_stream(d, doc_lengths, seed=0):
+    """Documents of random lines, separated by empty lines (a lone eos), as fairseq writes."""
+    rnd = np.random.RandomState(seed)
+    lines = []
+    for n in doc_lengths:
+        left = n
+        while left > 0:
+            k = max(2, min(left, rnd.randint(3, 7)))  # never a lone eos inside a document
+            lines.append(list(rnd.randint(d.nspecial, d.nspecial + 6, size=k - 1)) + [d.eos()])
+            left -= k
+        lines.append([d.eos()])
+    return TokenStream.from_lines(Lines(lines), d.eos())
+
+
+def test_stream_document_ids():
+    d = make_dictionary(20)
+    s = make_stream(d, [10, 7, 12])
+    assert s.num_docs == 3
+    # ids are non-decreasing, change exactly after each separator line
+    assert (np.diff(s.docs) >= 0).all()
+    change = np.flatnonzero(np.diff(s.docs)) + 1
+    assert (s.tokens[change - 1] == d.eos()).all() and (s.tokens[change - 2] == d.eos()).all()
+
+
+def test_segments_stay_inside_documents_and_runs_are_consecutive():
+    d = make_dictionary(20)
+    s = make_stream(d, [23, 5, 40, 9], seed=1)
+    seg = DocumentSegments(s, length=8, pad=d.pad(), group=3)
+    covered = []
+    for i in range(len(seg)):
+        item = seg[i]
+        a = int(seg.starts[i])
+        n = int(seg.sizes[i])
+        assert len(set(s.docs[a:a + n + 1])) == 1  # source and target in one document
+        assert torch.equal(item["target"][:-1], item["source"][1:])
+        covered.extend(range(a, a + n))
+    # every token except each document's last is a source exactly once
+    expected = [p for p in range(len(s) - 1) if s.docs[p + 1] == s.docs[p]]
+    assert sorted(covered) == expected
+    for epoch in (1, 2):
+        batches = seg.batches(groups_per_batch=2, seed=3, epoch=epoch, shuffle=True)
+        for b in batches:
+            assert len(b) % 3 == 0
+            for k in range(0, len(b), 3):
+                run = b[k:k + 3]
+                assert list(run) == list(range(run[0], run[0] + 3))  # in order, consecutive
+        flat = np.concatenate(batches)
+        assert len(set(flat)) == len(flat) == (len(seg) // 3) * 3
+    a = np.concatenate(seg.batches(2, seed=3, epoch=1, shuffle=True))
+    b = np.concatenate(seg.batches(2, seed=3, epoch=2, shuffle=True))
+    assert not np.array_equal(a, b)  # groups are reshuffled between epochs
+    batch = seg.collater([seg[i] for i in seg.batches(2, 3, 1, True)[0]])
+    assert batch["trime_memory"]["mode"] == "long" and batch["trime_memory"]["segments_per_group"] == 3
+
+
+def test_long_memory_loss_equals_brute_force():
+    d = make_dictionary(30)
+    model = make_model(d).double()
+    s = make_stream(d, [30, 6, 25], seed=2)
+    seg = DocumentSegments(s, length=7, pad=d.pad(), group=3)
+    idx = np.concatenate(seg.groups()[:3])
+    sample = seg.collater([seg[i] for i in idx])
+    docs = sample["trime_memory"]["row_doc"]
+    assert len(set(docs.tolist())) > 1  # a run mixes documents: they must not see each other
+    crit = criterion_for(d)
+    loss, _, _ = crit(model, sample)
+
+    capture = get_capture(model)
+    net_output = model(**sample["net_input"])
+    g = capture.take()
+    logits = net_output[0]
+    target = sample["target"]
+    B, L = target.shape
+    ref = 0.0
+    for k in range(0, B, 3):
+        rows = range(k, k + 3)
+        flat_logits = torch.cat([logits[r] for r in rows])
+        flat_g = torch.cat([g[r] for r in rows])
+        flat_t = torch.cat([target[r] for r in rows])
+        flat_doc = torch.cat([docs[r].repeat(L) for r in rows])
+        lp = brute_force_log_prob(
+            flat_logits, flat_g, flat_t, lambda i, j: j < i and flat_doc[i] == flat_doc[j], d.pad())
+        ref -= lp[flat_t.ne(d.pad())].sum().item()
+    assert loss.item() == pytest.approx(ref, rel=1e-9)
+    local_only, _, _ = crit(model, {k: v for k, v in sample.items() if k != "trime_memory"})
+    assert local_only.item() != pytest.approx(loss.item(), rel=1e-6)
+
+
+def eval_rows(wrapper, blocks, batch_size):
+    """Run the wrapper like SequenceScorer over StreamBlocks; return {position: logprob}."""
+    out = {}
+    for k in range(0, len(blocks), batch_size):
+        sample = blocks.collater([blocks[i] for i in range(k, min(k + batch_size, len(blocks)))])
+        lp = wrapper.get_normalized_probs(wrapper(**sample["net_input"]), True, sample)
+        tl = lp.gather(-1, sample["target"].unsqueeze(-1)).squeeze(-1)
+        for b in range(tl.size(0)):
+            for t in range(tl.size(1)):
+                if sample["target"][b, t] != blocks.pad:
+                    out[int(sample["positions"][b, t])] = tl[b, t].item()
+    return out
+
+
+@pytest.mark.parametrize("size", [5, 1000])
+def test_eval_with_long_memory_equals_brute_force(size):
+    d = make_dictionary(30)
+    model = make_model(d).double()
+    s = make_stream(d, [37, 8, 29], seed=4)
+    blocks = StreamBlocks(s, block=6, context=4, pad=d.pad())
+    tau = 0.8
+    # brute force: run every block alone, remember g of each scored token from its own block
+    capture = get_capture(model)
+    g_scored, rows = {}, []
+    for i in range(len(blocks)):
+        sample = blocks.collater([blocks[i]])
+        logits = model(**sample["net_input"])[0][0]
+        g = capture.take()[0]
+        rows.append((sample, logits, g))
+        for t in range(sample["target"].size(1)):
+            if sample["target"][0, t] != d.pad():
+                g_scored[int(sample["positions"][0, t])] = g[t]
+    ref = {}
+    for sample, logits, g in rows:
+        src, tgt = sample["net_input"]["src_tokens"][0], sample["target"][0]
+        pos, docs = sample["positions"][0], sample["doc_ids"][0]
+        ctx_start = int(pos[0])
+        for t in range(tgt.size(0)):
+            if tgt[t] == d.pad():
+                continue
+            p = int(pos[t])
+            num = math.exp(logits[t, tgt[t]].item())
+            den = torch.logsumexp(logits[t], 0).exp().item()
+            terms = []
+            for j in range(t):  # local: the window and the block so far (this block's g)
+                label = int(tgt[j]) if tgt[j] != d.pad() else int(src[j + 1])
+                terms.append((g[t] @ g[j], label))
+            older = [q for q in range(ctx_start) if s.docs[q] == int(docs[t]) and q in g_scored]
+            for q in older[-size:]:  # long: same document, before the window, newest `size`
+                terms.append((g[t] @ g_scored[q], int(s.tokens[q + 1])))
+            for sim, label in terms:
+                e = math.exp(sim.item() / math.sqrt(g.size(-1)) / tau)
+                den += e
+                num += e if label == int(tgt[t]) else 0.0
+            ref[p] = math.log(num / den)
+    for bsz in (1, 3):
+        wrapper = MemoryEvalModel(model, TrimeCombiner(tau), d.pad(), long_memory_size=size)
+        got = eval_rows(wrapper, blocks, bsz)
+        assert set(got) == set(ref)
+        for p in ref:
+            assert got[p] == pytest.approx(ref[p], abs=1e-9), p
+
+
+def test_long_memory_resets_at_document_boundaries_and_checks_order():
+    mem = LongTermMemory(size=100, context=0)
+    keys = {"g": torch.randn(4, 2), "f": torch.randn(4, 2)}
+    mem.append(keys, torch.tensor([5, 6, 7, 8]), torch.tensor([0, 0, 1, 1]), torch.arange(4))
+    assert mem.window(4, doc=1).labels.tolist() == [7, 8]  # doc 0 dropped
+    assert mem.window(4, doc=0) is None
+    assert mem.window(3, doc=1).labels.tolist() == [7]  # entries inside the window excluded
+    with pytest.raises(MemoryOrderError):
+        mem.append(keys, torch.tensor([1, 2, 3, 4]), torch.ones(4, dtype=torch.long), torch.arange(10, 14))
+    mem.append(keys, torch.tensor([1, 2, 3, 4]), torch.zeros(4, dtype=torch.long), torch.arange(4))  # restart
+    assert mem.window(4, doc=0).labels.tolist() == [1, 2, 3, 4]
+    small = LongTermMemory(size=2, context=1)
+    small.append(keys, torch.tensor([5, 6, 7, 8]), torch.zeros(4, dtype=torch.long), torch.arange(4))
+    assert small.window(3, doc=0).labels.tolist() == [6, 7]
+
+
+def test_cache_with_long_memory_runs_and_differs_from_local():
+    d = make_dictionary(30)
+    model = make_model(d).double()
+    s = make_stream(d, [60], seed=5)
+    blocks = StreamBlocks(s, block=6, context=2, pad=d.pad())
+    local = eval_rows(MemoryEvalModel(model, CacheCombiner(0.3, 0.1), d.pad()), blocks, 2)
+    long = eval_rows(MemoryEvalModel(model, CacheCombiner(0.3, 0.1), d.pad(), long_memory_size=50), blocks, 2)
+    first_block = [p for p in local if p < 6]
+    assert all(local[p] == pytest.approx(long[p]) for p in first_block)  # nothing older yet
+    assert any(local[p] != pytest.approx(long[p]) for p in local if p > 20)
+
+
+def test_bad_long_memory_flags():
+    from trime_fairseq.tasks.trime_lm import check_memory_flags
+
+    base = dict(long_memory_size=0, eval_memory="local", consecutive_segments=1)
+    with pytest.raises(ValueError, match="--long-memory-size"):
+        check_memory_flags(SimpleNamespace(**dict(base, long_memory_size=-5)))
+    with pytest.raises(ValueError, match="--long-memory-size"):
+        check_memory_flags(SimpleNamespace(**dict(base, eval_memory="local+long")))
+    with pytest.raises(ValueError, match="--consecutive-segments"):
+        check_memory_flags(SimpleNamespace(**dict(base, consecutive_segments=0)))
+    with pytest.raises(ValueError, match="--long-memory-size"):
+        LongTermMemory(size=-1)
+
+
+def test_train_and_eval_long_memory_through_fairseq(tmp_path):
+    from helpers import REPO, run_cli, write_tiny_corpus
+
+    user_dir = str(REPO / "trime_fairseq")
+    data = write_tiny_corpus(tmp_path / "corpus", n_docs=30)
+    base = ["fairseq_cli.train", str(data), "--user-dir", user_dir, "--task", "trime_lm",
+            "--arch", "transformer_lm_trime_tiny", "--criterion", "trime_loss",
+            "--optimizer", "adam", "--lr", "3e-3", "--tokens-per-sample", "16", "--cpu",
+            "--save-dir", str(tmp_path / "ckpt"), "--no-epoch-checkpoints", "--max-update", "6"]
+    bad = run_cli([*base, "--consecutive-segments", "8", "--batch-size", "4"], check=False)
+    assert bad.returncode != 0
+    assert "--consecutive-segments 8 is larger than the batch" in bad.stderr.strip().splitlines()[-1]
+    run_cli([*base, "--consecutive-segments", "4", "--batch-size", "8"])
+    ev = ["fairseq_cli.eval_lm", str(data), "--path", str(tmp_path / "ckpt" / "checkpoint_last.pt"),
+          "--user-dir", user_dir, "--task", "trime_lm", "--tokens-per-sample", "16",
+          "--context-window", "8", "--gen-subset", "valid", "--cpu", "--eval-combiner", "trime"]
+    ppl = {}
+    for name, extra in (("local", []), ("long", ["--eval-memory", "local+long", "--long-memory-size", "200"])):
+        for bsz in ("1", "7"):
+            out = run_cli([*ev, *extra, "--batch-size", bsz])
+            ppl[name, bsz] = float(out.stderr.split("Perplexity: ")[-1].split()[0])
+    assert ppl["local", "1"] == pytest.approx(ppl["local", "7"], rel=1e-4)
+    assert ppl["long", "1"] == pytest.approx(ppl["long", "7"], rel=1e-4)
+    assert ppl["long", "1"] != pytest.approx(ppl["local", "1"], rel=1e-4)
+    bad = run_cli([*ev, "--eval-memory", "local+long"], check=False)
+    assert bad.returncode != 0 and "--long-memory-size" in bad.stderr.strip().splitlines()[-1]

@@ -1,0 +1,146 @@
+"""BM25 over token-id segments, and the BM25 batching of TRIMELM_ext (§4.3).
+
+:class:`BM25` scores exactly like ``rank_bm25.BM25Okapi`` (same idf with its ε floor for
+negative idf, same k1/b, repeated query tokens counted each time), but as one sparse
+matrix, so that all-pairs neighbour search over 100k+ segments takes seconds.
+
+:func:`bm25_batches` starts a batch from a random unused segment and repeatedly adds the
+unused segment with the highest BM25 score to any member of the batch, until the batch
+is full. For speed, neighbour search uses each segment's ``query_terms`` rarest terms as
+its query (BM25 with a shortened query; the scores of those terms are exact).
+"""
+import heapq
+import logging
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+class BM25:
+    """``rank_bm25.BM25Okapi`` as a sparse ``[docs, vocab]`` weight matrix."""
+
+    def __init__(self, docs: Sequence[Sequence[int]], k1: float = 1.5, b: float = 0.75,
+                 epsilon: float = 0.25) -> None:
+        self.k1, self.b, self.epsilon = k1, b, epsilon
+        n = len(docs)
+        lengths = np.array([len(d) for d in docs], dtype=np.float64)
+        rows = np.repeat(np.arange(n), lengths.astype(np.int64))
+        cols = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs]) if n else np.zeros(0, np.int64)
+        vocab = int(cols.max()) + 1 if len(cols) else 1
+        tf = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(n, vocab))
+        tf.sum_duplicates()
+        df = np.bincount(tf.indices, minlength=vocab).astype(np.float64)
+        present = df > 0
+        idf = np.zeros(vocab)
+        idf[present] = np.log(n - df[present] + 0.5) - np.log(df[present] + 0.5)
+        average = idf[present].mean() if present.any() else 0.0
+        idf[present & (idf < 0)] = epsilon * average
+        self.idf, self.df, self.vocab, self.n = idf, df, vocab, n
+        avgdl = lengths.mean() if n else 1.0
+        norm = k1 * (1 - b + b * lengths / avgdl)
+        data = tf.data * (k1 + 1) / (tf.data + np.repeat(norm, np.diff(tf.indptr)))
+        self.weights = sp.csr_matrix((data * idf[tf.indices], tf.indices, tf.indptr), shape=(n, vocab))
+        self.tf = tf
+
+    def get_scores(self, query: Sequence[int]) -> np.ndarray:
+        """Scores of every document for ``query`` (equal to ``BM25Okapi.get_scores``)."""
+        q = np.asarray([t for t in query if 0 <= t < self.vocab], dtype=np.int64)
+        counts = np.bincount(q, minlength=self.vocab).astype(np.float64)
+        return np.asarray(self.weights @ counts).ravel()
+
+    def neighbours(self, k: int, query_terms: int = 32, chunk: int = 2048,
+                   progress: bool = True):
+        """``(ids, scores)``, ``[docs, k]``: the most similar other documents, best first
+        (``-1`` / ``-inf`` where fewer have any term in common)."""
+        wt = self.weights.T.tocsr()  # [vocab, docs]
+        out = np.full((self.n, k), -1, dtype=np.int64)
+        out_scores = np.full((self.n, k), -np.inf, dtype=np.float32)
+        rarity = -self.idf  # keep the rarest (highest idf) terms of each query
+        bar = tqdm(total=self.n, unit="seg", desc="bm25 neighbours", disable=not progress or None)
+        for s in range(0, self.n, chunk):
+            q = self.tf[s:s + chunk].tocsr()
+            if query_terms:
+                q = _keep_top_terms(q, rarity, query_terms)
+            scores = (q @ wt).tocsr()  # [chunk, docs], sparse
+            for r in range(scores.shape[0]):
+                lo, hi = scores.indptr[r], scores.indptr[r + 1]
+                cols, vals = scores.indices[lo:hi], scores.data[lo:hi]
+                own = cols != s + r
+                cols, vals = cols[own], vals[own]
+                if len(cols) > k:
+                    top = np.argpartition(-vals, k)[:k]
+                    cols, vals = cols[top], vals[top]
+                order = np.lexsort((cols, -vals))
+                out[s + r, : len(order)] = cols[order]
+                out_scores[s + r, : len(order)] = vals[order]
+            bar.update(scores.shape[0])
+        bar.close()
+        return out, out_scores
+
+
+def _keep_top_terms(q: sp.csr_matrix, rarity: np.ndarray, m: int) -> sp.csr_matrix:
+    """Per row, keep the ``m`` rarest distinct terms (with their counts)."""
+    rows, cols, vals = [], [], []
+    for r in range(q.shape[0]):
+        lo, hi = q.indptr[r], q.indptr[r + 1]
+        c, v = q.indices[lo:hi], q.data[lo:hi]
+        if len(c) > m:
+            keep = np.argpartition(rarity[c], m)[:m]
+            c, v = c[keep], v[keep]
+        rows.append(np.full(len(c), r))
+        cols.append(c)
+        vals.append(v)
+    if not rows:
+        return q
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=q.shape)
+
+
+def bm25_batches(neighbours: np.ndarray, scores: np.ndarray, batch_size: int, seed: int = 1) -> List[np.ndarray]:
+    """Greedy BM25 batching (see module docstring); every segment lands in one batch.
+
+    Args:
+        neighbours, scores: from :meth:`BM25.neighbours`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    n = len(neighbours)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    used = np.zeros(n, dtype=bool)
+    batches: List[np.ndarray] = []
+    next_seed = 0
+    while True:
+        while next_seed < n and used[order[next_seed]]:
+            next_seed += 1
+        if next_seed >= n:
+            break
+        first = int(order[next_seed])
+        batch = [first]
+        used[first] = True
+        heap: List = []
+        for c, sc in zip(neighbours[first], scores[first]):
+            if c >= 0:
+                heapq.heappush(heap, (-float(sc), int(c)))
+        while len(batch) < batch_size:
+            while heap and used[heap[0][1]]:
+                heapq.heappop(heap)
+            if heap:
+                _, c = heapq.heappop(heap)
+            else:  # no similar segment left: continue from a random unused one
+                while next_seed < n and used[order[next_seed]]:
+                    next_seed += 1
+                if next_seed >= n:
+                    break
+                c = int(order[next_seed])
+            used[c] = True
+            batch.append(c)
+            for nb, sc in zip(neighbours[c], scores[c]):
+                if nb >= 0 and not used[nb]:
+                    heapq.heappush(heap, (-float(sc), int(nb)))
+        batches.append(np.array(batch, dtype=np.int64))
+    return batches

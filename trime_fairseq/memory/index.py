@@ -1,0 +1,159 @@
+"""FAISS indexes over datastore keys, with their config beside them, and recall checks.
+
+``index.faiss`` + ``index.json`` live in the datastore directory. Any
+``faiss.index_factory`` string works; :func:`default_factory` picks one from the size.
+faiss-gpu is used only when it is installed *and* sees a GPU; nothing GPU-only is called
+otherwise.
+"""
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("ip", "l2")
+
+
+def faiss_module():
+    try:
+        import faiss  # noqa: F401
+    except ImportError as e:  # pragma: no cover - faiss is a dependency
+        raise ImportError("faiss is needed for external memory: pip install faiss-cpu (or faiss-gpu)") from e
+    return faiss
+
+
+def gpu_available() -> bool:
+    faiss = faiss_module()
+    return hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+
+
+def default_factory(n: int, dim: int) -> str:
+    """Exact search up to 200k keys; beyond, an inverted file (4·√N lists, flat codes)."""
+    if n <= 200_000:
+        return "Flat"
+    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
+    return f"IVF{nlist},Flat"
+
+
+@dataclass
+class IndexConfig:
+    factory: str
+    metric: str
+    dim: int
+    size: int
+    train_size: int
+    nprobe: int = 1
+    recall: Optional[float] = None
+    recall_k: Optional[int] = None
+    build_seconds: float = 0.0
+
+
+def _metric(metric: str) -> int:
+    faiss = faiss_module()
+    if metric not in METRICS:
+        raise ValueError(f"--metric must be one of {METRICS}, got {metric!r}")
+    return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    faiss = faiss_module()
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    except RuntimeError:
+        pass  # not an IVF index
+
+
+def build_index(keys: np.ndarray, factory: str, metric: str = "ip", train_size: int = 100_000,
+                chunk: int = 100_000, seed: int = 1):
+    """Train on a random sample of ``keys`` (``[N, d]``, any float dtype), add in chunks."""
+    faiss = faiss_module()
+    n, dim = keys.shape
+    try:
+        index = faiss.index_factory(dim, factory, _metric(metric))
+    except RuntimeError as e:
+        raise ValueError(f"--index-factory {factory!r} is not a valid faiss index_factory string: {e}") from None
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(n, size=min(train_size, n), replace=False))
+        index.train(np.ascontiguousarray(keys[sample], dtype=np.float32))
+    for s in range(0, n, chunk):
+        index.add(np.ascontiguousarray(keys[s:s + chunk], dtype=np.float32))
+    return index
+
+
+def exact_search(keys: np.ndarray, queries: np.ndarray, k: int, metric: str = "ip",
+                 chunk: int = 200_000) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over ``keys`` in chunks (bounded memory): ``(scores, ids)``."""
+    faiss = faiss_module()
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), 0), 0, np.float32)
+    best_i = np.full((len(q), 0), 0, np.int64)
+    for s in range(0, len(keys), chunk):
+        flat = faiss.IndexFlatIP(keys.shape[1]) if metric == "ip" else faiss.IndexFlatL2(keys.shape[1])
+        flat.add(np.ascontiguousarray(keys[s:s + chunk], dtype=np.float32))
+        d, i = flat.search(q, min(k, flat.ntotal))
+        best_s = np.concatenate([best_s, d], 1)
+        best_i = np.concatenate([best_i, i + s], 1)
+        order = np.argsort(-best_s if metric == "ip" else best_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(best_s, order, 1)
+        best_i = np.take_along_axis(best_i, order, 1)
+    return best_s, best_i
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Share of the exact top-k found by the approximate search."""
+    hits = sum(len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approx_ids, exact_ids))
+    return hits / exact_ids.size
+
+
+def tune_nprobe(index, keys: np.ndarray, queries: np.ndarray, k: int, target: float,
+                metric: str = "ip", max_nprobe: int = 4096) -> Tuple[int, float]:
+    """The smallest power-of-two nprobe whose recall@k reaches ``target`` (or the best)."""
+    _, exact = exact_search(keys, queries, k, metric)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    nprobe, recall = 1, 0.0
+    faiss = faiss_module()
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        limit = min(max_nprobe, ivf.nlist)
+    except RuntimeError:
+        _, ids = index.search(q, k)
+        return 1, recall_at_k(ids, exact)
+    while True:
+        set_nprobe(index, nprobe)
+        _, ids = index.search(q, k)
+        recall = recall_at_k(ids, exact)
+        logger.info("nprobe %d: recall@%d %.3f", nprobe, k, recall)
+        if recall >= target or nprobe >= limit:
+            return nprobe, recall
+        nprobe *= 2
+
+
+def save_index(index, config: IndexConfig, directory: str) -> None:
+    faiss = faiss_module()
+    d = Path(directory)
+    faiss.write_index(index, str(d / "index.faiss.tmp"))
+    os.replace(d / "index.faiss.tmp", d / "index.faiss")
+    (d / "index.json.tmp").write_text(json.dumps(asdict(config), indent=2))
+    os.replace(d / "index.json.tmp", d / "index.json")
+
+
+def load_index(directory: str, nprobe: Optional[int] = None, use_gpu: bool = True):
+    """``(index, config)``; moved to the GPU only when faiss-gpu sees one."""
+    faiss = faiss_module()
+    d = Path(directory)
+    if not (d / "index.faiss").exists():
+        raise FileNotFoundError(f"--datastore {directory}: no index.faiss (build it with trime-build-index)")
+    config = IndexConfig(**json.loads((d / "index.json").read_text()))
+    index = faiss.read_index(str(d / "index.faiss"))
+    set_nprobe(index, nprobe or config.nprobe)
+    if use_gpu and gpu_available():  # pragma: no cover - no GPU here
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index, config

@@ -1,0 +1,74 @@
+"""Top-K retrieval from a datastore for external memory (kNN-LM, TRIMELM_ext, kNN-MT).
+
+:class:`Retriever` batches all queries of a batch into one FAISS search and returns, per
+query, the similarity of each neighbour (inner product ``q·k``, or ``-‖q-k‖²`` for an L2
+index) and its value (next token). With ``exact=True`` the similarities are recomputed
+from the stored keys (the paper's † rows) instead of FAISS's approximations.
+"""
+import logging
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trime_fairseq.memory.datastore import Datastore
+from trime_fairseq.memory.index import load_index
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Retrieved:
+    """``[n, K]`` similarities (``-inf`` where fewer than K were found) and values."""
+
+    scores: Tensor
+    values: Tensor
+    ids: Tensor
+
+    def top(self, k: int) -> "Retrieved":
+        return Retrieved(self.scores[:, :k], self.values[:, :k], self.ids[:, :k])
+
+
+class Retriever:
+    """Searches a datastore's FAISS index (see module docstring)."""
+
+    def __init__(self, datastore: Datastore, k: int = 1024, nprobe: Optional[int] = None,
+                 exact: bool = False, use_gpu: bool = True) -> None:
+        if k < 1:
+            raise ValueError(f"--knn-k must be >= 1, got {k}")
+        self.datastore = datastore
+        self.index, self.config = load_index(str(datastore.path), nprobe=nprobe, use_gpu=use_gpu)
+        if self.config.size != len(datastore):
+            raise ValueError(
+                f"--datastore {datastore.path}: index has {self.config.size} keys, datastore {len(datastore)}"
+            )
+        self.metric = self.config.metric
+        self.k = min(k, len(datastore))
+        self.exact = exact
+        self.search_seconds = 0.0
+
+    def search(self, queries: Tensor) -> Retrieved:
+        """``queries`` ``[n, d]`` -> :class:`Retrieved` with ``K`` neighbours each."""
+        import time
+
+        t0 = time.perf_counter()
+        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        scores, ids = self.index.search(q, self.k)
+        if self.metric == "l2":
+            scores = -scores
+        found = ids >= 0
+        safe = np.where(found, ids, 0)
+        values = np.asarray(self.datastore.values[safe.reshape(-1)]).reshape(safe.shape).astype(np.int64)
+        if self.exact:
+            keys = np.asarray(self.datastore.keys[safe.reshape(-1)], dtype=np.float32).reshape(*safe.shape, -1)
+            if self.metric == "ip":
+                scores = np.einsum("nd,nkd->nk", q, keys)
+            else:
+                scores = -((keys - q[:, None, :]) ** 2).sum(-1)
+        scores = np.where(found, scores, -np.inf).astype(np.float32)
+        self.search_seconds += time.perf_counter() - t0
+        dev = queries.device
+        return Retrieved(torch.from_numpy(scores).to(dev), torch.from_numpy(values).to(dev),
+                         torch.from_numpy(ids).to(dev))
