@@ -90,62 +90,65 @@ def main(argv=None) -> dict:
     valid = [*ev, "--gen-subset", "valid"]
     ds_v = ["--datastore", stores["vanilla"][1], "--knn-k", a.knn_k]
     ds_t = ["--datastore", stores["trime_ext"][1], "--knn-k", a.knn_k]
-    t_cache = ex.tune(data, ckpt["vanilla"], "cache", ["lambda=0.05,0.1,0.2", "theta=0.02,0.05,0.1"], valid,
-                      run / "tune_cache.json", logs / "tune_cache.log")["best"]["params"]
-    t_knn = ex.tune(data, ckpt["vanilla"], "knn", ["lambda=0.1,0.2,0.3,0.4", "temperature=1,3,10,30"],
-                    [*valid, *ds_v], run / "tune_knn.json", logs / "tune_knn.log")["best"]["params"]
-    t_knn_cache = ex.tune(data, ckpt["vanilla"], "knn", [f"lambda={t_knn['lambda']}", f"temperature={t_knn['temperature']}",
-                                                        "cache_lambda=0.05,0.1,0.2", f"cache_theta={t_cache['theta']}"],
-                          [*valid, *ds_v], run / "tune_knn_cache.json", logs / "tune_knn_cache.log")["best"]["params"]
-    t_trime = ex.tune(data, ckpt["trime"], "trime", ["tau=0.75,1,1.5"], valid,
-                      run / "tune_trime.json", logs / "tune_trime.log")["best"]["params"]
-    t_ext = ex.tune(data, ckpt["trime_ext"], "trime", ["tau=0.75,1,1.5", "memory_lambda=0,0.1,0.3", "memory_tau=1,3"],
-                    [*valid, *ds_t, "--eval-memory", "local+ext"], run / "tune_ext.json", logs / "tune_ext.log")["best"]["params"]
-    t_ext_long = ex.tune(data, ckpt["trime_ext"], "trime", [f"tau={t_ext['tau']}", f"memory_lambda={t_ext['memory_lambda']}",
-                                                            f"memory_tau={t_ext['memory_tau']}"],
-                         [*valid, *ds_t, "--eval-memory", "local+long+ext", "--long-memory-size", a.long_memory_size,
-                          "--memory-sizes", f"0,{a.long_memory_size // 4},{a.long_memory_size}"],
-                         run / "tune_ext_long.json", logs / "tune_ext_long.log")["best"]["params"]
+    # one pass per model and memory set: every grid point reuses the same retrieval
+    sweeps = {
+        "cache": ex.tune(data, ckpt["vanilla"], "cache", ["lambda=0.1,0.2,0.3,0.4", "theta=0.05,0.1,0.2,0.3"], valid,
+                         run / "tune_cache.json", logs / "tune_cache.log"),
+        "trime": ex.tune(data, ckpt["trime"], "trime", ["tau=0.9,1,1.1,1.25"], valid,
+                         run / "tune_trime.json", logs / "tune_trime.log"),
+    }
+    theta = sweeps["cache"]["best"]["params"]["theta"]
+    sweeps["knn"] = ex.tune(data, ckpt["vanilla"], "knn", ["lambda=0.1,0.2,0.3,0.4", "temperature=1,3,10,30",
+                                                          f"cache_lambda=0,0.1,0.2,0.3", f"cache_theta={theta}"],
+                            [*valid, *ds_v], run / "tune_knn.json", logs / "tune_knn.log")
+    sweeps["ext"] = ex.tune(data, ckpt["trime_ext"], "trime", ["tau=0.75,1,1.5", "memory_lambda=0,0.1,0.3", "memory_tau=1,3"],
+                            [*valid, *ds_t, "--eval-memory", "local+long+ext", "--long-memory-size", a.long_memory_size,
+                             "--memory-sizes", f"0,{a.long_memory_size}"], run / "tune_ext.json", logs / "tune_ext.log")
 
-    def cache_flags(p):
-        return ["--cache-lambda", p["lambda"], "--cache-theta", p["theta"]]
+    def best(name, **fixed):
+        rows = [r for r in sweeps[name]["rows"][1:] if all(r["params"].get(k, 0) == v for k, v in fixed.items())]
+        return min(rows, key=lambda r: r["ppl"])
 
     def trime_flags(p):
-        return ["--eval-combiner", "trime", "--eval-temperature", p["tau"], "--memory-lambda", p.get("memory_lambda", 0),
-                *(["--memory-temperature", p["memory_tau"]] if p.get("memory_lambda", 0) else [])]
+        mem = ["--eval-memory", "local+long+ext", "--long-memory-size", p["memory_size"]] if p.get("memory_size") else []
+        lam = ["--memory-lambda", p["memory_lambda"], "--memory-temperature", p["memory_tau"]] if p.get("memory_lambda") else []
+        return ["--eval-combiner", "trime", "--eval-temperature", p["tau"], *lam, *mem]
 
-    knn = ["--eval-combiner", "knn", "--knn-lambda", t_knn["lambda"], "--knn-temperature", t_knn["temperature"], *ds_v]
+    def knn_flags(p):
+        cache = ["--cache-lambda", p["cache_lambda"], "--cache-theta", p["cache_theta"]] if p.get("cache_lambda") else []
+        return ["--eval-combiner", "knn", "--knn-lambda", p["lambda"], "--knn-temperature", p["temperature"], *cache, *ds_v]
+
+    vanilla_ppl = sweeps["cache"]["rows"][0]["ppl"]
     configs = [
-        ("Transformer (vanilla)", "vanilla", []),
-        ("+ continuous cache", "vanilla", ["--eval-combiner", "cache", *cache_flags(t_cache)]),
-        ("kNN-LM", "vanilla", knn),
-        ("kNN-LM + continuous cache", "vanilla",
-         ["--eval-combiner", "knn", "--knn-lambda", t_knn_cache["lambda"], "--knn-temperature", t_knn_cache["temperature"],
-          "--cache-lambda", t_knn_cache["cache_lambda"], "--cache-theta", t_knn_cache["cache_theta"], *ds_v]),
-        ("TRIMELM", "trime", trime_flags(t_trime)),
-        ("TRIMELM_ext (w/o M_long)", "trime_ext", [*trime_flags(t_ext), "--eval-memory", "local+ext", *ds_t]),
+        ("Transformer (vanilla)", "vanilla", [], vanilla_ppl),
+        ("+ continuous cache", "vanilla",
+         ["--eval-combiner", "cache", "--cache-lambda", best("cache")["params"]["lambda"], "--cache-theta", theta],
+         best("cache")["ppl"]),
+        ("kNN-LM", "vanilla", knn_flags(best("knn", cache_lambda=0)["params"]), best("knn", cache_lambda=0)["ppl"]),
+        ("kNN-LM + continuous cache", "vanilla", knn_flags(best("knn")["params"]), best("knn")["ppl"]),
+        ("TRIMELM", "trime", trime_flags(best("trime")["params"]), best("trime")["ppl"]),
+        ("TRIMELM_ext (w/o M_long)", "trime_ext",
+         [*trime_flags(best("ext", memory_size=0)["params"]), "--eval-memory", "local+ext", *ds_t],
+         best("ext", memory_size=0)["ppl"]),
+        ("TRIMELM_ext", "trime_ext", [*trime_flags(best("ext", memory_size=a.long_memory_size)["params"]), *ds_t],
+         best("ext", memory_size=a.long_memory_size)["ppl"]),
     ]
-    if t_ext_long.get("memory_size", 0) > 0:
-        configs.append(("TRIMELM_ext", "trime_ext", [*trime_flags(t_ext_long), "--eval-memory", "local+long+ext",
-                                                     "--long-memory-size", t_ext_long["memory_size"], *ds_t]))
     rows = []
-    for name, model, flags in configs:
-        row = {"system": name, "flags": " ".join(map(str, flags))}
-        for subset in ("valid", "test"):
-            tag = "".join(c if c.isalnum() else "_" for c in name.lower())
-            r = ex.eval_lm(data, ckpt[model], [*ev, *flags, "--gen-subset", subset], logs / f"eval_{tag}_{subset}.log")
-            row[f"{subset}_ppl"], row[f"{subset}_eval_tokens_per_s"] = r["ppl"], r["tokens_per_s"]
-        rows.append(row)
-        logger.info("%s: valid %.2f test %.2f", name, row["valid_ppl"], row["test_ppl"])
+    for name, model, flags, valid_ppl in configs:
+        tag = "".join(c if c.isalnum() else "_" for c in name.lower())
+        r = ex.eval_lm(data, ckpt[model], [*ev, *flags, "--gen-subset", "test"], logs / f"eval_{tag}_test.log")
+        rows.append({"system": name, "flags": " ".join(map(str, flags)), "valid_ppl": valid_ppl,
+                     "test_ppl": r["ppl"], "test_eval_tokens_per_s": r["tokens_per_s"]})
+        logger.info("%s: valid %.2f test %.2f", name, valid_ppl, r["ppl"])
     table = ex.markdown_table(rows, ["system", "valid_ppl", "test_ppl", "test_eval_tokens_per_s"],
                               ["model", "valid ppl", "test ppl", "eval tokens/s"])
-    header = (f"# External memory (cf. TRIME Table 2 / 12)\n\nCorpus `{data}`; datastores of all "
+    header = (f"# External memory (cf. TRIME Table 2 / 12)\n\nValid ppl from `trime-tune` (equal to "
+              f"fairseq-eval-lm's), test ppl from fairseq-eval-lm. Corpus `{data}`; datastores of all "
               f"{index_info['vanilla']['size']:,} training tokens; index recall@{a.knn_k}: "
               + ", ".join(f"{k} {v['factory']} nprobe={v['nprobe']} recall={v['recall']:.3f}" for k, v in index_info.items())
               + "\n\n")
     result = {"args": vars(a), "rows": rows, "index": index_info, "train": trained,
-              "tuned": {"cache": t_cache, "knn": t_knn, "knn_cache": t_knn_cache, "trime": t_trime,
-                        "trime_ext": t_ext, "trime_ext_long": t_ext_long}}
+              "best": {k: v["best"] for k, v in sweeps.items()}}
     ex.atomic_write(run / "results.md", header + table + "\n")
     ex.atomic_write(run / "results.json", json.dumps(result, indent=2, default=str))
     ex.bar_plot(rows, run / "results.png", "External memory")

@@ -70,7 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     long_size = task.args.long_memory_size if "long" in memory else 0
     pad = task.dictionary.pad()
     targets, lprobs, hits = [], [], {k: [] for k in ks}
-    for row in iter_scored_rows(model, task, cfg, long_size, external, max(ks) if external else None):
+    for row in iter_scored_rows(model, task, cfg, long_size, external, max(ks) if external else None,
+                                combiner.representations):
         keep = row.target[0].ne(pad)
         targets.append(row.target[0][keep])
         lprobs.append(combiner.target_log_prob(row)[0][keep])

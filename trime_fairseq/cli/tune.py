@@ -77,7 +77,8 @@ def make_combiner(combiner: str, point: Dict[str, float], representation: str = 
     return KnnCombiner(opt["lambda"], opt["temperature"], cache)
 
 
-def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool = False, k: Optional[int] = None):
+def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool = False, k: Optional[int] = None,
+                     representations: Sequence[str] = ("g", "f")):
     """Every scored row of ``cfg.dataset.gen_subset`` as :class:`ScoringInputs`, in reading
     order, exactly as ``fairseq-eval-lm --task trime_lm`` sees it (same blocks, context
     window, long-term memory of ``long_memory_size`` and, with ``external``, ``k``
@@ -114,7 +115,7 @@ def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool
             if "net_input" not in sample:
                 continue
             x = scoring_inputs(model, wrapped(**sample["net_input"]), sample, pad)
-            for _, _, row in scored_rows(x, sample, pad, long_memory, retriever):
+            for _, _, row in scored_rows(x, sample, pad, long_memory, retriever, representations):
                 yield row
 
 
@@ -133,7 +134,8 @@ def score_grid(
     k = max(neighbours) or None
     sums = [[0.0] * len(memory_sizes) for _ in combiners]
     count = 0
-    for row in iter_scored_rows(model, task, cfg, max(memory_sizes), external, k):
+    reps = sorted({r for c in combiners for r in c.representations})
+    for row in iter_scored_rows(model, task, cfg, max(memory_sizes), external, k, reps):
         keep = row.target.ne(pad)
         count += int(keep.sum())
         for j, size in enumerate(memory_sizes):

@@ -49,6 +49,7 @@ class ScoringInputs:
         keys_g, keys_f: ``[B, K, d]`` the same for memory entries.
         key_labels: ``[B, K]`` next token of each memory entry.
         mask: ``[B, T, K]`` bool, which memory entries each query may use.
+        tok_lprobs: optional ``[B, T, V]`` normalised token log-probabilities (saves a pass).
         key_rank: ``[B, K]`` age rank of long-term entries (0 = newest), -1 for local
             keys; lets a sweep restrict the long-term memory without recomputing.
     """
@@ -58,15 +59,17 @@ class ScoringInputs:
     target: Tensor
     query_g: Tensor
     query_f: Tensor
-    keys_g: Tensor
-    keys_f: Tensor
+    keys_g: Optional[Tensor]
+    keys_f: Optional[Tensor]
     key_labels: Tensor
     mask: Tensor
     key_rank: Optional[Tensor] = None
     ext_scores: Optional[Tensor] = None
     ext_labels: Optional[Tensor] = None
+    tok_lprobs: Optional[Tensor] = None  # tok_scores - tok_lse, when already computed
 
-    _PER_QUERY = ("tok_scores", "tok_lse", "target", "query_g", "query_f", "mask", "ext_scores", "ext_labels")
+    _PER_QUERY = ("tok_scores", "tok_lse", "target", "query_g", "query_f", "mask", "ext_scores", "ext_labels",
+                  "tok_lprobs")
 
     def rows(self, start: int, end: int) -> "ScoringInputs":
         """The same inputs for batch rows ``start:end`` (views, no copies)."""
@@ -91,16 +94,18 @@ class ScoringInputs:
             return self
         return replace(self, ext_scores=self.ext_scores[..., :k], ext_labels=self.ext_labels[..., :k])
 
-    def with_long_memory(self, keys_g: Tensor, keys_f: Tensor, labels: Tensor, allowed: Tensor) -> "ScoringInputs":
+    def with_long_memory(self, keys_g: Optional[Tensor], keys_f: Optional[Tensor], labels: Tensor,
+                         allowed: Tensor) -> "ScoringInputs":
         """Prepend long-term entries (``[B, M, d]`` keys, ``[B, M]`` labels, ``[B, T, M]``
-        mask, newest last) to the keys."""
+        mask, newest last) to the keys. A representation given as ``None`` was not stored
+        (no combiner in use reads it) and is dropped."""
         m = labels.size(1)
         rank = torch.arange(m - 1, -1, -1, device=labels.device).expand(labels.size(0), m)
         local_rank = torch.full_like(self.key_labels, -1) if self.key_rank is None else self.key_rank
         return replace(
             self,
-            keys_g=torch.cat([keys_g, self.keys_g], 1),
-            keys_f=torch.cat([keys_f, self.keys_f], 1),
+            keys_g=None if keys_g is None else torch.cat([keys_g, self.keys_g], 1),
+            keys_f=None if keys_f is None else torch.cat([keys_f, self.keys_f], 1),
             key_labels=torch.cat([labels, self.key_labels], 1),
             mask=torch.cat([allowed, self.mask], 2),
             key_rank=torch.cat([rank, local_rank], 1),
@@ -118,6 +123,8 @@ class ScoringInputs:
         return self.tok_scores.size(-1)
 
     def tok_log_probs(self) -> Tensor:
+        if self.tok_lprobs is not None:
+            return self.tok_lprobs
         return self.tok_scores - self.tok_lse.unsqueeze(-1)
 
     def tok_target_log_prob(self) -> Tensor:
@@ -128,6 +135,7 @@ class Combiner:
     """Interface: ``log_probs`` ``[B, T, V]`` and ``target_log_prob`` ``[B, T]``."""
 
     name = "none"
+    representations: tuple = ()  # which of "g"/"f" its memory keys use
 
     def log_probs(self, x: ScoringInputs) -> Tensor:
         raise NotImplementedError
@@ -171,6 +179,7 @@ class TrimeCombiner(Combiner):
     at temperature ``τ'`` (Eq. 7-8)."""
 
     name = "trime"
+    representations = ("g",)
 
     def __init__(self, temperature: float = 1.0, lam: float = 0.0, memory_temperature: Optional[float] = None) -> None:
         if temperature <= 0:
@@ -186,7 +195,7 @@ class TrimeCombiner(Combiner):
         lp = joint_log_probs(x.tok_scores, x.tok_lse, scores, labels, mask)
         if self.lam > 0:
             s2 = scores * (self.temperature / self.memory_temperature)
-            lp = interpolate_at(lp, *memory_log_probs_at(s2, labels, mask, x.vocab_size), self.lam, mask.any(-1))
+            lp = interpolate_at(lp, memory_log_probs_at(s2, labels, mask, x.vocab_size), self.lam, mask.any(-1))
         return lp
 
     def target_log_prob(self, x: ScoringInputs) -> Tensor:
@@ -220,6 +229,7 @@ class CacheCombiner(Combiner):
         if representation not in ("f", "g"):
             raise ValueError(f"--cache-representation must be 'f' or 'g', got {representation!r}")
         self.lam, self.theta, self.representation = lam, theta, representation
+        self.representations = (representation,)
 
     def _scores(self, x: ScoringInputs) -> Tensor:
         q, k = (x.query_f, x.keys_f) if self.representation == "f" else (x.query_g, x.keys_g)
@@ -227,7 +237,7 @@ class CacheCombiner(Combiner):
 
     def log_probs(self, x: ScoringInputs) -> Tensor:
         mem = memory_log_probs_at(self._scores(x), x.key_labels.unsqueeze(1), x.mask, x.vocab_size)
-        return interpolate_at(x.tok_log_probs(), *mem, self.lam, x.mask.any(-1))
+        return interpolate_at(x.tok_log_probs(), mem, self.lam, x.mask.any(-1))
 
     def target_log_prob(self, x: ScoringInputs) -> Tensor:
         mem = memory_target_log_prob(self._scores(x), x.key_labels.unsqueeze(1), x.mask, x.target)
@@ -249,6 +259,7 @@ class KnnCombiner(Combiner):
         if temperature <= 0:
             raise ValueError(f"--knn-temperature must be > 0, got {temperature}")
         self.lam, self.temperature, self.cache = lam, temperature, cache
+        self.representations = cache.representations if cache else ()
 
     def _knn(self, x: ScoringInputs):
         if x.ext_scores is None:
@@ -257,11 +268,11 @@ class KnnCombiner(Combiner):
 
     def log_probs(self, x: ScoringInputs) -> Tensor:
         s, labels, mask = self._knn(x)
-        lp = interpolate_at(x.tok_log_probs(), *memory_log_probs_at(s, labels, mask, x.vocab_size),
+        lp = interpolate_at(x.tok_log_probs(), memory_log_probs_at(s, labels, mask, x.vocab_size),
                             self.lam, mask.any(-1))
         if self.cache is not None:
             mem = memory_log_probs_at(self.cache._scores(x), x.key_labels.unsqueeze(1), x.mask, x.vocab_size)
-            lp = interpolate_at(lp, *mem, self.cache.lam, x.mask.any(-1))
+            lp = interpolate_at(lp, mem, self.cache.lam, x.mask.any(-1))
         return lp
 
     def target_log_prob(self, x: ScoringInputs) -> Tensor:

@@ -19,6 +19,7 @@ Notation used throughout:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -71,24 +72,52 @@ def joint_target_log_prob(
     return num - den
 
 
+@dataclass
+class Support:
+    """Where a memory distribution lives in the vocabulary, and its values there.
+
+    ``shared``: one index ``[U]`` (the distinct labels) for every row, values ``[..., U]``
+    (memory shared by all queries of a row: local and long-term); otherwise a per-row
+    index ``[..., K]`` with duplicates allowed (retrieved neighbours).
+    """
+
+    index: Tensor
+    values: Tensor
+    shared: bool
+
+    def gather(self, t: Tensor) -> Tensor:
+        return t.index_select(-1, self.index) if self.shared else t.gather(-1, self.index)
+
+    def scatter_(self, out: Tensor, values: Tensor) -> Tensor:
+        return out.index_copy_(-1, self.index, values) if self.shared else out.scatter_(-1, self.index, values)
+
+
 def label_logsumexp_at(
     mem_scores: Tensor, mem_labels: Tensor, mem_mask: Tensor, vocab_size: int
-) -> Tuple[Tensor, Tensor]:
-    """``log Σ_{j∈M, x_j=w} exp(m_j)`` evaluated at each entry's own label ``w = x_k``.
+) -> Tuple[Support, Tensor]:
+    """``log Σ_{j∈M, x_j=w} exp(m_j)`` on the words ``w`` present in memory, and the total
+    ``log Σ_{j∈M} exp(m_j)`` ``[...]``.
 
-    Returns ``(labels [N, K], values [N, K])``: entries sharing a label get the same value;
-    masked entries point at label 0 with the value for label 0 (``-inf`` unless it is in
-    memory), so scattering the results back is consistent. Only ``[N, K]`` work plus one
-    ``[N, V]`` scratch buffer.
+    Labels shared by all rows (``mem_labels`` ``[..., 1, K]``) are summed per distinct
+    label (no vocabulary-sized buffer); per-row labels are scattered into a ``[..., V]``
+    scratch buffer and read back at each entry (duplicates get the same value; masked
+    entries point at label 0 with label 0's value, so writing back is consistent).
     """
     scores = mem_scores.masked_fill(~mem_mask, NEG_INF)
-    labels = torch.broadcast_to(mem_labels, scores.shape).masked_fill(~mem_mask, 0).long()
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(scores - row_max)  # masked entries -> 0
-    sums = scores.new_zeros(scores.shape[:-1] + (vocab_size,))
+    weights = torch.exp(scores.sub_(row_max))  # masked entries -> 0
+    total = torch.log(weights.sum(-1)) + row_max.squeeze(-1)
+    if mem_labels.dim() >= 2 and mem_labels.size(-2) == 1 and all(d == 1 for d in mem_labels.shape[:-2]):
+        uniq, inverse = torch.unique(mem_labels.reshape(-1), return_inverse=True)
+        flat = weights.reshape(-1, weights.size(-1))
+        sums = flat.new_zeros(flat.size(0), uniq.numel()).index_add_(1, inverse, flat)
+        values = (torch.log(sums) + row_max.reshape(-1, 1)).reshape(*weights.shape[:-1], uniq.numel())
+        return Support(uniq.long(), values, True), total
+    labels = torch.broadcast_to(mem_labels, scores.shape).masked_fill(~mem_mask, 0).long()
+    sums = weights.new_zeros(weights.shape[:-1] + (vocab_size,))
     sums.scatter_add_(-1, labels, weights)
-    return labels, torch.log(sums.gather(-1, labels)) + row_max
+    return Support(labels, torch.log(sums.gather(-1, labels)) + row_max, False), total
 
 
 def joint_log_probs(
@@ -104,21 +133,20 @@ def joint_log_probs(
     For an adaptive softmax whose ``tok_scores`` are only valid at some entries (fairseq
     fills the rest with 0), the result is valid at those same entries.
     """
-    den = torch.logaddexp(tok_lse, masked_logsumexp(mem_scores, mem_mask)).unsqueeze(-1)
-    labels, mem_at = label_logsumexp_at(mem_scores, mem_labels, mem_mask, tok_scores.size(-1))
+    support, mem_total = label_logsumexp_at(mem_scores, mem_labels, mem_mask, tok_scores.size(-1))
+    den = torch.logaddexp(tok_lse, mem_total).unsqueeze(-1)
     out = tok_scores - den
-    return out.scatter_(-1, labels, torch.logaddexp(tok_scores.gather(-1, labels), mem_at) - den)
+    return support.scatter_(out, torch.logaddexp(support.gather(tok_scores), support.values) - den)
 
 
 def memory_log_probs_at(
     mem_scores: Tensor, mem_labels: Tensor, mem_mask: Tensor, vocab_size: int
-) -> Tuple[Tensor, Tensor]:
-    """The memory-only distribution of Eq. 7 at its support: ``(labels, log P_mem)``,
-    each ``[N, K]`` (also the continuous cache's and kNN-LM's ``P_mem``)."""
-    labels, at = label_logsumexp_at(mem_scores, mem_labels, mem_mask, vocab_size)
-    total = masked_logsumexp(mem_scores, mem_mask).unsqueeze(-1)
-    total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
-    return labels, at - total
+) -> Support:
+    """The memory-only distribution of Eq. 7 at its support (also the continuous cache's
+    and kNN-LM's ``P_mem``)."""
+    support, total = label_logsumexp_at(mem_scores, mem_labels, mem_mask, vocab_size)
+    total = torch.where(torch.isfinite(total), total, torch.zeros_like(total)).unsqueeze(-1)
+    return Support(support.index, support.values - total, support.shared)
 
 
 def memory_log_probs(
@@ -126,9 +154,9 @@ def memory_log_probs(
 ) -> Tensor:
     """Eq. 7 as a dense ``[N, V]`` distribution (``-inf`` off its support; rows with an
     empty memory are all ``-inf``)."""
-    labels, at = memory_log_probs_at(mem_scores, mem_labels, mem_mask, vocab_size)
-    out = mem_scores.new_full(at.shape[:-1] + (vocab_size,), NEG_INF)
-    return out.scatter_(-1, labels, at)
+    support = memory_log_probs_at(mem_scores, mem_labels, mem_mask, vocab_size)
+    out = mem_scores.new_full(mem_scores.shape[:-1] + (vocab_size,), NEG_INF)
+    return support.scatter_(out, support.values)
 
 
 def memory_target_log_prob(
@@ -142,11 +170,11 @@ def memory_target_log_prob(
 
 
 def interpolate_at(
-    lprobs: Tensor, labels: Tensor, mem_at: Tensor, lam: float, has_memory: Optional[Tensor] = None
+    lprobs: Tensor, mem: Support, lam: float, has_memory: Optional[Tensor] = None
 ) -> Tensor:
-    """Eq. 8 for a memory distribution given at its support ``(labels, mem_at)``:
-    ``log((1-λ) P + λ P_mem)`` for every word, touching only ``[N, K]`` entries beyond a
-    shift of ``P``. Rows without memory keep ``P``."""
+    """Eq. 8 for a memory distribution given at its support: ``log((1-λ) P + λ P_mem)``
+    for every word, touching only the support beyond a shift of ``P``. Rows without
+    memory keep ``P``."""
     if lam <= 0.0:
         return lprobs
     if has_memory is None:
@@ -155,9 +183,9 @@ def interpolate_at(
     shift = torch.where(has_memory, torch.full_like(has_memory, keep, dtype=lprobs.dtype),
                         torch.zeros_like(has_memory, dtype=lprobs.dtype)).unsqueeze(-1)
     out = lprobs + shift
-    at = torch.logaddexp(lprobs.gather(-1, labels) + shift, mem_at + math.log(lam))
-    at = torch.where(has_memory.unsqueeze(-1), at, lprobs.gather(-1, labels))
-    return out.scatter_(-1, labels, at)
+    before = mem.gather(lprobs)
+    at = torch.logaddexp(before + shift, mem.values + math.log(lam))
+    return mem.scatter_(out, torch.where(has_memory.unsqueeze(-1), at, before))
 
 
 def interpolate(

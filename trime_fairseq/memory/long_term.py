@@ -1,12 +1,14 @@
 """A test-time long-term memory (Eq. 3): the representations of a document's earlier tokens.
 
-Used by ``fairseq-eval-lm`` (``--eval-memory local,long``) for TRIMELM_long and the
+Used by ``fairseq-eval-lm`` (``--eval-memory local+long``) for TRIMELM_long and the
 continuous cache extended to long-term memory. Entries are appended in reading order,
-with their stream position and document; :meth:`window` returns those a block may use:
-the same document, strictly before the block's context window (the window itself is
-local memory, so no token is counted twice), at most ``size`` of them (the most recent).
+with their stream position and document; :meth:`LongTermMemory.window` returns those a
+block may use: the same document, strictly before the block's context window (the window
+itself is local memory, so no token is counted twice), at most ``size`` of them (the
+most recent). Only the current document is kept, in a preallocated buffer that is
+compacted when full, so appends cost O(tokens appended) and windows are views.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
@@ -19,56 +21,63 @@ class MemoryOrderError(RuntimeError):
 
 @dataclass
 class MemoryWindow:
-    """The entries a block may read: keys ``[K, d]`` per representation, labels, documents
-    and age rank (0 = most recent)."""
+    """The entries a block may read (views): keys ``[K, d]`` per representation, labels,
+    documents."""
 
     keys: Dict[str, Tensor]
     labels: Tensor
     docs: Tensor
-    rank: Tensor
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
 
-@dataclass
 class LongTermMemory:
-    """FIFO of the last ``size`` (+ context) tokens' representations; reset at documents."""
+    """The last ``size`` (+ ``context``) tokens of the current document (see module doc)."""
 
-    size: int
-    context: int = 0
-    keys: Dict[str, Tensor] = field(default_factory=dict)
-    labels: Optional[Tensor] = None
-    docs: Optional[Tensor] = None
-    positions: Optional[Tensor] = None
-
-    def __post_init__(self) -> None:
-        if self.size < 0:
-            raise ValueError(f"--long-memory-size must be >= 0, got {self.size}")
+    def __init__(self, size: int, context: int = 0) -> None:
+        if size < 0:
+            raise ValueError(f"--long-memory-size must be >= 0, got {size}")
+        self.size, self.context = size, context
+        self.capacity = 2 * (size + context) + 1
+        self.reset()
 
     def reset(self) -> None:
-        self.keys, self.labels, self.docs, self.positions = {}, None, None, None
+        self._keys: Dict[str, Tensor] = {}
+        self._labels = self._docs = self._pos = None
+        self.start = self.end = 0
+
+    @property
+    def labels(self) -> Optional[Tensor]:
+        return None if self._labels is None else self._labels[self.start:self.end]
 
     @property
     def next_position(self) -> Optional[int]:
-        if self.positions is None or self.positions.numel() == 0:
-            return None
-        return int(self.positions[-1]) + 1
+        return None if self.end == self.start else int(self._pos[self.end - 1]) + 1
 
     def window(self, context_start: int, doc: int) -> Optional[MemoryWindow]:
         """Entries of document ``doc`` before stream position ``context_start``, newest last."""
-        if self.labels is None:
+        if self.end == self.start or int(self._docs[self.start]) != doc or self.size == 0:
             return None
-        keep = (self.positions < context_start) & (self.docs == doc)
-        idx = keep.nonzero(as_tuple=True)[0][-self.size:] if self.size > 0 else keep.new_zeros(0, dtype=torch.long)
-        if idx.numel() == 0:
+        pos = self._pos[self.start:self.end]
+        stop = self.start + int(torch.searchsorted(pos, torch.tensor(context_start, dtype=pos.dtype)))
+        first = max(self.start, stop - self.size)
+        if stop <= first:
             return None
-        rank = torch.arange(idx.numel() - 1, -1, -1, device=idx.device)
-        return MemoryWindow({k: v[idx] for k, v in self.keys.items()}, self.labels[idx], self.docs[idx], rank)
+        return MemoryWindow({k: v[first:stop] for k, v in self._keys.items()},
+                            self._labels[first:stop], self._docs[first:stop])
+
+    def _allocate(self, keys: Dict[str, Tensor], labels: Tensor) -> None:
+        cap = max(self.capacity, 1)
+        self._keys = {k: v.new_empty((cap,) + tuple(v.shape[1:])) for k, v in keys.items()}
+        self._labels = labels.new_empty(cap)
+        self._docs = labels.new_empty(cap)
+        self._pos = labels.new_empty(cap)
 
     def append(self, keys: Dict[str, Tensor], labels: Tensor, docs: Tensor, positions: Tensor) -> None:
         """Add scored tokens (``[n, d]`` keys, ``[n]`` labels/documents/positions) in order."""
-        if positions.numel() == 0:
+        n = int(positions.numel())
+        if n == 0:
             return
         nxt = self.next_position
         if nxt is not None and int(positions[0]) != nxt:
@@ -79,20 +88,31 @@ class LongTermMemory:
                     f"long-term memory expected stream position {nxt}, got {int(positions[0])}: "
                     "blocks must be scored in reading order (use --task trime_lm's own data loader)"
                 )
-        if self.labels is None:
-            self.keys = {k: v.detach() for k, v in keys.items()}
-            self.labels, self.docs, self.positions = labels, docs, positions
-        else:
-            self.keys = {k: torch.cat([self.keys[k], v.detach()]) for k, v in keys.items()}
-            self.labels = torch.cat([self.labels, labels])
-            self.docs = torch.cat([self.docs, docs])
-            self.positions = torch.cat([self.positions, positions])
-        # keep only the current document's entries, at most size + context of them
-        last_doc = self.docs[-1]
-        keep_from = int((self.docs != last_doc).nonzero(as_tuple=True)[0][-1]) + 1 if bool((self.docs != last_doc).any()) else 0
-        keep_from = max(keep_from, int(self.labels.numel()) - (self.size + self.context))
-        if keep_from > 0:
-            self.keys = {k: v[keep_from:] for k, v in self.keys.items()}
-            self.labels, self.docs, self.positions = (
-                self.labels[keep_from:], self.docs[keep_from:], self.positions[keep_from:]
-            )
+        # only the last document of these tokens can matter later, and only its newest
+        # size + context tokens
+        new_doc = (docs != docs[-1]).nonzero(as_tuple=True)[0]
+        cut = int(new_doc[-1]) + 1 if new_doc.numel() else 0
+        if cut > 0 or (self.end > self.start and int(self._docs[self.end - 1]) != int(docs[-1])):
+            self.start = self.end = 0  # a new document: drop the old one
+        keep = self.size + self.context
+        cut = max(cut, n - keep)
+        keys = {k: v[cut:].detach() for k, v in keys.items()}
+        labels, docs, positions = labels[cut:], docs[cut:], positions[cut:]
+        n = int(labels.numel())
+        if self._labels is None or set(keys) != set(self._keys):
+            self._allocate(keys, labels)
+            self.start = self.end = 0
+        if self.end + n > self.capacity:  # compact: move the newest entries to the front
+            old = max(self.start, self.end - max(keep - n, 0))
+            m = self.end - old
+            for k in self._keys:
+                self._keys[k][:m] = self._keys[k][old:self.end].clone()
+            for buf in (self._labels, self._docs, self._pos):
+                buf[:m] = buf[old:self.end].clone()
+            self.start, self.end = 0, m
+        s, e = self.end, self.end + n
+        for k, v in keys.items():
+            self._keys[k][s:e] = v
+        self._labels[s:e], self._docs[s:e], self._pos[s:e] = labels, docs, positions
+        self.end = e
+        self.start = max(self.start, self.end - keep)

@@ -17,7 +17,7 @@
 
 Positions that are not scored (the context window) get the model's own distribution.
 """
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 from fairseq.models import BaseFairseqModel
@@ -54,24 +54,25 @@ def scoring_inputs(model, net_output, sample, pad: int) -> ScoringInputs:
             "--softmax-batch splits the batch, which memory scoring cannot follow; "
             "leave --softmax-batch at its default or lower --max-tokens instead"
         )
-    tok_scores, tok_lse = full_token_scores(model, net_output, sample)
+    tok_scores, tok_lse, tok_lprobs = full_token_scores(model, net_output, sample)
     labels = memory_labels(sample["net_input"]["src_tokens"], target, pad)
     g, f = at_least_float32(extra["trime_g"]), at_least_float32(extra["trime_f"])
     return ScoringInputs(
         tok_scores=tok_scores, tok_lse=tok_lse, target=target, query_g=g, query_f=f,
-        keys_g=g, keys_f=f, key_labels=labels, mask=local_mask(labels, pad),
+        keys_g=g, keys_f=f, key_labels=labels, mask=local_mask(labels, pad), tok_lprobs=tok_lprobs,
     )
 
 
 def scored_rows(
     x: ScoringInputs, sample, pad: int, long_memory: Optional[LongTermMemory] = None,
-    retriever: Optional[Retriever] = None,
+    retriever: Optional[Retriever] = None, representations: Sequence[str] = ("g", "f"),
 ) -> Iterator[Tuple[int, int, ScoringInputs]]:
     """Yield ``(row, first scored position, inputs of the scored queries)`` in order.
 
     With ``long_memory``, each row's queries also see the long-term entries of their
     document, and the row's scored tokens are appended to it after it was yielded. With
-    ``retriever``, each query also gets its nearest external entries.
+    ``retriever``, each query also gets its nearest external entries. Only the
+    ``representations`` listed are kept in the long-term memory.
     """
     starts = sample.get("start_indices") or [0] * x.target.size(0)
     external = None
@@ -102,13 +103,12 @@ def scored_rows(
         window = long_memory.window(int(pos[0]), int(docs[s]))
         if window is not None:
             allowed = docs[s:].unsqueeze(1) == window.docs.unsqueeze(0)
-            row = row.with_long_memory(
-                window.keys["g"].unsqueeze(0), window.keys["f"].unsqueeze(0),
-                window.labels.unsqueeze(0), allowed.unsqueeze(0),
-            )
+            keys = {k: (window.keys[k].unsqueeze(0) if k in window.keys else None) for k in ("g", "f")}
+            row = row.with_long_memory(keys["g"], keys["f"], window.labels.unsqueeze(0), allowed.unsqueeze(0))
         yield i, s, row
+        reps = {"g": x.query_g, "f": x.query_f}
         long_memory.append(
-            {"g": x.query_g[i, scored], "f": x.query_f[i, scored]},
+            {k: reps[k][i, scored] for k in representations},
             x.target[i, scored], docs[scored], pos[scored],
         )
 
@@ -156,8 +156,10 @@ class MemoryEvalModel(BaseFairseqModel):
         if self.long_memory_size > 0 and self.long_memory is None:
             context = int(max(sample.get("start_indices") or [0]))
             self.long_memory = LongTermMemory(self.long_memory_size, context=max(context, x.target.size(1)))
+        # a fresh tensor of this call; a row is overwritten only after it was scored
         lprobs = x.tok_log_probs()
-        for i, s, row in scored_rows(x, sample, self.pad, self.long_memory, self.retriever):
+        for i, s, row in scored_rows(x, sample, self.pad, self.long_memory, self.retriever,
+                                     self.combiner.representations):
             lprobs[i, s:] = self.combiner.log_probs(row)[0]
         return lprobs if log_probs else lprobs.exp()
 

@@ -87,14 +87,16 @@ def target_token_terms(model: nn.Module, net_output, target: Tensor) -> Tuple[Te
     return _LogitTerms.apply(at_least_float32(net_output[0]), target)
 
 
-def full_token_scores(model: nn.Module, net_output, sample) -> Tuple[Tensor, Tensor]:
-    """``(tok_scores [B, T, V], tok_lse [B, T])`` for scoring.
+def full_token_scores(model: nn.Module, net_output, sample) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(tok_scores [B, T, V], tok_lse [B, T], log-probabilities [B, T, V])`` for scoring.
 
     With an adaptive softmax, fairseq's log-probabilities are exact at ``sample['target']``
-    (the only entries ``fairseq-eval-lm`` reads) and ``tok_lse`` is 0.
+    (the only entries ``fairseq-eval-lm`` reads) and ``tok_lse`` is 0. With a full softmax
+    the log-partition comes from the fused log-softmax (cheaper than ``logsumexp``).
     """
     if adaptive_softmax_of(model) is not None:
         lprobs = at_least_float32(model.get_normalized_probs(net_output, log_probs=True, sample=sample))
-        return lprobs, lprobs.new_zeros(lprobs.shape[:-1])
+        return lprobs, lprobs.new_zeros(lprobs.shape[:-1]), lprobs
     logits = at_least_float32(net_output[0])
-    return logits, torch.logsumexp(logits, dim=-1)
+    lprobs = F.log_softmax(logits, dim=-1)
+    return logits, logits[..., 0] - lprobs[..., 0], lprobs
