@@ -60,7 +60,7 @@ def run_logged(module: str, args: Sequence[str], log_path: Path, show: bool = Tr
         for line in proc.stdout:
             log.write(line)
             lines.append(line)
-            if show and _SHOW.search(line):
+            if show and _SHOW.search(line) and "faiss.loader" not in line:
                 logger.info("  %s", _compact(line))
         rc = proc.wait()
     out = "".join(lines)
