@@ -58,16 +58,12 @@ def main(argv=None) -> dict:
     p.add_argument("--one-document", action="store_true", help="read the split as one document (memory full)")
     p.add_argument("--out", default=None, help="write the result as JSON")
     ours, rest = p.parse_known_args(argv)
-    if "--user-dir" not in rest:
-        rest += ["--user-dir", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trime_fairseq")]
-    if "--task" not in rest:
-        rest += ["--task", "trime_lm"]
     cfg, model, task = load(rest)
     model.eval()
     split = cfg.dataset.gen_subset
     stream = task.stream(split)
     if ours.one_document:
-        stream = TokenStream(stream.tokens, np.zeros_like(stream.docs))
+        stream = TokenStream(stream.tokens, np.zeros(1, dtype=np.int64))
     pad = task.source_dictionary.pad()
     blocks = StreamBlocks(stream, task.args.tokens_per_sample, cfg.eval_lm.context_window, pad)
     bsz = cfg.dataset.batch_size or max(1, (cfg.dataset.max_tokens or 4096) // (task.args.tokens_per_sample + cfg.eval_lm.context_window))

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,9 +127,6 @@ def main(argv=None) -> dict:
     ours, rest = p.parse_known_args(argv)
     from trime_fairseq.cli.tune import load
 
-    user_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trime_fairseq")
-    rest += [] if "--user-dir" in rest else ["--user-dir", user_dir]
-    rest += [] if "--task" in rest else ["--task", "trime_lm"]
     cfg, model, task = load(rest)
     model.eval()
     parts = ours.only.split(",")

@@ -2,7 +2,8 @@
 
 Variants: ``cross_entropy``; ``trime_loss`` (local memory, fairseq's batches);
 ``trime_loss_long`` (``--consecutive-segments m``, long-term in-batch memory) when
-``--long-m`` is given.
+``--long-m`` is given; ``trime_loss_ext`` (BM25 batches, memory = the whole batch) with
+``--ext``.
 
 Both criteria train the same architecture on the same batches (fairseq's own task,
 model, criterion and batch iterator); blocks of steps alternate between them so that
@@ -18,6 +19,7 @@ import logging
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -36,9 +38,10 @@ def build(data: str, arch: str, extra: List[str], variant: List[str]):
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    user_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trime_fairseq")
-    argv = [data, "--user-dir", user_dir, "--task", "trime_lm", "--arch", arch, "--cpu",
-            "--optimizer", "adam", "--lr", "1e-3", *extra, *variant]
+    from trime_fairseq.cli.tune import with_plugin
+
+    argv = with_plugin([data, "--arch", arch, "--cpu",
+            "--optimizer", "adam", "--lr", "1e-3", *extra, *variant])
     args = options.parse_args_and_arch(options.get_training_parser(), input_args=argv)
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
@@ -79,15 +82,31 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens-per-sample", type=int, default=512, help="segment length L")
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens per batch")
     p.add_argument("--long-m", type=int, default=0, help="also time trime_loss with m consecutive segments")
+    p.add_argument("--ext", action="store_true", help="also time trime_loss with BM25 batches (external memory)")
     p.add_argument("--out", default=None, help="write the result as JSON here (and .md beside)")
+    p.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one variant, report peak RSS
     ours, extra = p.parse_known_args(argv)
     extra = [*extra, "--tokens-per-sample", str(ours.tokens_per_sample)]
     variants = {k: [*v, "--max-tokens", str(ours.max_tokens)] for k, v in VARIANTS.items()}
     if ours.long_m > 1:
         variants["trime_loss_long"] = ["--criterion", "trime_loss", "--consecutive-segments", str(ours.long_m),
                                        "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
+    if ours.ext:
+        variants["trime_loss_ext"] = ["--criterion", "trime_loss", "--bm25-batching", "--drop-local-prob", "0.9",
+                                      "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
     if ours.threads:
         torch.set_num_threads(ours.threads)
+    if ours.peak_of:  # a fresh process: its peak RSS is this variant's alone
+        task, model, criterion, batches = build(ours.data, ours.arch, extra, variants[ours.peak_of])
+        model.train()
+        time_steps(task, model, criterion, batches, 0, 2, torch.optim.Adam(model.parameters(), lr=1e-4))
+        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return {}
+    peaks = {}
+    for name in variants:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--peak-of", name],
+                             capture_output=True, text=True, check=True).stdout
+        peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
     runs = {}
     for name, variant in variants.items():
         torch.manual_seed(1)
@@ -96,7 +115,6 @@ def main(argv=None) -> dict:
         optim = torch.optim.Adam(model.parameters(), lr=1e-4)
         time_steps(task, model, criterion, batches, 0, ours.warmup_steps, optim)
         runs[name] = dict(task=task, model=model, criterion=criterion, batches=batches, optim=optim, tps=[])
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for block in range(ours.blocks):
         for name, r in runs.items():
             r["tps"].append(time_steps(r["task"], r["model"], r["criterion"], r["batches"],
@@ -109,13 +127,14 @@ def main(argv=None) -> dict:
         "variants": variants,
         "tokens_per_s": {k: statistics.median(r["tps"]) for k, r in runs.items()},
         "ratio_vs_cross_entropy": {k: statistics.median(r["tps"]) / base for k, r in runs.items()},
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_growth_during_timing_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
+        "peak_rss_mb_per_variant": peaks,
+        "peak_rss_ratio_vs_cross_entropy": {k: v / peaks["cross_entropy"] for k, v in peaks.items()},
         "torch_threads": torch.get_num_threads(),
     }
-    lines = ["| criterion | tokens/s | ratio vs CE |", "|---|---:|---:|"]
+    lines = ["| criterion | tokens/s | ratio vs CE | peak RSS (MB) | ratio vs CE |", "|---|---:|---:|---:|---:|"]
     for k in runs:
-        lines.append(f"| {k} | {result['tokens_per_s'][k]:.0f} | {result['ratio_vs_cross_entropy'][k]:.3f} |")
+        lines.append(f"| {k} | {result['tokens_per_s'][k]:.0f} | {result['ratio_vs_cross_entropy'][k]:.3f} | "
+                     f"{peaks[k]:.0f} | {peaks[k] / peaks['cross_entropy']:.3f} |")
     table = "\n".join(lines)
     logger.info("\n%s", table)
     if ours.out:

@@ -27,19 +27,12 @@ logger = logging.getLogger("external_memory")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default="runs/ext", help="where checkpoints, datastores and results go")
+    ex.add_common_args(p, "runs/ext", tokens_per_sample=512)
     p.add_argument("--reuse", default=None, help="run directory of the main job (reuse corpus and checkpoints)")
-    p.add_argument("--arch", default="transformer_lm_trime_small", help="architecture")
-    p.add_argument("--tokens-per-sample", type=int, default=512, help="training segment length")
     p.add_argument("--batch-size", type=int, default=16, help="segments per update")
-    p.add_argument("--max-update", type=int, default=320, help="updates per model")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--drop-local-prob", type=float, default=0.9, help="p of §4.3")
-    p.add_argument("--eval-tokens-per-sample", type=int, default=512, help="eval block incl. context")
-    p.add_argument("--context-window", type=int, default=256, help="eval context window")
     p.add_argument("--knn-k", type=int, default=1024, help="neighbours retrieved")
     p.add_argument("--long-memory-size", type=int, default=4000, help="long memory for TRIMELM_ext (+long)")
-    p.add_argument("--seed", type=int, default=1, help="training seed")
     return p.parse_args(argv)
 
 
@@ -49,17 +42,9 @@ def main(argv=None) -> dict:
     run = Path(a.run_dir)
     logs = run / "logs"
     src = Path(a.reuse) if a.reuse else run
-    if not (src / "corpus" / "bin" / "dict.txt").exists():
-        ex.run_logged("trime_fairseq.cli.prepare_lm", ["--out", src / "corpus"], logs / "prepare.log")
-    data = src / "corpus" / "bin"
-    common = [
-        "--task", "trime_lm", "--arch", a.arch, "--tokens-per-sample", a.tokens_per_sample,
-        "--max-update", a.max_update, "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", a.lr,
-        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", max(1, a.max_update // 8),
-        "--warmup-init-lr", "1e-7", "--clip-norm", "1.0", "--seed", a.seed, "--log-interval", "20",
-        "--validate-interval-updates", a.max_update, "--cpu", "--num-workers", "0",
-    ]
-    warm = ["--ce-warmup-updates", max(1, a.max_update // 20)]
+    data = ex.ensure_corpus(src, a.data, logs)
+    common = ex.train_flags(a.arch, a.tokens_per_sample, a.max_update, a.lr, a.seed, max(1, a.max_update // 8))
+    warm = ["--ce-warmup-updates", max(1, int(a.ce_warmup_frac * a.max_update))]
     tokens = ["--max-tokens", a.batch_size * a.tokens_per_sample]
     specs = {
         "vanilla": [*common, *tokens, "--criterion", "cross_entropy"],
@@ -77,8 +62,7 @@ def main(argv=None) -> dict:
         trained[name] = ex.train(data, run / "ckpt" / name, args, logs / f"train_{name}.log")
         ckpt[name] = run / "ckpt" / name / "checkpoint_last.pt"
 
-    ev = ["--tokens-per-sample", a.eval_tokens_per_sample, "--context-window", a.context_window,
-          "--max-tokens", 4096, "--cpu", "--num-workers", "0"]
+    ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
     stores = {"vanilla": ("l2", run / "ds" / "vanilla"), "trime_ext": ("ip", run / "ds" / "trime_ext")}
     for name, (metric, out) in stores.items():
         if not (out / "index.json").exists():
@@ -99,7 +83,7 @@ def main(argv=None) -> dict:
     }
     theta = sweeps["cache"]["best"]["params"]["theta"]
     sweeps["knn"] = ex.tune(data, ckpt["vanilla"], "knn", ["lambda=0.1,0.2,0.3,0.4", "temperature=1,3,10,30",
-                                                          f"cache_lambda=0,0.1,0.2,0.3", f"cache_theta={theta}"],
+                                                          "cache_lambda=0,0.1,0.2,0.3", f"cache_theta={theta}"],
                             [*valid, *ds_v], run / "tune_knn.json", logs / "tune_knn.log")
     sweeps["ext"] = ex.tune(data, ckpt["trime_ext"], "trime", ["tau=0.75,1,1.5", "memory_lambda=0,0.1,0.3", "memory_tau=1,3"],
                             [*valid, *ds_t, "--eval-memory", "local+long+ext", "--long-memory-size", a.long_memory_size,
@@ -149,8 +133,7 @@ def main(argv=None) -> dict:
               + "\n\n")
     result = {"args": vars(a), "rows": rows, "index": index_info, "train": trained,
               "best": {k: v["best"] for k, v in sweeps.items()}}
-    ex.atomic_write(run / "results.md", header + table + "\n")
-    ex.atomic_write(run / "results.json", json.dumps(result, indent=2, default=str))
+    ex.write_results(run / "results.json", result, header + table)
     ex.bar_plot(rows, run / "results.png", "External memory")
     logger.info("\n%s%s", header, table)
     return result

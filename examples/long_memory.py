@@ -30,23 +30,14 @@ logger = logging.getLogger("long_memory")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default="runs/long", help="where checkpoints and results go")
-    p.add_argument("--data", default=None, help="binarised corpus (default: build the default one in RUN/corpus)")
-    p.add_argument("--arch", default="transformer_lm_trime_small", help="architecture of all models")
-    p.add_argument("--tokens-per-sample", type=int, default=128, help="training segment length L")
+    ex.add_common_args(p, "runs/long", tokens_per_sample=128, eval_tokens_per_sample=128, context_window=64)
     p.add_argument("--batch-size", type=int, default=64, help="segments per update")
     p.add_argument("--consecutive-segments", type=int, default=16, help="m for TRIMELM_long")
-    p.add_argument("--max-update", type=int, default=320, help="updates per model")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--ce-warmup-frac", type=float, default=0.05, help="share of updates with plain CE first")
-    p.add_argument("--eval-tokens-per-sample", type=int, default=128, help="eval block incl. context")
-    p.add_argument("--context-window", type=int, default=64, help="eval context window")
     p.add_argument("--memory-sizes", default="0,500,1000,2000,4000,8000,12000",
                    help="long-term memory sizes swept on valid")
     p.add_argument("--tau-grid", default="0.75,1,1.5,2", help="TRIME temperatures tried")
     p.add_argument("--cache-lambda-grid", default="0.05,0.1,0.2", help="cache λ tried")
     p.add_argument("--cache-theta-grid", default="0.02,0.05,0.1", help="cache θ tried")
-    p.add_argument("--seed", type=int, default=1, help="training seed")
     return p.parse_args(argv)
 
 
@@ -55,19 +46,9 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     run = Path(a.run_dir)
     logs = run / "logs"
-    if a.data:
-        data = Path(a.data)
-    else:
-        ex.run_logged("trime_fairseq.cli.prepare_lm", ["--out", run / "corpus"], logs / "prepare.log")
-        data = run / "corpus" / "bin"
-    common = [
-        "--task", "trime_lm", "--arch", a.arch, "--tokens-per-sample", a.tokens_per_sample,
-        "--batch-size", a.batch_size, "--max-update", a.max_update, "--optimizer", "adam",
-        "--adam-betas", "(0.9, 0.98)", "--lr", a.lr, "--lr-scheduler", "inverse_sqrt",
-        "--warmup-updates", max(1, a.max_update // 8), "--warmup-init-lr", "1e-7",
-        "--clip-norm", "1.0", "--seed", a.seed, "--log-interval", "20",
-        "--validate-interval-updates", a.max_update, "--cpu", "--num-workers", "0",
-    ]
+    data = ex.ensure_corpus(run, a.data, logs)
+    common = [*ex.train_flags(a.arch, a.tokens_per_sample, a.max_update, a.lr, a.seed, max(1, a.max_update // 8)),
+              "--batch-size", a.batch_size]
     warm = ["--ce-warmup-updates", max(1, int(a.ce_warmup_frac * a.max_update))]
     models = {
         "vanilla": [*common, "--criterion", "cross_entropy"],
@@ -77,8 +58,7 @@ def main(argv=None) -> dict:
     }
     trained = {k: ex.train(data, run / "ckpt" / k, v, logs / f"train_{k}.log") for k, v in models.items()}
     ckpt = {k: run / "ckpt" / k / "checkpoint_last.pt" for k in models}
-    ev = ["--tokens-per-sample", a.eval_tokens_per_sample, "--context-window", a.context_window,
-          "--max-tokens", 4096, "--cpu", "--num-workers", "0"]
+    ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
     max_size = max(int(s) for s in a.memory_sizes.split(","))
     sweep_args = [*ev, "--gen-subset", "valid", "--memory-sizes", a.memory_sizes]
     sweeps = {
@@ -146,8 +126,7 @@ def main(argv=None) -> dict:
         f"({a.memory_sizes}) and temperatures tuned on valid (max {max_size}).\n\n"
     )
     result = {"args": vars(a), "rows": rows, "train": trained, "sweeps": sweeps}
-    ex.atomic_write(run / "results.md", header + table + "\n")
-    ex.atomic_write(run / "results.json", json.dumps(result, indent=2))
+    ex.write_results(run / "results.json", result, header + table)
     ex.bar_plot(rows, run / "results.png", "Long-term memory")
     logger.info("\n%s%s", header, table)
     return result

@@ -13,7 +13,6 @@ finished steps):
     python examples/main_job.py --run-dir runs/main
 """
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -27,21 +26,12 @@ logger = logging.getLogger("main_job")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default="runs/main", help="where data, checkpoints and results go")
-    p.add_argument("--data", default=None, help="use this binarised corpus instead of building the default one")
-    p.add_argument("--arch", default="transformer_lm_trime_small", help="architecture for both models")
-    p.add_argument("--tokens-per-sample", type=int, default=512, help="training segment length L")
+    ex.add_common_args(p, "runs/main", tokens_per_sample=512)
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens per update")
-    p.add_argument("--max-update", type=int, default=320, help="updates per model (same for both)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (inverse_sqrt schedule)")
     p.add_argument("--warmup-updates", type=int, default=40, help="learning-rate warm-up updates")
-    p.add_argument("--ce-warmup-frac", type=float, default=0.05, help="share of updates trained with plain CE before TRIME")
-    p.add_argument("--eval-tokens-per-sample", type=int, default=512, help="evaluation block incl. context window")
-    p.add_argument("--context-window", type=int, default=256, help="evaluation context window (tokens seen, not scored)")
     p.add_argument("--tau-grid", default="0.75,0.9,1,1.1,1.25,1.5", help="TRIME temperatures tried on valid")
     p.add_argument("--cache-lambda-grid", default="0.1,0.2,0.3,0.4,0.5", help="cache λ values tried on valid")
     p.add_argument("--cache-theta-grid", default="0.05,0.1,0.2,0.3,0.5", help="cache θ values tried on valid")
-    p.add_argument("--seed", type=int, default=1, help="training seed")
     return p.parse_args(argv)
 
 
@@ -50,22 +40,9 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     run = Path(a.run_dir)
     logs = run / "logs"
-    if a.data:
-        data = Path(a.data)
-    else:
-        ex.run_logged("trime_fairseq.cli.prepare_lm", ["--out", run / "corpus"], logs / "prepare.log")
-        data = run / "corpus" / "bin"
-    if not (data / "dict.txt").exists():
-        raise SystemExit(f"main_job: error: --data {data} has no dict.txt (not a fairseq-preprocess output)")
-
-    common = [
-        "--task", "trime_lm", "--arch", a.arch, "--tokens-per-sample", a.tokens_per_sample,
-        "--max-tokens", a.max_tokens, "--max-update", a.max_update, "--optimizer", "adam",
-        "--adam-betas", "(0.9, 0.98)", "--lr", a.lr, "--lr-scheduler", "inverse_sqrt",
-        "--warmup-updates", a.warmup_updates, "--warmup-init-lr", "1e-7", "--clip-norm", "1.0",
-        "--seed", a.seed, "--log-interval", "20", "--validate-interval-updates", a.max_update,
-        "--cpu", "--num-workers", "0",
-    ]
+    data = ex.ensure_corpus(run, a.data, logs)
+    common = [*ex.train_flags(a.arch, a.tokens_per_sample, a.max_update, a.lr, a.seed, a.warmup_updates),
+              "--max-tokens", a.max_tokens]
     systems = {}
     systems["vanilla"] = ex.train(data, run / "ckpt" / "vanilla", [*common, "--criterion", "cross_entropy"], logs / "train_vanilla.log")
     warm = max(1, int(a.ce_warmup_frac * a.max_update))
@@ -75,8 +52,7 @@ def main(argv=None) -> dict:
     )
     vanilla_ckpt = run / "ckpt" / "vanilla" / "checkpoint_last.pt"
     trime_ckpt = run / "ckpt" / "trime" / "checkpoint_last.pt"
-    ev = ["--tokens-per-sample", a.eval_tokens_per_sample, "--context-window", a.context_window,
-          "--max-tokens", 4096, "--cpu", "--num-workers", "0"]
+    ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
 
     cache_tuned = ex.tune(data, vanilla_ckpt, "cache",
                           [f"lambda={a.cache_lambda_grid}", f"theta={a.cache_theta_grid}"],
@@ -116,8 +92,7 @@ def main(argv=None) -> dict:
         f"trime_loss trained at {systems['trime']['train_tokens_per_s'] / ce_tps:.3f}x the tokens/s of cross_entropy.\n\n"
     )
     result = {"args": vars(a), "rows": rows, "train": systems, "tuned": {"cache": cache_tuned, "trime": trime_tuned}}
-    ex.atomic_write(run / "results.md", header + table + "\n")
-    ex.atomic_write(run / "results.json", json.dumps(result, indent=2))
+    ex.write_results(run / "results.json", result, header + table)
     ex.bar_plot(rows, run / "results.png", "Local memory: vanilla / cache / TRIMELM")
     logger.info("\n%s%s\nwritten: %s", header, table, run / "results.md")
     return result

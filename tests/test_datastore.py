@@ -43,7 +43,7 @@ def test_keys_are_the_models_g(datastore):
     model.eval()
     stream = task.stream("train")
     assert len(ds) == len(stream) - 1
-    np.testing.assert_array_equal(ds.values, stream.tokens[1:])  # values = next tokens
+    np.testing.assert_array_equal(ds.values, stream.ids(1, len(stream)))  # values = next tokens
     blocks = StreamBlocks(stream, task.args.tokens_per_sample, 32, task.dictionary.pad())
     cap = get_capture(model)
     for i in (0, 3, len(blocks) - 1):  # each block alone, batch of one

@@ -71,7 +71,6 @@ def test_criterion_equals_brute_force_local(adaptive):
         scores = net_output[0]
     ref = 0.0
     ref_ce = 0.0
-    L = target.size(1)
     for b in range(target.size(0)):
         lp = brute_force_log_prob(scores[b], g[b], target[b], lambda i, j: j < i, d.pad())
         keep = target[b].ne(d.pad())

@@ -57,9 +57,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         bounds = sorted((int(b) for b in ours.buckets.split(",") if b), reverse=True)
     except ValueError:
         p.error("--retrieval-k and --buckets take comma-separated integers")
-    user_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    rest += [] if "--user-dir" in rest else ["--user-dir", user_dir]
-    rest += [] if "--task" in rest else ["--task", "trime_lm"]
     from trime_fairseq.cli.tune import iter_scored_rows, load
 
     cfg, model, task = load(rest)

@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -45,11 +44,6 @@ def parse(argv: Optional[Sequence[str]]):
     p.add_argument("--recall-subset", default="valid", help="split whose g are the recall queries")
     p.add_argument("--target-recall", type=float, default=0.9, help="pick the smallest nprobe reaching it")
     ours, rest = p.parse_known_args(argv)
-    user_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if "--user-dir" not in rest:
-        rest += ["--user-dir", user_dir]
-    if "--task" not in rest:
-        rest += ["--task", "trime_lm"]
     return ours, rest, p
 
 

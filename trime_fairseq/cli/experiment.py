@@ -123,6 +123,59 @@ def tune(data: Path, ckpt: Path, combiner: str, grid: Sequence[str], args: Seque
     return json.loads(out_json.read_text())
 
 
+def add_common_args(p, run_dir: str, tokens_per_sample: int, max_update: int = 320, lr: float = 2e-3,
+                    eval_tokens_per_sample: int = 512, context_window: int = 256) -> None:
+    """The flags every example takes (run directory, model, budget, evaluation blocks)."""
+    p.add_argument("--run-dir", default=run_dir, help="where data, checkpoints and results go")
+    p.add_argument("--data", default=None, help="binarised corpus to use instead of building the default one")
+    p.add_argument("--arch", default="transformer_lm_trime_small", help="architecture of every model")
+    p.add_argument("--tokens-per-sample", type=int, default=tokens_per_sample, help="training segment length L")
+    p.add_argument("--max-update", type=int, default=max_update, help="updates per model (the same for all)")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (inverse_sqrt schedule)")
+    p.add_argument("--ce-warmup-frac", type=float, default=0.05, help="share of updates trained with plain CE first")
+    p.add_argument("--eval-tokens-per-sample", type=int, default=eval_tokens_per_sample,
+                   help="evaluation block including the context window")
+    p.add_argument("--context-window", type=int, default=context_window, help="evaluation context window")
+    p.add_argument("--seed", type=int, default=1, help="training seed")
+
+
+def ensure_corpus(run: Path, data: Optional[str], logs: Path) -> Path:
+    """``data`` (a fairseq-preprocess output) or the default corpus built in ``run/corpus``."""
+    if data:
+        path = Path(data)
+    else:
+        path = run / "corpus" / "bin"
+        if not (path / "dict.txt").exists():
+            run_logged("trime_fairseq.cli.prepare_lm", ["--out", run / "corpus"], logs / "prepare.log")
+    if not (path / "dict.txt").exists():
+        raise SystemExit(f"error: --data {path} has no dict.txt (not a fairseq-preprocess output)")
+    return path
+
+
+def train_flags(arch: str, tokens_per_sample: int, max_update: int, lr: float, seed: int,
+                warmup_updates: int) -> List:
+    """The fairseq-train flags all examples share (Adam, inverse-sqrt schedule, CPU)."""
+    return [
+        "--task", "trime_lm", "--arch", arch, "--tokens-per-sample", tokens_per_sample,
+        "--max-update", max_update, "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", lr,
+        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", warmup_updates, "--warmup-init-lr", "1e-7",
+        "--clip-norm", "1.0", "--seed", seed, "--log-interval", "20",
+        "--validate-interval-updates", max_update, "--cpu", "--num-workers", "0",
+    ]
+
+
+def eval_flags(tokens_per_sample: int, context_window: int) -> List:
+    """The fairseq-eval-lm / trime-tune flags all examples share."""
+    return ["--tokens-per-sample", tokens_per_sample, "--context-window", context_window,
+            "--max-tokens", 4096, "--cpu", "--num-workers", "0"]
+
+
+def write_results(path_json: Path, result: dict, markdown: str) -> None:
+    """``result`` as JSON and ``markdown`` beside it (``.md``), atomically."""
+    atomic_write(path_json, json.dumps(result, indent=2, default=str))
+    atomic_write(path_json.with_suffix(".md"), markdown + "\n")
+
+
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

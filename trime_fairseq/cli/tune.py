@@ -172,13 +172,26 @@ def plot_memory_sweep(rows: List[dict], path: str, title: str = "") -> None:
     os.replace(tmp, path)
 
 
+PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def with_plugin(argv: Sequence[str]) -> List[str]:
+    """``argv`` plus ``--user-dir trime_fairseq --task trime_lm`` unless already given."""
+    argv = list(argv)
+    if "--user-dir" not in argv:
+        argv += ["--user-dir", PLUGIN_DIR]
+    if "--task" not in argv:
+        argv += ["--task", "trime_lm"]
+    return argv
+
+
 def load(argv: Sequence[str]):
-    """fairseq's eval-lm parser over ``argv``; returns ``(cfg, model, task)``."""
+    """fairseq's eval-lm parser over ``argv`` (plugin added); returns ``(cfg, model, task)``."""
     from fairseq import checkpoint_utils, options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     parser = options.get_eval_lm_parser()
-    args = options.parse_args_and_arch(parser, input_args=list(argv))
+    args = options.parse_args_and_arch(parser, input_args=with_plugin(argv))
     cfg = convert_namespace_to_omegaconf(args)
     if cfg.eval_lm.context_window > 0:
         cfg.task.tokens_per_sample -= cfg.eval_lm.context_window
@@ -215,10 +228,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         combiners = [make_combiner(ours.combiner, p, ours.cache_representation) for p in grid]
     except ValueError as e:
         parser.error(str(e))
-    if "--user-dir" not in rest:
-        rest = [*rest, "--user-dir", os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-    if "--task" not in rest:
-        rest = [*rest, "--task", "trime_lm"]
     cfg, model, task = load(rest)
     ks = [0] + [int(p.get("k", 0)) for p in grid]
     if any(ks) and not ("ext" in str(task.args.eval_memory) or ours.combiner == "knn"):

@@ -11,8 +11,7 @@ its query (BM25 with a shortened query; the scores of those terms are exact).
 """
 import heapq
 import logging
-import time
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import scipy.sparse as sp

@@ -7,7 +7,7 @@ from the stored keys (the paper's † rows) instead of FAISS's approximations.
 """
 import logging
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch

@@ -1,2 +1,2 @@
 """Architectures and the hooks/wrappers that read TRIME's representations."""
-from trime_fairseq.models import architectures  # noqa: F401
+from trime_fairseq.models import architectures, memorizing  # noqa: F401

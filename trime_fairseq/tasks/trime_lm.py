@@ -56,6 +56,12 @@ class TrimeLMConfig(LanguageModelingConfig):
             "+ext = also the --knn-k nearest entries of --datastore"
         },
     )
+    stream_batching: bool = field(
+        default=False,
+        metadata={"help": "Memorizing Transformer training: row r of every batch continues row r "
+                          "of the previous batch (segments of documents in order), so a model "
+                          "memory persists across steps; batch size = --batch-size"},
+    )
     bm25_batching: bool = field(
         default=False,
         metadata={"help": "TRIMELM_ext (§4.3): training batches of BM25-similar segments; "
@@ -181,9 +187,15 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         check_memory_flags(args)
         self.combiner = build_combiner(args)
         self._streams: Dict[str, TokenStream] = {}
+        self.with_positions = False  # set when the model reads token positions
 
     def build_model(self, args, from_checkpoint: bool = False):
         model = super().build_model(args, from_checkpoint)
+        if getattr(model, "needs_stream_positions", False):  # e.g. the Memorizing Transformer
+            self.with_positions = True
+            for ds in self.datasets.values():
+                if isinstance(ds, (DocumentSegments, StreamBlocks)):
+                    ds.with_positions = True
         # only models loaded for scoring (fairseq-eval-lm & co.) are wrapped, never the
         # model being trained
         if not from_checkpoint or isinstance(self.combiner, NoMemory):
@@ -228,12 +240,20 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         m = self.args.consecutive_segments
         if self.args.bm25_batching and m > 1:
             raise ValueError("--bm25-batching uses m=1 (§4.3): drop --consecutive-segments")
+        if self.args.stream_batching and (m > 1 or self.args.bm25_batching):
+            raise ValueError("--stream-batching cannot be combined with --consecutive-segments or --bm25-batching")
         if self.args.bm25_batching and split.startswith("train"):
             ds = DocumentSegments(self.stream(split), self.args.tokens_per_sample, self.dictionary.pad(), external=True)
             ds.shuffle, ds.split = True, split
             self.datasets[split] = ds
+        elif self.args.stream_batching:
+            ds = DocumentSegments(self.stream(split), self.args.tokens_per_sample, self.dictionary.pad())
+            ds.stream_rows, ds.shuffle = True, split.startswith("train")
+            ds.with_positions = self.with_positions
+            self.datasets[split] = ds
         elif m > 1:
             ds = DocumentSegments(self.stream(split), self.args.tokens_per_sample, self.dictionary.pad(), group=m)
+            ds.with_positions = self.with_positions
             ds.shuffle = split.startswith("train")
             self.datasets[split] = ds
             logger.info("%s: %d segments of <= %d tokens from %d documents, in runs of %d",
@@ -252,6 +272,15 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
                 data_buffer_size=data_buffer_size, disable_iterator_cache=disable_iterator_cache, **kwargs)
         m = dataset.group
         bsz = max_sentences or (max_tokens or 0) // self.args.tokens_per_sample
+        if dataset.stream_rows:
+            if bsz < 1:
+                raise ValueError("--stream-batching needs --batch-size (rows read in parallel)")
+            rows = dataset.stream_batches(bsz, seed, epoch, dataset.shuffle)
+            return iterators.EpochBatchIterator(
+                dataset=dataset, collate_fn=dataset.collater, batch_sampler=rows, seed=seed,
+                num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+                buffer_size=data_buffer_size, disable_shuffling=True,
+            )
         if dataset.external:
             fixed = self.bm25_batches(dataset, bsz, seed)
             return iterators.EpochBatchIterator(
@@ -316,6 +345,7 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         if num_shards > 1 and str(self.args.eval_memory) == "local+long":
             raise ValueError("--eval-memory local+long reads each document in order: use one process")
         blocks = StreamBlocks(self.stream(split), self.args.tokens_per_sample, context_window, self.dictionary.pad())
+        blocks.with_positions = self.with_positions
         return self.get_batch_iterator(
             dataset=blocks, max_tokens=max_tokens, max_sentences=batch_size,
             max_positions=max_positions, ignore_invalid_inputs=True, num_shards=num_shards,

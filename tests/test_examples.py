@@ -1,0 +1,47 @@
+"""The example pipelines run end to end at toy size (the real runs are long; see README)."""
+import json
+
+import pytest
+
+from helpers import REPO, run_cli
+
+TINY = ["--arch", "transformer_lm_trime_tiny", "--max-update", "4", "--tokens-per-sample", "32",
+        "--eval-tokens-per-sample", "32", "--context-window", "16"]
+
+
+def run_example(name, *args):
+    return run_cli([f"examples.{name}", *args])
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_lm):
+    return tiny_lm[0]
+
+
+def test_main_job_writes_table_json_and_plot(corpus, tmp_path):
+    run_example("main_job", "--run-dir", str(tmp_path), "--data", str(corpus), *TINY, "--max-tokens", "256",
+                "--warmup-updates", "2", "--tau-grid", "1,2", "--cache-lambda-grid", "0.1",
+                "--cache-theta-grid", "0.1")
+    result = json.loads((tmp_path / "results.json").read_text())
+    names = [r["system"] for r in result["rows"]]
+    assert names[0].startswith("Transformer") and any(n.startswith("TRIMELM (") for n in names)
+    assert all(r["valid_ppl"] > 1 and r["test_ppl"] > 1 for r in result["rows"])
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert "| model |" in (tmp_path / "results.md").read_text()
+
+
+def test_long_memory_example(corpus, tmp_path):
+    run_example("long_memory", "--run-dir", str(tmp_path), "--data", str(corpus), *TINY, "--batch-size", "8",
+                "--consecutive-segments", "4", "--memory-sizes", "0,100", "--tau-grid", "1",
+                "--cache-lambda-grid", "0.1", "--cache-theta-grid", "0.1")
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert len(result["rows"]) == 7
+    assert (tmp_path / "memory_sweep.png").exists()
+
+
+def test_external_memory_example(corpus, tmp_path):
+    run_example("external_memory", "--run-dir", str(tmp_path), "--data", str(corpus), *TINY, "--batch-size", "8",
+                "--knn-k", "8", "--long-memory-size", "64")
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [r["system"] for r in result["rows"]][2] == "kNN-LM"
+    assert result["index"]["vanilla"]["metric"] == "l2" and result["index"]["trime_ext"]["metric"] == "ip"

@@ -1,0 +1,188 @@
+"""``--arch memorizing_transformer_lm``: the Memorizing Transformer (Wu et al., 2022).
+
+One decoder layer's self-attention is kNN-augmented (:class:`KnnAugmentedAttention`): it
+keeps the (key, value) pairs it computed on earlier segments of the same document in a
+:class:`~trime_fairseq.memory.knn_memory.KnnMemory` (per batch row and head, FIFO,
+no gradient), retrieves each query's top-k keys by inner product of L2-normalised
+queries and keys, attends over them with its own softmax (a learned per-head scale), and
+mixes that with ordinary local attention through a learned per-head gate:
+``out = σ(b)·memory + (1-σ(b))·local``.
+
+The memory needs to know, for every token, its document and stream position; the
+``trime_lm`` task adds them to ``net_input`` (``mem_docs``, ``mem_positions``) for this
+model. Training batches come from ``--stream-batching`` (row r of every batch continues
+row r of the previous one); at test time rows are consecutive blocks of one stream and
+are run one after another (``mem_start`` marks each row's context window), so results do
+not depend on the batch size. Without these inputs, or with ``--knn-memory-size 0``, the
+model is exactly a ``transformer_lm`` with the same weights. Change the memory size at
+test time with ``--model-overrides "{'knn_memory_size': 32768}"``.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
+from fairseq.modules import MultiheadAttention
+from fairseq.utils import safe_getattr
+from torch import Tensor, nn
+
+from trime_fairseq.memory.knn_memory import KnnMemory
+
+
+class KnnAugmentedAttention(MultiheadAttention):
+    """Self-attention plus attention over retrieved memory, mixed by a per-head gate."""
+
+    def __init__(self, embed_dim: int, num_heads: int, memory_size: int, topk: int, **kwargs) -> None:
+        super().__init__(embed_dim, num_heads, self_attention=True, **kwargs)
+        self.mem_gate = nn.Parameter(torch.zeros(num_heads))  # σ(0) = 0.5
+        self.mem_log_scale = nn.Parameter(torch.full((num_heads,), math.log(math.sqrt(self.head_dim))))
+        self.memory = KnnMemory(memory_size, topk)
+        self.stream: Optional[Dict[str, Tensor]] = None  # set by the model for each forward
+
+    def forward(self, query, key, value, key_padding_mask=None, incremental_state=None, need_weights=True,
+                static_kv=False, attn_mask=None, before_softmax=False, need_head_weights=False):
+        if self.stream is None or self.memory.size == 0 or incremental_state is not None:
+            return super().forward(query, key, value, key_padding_mask, incremental_state, need_weights,
+                                   static_kv, attn_mask, before_softmax, need_head_weights)
+        t, b, c = query.shape
+        h, dh = self.num_heads, self.head_dim
+
+        def heads(x: Tensor) -> Tensor:
+            return x.view(t, b, h, dh).permute(1, 2, 0, 3)  # [B, H, T, dh]
+
+        q, k, v = heads(self.q_proj(query) * self.scaling), heads(self.k_proj(key)), heads(self.v_proj(value))
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(key_padding_mask.bool()[:, None, None, :], float("-inf"))
+        probs = self.dropout_module(F.softmax(scores.float(), dim=-1).type_as(scores))
+        local = torch.matmul(probs, v)
+        mem = self.memory_attention(q)
+        out = local if mem is None else mem
+        if mem is not None:
+            out = self.mix(local, *mem)
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(t, b, c))
+        s = self.stream
+        self.memory.update(k, v, keep=s["keep"], positions=s["positions"], docs=s["docs"])
+        return out, None
+
+    def memory_attention(self, q: Tensor):
+        """``(memory result [B, H, T, dh], has memory [B, H, T, 1])`` or ``None`` if empty."""
+        s = self.stream
+        scores, values, found = self.memory.topk(q, before=s["before"], query_docs=s["docs"])
+        if scores.size(-1) == 0 or not bool(found.any()):
+            return None
+        scale = self.mem_log_scale.exp()[None, :, None, None]
+        # zero the missing scores before scaling: -inf * scale has a NaN gradient in scale
+        logits = (scores.masked_fill(~found, 0.0) * scale).masked_fill(~found, float("-inf"))
+        has = found.any(-1, keepdim=True)
+        weights = F.softmax(logits.masked_fill(~has, 0.0), dim=-1).masked_fill(~found, 0.0)
+        return torch.matmul(weights.unsqueeze(-2), values).squeeze(-2), has
+
+    def mix(self, local: Tensor, memory: Tensor, has: Tensor) -> Tensor:
+        """``σ(b)·memory + (1-σ(b))·local`` where a query found memory, else ``local``."""
+        gate = torch.sigmoid(self.mem_gate)[None, :, None, None]
+        return torch.where(has, gate * memory + (1 - gate) * local, local)
+
+
+@dataclass
+class MemorizingTransformerConfig(TransformerLanguageModelConfig):
+    knn_layer: int = field(
+        default=-1, metadata={"help": "index of the kNN-augmented decoder layer (-1: about 3/4 of the depth)"}
+    )
+    knn_memory_size: int = field(
+        default=8192,
+        metadata={"help": "tokens of (key, value) memory per batch row (FIFO, reset per document); "
+                          "0 disables the memory (a plain transformer_lm)"},
+    )
+    knn_memory_topk: int = field(default=32, metadata={"help": "memory entries retrieved per query and head"})
+
+
+@register_model("memorizing_transformer_lm", dataclass=MemorizingTransformerConfig)
+class MemorizingTransformerLanguageModel(TransformerLanguageModel):
+    """A transformer LM with one kNN-augmented attention layer (see module docstring)."""
+
+    needs_stream_positions = True
+
+    @classmethod
+    def build_model(cls, args, task):
+        model = super().build_model(args, task)
+        layers = model.decoder.layers
+        idx = args.knn_layer if args.knn_layer >= 0 else (3 * len(layers)) // 4
+        if not 0 <= idx < len(layers):
+            raise ValueError(f"--knn-layer {args.knn_layer} is not a layer index (0..{len(layers) - 1})")
+        old = layers[idx].self_attn
+        new = KnnAugmentedAttention(
+            old.embed_dim, old.num_heads, args.knn_memory_size, args.knn_memory_topk,
+            dropout=old.dropout_module.p, bias=old.k_proj.bias is not None,
+        )
+        new.load_state_dict(old.state_dict(), strict=False)
+        layers[idx].self_attn = new
+        model.knn_layer_index = idx
+        return model
+
+    @property
+    def knn_attention(self) -> KnnAugmentedAttention:
+        return self.decoder.layers[self.knn_layer_index].self_attn
+
+    def train(self, mode: bool = True):
+        if mode != self.training and hasattr(self, "knn_layer_index"):
+            self.knn_attention.memory.reset()  # training and evaluation streams differ
+        return super().train(mode)
+
+    def forward(self, src_tokens: Tensor, src_lengths: Optional[Tensor] = None, mem_docs: Optional[Tensor] = None,
+                mem_positions: Optional[Tensor] = None, mem_start: Optional[List[int]] = None, **kwargs):
+        layer = self.knn_attention
+        if mem_docs is None:
+            layer.stream = None
+            return super().forward(src_tokens, src_lengths=src_lengths, **kwargs)
+        if mem_start is None:  # parallel streams (training): one forward
+            return self._forward_rows(src_tokens, src_lengths, mem_docs, mem_positions, None, **kwargs)
+        outs = [  # rows are consecutive blocks of one stream: one after another
+            self._forward_rows(src_tokens[i:i + 1], None if src_lengths is None else src_lengths[i:i + 1],
+                               mem_docs[i:i + 1], mem_positions[i:i + 1], [mem_start[i]], **kwargs)
+            for i in range(src_tokens.size(0))
+        ]
+        extra = outs[0][1]
+        for key in ("inner_states",):
+            if key in extra and extra[key] is not None:
+                extra[key] = [torch.cat([o[1][key][j] for o in outs], dim=1) for j in range(len(extra[key]))]
+        return torch.cat([o[0] for o in outs], dim=0), extra
+
+    def _forward_rows(self, src_tokens, src_lengths, docs, positions, start, **kwargs):
+        keep = positions >= 0
+        if start is not None:  # the context window was stored with the previous block
+            cols = torch.arange(src_tokens.size(1), device=src_tokens.device)
+            keep = keep & (cols.unsqueeze(0) >= torch.tensor(start, device=cols.device).unsqueeze(1))
+        first = positions.masked_fill(positions < 0, torch.iinfo(positions.dtype).max).amin(dim=1)
+        self.knn_attention.stream = {"docs": docs, "positions": positions, "keep": keep, "before": first}
+        try:
+            return super().forward(src_tokens, src_lengths=src_lengths, **kwargs)
+        finally:
+            self.knn_attention.stream = None
+
+
+def _memorizing_base(args) -> None:
+    args.knn_layer = safe_getattr(args, "knn_layer", -1)
+    args.knn_memory_size = safe_getattr(args, "knn_memory_size", 8192)
+    args.knn_memory_topk = safe_getattr(args, "knn_memory_topk", 32)
+
+
+@register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_tiny")
+def memorizing_tiny(args) -> None:
+    from trime_fairseq.models.architectures import trime_tiny
+
+    _memorizing_base(args)
+    trime_tiny(args)
+
+
+@register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_small")
+def memorizing_small(args) -> None:
+    from trime_fairseq.models.architectures import trime_small
+
+    _memorizing_base(args)
+    trime_small(args)
