@@ -18,6 +18,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -91,9 +92,9 @@ def main(argv=None) -> dict:
     }
     logger.info("%s", json.dumps(result, indent=2))
     if ours.out:
-        with open(ours.out + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(ours.out + ".tmp", ours.out)
+        from trime_fairseq.cli.experiment import atomic_write
+
+        atomic_write(Path(ours.out), json.dumps(result, indent=2))
     return result
 
 

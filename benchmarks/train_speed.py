@@ -1,6 +1,8 @@
 """Training throughput of ``trime_loss`` against plain ``cross_entropy``, same model, same run.
 
 Variants: ``cross_entropy``; ``trime_loss`` (local memory, fairseq's batches);
+``memorizing`` vs ``memorizing_no_memory`` (``--memorizing SIZE``: the Memorizing
+Transformer with and without its kNN memory, same weights and batches);
 ``trime_loss_long`` (``--consecutive-segments m``, long-term in-batch memory) when
 ``--long-m`` is given; ``trime_loss_ext`` (BM25 batches, memory = the whole batch) with
 ``--ext``.
@@ -22,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -83,6 +86,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens per batch")
     p.add_argument("--long-m", type=int, default=0, help="also time trime_loss with m consecutive segments")
     p.add_argument("--ext", action="store_true", help="also time trime_loss with BM25 batches (external memory)")
+    p.add_argument("--memorizing", type=int, default=0,
+                   help="also time the Memorizing Transformer with this memory size against itself without memory")
     p.add_argument("--out", default=None, help="write the result as JSON here (and .md beside)")
     p.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one variant, report peak RSS
     ours, extra = p.parse_known_args(argv)
@@ -94,6 +99,12 @@ def main(argv=None) -> dict:
     if ours.ext:
         variants["trime_loss_ext"] = ["--criterion", "trime_loss", "--bm25-batching", "--drop-local-prob", "0.9",
                                       "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
+    if ours.memorizing:
+        arch = ours.arch.replace("transformer_lm_trime", "memorizing_transformer_lm")
+        rows = ["--stream-batching", "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
+        variants["memorizing_no_memory"] = ["--arch", arch, "--criterion", "cross_entropy", *rows, "--knn-memory-size", "0"]
+        variants["memorizing"] = ["--arch", arch, "--criterion", "cross_entropy", *rows,
+                                  "--knn-memory-size", str(ours.memorizing)]
     if ours.threads:
         torch.set_num_threads(ours.threads)
     if ours.peak_of:  # a fresh process: its peak RSS is this variant's alone
@@ -128,6 +139,9 @@ def main(argv=None) -> dict:
         "tokens_per_s": {k: statistics.median(r["tps"]) for k, r in runs.items()},
         "ratio_vs_cross_entropy": {k: statistics.median(r["tps"]) / base for k, r in runs.items()},
         "peak_rss_mb_per_variant": peaks,
+        "memorizing_ratio_vs_no_memory": (statistics.median(runs["memorizing"]["tps"])
+                                          / statistics.median(runs["memorizing_no_memory"]["tps"])
+                                          if "memorizing" in runs else None),
         "peak_rss_ratio_vs_cross_entropy": {k: v / peaks["cross_entropy"] for k, v in peaks.items()},
         "torch_threads": torch.get_num_threads(),
     }
@@ -138,10 +152,9 @@ def main(argv=None) -> dict:
     table = "\n".join(lines)
     logger.info("\n%s", table)
     if ours.out:
-        for path, text in ((ours.out, json.dumps(result, indent=2)), (os.path.splitext(ours.out)[0] + ".md", table + "\n")):
-            with open(path + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(path + ".tmp", path)
+        from trime_fairseq.cli.experiment import write_results
+
+        write_results(Path(ours.out), result, table)
     return result
 
 

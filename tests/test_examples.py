@@ -45,3 +45,12 @@ def test_external_memory_example(corpus, tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert [r["system"] for r in result["rows"]][2] == "kNN-LM"
     assert result["index"]["vanilla"]["metric"] == "l2" and result["index"]["trime_ext"]["metric"] == "ip"
+
+
+def test_memorizing_vs_trime_example(corpus, tmp_path):
+    run_example("memorizing_vs_trime", "--run-dir", str(tmp_path), "--data", str(corpus), *TINY,
+                "--batch-size", "8", "--consecutive-segments", "4", "--train-memory", "64", "--memory-sizes", "0,64")
+    result = json.loads((tmp_path / "results.json").read_text())
+    models = {(r["model"], r["subset"], r["memory_size"]) for r in result["rows"]}
+    assert ("Memorizing Transformer", "test", 64) in models and ("TRIMELM_long", "valid", 0) in models
+    assert (tmp_path / "memory_sweep.png").exists()

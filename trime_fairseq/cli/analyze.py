@@ -14,11 +14,11 @@ The model is scored with the memory flags of the ``trime_lm`` task (``--eval-com
         --retrieval-k 1,8,64,1024 --out analysis.json
 """
 import argparse
-import json
 import logging
 import math
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -100,10 +100,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     md = "\n".join(lines)
     logger.info("%s\n%s", combiner.describe(), md)
     if ours.out:
-        for path, text in ((ours.out, json.dumps(result, indent=2)), (os.path.splitext(ours.out)[0] + ".md", md + "\n")):
-            with open(path + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(path + ".tmp", path)
+        from trime_fairseq.cli.experiment import write_results
+
+        write_results(Path(ours.out), result, md)
     return result
 
 
