@@ -37,7 +37,7 @@ def brute_force_log_prob(token_log_scores, g, target, allowed, pad, temperature=
 def criterion_for(task_dict, **cfg):
     task = SimpleNamespace(target_dictionary=task_dict, source_dictionary=task_dict)
     base = dict(ce_warmup_updates=0, train_temperature=1.0, similarity_chunk_size=2048,
-                drop_local_prob=0.0, sentence_avg=False)
+                checkpoint_similarity_above=1 << 26, drop_local_prob=0.0, sentence_avg=False)
     base.update(cfg)
     return TrimeLoss(TrimeLossConfig(**base), task)
 
@@ -120,8 +120,8 @@ def test_equals_cross_entropy_without_memory():
 
 
 @pytest.mark.parametrize("mode", ["local", "long", "external"])
-@pytest.mark.parametrize("chunk", [2, 64])
-def test_gradients_match_finite_differences(mode, chunk):
+@pytest.mark.parametrize("chunk,ckpt", [(2, 0), (2, 1 << 30), (64, 0)])
+def test_gradients_match_finite_differences(mode, chunk, ckpt):
     torch.manual_seed(0)
     B, L, dim, pad = 4, 5, 3, 1
     target = torch.randint(2, 5, (B, L))
@@ -135,7 +135,7 @@ def test_gradients_match_finite_differences(mode, chunk):
 
     def fn(tt, tl, r):
         (a, b, c, t), mem = group_batch((tt, tl, r, target), spec, target)
-        lp = in_batch_log_prob(a, b, c, t, mem, pad, chunk_size=chunk).reshape(B, L)
+        lp = in_batch_log_prob(a, b, c, t, mem, pad, chunk_size=chunk, checkpoint_above=ckpt).reshape(B, L)
         return (lp * target.ne(pad)).sum()
 
     assert torch.autograd.gradcheck(fn, (tok_t, tok_l, reps), eps=1e-6, atol=1e-6)

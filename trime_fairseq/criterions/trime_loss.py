@@ -37,8 +37,15 @@ class TrimeLossConfig(FairseqDataclass):
     similarity_chunk_size: int = field(
         default=2048,
         metadata={
-            "help": "query rows per chunk of the in-batch similarity matrix; bounds its "
-            "memory to chunk x (tokens per memory group)"
+            "help": "query rows per chunk of the in-batch similarity matrix (causal memories "
+            "skip the keys after each chunk)"
+        },
+    )
+    checkpoint_similarity_above: int = field(
+        default=1 << 26,
+        metadata={
+            "help": "if the in-batch similarity matrix has more entries than this, chunks are "
+            "recomputed in the backward pass, so its memory is one chunk x (tokens per group)"
         },
     )
     drop_local_prob: float = field(
@@ -102,6 +109,7 @@ class TrimeLoss(FairseqCriterion):
                 tt, tl, reps, tgt, memory, self.padding_idx,
                 temperature=self.cfg.train_temperature,
                 chunk_size=self.cfg.similarity_chunk_size,
+                checkpoint_above=self.cfg.checkpoint_similarity_above,
             ).view_as(target)
         else:
             lprob = ce_lprob

@@ -103,6 +103,7 @@ def in_batch_log_prob(
     padding_idx: int,
     temperature: float = 1.0,
     chunk_size: int = 2048,
+    checkpoint_above: int = 1 << 26,
 ) -> Tensor:
     """``log P(target)`` of Eq. 5 for every token of the batch, memory taken in-batch.
 
@@ -111,7 +112,11 @@ def in_batch_log_prob(
         reps: ``[G, T, d]`` the representations ``g`` (queries and keys alike).
         target: ``[G, T]`` next tokens; also the memory labels. Padding is never memory.
         memory: which tokens are each token's memory.
-        chunk_size: query rows per chunk of the similarity matrix.
+        chunk_size: query rows per chunk of the similarity matrix (causal memories only
+            compute keys up to the chunk's last query).
+        checkpoint_above: when the chunks hold more similarity entries than this in
+            total, each chunk is recomputed in the backward pass (activation
+            checkpointing), so memory stays at one chunk.
     Returns:
         ``[G, T]`` log-probabilities (meaningless at padding targets).
     """
@@ -120,7 +125,8 @@ def in_batch_log_prob(
     total = reps.size(1)
     key_valid = target.ne(padding_idx)
     bounds = [(q0, min(q0 + chunk_size, total)) for q0 in range(0, total, chunk_size)]
-    use_ckpt = len(bounds) > 1 and torch.is_grad_enabled() and reps.requires_grad
+    entries = reps.size(0) * sum((q1 - q0) * memory.key_end(q1, total) for q0, q1 in bounds)
+    use_ckpt = len(bounds) > 1 and entries > checkpoint_above and torch.is_grad_enabled() and reps.requires_grad
     out = []
     for q0, q1 in bounds:
         k_end = memory.key_end(q1, total)

@@ -67,9 +67,19 @@ def joint_target_log_prob(
         ``[N]`` log-probabilities.
     """
     positive = mem_mask & mem_labels.eq(target.unsqueeze(-1))
-    num = torch.logaddexp(tok_target, masked_logsumexp(mem_scores, positive))
-    den = torch.logaddexp(tok_lse, masked_logsumexp(mem_scores, mem_mask))
+    # one exponential pass serves both sums: shift by the (detached) largest allowed score
+    scores = mem_scores.masked_fill(~mem_mask, NEG_INF)
+    shift = scores.amax(dim=-1, keepdim=True).detach()
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    weights = torch.exp(scores - shift)  # masked -> 0
+    num = torch.logaddexp(tok_target, _log_or_neg_inf(weights.mul(positive).sum(-1)) + shift.squeeze(-1))
+    den = torch.logaddexp(tok_lse, _log_or_neg_inf(weights.sum(-1)) + shift.squeeze(-1))
     return num - den
+
+
+def _log_or_neg_inf(x: Tensor) -> Tensor:
+    """``log x`` with ``log 0 = -inf`` and a zero (not NaN) gradient there."""
+    return torch.where(x > 0, torch.log(x.clamp_min(torch.finfo(x.dtype).tiny)), torch.full_like(x, NEG_INF))
 
 
 @dataclass
