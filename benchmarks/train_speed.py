@@ -89,6 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--memorizing", type=int, default=0,
                    help="also time the Memorizing Transformer with this memory size against itself without memory")
     p.add_argument("--out", default=None, help="write the result as JSON here (and .md beside)")
+    p.add_argument("--only", default=None, help="comma-separated variants to time (cross_entropy always)")
     p.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one variant, report peak RSS
     ours, extra = p.parse_known_args(argv)
     extra = [*extra, "--tokens-per-sample", str(ours.tokens_per_sample)]
@@ -105,6 +106,9 @@ def main(argv=None) -> dict:
         variants["memorizing_no_memory"] = ["--arch", arch, "--criterion", "cross_entropy", *rows, "--knn-memory-size", "0"]
         variants["memorizing"] = ["--arch", arch, "--criterion", "cross_entropy", *rows,
                                   "--knn-memory-size", str(ours.memorizing)]
+    if ours.only:
+        keep = set(ours.only.split(",")) | {"cross_entropy"}
+        variants = {k: v for k, v in variants.items() if k in keep}
     if ours.threads:
         torch.set_num_threads(ours.threads)
     if ours.peak_of:  # a fresh process: its peak RSS is this variant's alone

@@ -62,8 +62,6 @@ class KnnMemory:
             self._allocate(rows, heads, dim, keys)
         keys = F.normalize(keys.detach(), dim=-1)
         values = values.detach()
-        # the last forward's graph still holds the old buffers (for its backward): copy on write
-        self.keys, self.values = self.keys.clone(), self.values.clone()
         for r in range(rows):  # rows keep different numbers of entries
             sel = keep[r].nonzero(as_tuple=True)[0]
             if sel.numel() == 0:
@@ -102,16 +100,19 @@ class KnnMemory:
             empty = queries.new_zeros(rows, heads, t, 0)
             return empty, queries.new_zeros(rows, heads, t, 0, dim), empty.bool()
         k = min(self.k, self.size)
-        scores = queries.new_empty(rows, heads, t, k)
-        vals = queries.new_empty(rows, heads, t, k, dim)
+        scores, vals, found = [], [], []
         slots = torch.arange(self.size, device=queries.device)
         head_idx = torch.arange(heads, device=queries.device)[:, None, None]
         for r in range(rows):  # one row at a time bounds the [heads, T, size] similarities
             q = F.normalize(queries[r], dim=-1)
-            sims = torch.matmul(q, self.keys[r].transpose(-1, -2))
-            valid = (slots < self.count[r]) & (self.positions[r] < before[r])
-            same_doc = query_docs[r] == self.docs[r]  # [T]
-            sims = sims.masked_fill(~(valid[None, :] & same_doc[:, None]), float("-inf"))
-            scores[r], idx = sims.topk(k, dim=-1)
-            vals[r] = self.values[r][head_idx, idx]
-        return scores, vals, torch.isfinite(scores)
+            with torch.no_grad():  # search without a graph; scores are recomputed below
+                sims = torch.matmul(q, self.keys[r].transpose(-1, -2))
+                valid = (slots < self.count[r]) & (self.positions[r] < before[r])
+                same_doc = query_docs[r] == self.docs[r]  # [T]
+                sims = sims.masked_fill(~(valid[None, :] & same_doc[:, None]), float("-inf"))
+                top, idx = sims.topk(k, dim=-1)
+            keys = self.keys[r][head_idx, idx]  # [heads, T, k, dim], a copy: the buffer stays free
+            scores.append(torch.matmul(keys, q.unsqueeze(-1)).squeeze(-1))  # differentiable in q
+            vals.append(self.values[r][head_idx, idx])
+            found.append(torch.isfinite(top))
+        return torch.stack(scores), torch.stack(vals), torch.stack(found)
