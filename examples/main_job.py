@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
         f"Corpus: `{data}`; `{a.arch}`, L={a.tokens_per_sample}, {a.max_update} updates of "
         f"{a.max_tokens} tokens each model; eval blocks of {a.eval_tokens_per_sample} with a "
         f"{a.context_window}-token context window.\n"
-        f"trime_loss trained at {systems['trime']['train_tokens_per_s'] / ce_tps:.3f}x the tokens/s of cross_entropy.\n\n"
+        f"trime_loss trained at {systems['trime']['train_tokens_per_s'] / max(ce_tps, 1e-9):.3f}x the tokens/s of cross_entropy.\n\n"
     )
     result = {"args": vars(a), "rows": rows, "train": systems, "tuned": {"cache": cache_tuned, "trime": trime_tuned}}
     ex.write_results(run / "results.json", result, header + table)

@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
             table_rows.append(cell)
     table = ex.markdown_table(table_rows, ["model", "memory_size", "valid_ppl", "test_ppl"],
                               ["model", "memory (tokens)", "valid ppl", "test ppl"])
-    ratio = trained["memorizing"]["train_tokens_per_s"] / trained["trime_long"]["train_tokens_per_s"]
+    ratio = trained["memorizing"]["train_tokens_per_s"] / max(trained["trime_long"]["train_tokens_per_s"], 1e-9)
     header = (f"# Memorizing Transformer vs. TRIMELM_long (equal size, data and budget)\n\nCorpus `{data}`; "
               f"`{a.arch}`-sized models, L={a.tokens_per_sample}, {a.batch_size} rows, {a.max_update} updates; "
               f"Memorizing Transformer trained with a {a.train_memory}-token memory at "

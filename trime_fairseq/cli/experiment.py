@@ -85,6 +85,9 @@ def train(data: Path, save_dir: Path, args: Sequence[str], log_path: Path) -> Di
         log_path,
     )
     inner = [json.loads(l.split("|")[-1]) for l in out.splitlines() if "| train_inner |" in l]
+    if not inner:  # shorter than one log interval: the epoch summaries
+        inner = [json.loads(l.split("|")[-1]) for l in out.splitlines() if "| train |" in l and "{" in l]
+        inner = [{"wps": x.get("train_wps", 0), "num_updates": x.get("train_num_updates", 0)} for x in inner]
     wps = sorted(float(x["wps"]) for x in (inner[1:] or inner))
     result = {  # median: intervals that include a validation pass are slower
         "train_tokens_per_s": wps[len(wps) // 2] if wps else 0.0,

@@ -155,7 +155,7 @@ def plot_memory_sweep(rows: List[dict], path: str, title: str = "") -> None:
 
     lines: Dict[str, List[Tuple[int, float]]] = {}
     for r in rows:
-        lines.setdefault(r.get("label", r["combiner"]), []).append((r["memory_size"], r["ppl"]))
+        lines.setdefault(r["label"] if "label" in r else r["combiner"], []).append((r["memory_size"], r["ppl"]))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, pts in lines.items():
         pts.sort()
