@@ -37,14 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    ex.setup_logging()
     a = parse_args(argv)
-    run = Path(a.run_dir)
-    logs = run / "logs"
+    run, logs, data, common, warm = ex.start_run(a)
     src = Path(a.reuse) if a.reuse else run
-    data = ex.ensure_corpus(src, a.data, logs)
-    common = ex.train_flags(a.arch, a.tokens_per_sample, a.max_update, a.lr, a.seed, max(1, a.max_update // 8))
-    warm = ["--ce-warmup-updates", max(1, int(a.ce_warmup_frac * a.max_update))]
+    warm = ["--ce-warmup-updates", warm]
     tokens = ["--max-tokens", a.batch_size * a.tokens_per_sample]
     specs = {
         "vanilla": [*common, *tokens, "--criterion", "cross_entropy"],

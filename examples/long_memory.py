@@ -42,14 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    ex.setup_logging()
     a = parse_args(argv)
-    run = Path(a.run_dir)
-    logs = run / "logs"
-    data = ex.ensure_corpus(run, a.data, logs)
-    common = [*ex.train_flags(a.arch, a.tokens_per_sample, a.max_update, a.lr, a.seed, max(1, a.max_update // 8)),
-              "--batch-size", a.batch_size]
-    warm = ["--ce-warmup-updates", max(1, int(a.ce_warmup_frac * a.max_update))]
+    run, logs, data, common, warm = ex.start_run(a)
+    common = [*common, "--batch-size", a.batch_size]
+    warm = ["--ce-warmup-updates", warm]
     models = {
         "vanilla": [*common, "--criterion", "cross_entropy"],
         "trime": [*common, "--criterion", "trime_loss", *warm],

@@ -36,16 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    ex.setup_logging()
     a = parse_args(argv)
-    run = Path(a.run_dir)
-    logs = run / "logs"
-    data = ex.ensure_corpus(run, a.data, logs)
-    common = [*ex.train_flags(a.arch, a.tokens_per_sample, a.max_update, a.lr, a.seed, a.warmup_updates),
-              "--max-tokens", a.max_tokens]
+    run, logs, data, common, warm = ex.start_run(a, a.warmup_updates)
+    common = [*common, "--max-tokens", a.max_tokens]
     systems = {}
     systems["vanilla"] = ex.train(data, run / "ckpt" / "vanilla", [*common, "--criterion", "cross_entropy"], logs / "train_vanilla.log")
-    warm = max(1, int(a.ce_warmup_frac * a.max_update))
     systems["trime"] = ex.train(
         data, run / "ckpt" / "trime",
         [*common, "--criterion", "trime_loss", "--ce-warmup-updates", warm], logs / "train_trime.log",

@@ -37,18 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    ex.setup_logging()
     a = parse_args(argv)
-    run = Path(a.run_dir)
-    logs = run / "logs"
+    run, logs, data, common, warm = ex.start_run(a)
     src = Path(a.reuse) if a.reuse else run
-    data = ex.ensure_corpus(src, a.data, logs)
-    common = [*ex.train_flags(a.arch, a.tokens_per_sample, a.max_update, a.lr, a.seed, max(1, a.max_update // 8)),
-              "--batch-size", a.batch_size]
+    common = [*common, "--batch-size", a.batch_size]
     trime_dir = src / "ckpt" / "trime_long"
     if not (trime_dir / "train_done.json").exists():
         trime_dir = run / "ckpt" / "trime_long"
-    warm = max(1, int(a.ce_warmup_frac * a.max_update))
     trained = {
         "trime_long": ex.train(data, trime_dir, [*common, "--criterion", "trime_loss", "--ce-warmup-updates", warm,
                                                 "--consecutive-segments", a.consecutive_segments],

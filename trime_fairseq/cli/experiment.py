@@ -142,6 +142,22 @@ def add_common_args(p, run_dir: str, tokens_per_sample: int, max_update: int = 3
     p.add_argument("--seed", type=int, default=1, help="training seed")
 
 
+def start_run(a, warmup_updates: int = 0):
+    """Common start of every example: logging, run/logs directories, the corpus (reused from
+    ``a.reuse`` when given), the shared fairseq-train flags and the CE warm-up updates.
+
+    Returns ``(run, logs, data, train_flags, ce_warmup_updates)``.
+    """
+    setup_logging()
+    run = Path(a.run_dir)
+    logs = run / "logs"
+    src = Path(a.reuse) if getattr(a, "reuse", None) else run
+    data = ensure_corpus(src, a.data, logs)
+    flags = train_flags(a.arch, a.tokens_per_sample, a.max_update, a.lr, a.seed,
+                        warmup_updates or max(1, a.max_update // 8))
+    return run, logs, data, flags, max(1, int(a.ce_warmup_frac * a.max_update))
+
+
 def ensure_corpus(run: Path, data: Optional[str], logs: Path) -> Path:
     """``data`` (a fairseq-preprocess output) or the default corpus built in ``run/corpus``."""
     if data:
