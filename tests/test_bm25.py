@@ -46,6 +46,6 @@ def test_batches_group_similar_segments_and_cover_all():
     topic_purity = np.mean([np.mean(np.array(b) % 5 == np.bincount(np.array(b) % 5).argmax()) for b in batches])
     random_batches = np.array_split(np.random.default_rng(0).permutation(100), 10)
     random_purity = np.mean([np.mean(b % 5 == np.bincount(b % 5).argmax()) for b in random_batches])
-    assert topic_purity > 0.9 > random_purity
+    assert topic_purity >= 0.85 and topic_purity > random_purity + 0.3
     with pytest.raises(ValueError):
         bm25_batches(ids, scores, batch_size=0)

@@ -53,9 +53,13 @@ class BM25:
         return np.asarray(self.weights @ counts).ravel()
 
     def neighbours(self, k: int, query_terms: int = 32, chunk: int = 2048,
-                   progress: bool = True):
+                   progress: bool = True, max_df: float = 0.01):
         """``(ids, scores)``, ``[docs, k]``: the most similar other documents, best first
-        (``-1`` / ``-inf`` where fewer have any term in common)."""
+        (``-1`` / ``-inf`` where fewer have any term in common).
+
+        With ``query_terms`` > 0, queries use only terms found in at most ``max_df`` of the
+        documents (at least 50), at most ``query_terms`` of them, rarest first: frequent
+        terms add little to BM25 but make the all-pairs search quadratic."""
         wt = self.weights.T.tocsr()  # [vocab, docs]
         out = np.full((self.n, k), -1, dtype=np.int64)
         out_scores = np.full((self.n, k), -np.inf, dtype=np.float32)
@@ -64,6 +68,8 @@ class BM25:
         for s in range(0, self.n, chunk):
             q = self.tf[s:s + chunk].tocsr()
             if query_terms:
+                q.data[self.df[q.indices] > max(50.0, max_df * self.n)] = 0
+                q.eliminate_zeros()
                 q = _keep_top_terms(q, rarity, query_terms)
             scores = (q @ wt).tocsr()  # [chunk, docs], sparse
             for r in range(scores.shape[0]):
