@@ -235,13 +235,21 @@ class CacheCombiner(Combiner):
         q, k = (x.query_f, x.keys_f) if self.representation == "f" else (x.query_g, x.keys_g)
         return self.theta * torch.matmul(q, k.transpose(-1, -2))
 
-    def log_probs(self, x: ScoringInputs) -> Tensor:
+    def mix(self, lprobs: Tensor, x: ScoringInputs) -> Tensor:
+        """``(1-λ) P + λ P_cache`` for any distribution ``P`` ``[..., V]`` (e.g. kNN-LM's)."""
         mem = memory_log_probs_at(self._scores(x), x.key_labels.unsqueeze(1), x.mask, x.vocab_size)
-        return interpolate_at(x.tok_log_probs(), mem, self.lam, x.mask.any(-1))
+        return interpolate_at(lprobs, mem, self.lam, x.mask.any(-1))
+
+    def mix_target(self, lprob: Tensor, x: ScoringInputs) -> Tensor:
+        """:meth:`mix` at the target only: ``lprob`` is ``log P(target)``."""
+        mem = memory_target_log_prob(self._scores(x), x.key_labels.unsqueeze(1), x.mask, x.target)
+        return interpolate(lprob, mem, self.lam, x.mask.any(-1))
+
+    def log_probs(self, x: ScoringInputs) -> Tensor:
+        return self.mix(x.tok_log_probs(), x)
 
     def target_log_prob(self, x: ScoringInputs) -> Tensor:
-        mem = memory_target_log_prob(self._scores(x), x.key_labels.unsqueeze(1), x.mask, x.target)
-        return interpolate(x.tok_target_log_prob(), mem, self.lam, x.mask.any(-1))
+        return self.mix_target(x.tok_target_log_prob(), x)
 
     def describe(self) -> str:
         return f"cache(lambda={self.lam:g}, theta={self.theta:g}, h={self.representation})"
@@ -270,19 +278,13 @@ class KnnCombiner(Combiner):
         s, labels, mask = self._knn(x)
         lp = interpolate_at(x.tok_log_probs(), memory_log_probs_at(s, labels, mask, x.vocab_size),
                             self.lam, mask.any(-1))
-        if self.cache is not None:
-            mem = memory_log_probs_at(self.cache._scores(x), x.key_labels.unsqueeze(1), x.mask, x.vocab_size)
-            lp = interpolate_at(lp, mem, self.cache.lam, x.mask.any(-1))
-        return lp
+        return lp if self.cache is None else self.cache.mix(lp, x)
 
     def target_log_prob(self, x: ScoringInputs) -> Tensor:
         s, labels, mask = self._knn(x)
         lp = interpolate(x.tok_target_log_prob(), memory_target_log_prob(s, labels, mask, x.target),
                          self.lam, mask.any(-1))
-        if self.cache is not None:
-            mem = memory_target_log_prob(self.cache._scores(x), x.key_labels.unsqueeze(1), x.mask, x.target)
-            lp = interpolate(lp, mem, self.cache.lam, x.mask.any(-1))
-        return lp
+        return lp if self.cache is None else self.cache.mix_target(lp, x)
 
     def describe(self) -> str:
         c = f" + {self.cache.describe()}" if self.cache else ""
