@@ -29,7 +29,12 @@ setup(
     entry_points={
         "console_scripts": [
             "trime-prepare-lm = trime_fairseq.cli.prepare_lm:main",
+            "trime-prepare-mt = trime_fairseq.cli.prepare_mt:main",
             "trime-tune = trime_fairseq.cli.tune:main",
+            "trime-build-datastore = trime_fairseq.cli.build_datastore:main",
+            "trime-analyze = trime_fairseq.cli.analyze:main",
+            "trime-tune-mt = trime_fairseq.cli.tune_mt:main",
+            "trime-train-metak = trime_fairseq.cli.train_metak:main",
         ]
     },
 )

@@ -2,7 +2,8 @@
 
 1. ``bm25``: BM25 batching of ``--bm25-segments`` real training segments (target <= 60 s).
 2. ``datastore``: datastore build keys/s ÷ plain forward tokens/s over the same blocks
-   (target >= 0.9), and peak RSS for two sizes (should stay flat as N grows).
+   (target >= 0.9), and peak RSS for two sizes (should stay flat as N grows:
+   ``peak_rss_ratio_large_vs_small`` ~ 1).
 3. ``ext_eval`` (needs ``--datastore`` with an index): kNN-LM scoring tokens/s ÷ vanilla
    scoring tokens/s over the same valid blocks (target >= 0.5 at recall@K >= 0.9), with
    the time split into model / search / combine.
@@ -68,7 +69,11 @@ def bench_datastore(cfg, model, task, max_blocks: int) -> dict:
             tps = n / (time.perf_counter() - t0)
         result[f"build_keys_per_s_{n}"] = tps
         result[f"peak_rss_growth_mb_{n}"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        result[f"peak_rss_mb_{n}"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result.setdefault("sizes", []).append(n)
     result["ratio_build_vs_forward"] = tps / forward_tps
+    # the process's peak after building 4x the keys ÷ its peak after the smaller build: flat = ~1
+    result["peak_rss_ratio_large_vs_small"] = result[f"peak_rss_mb_{n}"] / result[f"peak_rss_mb_{result['sizes'][0]}"]
     result["target_ratio"] = 0.9
     return result
 

@@ -2,7 +2,9 @@
 
 Variants: ``cross_entropy``; ``trime_loss`` (local memory, fairseq's batches);
 ``memorizing`` vs ``memorizing_no_memory`` (``--memorizing SIZE``: the Memorizing
-Transformer with and without its kNN memory, same weights and batches);
+Transformer with and without its kNN memory, same weights and batches; both warm up until
+the memory is full, so the timed steps search a full memory; the recall@k of faiss search
+against exact search is measured on the memory and queries of one more step);
 ``trime_loss_long`` (``--consecutive-segments m``, long-term in-batch memory) when
 ``--long-m`` is given; ``trime_loss_ext`` (BM25 batches, memory = the whole batch) with
 ``--ext``.
@@ -73,6 +75,55 @@ def time_steps(task, model, criterion, batches, start: int, steps: int, optim) -
     return tokens / (time.perf_counter() - t0)
 
 
+def one_document(ours: argparse.Namespace, name: str, batches: List[dict]) -> None:
+    """``--memorizing-one-doc``: every row's stream is one document (its memory fills up and stays full)."""
+    if ours.memorizing_one_doc and name.startswith("memorizing"):
+        for b in batches:
+            b["net_input"]["mem_docs"] = torch.zeros_like(b["net_input"]["mem_docs"])
+
+
+def memorizing_recall(model, sample, factories: List[str], nprobe: int) -> Dict[str, dict]:
+    """recall@k of faiss search (each factory) against exact torch search, on the kNN layer's
+    current memory and the queries of one more forward on ``sample``."""
+    from trime_fairseq.memory.knn_memory import search_recall
+
+    memory = model.knn_attention.memory
+    seen = {}
+    search = memory.topk
+
+    def capture(queries, before, query_docs):
+        seen.update(queries=queries.detach(), before=before, query_docs=query_docs)
+        return search(queries, before, query_docs)
+
+    memory.topk = capture
+    try:
+        with torch.no_grad():
+            model(**sample["net_input"])
+    finally:
+        del memory.topk
+    q = torch.nn.functional.normalize(seen["queries"], dim=-1)
+    live = memory.count.float().mean().item()
+    logger.info("memorizing: %.0f live memory entries per row on average (of %d)", live, memory.size)
+    out = {}
+    for factory in factories:
+        t0 = time.perf_counter()
+        mem = memory.with_faiss(factory, nprobe=nprobe)
+        build_s = time.perf_counter() - t0
+        rec = search_recall(mem, seen["queries"], seen["before"], seen["query_docs"])
+        t0 = time.perf_counter()
+        mem.search_slots(q, seen["before"], seen["query_docs"], "faiss")
+        faiss_ms = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        mem.search_slots(q, seen["before"], seen["query_docs"], "torch")
+        torch_ms = (time.perf_counter() - t0) * 1e3
+        key = factory if "IVF" not in factory else f"{factory} nprobe={nprobe}"
+        out[key] = {"recall": rec, "k": memory.k, "faiss_ms": faiss_ms, "torch_ms": torch_ms, "build_s": build_s,
+                    "mean_live_entries": live}
+        logger.info("memorizing: faiss %s recall@%d %.3f (search %.0f ms, torch %.0f ms; build %.1f s)",
+                    key, memory.k, rec, faiss_ms, torch_ms, build_s)
+    return out
+
+
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +139,12 @@ def main(argv=None) -> dict:
     p.add_argument("--ext", action="store_true", help="also time trime_loss with BM25 batches (external memory)")
     p.add_argument("--memorizing", type=int, default=0,
                    help="also time the Memorizing Transformer with this memory size against itself without memory")
+    p.add_argument("--memorizing-one-doc", action="store_true",
+                   help="worst case: treat each row's stream as one document, so the memory is never cleared "
+                        "and every timed step searches a full memory")
+    p.add_argument("--memorizing-faiss", default="Flat,IVF64:Flat",
+                   help="faiss factories (':' for ',') whose recall@k against exact search is reported ('': none)")
+    p.add_argument("--memorizing-nprobe", type=int, default=8, help="nprobe of the IVF factories above")
     p.add_argument("--out", default=None, help="write the result as JSON here (and .md beside)")
     p.add_argument("--only", default=None, help="comma-separated variants to time (cross_entropy always)")
     p.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one variant, report peak RSS
@@ -113,6 +170,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(ours.threads)
     if ours.peak_of:  # a fresh process: its peak RSS is this variant's alone
         task, model, criterion, batches = build(ours.data, ours.arch, extra, variants[ours.peak_of])
+        one_document(ours, ours.peak_of, batches)
         model.train()
         time_steps(task, model, criterion, batches, 0, 2, torch.optim.Adam(model.parameters(), lr=1e-4))
         print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -123,17 +181,22 @@ def main(argv=None) -> dict:
                              capture_output=True, text=True, check=True).stdout
         peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
     runs = {}
+    warm = {name: ours.warmup_steps for name in variants}
+    for name in ("memorizing", "memorizing_no_memory"):  # same batches; timed with a full memory
+        if name in warm:
+            warm[name] = max(ours.warmup_steps, -(-ours.memorizing // ours.tokens_per_sample))
     for name, variant in variants.items():
         torch.manual_seed(1)
         task, model, criterion, batches = build(ours.data, ours.arch, extra, variant)
+        one_document(ours, name, batches)
         model.train()
         optim = torch.optim.Adam(model.parameters(), lr=1e-4)
-        time_steps(task, model, criterion, batches, 0, ours.warmup_steps, optim)
+        time_steps(task, model, criterion, batches, 0, warm[name], optim)
         runs[name] = dict(task=task, model=model, criterion=criterion, batches=batches, optim=optim, tps=[])
     for block in range(ours.blocks):
         for name, r in runs.items():
             r["tps"].append(time_steps(r["task"], r["model"], r["criterion"], r["batches"],
-                                       ours.warmup_steps + block * ours.steps, ours.steps, r["optim"]))
+                                       warm[name] + block * ours.steps, ours.steps, r["optim"]))
             logger.info("block %d %-14s %.0f tokens/s", block, name, r["tps"][-1])
     base = statistics.median(runs["cross_entropy"]["tps"])
     result = {
@@ -149,10 +212,18 @@ def main(argv=None) -> dict:
         "peak_rss_ratio_vs_cross_entropy": {k: v / peaks["cross_entropy"] for k, v in peaks.items()},
         "torch_threads": torch.get_num_threads(),
     }
+    if "memorizing" in runs and ours.memorizing_faiss:
+        r = runs["memorizing"]
+        result["memorizing_recall"] = memorizing_recall(
+            r["model"], r["batches"][(warm["memorizing"] + ours.blocks * ours.steps) % len(r["batches"])],
+            [f.replace(":", ",") for f in ours.memorizing_faiss.split(",")], ours.memorizing_nprobe)
     lines = ["| criterion | tokens/s | ratio vs CE | peak RSS (MB) | ratio vs CE |", "|---|---:|---:|---:|---:|"]
     for k in runs:
         lines.append(f"| {k} | {result['tokens_per_s'][k]:.0f} | {result['ratio_vs_cross_entropy'][k]:.3f} | "
                      f"{peaks[k]:.0f} | {peaks[k] / peaks['cross_entropy']:.3f} |")
+    for factory, rec in (result.get("memorizing_recall") or {}).items():
+        lines.append(f"\nmemorizing: faiss `{factory}` recall@{rec['k']} vs exact {rec['recall']:.3f} "
+                     f"(search {rec['faiss_ms']:.0f} ms vs torch {rec['torch_ms']:.0f} ms per step)")
     table = "\n".join(lines)
     logger.info("\n%s", table)
     if ours.out:

@@ -21,3 +21,29 @@ def tiny_lm(tmp_path_factory):
         "--log-interval", "1", "--cpu", "--seed", "1",
     ])
     return data, ckpt / "checkpoint_last.pt", proc
+
+
+@pytest.fixture(scope="session")
+def tiny_mt(tmp_path_factory):
+    """``(data_bin, checkpoint, {metric: datastore})``: a TRIME-MT model trained for 8 updates
+    on a tiny de->en corpus, with L2 and inner-product datastores over its training targets."""
+    from helpers import write_tiny_parallel
+
+    root = tmp_path_factory.mktemp("mt")
+    data = write_tiny_parallel(root / "corpus")
+    ckpt = root / "ckpt"
+    run_cli([
+        "fairseq_cli.train", str(data), "--user-dir", USER_DIR, "--task", "trime_translation",
+        "--arch", "transformer_mt_trime_tiny", "--criterion", "trime_loss", "--ce-warmup-updates", "2",
+        "--optimizer", "adam", "--lr", "3e-3", "--max-tokens", "400", "--max-update", "8",
+        "--save-dir", str(ckpt), "--no-epoch-checkpoints", "--log-format", "json", "--cpu", "--seed", "1",
+    ])
+    stores = {}
+    for metric in ("l2", "ip"):
+        stores[metric] = root / f"ds_{metric}"
+        run_cli([
+            "trime_fairseq.cli.build_datastore", str(data), "--user-dir", USER_DIR, "--task", "trime_translation",
+            "--path", str(ckpt / "checkpoint_last.pt"), "--gen-subset", "train", "--out", str(stores[metric]),
+            "--metric", metric, "--recall-k", "8", "--recall-queries", "50", "--cpu",
+        ])
+    return data, ckpt / "checkpoint_last.pt", stores

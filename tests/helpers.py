@@ -78,3 +78,23 @@ def run_cli(argv: List[str], check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"{argv[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def write_tiny_parallel(root: Path, n_train: int = 120, seed: int = 0) -> Path:
+    """A tiny de->en corpus (word-for-word synthetic pairs), binarised with a joined dictionary."""
+    import random
+
+    rnd = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("valid", 24), ("test", 12)):
+        with open(root / f"{split}.de", "w") as de, open(root / f"{split}.en", "w") as en:
+            for _ in range(n):
+                words = [rnd.randrange(20) for _ in range(rnd.randint(3, 9))]
+                de.write(" ".join(f"d{w}" for w in words) + "\n")
+                en.write(" ".join(f"e{w}" for w in words) + "\n")
+    run_cli(
+        ["fairseq_cli.preprocess", "--source-lang", "de", "--target-lang", "en", "--joined-dictionary",
+         "--trainpref", str(root / "train"), "--validpref", str(root / "valid"), "--testpref", str(root / "test"),
+         "--destdir", str(root / "bin"), "--workers", "1"]
+    )
+    return root / "bin"

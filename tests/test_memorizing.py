@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import USER_DIR
 from helpers import make_dictionary, make_model, random_tokens, run_cli
-from trime_fairseq.memory.knn_memory import KnnMemory
+from trime_fairseq.memory.index import set_nprobe
+from trime_fairseq.memory.knn_memory import KnnMemory, search_recall
 from trime_fairseq.models.memorizing import MemorizingTransformerLanguageModel, memorizing_tiny
 
 
@@ -158,3 +159,162 @@ def test_train_and_eval_through_fairseq(tiny_lm, tmp_path):
     for size in ("0", "64", "512"):
         assert ppl[size, "1"] == pytest.approx(ppl[size, "6"], rel=1e-4)
     assert ppl["64", "1"] != pytest.approx(ppl["0", "1"], rel=1e-4)
+    # the same memory searched through faiss (exact flat index): the same perplexity
+    out = run_cli([*ev, "--batch-size", "1", "--model-overrides",
+                   "{'knn_memory_size': 64, 'knn_search': 'faiss', 'knn_faiss_factory': 'Flat'}"])
+    assert "faiss Flat per (row, head)" in out.stderr
+    assert float(re.search(r"Perplexity: ([0-9.]+)", out.stderr).group(1)) == pytest.approx(ppl["64", "1"], rel=1e-4)
+
+
+def filled_memory(search="torch", size=10, rows=2, heads=2, dim=5, segments=3, t=7, seed=0, **options):
+    """A memory that has seen ``segments`` segments of ``t`` tokens per row (one document)."""
+    g = torch.Generator().manual_seed(seed)
+    mem = KnnMemory(size, 4, search=search, **options)
+    history = []
+    for s in range(segments):
+        keys, values = torch.randn(rows, heads, t, dim, generator=g), torch.randn(rows, heads, t, dim, generator=g)
+        pos = torch.arange(s * t, (s + 1) * t).repeat(rows, 1)
+        mem.update(keys, values, keep=torch.ones(rows, t, dtype=torch.bool), positions=pos,
+                   docs=torch.zeros(rows, t, dtype=torch.long))
+        history.append((keys, values, pos))
+    return mem, history
+
+
+def brute_force(history, q, size, before, k):
+    """Exact top-k over each row's newest ``size`` entries with position < before."""
+    keys = torch.cat([h[0] for h in history], 2)[:, :, -size:]
+    values = torch.cat([h[1] for h in history], 2)[:, :, -size:]
+    pos = torch.cat([h[2] for h in history], 1)[:, -size:]
+    out = []
+    for r in range(q.size(0)):
+        ok = pos[r] < before[r]
+        sims = F.normalize(q[r], dim=-1) @ F.normalize(keys[r][:, ok], dim=-1).transpose(-1, -2)
+        top = sims.topk(k, dim=-1)
+        idx = top.indices.flatten(1)[..., None].expand(-1, -1, values.size(-1))
+        out.append((top.values, values[r][:, ok].gather(1, idx).view(*top.indices.shape, -1)))
+    return out
+
+
+@pytest.mark.parametrize("search", ["torch", "faiss"])
+def test_fifo_wraps_and_equals_brute_force(search):
+    torch.manual_seed(0)
+    mem, history = filled_memory(search, faiss_factory="Flat")  # 21 entries through a 10-slot FIFO
+    assert mem.count.tolist() == [10, 10] and mem.inserted.tolist() == [21, 21]
+    q = torch.randn(2, 2, 3, 5)
+    before = torch.tensor([21, 18])  # row 1: the newest 3 entries are in its local window
+    scores, vals, found = mem.topk(q, before=before, query_docs=torch.zeros(2, 3, dtype=torch.long))
+    assert found.all()
+    for r, (top, top_vals) in enumerate(brute_force(history, q, 10, before, 4)):
+        torch.testing.assert_close(scores[r], top)
+        torch.testing.assert_close(vals[r], top_vals)
+
+
+def test_faiss_flat_equals_exact_torch_search():
+    torch.manual_seed(0)
+    mem, _ = filled_memory("faiss", size=64, rows=3, heads=2, dim=8, segments=5, t=24, faiss_factory="Flat")
+    assert [idx.ntotal for row in mem._indexes for idx in row] == [64] * 6  # evicted ids were removed
+    q = F.normalize(torch.randn(3, 2, 24, 8), dim=-1)
+    docs = torch.zeros(3, 24, dtype=torch.long)
+    docs[2, 10:] = 1  # row 2: later queries belong to another document, which has no memory
+    before = torch.tensor([120, 110, 100])
+    a_top, a_slots = mem.search_slots(q, before, docs, "faiss")
+    e_top, e_slots = mem.search_slots(q, before, docs, "torch")
+    torch.testing.assert_close(a_top, e_top)
+    assert torch.equal(a_slots[torch.isfinite(e_top)], e_slots[torch.isfinite(e_top)])
+    assert not torch.isfinite(a_top[2, :, 10:]).any() and torch.isfinite(a_top[2, :, :10]).all()
+    assert search_recall(mem, q, before, docs) == 1.0
+
+
+def test_faiss_ivf_recall_against_exact():
+    torch.manual_seed(0)
+    mem, _ = filled_memory("faiss", size=2048, rows=1, heads=2, dim=16, segments=5, t=512,
+                           faiss_factory="IVF16,Flat", faiss_nprobe=4)
+    assert mem._indexes[0][0].is_trained and mem._indexes[0][0].ntotal == 2048
+    q = torch.randn(1, 2, 256, 16)
+    recall = search_recall(mem, q, torch.tensor([10**6]), torch.zeros(1, 256, dtype=torch.long))
+    assert 0.5 <= recall < 1.0  # 4 of 16 lists on random data: about 0.8
+    mem.faiss_nprobe = 16
+    for index in mem._indexes[0]:
+        set_nprobe(index, 16)
+    assert search_recall(mem, q, torch.tensor([10**6]), torch.zeros(1, 256, dtype=torch.long)) == 1.0
+
+
+def test_faiss_ivf_trains_once_memory_holds_enough_keys():
+    torch.manual_seed(0)
+    mem, _ = filled_memory("faiss", size=64, rows=1, segments=1, t=20, faiss_factory="IVF2,Flat", faiss_train_size=40)
+    assert not mem._index_ready(0)  # exact torch search until then
+    q = torch.randn(1, 2, 3, 5)
+    scores, _, found = mem.topk(q, before=torch.tensor([100]), query_docs=torch.zeros(1, 3, dtype=torch.long))
+    assert found.all()
+    mem, history = filled_memory("faiss", size=64, rows=1, segments=3, t=20, faiss_factory="IVF2,Flat",
+                                 faiss_train_size=40, faiss_nprobe=2)
+    assert mem._index_ready(0) and mem._indexes[0][0].ntotal == 60
+    scores, vals, found = mem.topk(q, before=torch.tensor([100]), query_docs=torch.zeros(1, 3, dtype=torch.long))
+    top, top_vals = brute_force(history, q, 64, [100], 4)[0]
+    torch.testing.assert_close(scores[0], top)  # all lists probed: exact
+
+
+def test_faiss_index_without_remove_is_rebuilt():
+    torch.manual_seed(0)
+    mem, history = filled_memory("faiss", size=10, rows=1, segments=3, t=7, faiss_factory="HNSW8")
+    assert not mem._removable and mem._indexes[0][0].ntotal == 10
+    q = torch.randn(1, 2, 3, 5)
+    scores, _, found = mem.topk(q, before=torch.tensor([21]), query_docs=torch.zeros(1, 3, dtype=torch.long))
+    torch.testing.assert_close(scores[0], brute_force(history, q, 10, [21], 4)[0][0])  # tiny: HNSW is exact
+
+
+@pytest.mark.parametrize("search", ["torch", "faiss"])
+def test_memory_clears_at_document_boundary_and_rows_never_mix(search):
+    torch.manual_seed(0)
+    mem, _ = filled_memory(search, size=16, rows=2, segments=2, t=6, faiss_factory="Flat")
+    g = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(2, 2, 6, 5, generator=g), torch.randn(2, 2, 6, 5, generator=g)
+    docs = torch.tensor([[0] * 6, [0, 0, 1, 1, 1, 1]])  # row 1: document 1 starts mid-segment
+    mem.update(keys, values, keep=torch.ones(2, 6, dtype=torch.bool), positions=torch.arange(12, 18).repeat(2, 1),
+               docs=docs)
+    assert mem.count.tolist() == [16, 4] and mem.docs.tolist() == [0, 1]
+    if search == "faiss":
+        assert [idx.ntotal for idx in mem._indexes[1]] == [4, 4]
+    # a query of row 1 (document 1) sees only document 1's four entries; row 1's old queries see nothing
+    q = keys.clone()
+    scores, vals, found = mem.topk(q, before=torch.tensor([18, 18]), query_docs=docs)
+    assert found[0].all() and not found[1, :, :2].any() and found[1, :, 2:].all()
+    torch.testing.assert_close(scores[1, :, 2:].max(-1).values, torch.ones(2, 4))  # each finds itself
+    row1 = {tuple(v.tolist()) for v in values[1].reshape(-1, 5)[values[1].reshape(-1, 5).abs().sum(-1) > 0]}
+    assert all(tuple(v.tolist()) not in row1 for v in vals[0].reshape(-1, 5))  # row 0 never returns row 1's
+    # and row 0's results do not depend on what row 1 stored
+    other, _ = filled_memory(search, size=16, rows=2, segments=2, t=6, faiss_factory="Flat")
+    keys2, values2 = keys.clone(), values.clone()
+    keys2[1], values2[1] = torch.randn(2, 6, 5), torch.randn(2, 6, 5)
+    other.update(keys2, values2, keep=torch.ones(2, 6, dtype=torch.bool),
+                 positions=torch.arange(12, 18).repeat(2, 1), docs=docs)
+    scores2, vals2, _ = other.topk(q, before=torch.tensor([18, 18]), query_docs=docs)
+    torch.testing.assert_close(scores2[0], scores[0])
+    torch.testing.assert_close(vals2[0], vals[0])
+
+
+def test_model_with_faiss_flat_equals_torch_search():
+    d = make_dictionary(30)
+    outs = {}
+    for search in ("torch", "faiss"):
+        model = make_memorizing(d, memory_size=8)
+        model.knn_attention.memory = KnnMemory(8, 4, search=search, faiss_factory="Flat")
+        segs = [random_tokens(d, 2, 6, seed=s) for s in (1, 2, 3)]
+        outs[search] = [model(**stream_inputs(x, [0, 1], [6 * i, 6 * i]))[0] for i, x in enumerate(segs)]
+    for a, b in zip(outs["torch"], outs["faiss"]):
+        torch.testing.assert_close(a, b)
+
+
+def test_faiss_flags():
+    with pytest.raises(ValueError, match="--knn-search"):
+        KnnMemory(8, 2, search="annoy")
+    with pytest.raises(ValueError, match="--knn-faiss-nprobe"):
+        KnnMemory(8, 2, search="faiss", faiss_nprobe=0)
+    assert KnnMemory(100, 2, search="auto", faiss_min_size=64).search == "faiss"
+    assert KnnMemory(64, 2, search="auto", faiss_min_size=64).search == "torch"
+    for factory, match in (("NotAnIndex", "--knn-faiss-factory 'NotAnIndex' is not a valid"),
+                           ("IVF64,Flat", "--knn-faiss-factory 'IVF64,Flat' needs >= 64 keys")):
+        mem = KnnMemory(32, 2, search="faiss", faiss_factory=factory)
+        with pytest.raises(ValueError, match=match):
+            mem.update(torch.randn(1, 2, 4, 5), torch.randn(1, 2, 4, 5), torch.ones(1, 4, dtype=torch.bool),
+                       torch.arange(4)[None], torch.zeros(1, 4, dtype=torch.long))

@@ -18,6 +18,15 @@ lives here and nowhere else. It is applied once, when :mod:`trime_fairseq` is im
 3. numpy >= 2 removed ``np.compat``, still used by fairseq's ``token_block_dataset`` and
    ``language_pair_dataset``. We pin ``numpy<2`` in ``setup.py`` and, should numpy 2 be
    installed anyway, provide the one name fairseq needs (``np.compat.long``).
+4. fairseq's distributed training assumes GPUs: ``--distributed-world-size N`` spawns
+   ``min(#GPUs, N)`` processes (none on a CPU machine) and asserts that N GPUs exist,
+   torchrun's environment is read with ``rank % #GPUs``, ``--ddp-backend c10d`` passes
+   ``device_ids=[i]`` to ``DistributedDataParallel`` (refused for CPU modules), and
+   ``all_gather_list`` (used to sync logging outputs) allocates CUDA buffers. Without
+   GPUs (or with ``--cpu``) we spawn N local processes on ``tcp://localhost:PORT`` (or
+   read torchrun's ``env://``), switch an ``nccl`` backend to ``gloo``, build DDP without
+   device ids for CPU modules, and gather logging outputs with
+   ``torch.distributed.all_gather_object`` on gloo groups. GPU runs are untouched.
 """
 from __future__ import annotations
 
@@ -86,6 +95,86 @@ def _patch_batch_by_size() -> None:
     data_utils.batch_by_size = batch_by_size
 
 
+def _cpu_training(cfg) -> bool:
+    return not cfg.common.tpu and (cfg.common.cpu or not torch.cuda.is_available())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _prepare_cpu_distributed(cfg) -> None:
+    """Fill in what fairseq infers from GPUs: init method, rank, backend (see 4.)."""
+    import os
+
+    dt = cfg.distributed_training
+    if dt.distributed_backend == "nccl":
+        logger.info("training on CPU: --distributed-backend gloo (nccl needs GPUs)")
+        dt.distributed_backend = "gloo"
+    if dt.distributed_init_method is not None:
+        return
+    if all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")):  # torchrun
+        dt.distributed_init_method = "env://"
+        dt.distributed_world_size = int(os.environ["WORLD_SIZE"])
+        dt.distributed_rank = int(os.environ["RANK"])
+        dt.device_id = 0
+        dt.distributed_no_spawn = True
+    else:
+        port = dt.distributed_port if dt.distributed_port > 0 else _free_port()
+        dt.distributed_init_method = f"tcp://localhost:{port}"
+
+
+def _patch_cpu_distributed() -> None:
+    from fairseq.distributed import utils as dist_utils
+    from fairseq.models import distributed_fairseq_model
+    from torch.nn.parallel import DistributedDataParallel
+
+    original_call_main = dist_utils.call_main
+    if getattr(original_call_main, "_trime_cpu", False):
+        return
+
+    def call_main(cfg, main, **kwargs):
+        dt = cfg.distributed_training
+        if not _cpu_training(cfg) or dt.distributed_world_size <= 1:
+            return original_call_main(cfg, main, **kwargs)
+        _prepare_cpu_distributed(cfg)
+        if dt.distributed_no_spawn:
+            return dist_utils.distributed_main(dt.device_id, main, cfg, kwargs)
+        kwargs["start_rank"] = dt.distributed_rank
+        dt.distributed_rank = None  # assigned per spawned process
+        torch.multiprocessing.spawn(fn=dist_utils.distributed_main, args=(main, cfg, kwargs),
+                                    nprocs=dt.distributed_world_size, join=True)
+
+    class DeviceAwareDDP(DistributedDataParallel):
+        """``DistributedDataParallel`` that drops GPU device ids for a CPU module."""
+
+        def __init__(self, module, device_ids=None, output_device=None, **kwargs):
+            if all(p.device.type == "cpu" for p in module.parameters()):
+                device_ids = output_device = None
+            super().__init__(module, device_ids=device_ids, output_device=output_device, **kwargs)
+
+    original_gather = dist_utils.all_gather_list
+
+    def all_gather_list(data, group=None, max_size=16384):
+        import torch.distributed as dist
+
+        pg = dist_utils.get_global_group() if group is None else group
+        if isinstance(pg, tuple) or dist.get_backend(pg) != "gloo":
+            return original_gather(data, group=group, max_size=max_size)
+        out = [None] * dist.get_world_size(pg)
+        dist.all_gather_object(out, data, group=pg)
+        return out
+
+    call_main._trime_cpu = True  # type: ignore[attr-defined]
+    dist_utils.call_main = call_main
+    dist_utils.all_gather_list = all_gather_list
+    distributed_fairseq_model.DistributedDataParallel = DeviceAwareDDP
+
+
 _applied = False
 
 
@@ -97,5 +186,6 @@ def apply() -> None:
     _patch_numpy_compat()
     _patch_torch_load()
     _patch_batch_by_size()
+    _patch_cpu_distributed()
     _applied = True
     logger.debug("trime_fairseq compatibility shims applied")

@@ -78,8 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             match = (labels == row.target[0][keep].unsqueeze(-1)) & found
             for k in ks:
                 hits[k].append(match[:, :k].any(-1))
-    t = torch.cat(targets).numpy()
-    lp = torch.cat(lprobs).double().numpy()
+    t = torch.cat(targets).cpu().numpy()
+    lp = torch.cat(lprobs).double().cpu().numpy()
     freq = np.bincount(t)[t]
     b = bucket_of(freq, bounds)
     labels = frequency_buckets(freq, bounds)

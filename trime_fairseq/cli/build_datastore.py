@@ -1,5 +1,9 @@
 """``trime-build-datastore``: keys ``g`` and values (next tokens) of a split, then a FAISS index.
 
+With ``--task trime_translation`` the keys are the decoder's ``g`` at every target position
+of the split (teacher forcing, sentences in order) and the values the target tokens: the
+kNN-MT datastore.
+
 Runs a trained model over a split exactly as ``fairseq-eval-lm`` reads it (blocks in
 order, ``--context-window`` tokens of context) and stores, for every scored token, the
 input of the last feed-forward block (the query TRIME and kNN-LM compare) and the token
@@ -10,6 +14,14 @@ split; a killed build resumes where it stopped (rerun the same command).
         --tokens-per-sample 512 --context-window 256 --out ds/train
     # then (or with --index-factory here): index + recall@K report
     trime-build-datastore DATA_BIN --path ckpt.pt --out ds/train --index-only --target-recall 0.9
+
+Sharded builds (``trime_fairseq.memory.shards``): worker ``I`` of ``N`` (any process or
+machine sharing the output folder) builds its contiguous run of batches into
+``OUT.shardI`` with ``--num-shards N --shard-id I`` (resumable, with its own progress);
+``--merge-shards N`` then checks and concatenates the shards into ``OUT`` and builds the
+index once. ``--num-shards N`` alone runs the N shard builds as local processes
+(``--workers`` at a time), merges and indexes. The result equals a single-worker build
+with the same flags.
 
 Any other flag goes to fairseq's eval-lm parser (``--max-tokens``, ``--batch-size``...).
 """
@@ -43,6 +55,16 @@ def parse(argv: Optional[Sequence[str]]):
     p.add_argument("--recall-queries", type=int, default=500, help="held-out queries (from --recall-subset)")
     p.add_argument("--recall-subset", default="valid", help="split whose g are the recall queries")
     p.add_argument("--target-recall", type=float, default=0.9, help="pick the smallest nprobe reaching it")
+    p.add_argument("--num-shards", type=int, default=1,
+                   help="split the build into N shards (contiguous runs of batches); without --shard-id, "
+                        "build them all with local processes, then merge and index")
+    p.add_argument("--shard-id", type=int, default=None,
+                   help="build only shard I of --num-shards into OUT.shardI (keys/values, no index)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="with --num-shards and no --shard-id: shard builds run at a time (default: all)")
+    p.add_argument("--merge-shards", type=int, default=None,
+                   help="merge the finished OUT.shard0..N-1 into OUT, then build the index")
+    p.add_argument("--keep-shards", action="store_true", help="keep the shard directories after a merge")
     ours, rest = p.parse_known_args(argv)
     return ours, rest, p
 
@@ -51,21 +73,25 @@ def iter_keys(model, task, split: str, context: int, max_tokens: int, batch_size
               start_block: int = 0, max_blocks: Optional[int] = None):
     """Yield ``(keys [n, d], values [n], blocks done)`` per batch, in stream order."""
     from trime_fairseq.data.stream import StreamBlocks
-    from trime_fairseq.models.capture import get_capture
+    from trime_fairseq.models.capture import get_capture, to_model_device
 
     pad = task.source_dictionary.pad()
     blocks = StreamBlocks(task.stream(split), task.args.tokens_per_sample, context, pad)
     capture = get_capture(model)
-    per_block = task.args.tokens_per_sample + context
-    bsz = batch_size or max(1, max_tokens // per_block)
+    bsz = batch_blocks(task, context, max_tokens, batch_size)
     end = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
     with torch.no_grad():
         for k in range(start_block, end, bsz):
-            sample = blocks.collater([blocks[i] for i in range(k, min(k + bsz, end))])
+            sample = to_model_device(blocks.collater([blocks[i] for i in range(k, min(k + bsz, end))]), model)
             model(**sample["net_input"])
             g = capture.take()
             keep = sample["target"].ne(pad)
             yield g[keep], sample["target"][keep], min(k + bsz, end)
+
+
+def batch_blocks(task, context: int, max_tokens: int, batch_size: Optional[int]) -> int:
+    """Blocks per batch of :func:`iter_keys`."""
+    return batch_size or max(1, max_tokens // (task.args.tokens_per_sample + context))
 
 
 def build_keys(ours, cfg, model, task, ckpt_path: str) -> None:
@@ -73,35 +99,63 @@ def build_keys(ours, cfg, model, task, ckpt_path: str) -> None:
         DatastoreMeta, DatastoreWriter, file_fingerprint, model_fingerprint, value_dtype_for)
 
     split = cfg.dataset.gen_subset
-    stream = task.stream(split)
-    n = max(len(stream) - 1, 0)
+    translation = hasattr(task, "iter_datastore_keys")  # trime_translation: target tokens of the split
+    if translation:
+        task.load_dataset(split)
+        n = task.datastore_size(split)
+        dict_path = task.target_dictionary_path()
+    else:
+        n = max(len(task.stream(split)) - 1, 0)
+        dict_path = os.path.join(task.args.data.split(":")[0], "dict.txt")
     dim = model.decoder.layers[-1].fc1.in_features
-    dict_path = os.path.join(task.args.data.split(":")[0], "dict.txt")
+    vocab = len(task.target_dictionary)
+    source = {"data": (task.cfg or task.args).data, "split": split, "checkpoint": os.path.abspath(ckpt_path)}
+    if not translation:
+        source.update(tokens_per_sample=task.args.tokens_per_sample, context_window=cfg.eval_lm.context_window)
     meta = DatastoreMeta(
-        size=n, dim=dim, key_dtype=ours.key_dtype, value_dtype=str(value_dtype_for(len(task.dictionary))),
+        size=n, dim=dim, key_dtype=ours.key_dtype, value_dtype=str(value_dtype_for(vocab)),
         key_type="ffn_input", model_sha256=model_fingerprint(model),
-        dictionary_sha256=file_fingerprint(dict_path), vocab_size=len(task.dictionary),
-        source={"data": task.args.data, "split": split, "tokens_per_sample": task.args.tokens_per_sample,
-                "context_window": cfg.eval_lm.context_window, "checkpoint": os.path.abspath(ckpt_path)},
+        dictionary_sha256=file_fingerprint(dict_path), vocab_size=vocab, source=source,
     )
-    writer = DatastoreWriter(ours.out, meta, overwrite=ours.overwrite)
-    block = task.args.tokens_per_sample
-    start_block = writer.written // block  # batches end on block boundaries
-    if start_block * block != writer.written:
-        raise RuntimeError("datastore progress is not on a block boundary; delete the .partial directory")
+    max_tokens = cfg.dataset.max_tokens or 8192
+    out, first_block, end_block, desc = ours.out, 0, None, "datastore"
+    if ours.shard_id is not None:  # this worker's contiguous run of batches
+        from trime_fairseq.memory.datastore import Datastore
+        from trime_fairseq.memory.shards import shard_meta, shard_path, shard_range
+
+        if translation:
+            raise ValueError("--shard-id: sharded builds support --task trime_lm only")
+        block = task.args.tokens_per_sample
+        shard = shard_range(-(-n // block), block, n, batch_blocks(task, cfg.eval_lm.context_window, max_tokens,
+                            cfg.dataset.batch_size), ours.num_shards, ours.shard_id)
+        meta, out = shard_meta(meta, shard), shard_path(ours.out, ours.shard_id)
+        first_block, end_block, desc = shard.start_block, shard.end_block, f"shard {ours.shard_id}/{ours.num_shards}"
+        if os.path.isdir(out) and not ours.overwrite and Datastore(out).meta == meta:
+            logger.info("shard %d already built in %s", ours.shard_id, out)
+            return
+    writer = DatastoreWriter(out, meta, overwrite=ours.overwrite)
+    if translation:
+        batches = ((k, v) for k, v, *_ in task.iter_datastore_keys(model, split, max_tokens, cfg.dataset.batch_size,
+                                                               writer.written))
+    else:
+        block = task.args.tokens_per_sample
+        start_block = first_block + writer.written // block  # batches end on block boundaries
+        if (start_block - first_block) * block != writer.written:
+            raise RuntimeError("datastore progress is not on a block boundary; delete the .partial directory")
+        batches = ((k, v) for k, v, _ in iter_keys(model, task, split, cfg.eval_lm.context_window, max_tokens,
+                                                   cfg.dataset.batch_size, start_block, end_block))
     t0 = time.perf_counter()
     done = writer.written
-    bar = tqdm(total=n, initial=done, unit="key", unit_scale=True, desc="datastore", disable=None)
-    for keys, values, _ in iter_keys(model, task, split, cfg.eval_lm.context_window,
-                                      cfg.dataset.max_tokens or 8192, cfg.dataset.batch_size, start_block):
-        writer.write(keys.float().numpy(), values.numpy())
+    bar = tqdm(total=meta.size, initial=done, unit="key", unit_scale=True, desc=desc, disable=None)
+    for keys, values in batches:
+        writer.write(keys.float().cpu().numpy(), values.cpu().numpy())
         writer.checkpoint()
         bar.update(len(values))
     bar.close()
     elapsed = time.perf_counter() - t0
     ds = writer.finish()
     logger.info("datastore %s: %d keys of dim %d (%s) in %.1fs, %.0f keys/s",
-                ours.out, len(ds), dim, ours.key_dtype, elapsed, (len(ds) - done) / max(elapsed, 1e-9))
+                out, len(ds), dim, ours.key_dtype, elapsed, (len(ds) - done) / max(elapsed, 1e-9))
 
 
 def build_index_for(ours, cfg, model, task) -> dict:
@@ -115,9 +169,15 @@ def build_index_for(ours, cfg, model, task) -> dict:
     index = build_index(ds.keys, factory, ours.metric, ours.index_train_size)
     seconds = time.perf_counter() - t0
     queries = []
-    for keys, _, _ in iter_keys(model, task, ours.recall_subset, cfg.eval_lm.context_window,
-                                 cfg.dataset.max_tokens or 8192, cfg.dataset.batch_size, max_blocks=64):
-        queries.append(keys.float().numpy())
+    if hasattr(task, "iter_datastore_keys"):
+        task.load_dataset(ours.recall_subset)
+        found = task.iter_datastore_keys(model, ours.recall_subset, cfg.dataset.max_tokens or 8192,
+                                         cfg.dataset.batch_size, max_keys=ours.recall_queries)
+    else:
+        found = iter_keys(model, task, ours.recall_subset, cfg.eval_lm.context_window,
+                          cfg.dataset.max_tokens or 8192, cfg.dataset.batch_size, max_blocks=64)
+    for keys, *_ in found:
+        queries.append(keys.float().cpu().numpy())
         if sum(len(q) for q in queries) >= ours.recall_queries:
             break
     q = np.concatenate(queries)[: ours.recall_queries]
@@ -133,22 +193,98 @@ def build_index_for(ours, cfg, model, task) -> dict:
     return vars(config)
 
 
+def check_shard_flags(ours, parser) -> None:
+    """One-line errors for inconsistent sharding flags."""
+    if ours.num_shards < 1:
+        parser.error(f"--num-shards must be >= 1, got {ours.num_shards}")
+    if ours.shard_id is not None and ours.num_shards < 2:
+        parser.error("--shard-id needs --num-shards N > 1")
+    if ours.shard_id is not None and (ours.merge_shards or ours.index_only):
+        parser.error("--shard-id builds one shard: drop --merge-shards / --index-only")
+    if ours.merge_shards is not None and ours.merge_shards < 1:
+        parser.error(f"--merge-shards must be >= 1, got {ours.merge_shards}")
+    if ours.workers is not None and ours.workers < 1:
+        parser.error(f"--workers must be >= 1, got {ours.workers}")
+
+
+def run_shard_builds(argv: Sequence[str], num_shards: int, workers: int) -> None:
+    """Build every shard in its own local process (``workers`` at a time), each with
+    ``--shard-id`` added to this command; a failed shard stops the run (rerun to resume)."""
+    import subprocess
+
+    args = []
+    skip = False
+    for a in argv:  # drop --workers (and its value): each child builds one shard
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            args.append(a)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    pending, running = list(range(num_shards)), {}
+    while pending or running:
+        while pending and len(running) < workers:
+            i = pending.pop(0)
+            cmd = [sys.executable, "-m", "trime_fairseq.cli.build_datastore", *args, "--shard-id", str(i), "--no-index"]
+            logger.info("shard %d/%d: starting %s", i, num_shards, " ".join(cmd[1:]))
+            running[i] = subprocess.Popen(cmd, env=env)
+        for i, proc in list(running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del running[i]
+            if code != 0:
+                for other in running.values():
+                    other.terminate()
+                raise RuntimeError(f"--num-shards: shard {i} failed (exit code {code}); rerun the command to resume")
+        time.sleep(0.2)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
                         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", force=True)
+    raw = list(sys.argv[1:] if argv is None else argv)
     ours, rest, parser = parse(argv)
+    check_shard_flags(ours, parser)
     from trime_fairseq.cli.tune import load
     from trime_fairseq.memory.datastore import DatastoreError
 
+    if ours.num_shards > 1 and ours.shard_id is None and ours.merge_shards is None and not ours.index_only:
+        if os.path.exists(ours.out) and not ours.overwrite:
+            parser.error(f"--out {ours.out} already exists (pass --overwrite to rebuild)")
+        try:
+            run_shard_builds(raw, ours.num_shards, ours.workers or ours.num_shards)
+        except RuntimeError as e:
+            parser.error(str(e))
+        ours.merge_shards = ours.num_shards
     cfg, model, task = load(rest)
     model.eval()
     try:
-        if not ours.index_only:
+        if ours.merge_shards is not None:
+            merge_shards(ours)
+        elif not ours.index_only:
             build_keys(ours, cfg, model, task, cfg.common_eval.path)
-        if not ours.no_index:
+        if not ours.no_index and ours.shard_id is None:
             print(json.dumps(build_index_for(ours, cfg, model, task)))
     except (DatastoreError, ValueError, FileNotFoundError) as e:
         parser.error(str(e))
+
+
+def merge_shards(ours) -> None:
+    """``--merge-shards N``: OUT.shard0..N-1 -> OUT (the shards are removed unless --keep-shards)."""
+    import shutil
+
+    from trime_fairseq.memory.shards import merge_datastores, shard_path
+
+    paths = [shard_path(ours.out, i) for i in range(ours.merge_shards)]
+    t0 = time.perf_counter()
+    ds = merge_datastores(paths, ours.out, overwrite=ours.overwrite)
+    logger.info("merged %d shards into %s: %d keys in %.1fs", len(paths), ours.out, len(ds), time.perf_counter() - t0)
+    if not ours.keep_shards:
+        for p in paths:
+            shutil.rmtree(p)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def run_logged(module: str, args: Sequence[str], log_path: Path, show: bool = Tr
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
+            log.flush()  # so that the log can be followed while the step runs
             lines.append(line)
             if show and _SHOW.search(line) and "faiss.loader" not in line:
                 logger.info("  %s", _compact(line))
@@ -114,6 +115,43 @@ def eval_lm(data: Path, ckpt: Path, args: Sequence[str], log_path: Path) -> Dict
     if not ppl or not tps:
         raise CommandError(f"could not read the perplexity from {log_path}")
     return {"ppl": float(ppl[-1]), "tokens": int(tps[-1][0].replace(",", "")), "tokens_per_s": float(tps[-1][2])}
+
+
+_GEN_SPEED = re.compile(r"Translated ([0-9,]+) sentences \(([0-9,]+) tokens\) in ([0-9.]+)s \(([0-9.]+) sentences/s")
+
+
+def generate(data: Path, ckpt: Path, args: Sequence[str], log_path: Path) -> Dict:
+    """``fairseq-generate --task trime_translation``; returns the detokenised hypotheses in
+    sentence-id order (``D-`` lines; pass ``--post-process``) and sentences/s."""
+    out = run_logged(
+        "fairseq_cli.generate",
+        [data, "--path", ckpt, "--user-dir", REPO_PKG, "--task", "trime_translation", *args],
+        log_path, show=False,
+    )
+    hyps = {int(i): h for i, h in re.findall(r"^D-(\d+)\t[^\t]*\t(.*)$", out, flags=re.M)}
+    speed = _GEN_SPEED.findall(out)
+    if not speed:
+        raise CommandError(f"could not read the generation speed from {log_path}")
+    return {"hyps": [hyps.get(i, "") for i in range(len(hyps))], "sentences": int(speed[-1][0].replace(",", "")),
+            "seconds": float(speed[-1][2]), "sentences_per_s": float(speed[-1][3])}
+
+
+def bleu(hyps: Sequence[str], refs: Sequence[str]) -> Dict:
+    """Corpus BLEU of detokenised text with sacrebleu's defaults, and its signature."""
+    import sacrebleu
+
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses for {len(refs)} references")
+    metric = sacrebleu.BLEU()
+    score = metric.corpus_score(list(hyps), [list(refs)])
+    return {"bleu": round(score.score, 2), "signature": str(metric.get_signature())}
+
+
+def run_tool(module: str, args: Sequence[str], out_json: Path, log_path: Path) -> dict:
+    """Run a tool that writes ``out_json`` (unless that exists already) and return the JSON."""
+    if not out_json.exists():
+        run_logged(module, args, log_path)
+    return json.loads(out_json.read_text())
 
 
 def tune(data: Path, ckpt: Path, combiner: str, grid: Sequence[str], args: Sequence[str], out_json: Path, log_path: Path) -> dict:
@@ -216,8 +254,9 @@ def markdown_table(rows: List[Dict], columns: List[str], headers: Optional[List[
     return "\n".join(lines)
 
 
-def bar_plot(rows: List[Dict], path: Path, title: str, keys=("valid_ppl", "test_ppl")) -> None:
-    """Grouped bars of perplexity per system (PNG)."""
+def bar_plot(rows: List[Dict], path: Path, title: str, keys=("valid_ppl", "test_ppl"),
+             ylabel: str = "perplexity (lower is better)") -> None:
+    """Grouped bars of a metric (perplexity by default) per system (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,7 +273,7 @@ def bar_plot(rows: List[Dict], path: Path, title: str, keys=("valid_ppl", "test_
             ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([textwrap.fill(n, 18) for n in names], fontsize=8)
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()

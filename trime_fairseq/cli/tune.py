@@ -86,8 +86,8 @@ def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool
     each row with as many combiners as it likes."""
     from fairseq import utils
 
-    from trime_fairseq.memory.datastore import model_fingerprint
     from trime_fairseq.memory.long_term import LongTermMemory
+    from trime_fairseq.models.capture import to_model_device
     from trime_fairseq.models.memory_eval import MemoryEvalModel, scored_rows, scoring_inputs
 
     pad = task.source_dictionary.pad()
@@ -100,7 +100,7 @@ def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool
         retriever = task.build_retriever(model)
         if k:
             retriever.k = min(k, len(retriever.datastore))
-        retriever.datastore.meta.check_compatible(model_sha256=model_fingerprint(model))
+        retriever.check_model(model)
     task.load_dataset(cfg.dataset.gen_subset)
     itr = task.eval_lm_dataloader(
         dataset=task.dataset(cfg.dataset.gen_subset),
@@ -114,6 +114,7 @@ def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool
         for sample in tqdm(itr, desc="scoring", unit="batch", disable=None):
             if "net_input" not in sample:
                 continue
+            sample = to_model_device(sample, model)
             x = scoring_inputs(model, wrapped(**sample["net_input"]), sample, pad)
             for _, _, row in scored_rows(x, sample, pad, long_memory, retriever, representations):
                 yield row
@@ -186,7 +187,10 @@ def with_plugin(argv: Sequence[str]) -> List[str]:
 
 
 def load(argv: Sequence[str]):
-    """fairseq's eval-lm parser over ``argv`` (plugin added); returns ``(cfg, model, task)``."""
+    """fairseq's eval-lm parser over ``argv`` (plugin added); returns ``(cfg, model, task)``.
+
+    As in ``fairseq-eval-lm``, the model is cast to half precision with ``--fp16`` and moved
+    to the GPU when one is visible, unless ``--cpu``."""
     from fairseq import checkpoint_utils, options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
@@ -199,7 +203,12 @@ def load(argv: Sequence[str]):
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [cfg.common_eval.path], arg_overrides=eval(cfg.common_eval.model_overrides), task=task
     )
-    return cfg, models[0], task
+    model = models[0]
+    if cfg.common.fp16:
+        model.half()
+    if torch.cuda.is_available() and not cfg.common.cpu:
+        model.cuda()
+    return cfg, model, task
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:

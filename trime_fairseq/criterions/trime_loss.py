@@ -5,6 +5,12 @@ output layer (full or adaptive softmax) and hands everything to
 :func:`trime_fairseq.memory.in_batch.in_batch_log_prob`. The in-batch memory layout comes
 from the batch (``sample["trime_memory"]``, set by the ``trime_lm`` task); batches without
 it (e.g. fairseq's stock ``language_modeling`` task) use local memory.
+
+Data-parallel training (``--distributed-world-size W``): local and long-term memories
+live inside one worker's rows (the task keeps every run of consecutive segments on one
+worker); the external (BM25) memory is the step's global batch, gathered from all workers
+with gradients flowing back (``--memory-across-workers``), so ``W`` workers × ``B``
+segments give the loss and gradients of 1 worker × ``W·B``.
 """
 
 import math
@@ -13,12 +19,15 @@ from dataclasses import dataclass, field
 import torch
 from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from trime_fairseq.memory.in_batch import group_batch, in_batch_log_prob
+from trime_fairseq.memory.in_batch import (
+    external_memory_across_workers, group_batch, in_batch_log_prob, segment_uniform)
 from trime_fairseq.models.capture import get_capture
 from trime_fairseq.models.output_layer import at_least_float32, target_token_terms
+
+ON_OFF = ChoiceEnum(["on", "off"])
 
 
 @dataclass
@@ -55,6 +64,15 @@ class TrimeLossConfig(FairseqDataclass):
             "probability, one draw per segment per step (p of §4.3; the paper uses 0.9)"
         },
     )
+    memory_across_workers: ON_OFF = field(
+        default="on",
+        metadata={
+            "help": "with several data-parallel workers and external (BM25) batching, the "
+            "in-batch memory is every segment of the step's global batch, gathered from all "
+            "workers with gradients flowing back (on), or only the worker's own segments "
+            "(off). Local and long-term memories never cross workers"
+        },
+    )
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
@@ -80,6 +98,15 @@ class TrimeLoss(FairseqCriterion):
     def set_num_updates(self, num_updates: int) -> None:
         self.num_updates = num_updates
 
+    def drop_key(self) -> int:
+        """The key of this update's ``--drop-local-prob`` draws: drawn from the random state
+        at the update's first forward (fairseq seeds it alike on every worker, before any
+        dropout), shared by its micro-batches."""
+        if getattr(self, "_drop_key_update", None) != self.num_updates:
+            self._drop_key = int(torch.randint(0, 1 << 62, (1,)).item())
+            self._drop_key_update = self.num_updates
+        return self._drop_key
+
     def uses_memory(self, training: bool) -> bool:
         """Plain CE during warm-up; validation always reports the TRIME loss."""
         return not training or self.num_updates >= self.cfg.ce_warmup_updates
@@ -88,6 +115,12 @@ class TrimeLoss(FairseqCriterion):
         capture = get_capture(model)
         if self.set_num_updates not in capture.on_num_updates:
             capture.on_num_updates.append(self.set_num_updates)
+        with_memory = self.uses_memory(model.training)
+        spec = sample.get("trime_memory") if with_memory else None
+        external = spec is not None and spec.get("mode") == "external" and model.training
+        drop_key = None
+        if external and self.cfg.drop_local_prob > 0:
+            drop_key = self.drop_key()
         net_output = model(**sample["net_input"])
         g = capture.take()
         target = model.get_targets(sample, net_output)
@@ -95,16 +128,16 @@ class TrimeLoss(FairseqCriterion):
         nonpad = target.ne(self.padding_idx)
         ce_lprob = tok_target - tok_lse
 
-        with_memory = self.uses_memory(model.training)
         if with_memory:
-            spec = sample.get("trime_memory")
-            if spec is not None and spec.get("mode") == "external" and model.training:
-                if self.cfg.drop_local_prob > 0:
-                    keep = torch.rand(target.size(0), device=target.device) >= self.cfg.drop_local_prob
-                    spec = dict(spec, keep_local=keep)
+            if drop_key is not None:  # one draw per segment, wherever it sits
+                draw = (segment_uniform(sample["id"], drop_key) if "id" in sample
+                        else torch.rand(target.size(0), dtype=torch.float64))
+                spec = dict(spec, keep_local=draw.to(target.device) >= self.cfg.drop_local_prob)
             (tt, tl, reps, tgt), memory = group_batch(
                 (tok_target, tok_lse, at_least_float32(g), target), spec, target
             )
+            if external and self.cfg.memory_across_workers == "on":
+                memory = external_memory_across_workers(memory, reps, tgt, share=not spec.get("placeholder"))
             lprob = in_batch_log_prob(
                 tt, tl, reps, tgt, memory, self.padding_idx,
                 temperature=self.cfg.train_temperature,

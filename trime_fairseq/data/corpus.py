@@ -866,24 +866,26 @@ def _replace_dir(new: Path, final: Path) -> None:
         os.rename(new, final)
 
 
-def build_corpus(cfg: CorpusConfig) -> dict:
-    """Build the corpus described by ``cfg`` into ``cfg.out`` atomically; return the manifest.
-
-    Work happens in a temporary sibling directory that is renamed to ``cfg.out`` at
-    the end.  If ``cfg.out`` already holds a complete corpus built with the same
-    settings it is left alone (unless ``cfg.force``).
-    """
+def build_atomically(cfg, build_into: Callable[[object, Path], dict],
+                     incomplete: Callable[[Mapping], Optional[str]] = lambda manifest: None) -> dict:
+    """Build into ``cfg.out`` through a temporary sibling renamed at the end; return the
+    manifest. A complete ``cfg.out`` built with the same settings (``cfg.fingerprint()``)
+    is left alone unless ``cfg.force`` or ``incomplete(manifest)`` names what it lacks.
+    Shared by the LM and the translation corpus builders."""
     cfg.validate()
     out = Path(cfg.out).expanduser().resolve()
     if out.exists() and not cfg.force:
         existing = load_manifest(out)
         if existing is not None and existing.get("config") == cfg.fingerprint():
-            logger.info("%s already holds this corpus; skipping (use --force to rebuild)", out)
-            return existing
-        if existing is not None:
+            missing = incomplete(existing)
+            if missing is None:
+                logger.info("%s already holds this corpus; skipping (use --force to rebuild)", out)
+                return existing
+            logger.info("%s lacks %s; rebuilding", out, missing)
+        elif existing is not None:
             raise CorpusError(f"--out {out} holds a corpus built with different settings; "
                               "use --force to overwrite it")
-        if any(out.iterdir()):
+        elif any(out.iterdir()):
             raise CorpusError(f"--out {out} exists and is not a complete corpus "
                               f"(no {MANIFEST_NAME}); use --force to overwrite it")
     if cfg.binarize and not fairseq_available():
@@ -894,13 +896,23 @@ def build_corpus(cfg: CorpusConfig) -> dict:
     os.umask(umask)
     os.chmod(work, 0o777 & ~umask)  # mkdtemp creates 0700; use normal permissions
     try:
-        manifest = _build_into(cfg, work)
+        manifest = build_into(cfg, work)
         _replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     logger.info("wrote %s", out)
     return manifest
+
+
+def build_corpus(cfg: CorpusConfig) -> dict:
+    """Build the corpus described by ``cfg`` into ``cfg.out`` atomically; return the manifest.
+
+    Work happens in a temporary sibling directory that is renamed to ``cfg.out`` at
+    the end.  If ``cfg.out`` already holds a complete corpus built with the same
+    settings it is left alone (unless ``cfg.force``).
+    """
+    return build_atomically(cfg, _build_into)
 
 
 def format_summary(manifest: Mapping) -> str:

@@ -12,7 +12,7 @@ token its document (a separator belongs to the document it closes).
   its index alone, so results do not depend on batch size or order of loading.
 """
 import logging
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -262,3 +262,24 @@ class StreamBlocks(_InOrder):
             batch["net_input"].update(mem_docs=batch["doc_ids"], mem_positions=batch["positions"],
                                       mem_start=batch["start_indices"])
         return batch
+
+
+def shard_rows(batches: Sequence[np.ndarray], num_shards: int, shard_id: int, unit: int = 1) -> List[np.ndarray]:
+    """Worker ``shard_id``'s part of every global batch (data-parallel training).
+
+    Each batch is cut into ``num_shards`` contiguous parts of whole runs of ``unit`` rows
+    (a run of consecutive segments is never split), as even as possible; every worker
+    gets one part of every batch (possibly empty), so ``W`` workers × ``B`` rows read
+    exactly the batches of 1 worker × ``W·B`` rows, row ``r`` of worker ``w`` being row
+    ``w·B + r`` of the global batch.
+    """
+    if num_shards == 1:
+        return list(batches)
+    out = []
+    for b in batches:
+        b = np.asarray(b)
+        if len(b) % unit:
+            raise ValueError(f"a batch of {len(b)} rows is not made of runs of {unit}")
+        runs = b.reshape(len(b) // unit, unit)
+        out.append(np.array_split(runs, num_shards)[shard_id].reshape(-1))
+    return out

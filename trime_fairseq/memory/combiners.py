@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from trime_fairseq.memory.joint import (
+    at_least_float32,
     interpolate,
     interpolate_at,
     joint_log_probs,
@@ -70,6 +71,30 @@ class ScoringInputs:
 
     _PER_QUERY = ("tok_scores", "tok_lse", "target", "query_g", "query_f", "mask", "ext_scores", "ext_labels",
                   "tok_lprobs")
+
+    def __post_init__(self) -> None:
+        # fp16/bf16 inputs (a half-precision model, autocast) are scored in float32
+        for k in self.__dataclass_fields__:
+            v = getattr(self, k)
+            if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16):
+                setattr(self, k, at_least_float32(v))
+
+    @classmethod
+    def external_only(cls, tok_scores: Tensor, tok_lse: Tensor, query_g: Tensor, ext_scores: Tensor,
+                      ext_labels: Tensor, target: Optional[Tensor] = None,
+                      tok_lprobs: Optional[Tensor] = None) -> "ScoringInputs":
+        """Inputs whose only memory is retrieved entries ``[B, T, K]`` (translation: no
+        local memory). ``target`` may be omitted when only :meth:`Combiner.log_probs` is used."""
+        b, t, d = query_g.shape
+        no_keys = query_g.new_zeros(b, 0, d)
+        return cls(
+            tok_scores=tok_scores, tok_lse=tok_lse,
+            target=target if target is not None else torch.zeros(b, t, dtype=torch.long, device=query_g.device),
+            query_g=query_g, query_f=query_g, keys_g=no_keys, keys_f=no_keys,
+            key_labels=torch.zeros(b, 0, dtype=torch.long, device=query_g.device),
+            mask=torch.zeros(b, t, 0, dtype=torch.bool, device=query_g.device),
+            ext_scores=ext_scores, ext_labels=ext_labels, tok_lprobs=tok_lprobs,
+        )
 
     def rows(self, start: int, end: int) -> "ScoringInputs":
         """The same inputs for batch rows ``start:end`` (views, no copies)."""
@@ -233,7 +258,7 @@ class CacheCombiner(Combiner):
 
     def _scores(self, x: ScoringInputs) -> Tensor:
         q, k = (x.query_f, x.keys_f) if self.representation == "f" else (x.query_g, x.keys_g)
-        return self.theta * torch.matmul(q, k.transpose(-1, -2))
+        return self.theta * at_least_float32(torch.matmul(q, k.transpose(-1, -2)))
 
     def mix(self, lprobs: Tensor, x: ScoringInputs) -> Tensor:
         """``(1-λ) P + λ P_cache`` for any distribution ``P`` ``[..., V]`` (e.g. kNN-LM's)."""
@@ -289,3 +314,48 @@ class KnnCombiner(Combiner):
     def describe(self) -> str:
         c = f" + {self.cache.describe()}" if self.cache else ""
         return f"knn(lambda={self.lam:g}, T={self.temperature:g}){c}"
+
+
+class AdaptiveKnnCombiner(Combiner):
+    """Adaptive kNN-MT (:mod:`trime_fairseq.memory.adaptive`): a trained Meta-k network sets,
+    per step, the weight of the MT model and of the 1, 2, 4, ... K nearest neighbours."""
+
+    name = "adaptive"
+
+    def __init__(self, metak, temperature: float = 10.0) -> None:
+        if temperature <= 0:
+            raise ValueError(f"--knn-temperature must be > 0, got {temperature}")
+        self.metak, self.temperature = metak.eval(), temperature
+
+    def _weights(self, x: ScoringInputs):
+        if x.ext_scores is None:
+            raise ValueError("adaptive kNN-MT needs retrieved neighbours: pass --datastore")
+        s, v = x.ext_scores, x.ext_labels
+        if next(self.metak.parameters()).device != s.device:  # loaded on the CPU; the model may be on a GPU
+            self.metak.to(s.device)
+        log_w = self.metak(s.reshape(-1, s.size(-1)), v.reshape(-1, v.size(-1))).view(*s.shape[:-1], -1)
+        return log_w, s, v
+
+    def log_probs(self, x: ScoringInputs) -> Tensor:
+        from trime_fairseq.memory.adaptive import neighbour_log_weights
+
+        log_w, s, v = self._weights(x)
+        flat = log_w.reshape(-1, log_w.size(-1))
+        log_a, log_lam = neighbour_log_weights(flat, s.reshape(-1, s.size(-1)), self.metak.ks, self.temperature)
+        log_a, log_lam = log_a.view_as(s), log_lam.view(s.shape[:-1])
+        found = torch.isfinite(log_a)
+        mem = memory_log_probs_at(log_a, v, found, x.vocab_size)
+        return interpolate_at(x.tok_log_probs(), mem, log_lam.exp(), found.any(-1))
+
+    def target_log_prob(self, x: ScoringInputs) -> Tensor:
+        from trime_fairseq.memory.adaptive import adaptive_target_log_prob
+
+        log_w, s, v = self._weights(x)
+        shape = x.target.shape
+        out = adaptive_target_log_prob(
+            x.tok_target_log_prob().reshape(-1), log_w.reshape(-1, log_w.size(-1)), s.reshape(-1, s.size(-1)),
+            v.reshape(-1, v.size(-1)), x.target.reshape(-1), self.metak.ks, self.temperature)
+        return out.view(shape)
+
+    def describe(self) -> str:
+        return f"adaptive-knn(K={self.metak.max_k}, T={self.temperature:g})"

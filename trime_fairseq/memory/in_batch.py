@@ -10,7 +10,9 @@ subset of the tokens of its own group:
   from seeing each other.
 * ``external`` (§4.3, TRIMELM_ext): one group holding the whole batch; memory = every
   token of every *other* segment plus the local memory, the latter dropped for a segment
-  when ``keep_local`` is False.
+  when ``keep_local`` is False. With several data-parallel workers the batch is the
+  step's global batch: keys and labels are gathered from every worker (differentiably,
+  :mod:`trime_fairseq.memory.distributed`), queries stay the worker's own rows.
 
 Gradients flow into queries and memory alike. The similarity matrix is built in chunks of
 query rows (with activation checkpointing when there is more than one chunk), so memory
@@ -21,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -40,12 +43,20 @@ class InBatchMemory:
         doc_id: ``[G, T]`` document index of each token (``long``).
         keep_local: ``[G, T]`` bool, False where a token's local memory is dropped
             (``external``).
+        keys, key_labels, key_seg_id: ``[G, K, d]``, ``[G, K]``, ``[G, K]`` memory held
+            apart from the queries (``external`` across workers); absent: the queries'
+            own tokens are the memory.
+        query_offset: position of the first query in the key layout.
     """
 
     mode: str = "local"
     seg_id: Optional[Tensor] = None
     doc_id: Optional[Tensor] = None
     keep_local: Optional[Tensor] = None
+    keys: Optional[Tensor] = None
+    key_labels: Optional[Tensor] = None
+    key_seg_id: Optional[Tensor] = None
+    query_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -62,7 +73,7 @@ class InBatchMemory:
     def mask(self, q0: int, q1: int, k_end: int, key_valid: Tensor) -> Tensor:
         """Bool ``[G, q1-q0, k_end]``: may query ``i`` use key ``j`` as memory."""
         device = key_valid.device
-        qpos = torch.arange(q0, q1, device=device).view(1, -1, 1)
+        qpos = torch.arange(q0, q1, device=device).view(1, -1, 1) + self.query_offset
         kpos = torch.arange(k_end, device=device).view(1, 1, -1)
         causal = kpos < qpos
         valid = key_valid[:, None, :k_end]
@@ -71,7 +82,8 @@ class InBatchMemory:
         if self.mode == "long":
             same_doc = self.doc_id[:, q0:q1, None] == self.doc_id[:, None, :k_end]
             return causal & same_doc & valid
-        same_seg = self.seg_id[:, q0:q1, None] == self.seg_id[:, None, :k_end]
+        key_seg = self.seg_id if self.key_seg_id is None else self.key_seg_id
+        same_seg = self.seg_id[:, q0:q1, None] == key_seg[:, None, :k_end]
         local = same_seg & causal
         if self.keep_local is not None:
             local = local & self.keep_local[:, q0:q1, None]
@@ -109,8 +121,10 @@ def in_batch_log_prob(
 
     Args:
         tok_target, tok_lse: ``[G, T]`` token terms (see :mod:`trime_fairseq.memory.joint`).
-        reps: ``[G, T, d]`` the representations ``g`` (queries and keys alike).
-        target: ``[G, T]`` next tokens; also the memory labels. Padding is never memory.
+        reps: ``[G, T, d]`` the representations ``g`` (queries, and keys unless
+            ``memory.keys`` is given).
+        target: ``[G, T]`` next tokens; also the memory labels (unless
+            ``memory.key_labels``). Padding is never memory.
         memory: which tokens are each token's memory.
         chunk_size: query rows per chunk of the similarity matrix (causal memories only
             compute keys up to the chunk's last query).
@@ -122,19 +136,21 @@ def in_batch_log_prob(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    keys = reps if memory.keys is None else memory.keys
+    key_labels = target if memory.key_labels is None else memory.key_labels
     total = reps.size(1)
-    key_valid = target.ne(padding_idx)
+    key_valid = key_labels.ne(padding_idx)
     bounds = [(q0, min(q0 + chunk_size, total)) for q0 in range(0, total, chunk_size)]
-    entries = reps.size(0) * sum((q1 - q0) * memory.key_end(q1, total) for q0, q1 in bounds)
+    entries = reps.size(0) * sum((q1 - q0) * memory.key_end(q1, keys.size(1)) for q0, q1 in bounds)
     use_ckpt = len(bounds) > 1 and entries > checkpoint_above and torch.is_grad_enabled() and reps.requires_grad
     out = []
     for q0, q1 in bounds:
-        k_end = memory.key_end(q1, total)
+        k_end = memory.key_end(q1, keys.size(1))
         mask = memory.mask(q0, q1, k_end, key_valid)
         args: Tuple = (
             reps[:, q0:q1],
-            reps[:, :k_end],
-            target[:, :k_end],
+            keys[:, :k_end],
+            key_labels[:, :k_end],
             mask,
             tok_target[:, q0:q1],
             tok_lse[:, q0:q1],
@@ -197,3 +213,49 @@ def group_batch(
             "external", seg_id=flat(rows), keep_local=keep_t
         )
     raise ValueError(f"unknown in-batch memory mode {mode!r}; choose from {MODES}")
+
+
+def external_memory_across_workers(
+    memory: InBatchMemory, reps: Tensor, target: Tensor, share: bool = True
+) -> InBatchMemory:
+    """Make the ``external`` memory of this worker's rows the step's global batch.
+
+    ``reps``/``target`` are this worker's grouped ``[1, N, d]``/``[1, N]`` tensors (from
+    :func:`group_batch`); keys, labels and segment ids of every worker are gathered in
+    rank order (keys differentiably), and the queries keep their local rows. With
+    ``share=False`` (fairseq's placeholder batch on a worker without data) this worker's
+    rows are kept out of everyone's memory. Without distribution: ``memory`` unchanged.
+    """
+    from trime_fairseq.memory.distributed import all_gather_rows, gather_sizes, world
+
+    rank, size = world()
+    if memory.mode != "external" or size == 1:
+        return memory
+    n = reps.size(1)
+    seg = memory.seg_id[0]
+    segs = int(seg.max()) + 1 if n else 0
+    shared_n, shared_segs = (n, segs) if share else (0, 0)
+    sizes = gather_sizes([shared_n, shared_segs], device=reps.device)  # [W, 2]: tokens, segments per rank
+    tokens, segments = sizes[:, 0].tolist(), sizes[:, 1].tolist()
+    keys, _ = all_gather_rows(reps[0, :shared_n], rows=tokens)
+    labels, _ = all_gather_rows(target[0, :shared_n], rows=tokens)
+    key_seg, _ = all_gather_rows(seg[:shared_n] + sum(segments[:rank]), rows=tokens)
+    query_seg = seg + sum(segments[:rank]) if share else torch.full_like(seg, -1)
+    return InBatchMemory(
+        "external", seg_id=query_seg.unsqueeze(0), keep_local=memory.keep_local,
+        keys=keys.unsqueeze(0), key_labels=labels.unsqueeze(0), key_seg_id=key_seg.unsqueeze(0),
+        query_offset=sum(tokens[:rank]),
+    )
+
+
+def segment_uniform(ids: Tensor, key: int) -> Tensor:
+    """One uniform draw in ``[0, 1)`` per segment id, a pure function of ``(id, key)``
+    (splitmix64), so a segment's draw does not depend on which worker or batch row holds
+    it. ``key`` comes from the step's random state (the same on every worker)."""
+    with np.errstate(over="ignore"):
+        z = ids.detach().cpu().numpy().astype(np.uint64) + np.uint64(key % (1 << 64))
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) / float(1 << 53)).to(ids.device)

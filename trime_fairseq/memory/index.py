@@ -2,8 +2,9 @@
 
 ``index.faiss`` + ``index.json`` live in the datastore directory. Any
 ``faiss.index_factory`` string works; :func:`default_factory` picks one from the size.
-faiss-gpu is used only when it is installed *and* sees a GPU; nothing GPU-only is called
-otherwise.
+faiss-gpu is used only when it is installed *and* sees a GPU (:func:`gpu_available`);
+nothing GPU-only is called otherwise. Indexes are built and trained on the CPU; only
+searching moves to the GPU (:func:`index_to_gpu`).
 """
 import json
 import logging
@@ -28,9 +29,21 @@ def faiss_module():
     return faiss
 
 
+# faiss-gpu searches return at most this many neighbours (and probe at most this many lists)
+GPU_MAX_K = 2048
+
+
 def gpu_available() -> bool:
+    """faiss was built with GPU support (faiss-gpu) *and* sees at least one GPU."""
     faiss = faiss_module()
     return hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+
+
+def index_to_gpu(index):
+    """``index`` copied to every visible GPU when :func:`gpu_available`, else unchanged."""
+    if not gpu_available():
+        return index
+    return faiss_module().index_cpu_to_all_gpus(index)
 
 
 def default_factory(n: int, dim: int) -> str:
@@ -145,7 +158,7 @@ def save_index(index, config: IndexConfig, directory: str) -> None:
 
 
 def load_index(directory: str, nprobe: Optional[int] = None, use_gpu: bool = True):
-    """``(index, config)``; moved to the GPU only when faiss-gpu sees one."""
+    """``(index, config)``; with ``use_gpu``, moved to the GPU only when faiss-gpu sees one."""
     faiss = faiss_module()
     d = Path(directory)
     if not (d / "index.faiss").exists():
@@ -153,6 +166,39 @@ def load_index(directory: str, nprobe: Optional[int] = None, use_gpu: bool = Tru
     config = IndexConfig(**json.loads((d / "index.json").read_text()))
     index = faiss.read_index(str(d / "index.faiss"))
     set_nprobe(index, nprobe or config.nprobe)
-    if use_gpu and gpu_available():  # pragma: no cover - no GPU here
-        index = faiss.index_cpu_to_all_gpus(index)
+    if use_gpu:
+        index = index_to_gpu(index)
     return index, config
+
+
+# --- small mutable indexes (the Memorizing Transformer's per-(row, head) kNN memory) ---
+
+def empty_index(dim: int, factory: str, metric: str = "ip", flag: str = "--index-factory"):
+    """An empty index that takes caller-chosen ids (``add_with_ids``) and can drop id ranges.
+
+    IVF indexes keep ids natively; anything else (``Flat``, ``HNSW32``, ...) is wrapped in
+    an ``IndexIDMap2``.
+    """
+    faiss = faiss_module()
+    try:
+        index = faiss.index_factory(dim, factory, _metric(metric))
+    except RuntimeError as e:
+        raise ValueError(f"{flag} {factory!r} is not a valid faiss index_factory string: {e}") from None
+    return index if faiss.try_extract_index_ivf(index) is not None else faiss.IndexIDMap2(index)
+
+
+def ivf_nlist(index) -> int:
+    """Inverted lists of an IVF index (0 for other indexes)."""
+    ivf = faiss_module().try_extract_index_ivf(index)
+    return 0 if ivf is None else int(ivf.nlist)
+
+
+def remove_id_range(index, lo: int, hi: int) -> bool:
+    """Remove ids in ``[lo, hi)``; False if the index cannot remove (e.g. HNSW: rebuild it)."""
+    if hi <= lo:
+        return True
+    try:
+        index.remove_ids(faiss_module().IDSelectorRange(int(lo), int(hi)))
+    except RuntimeError:
+        return False
+    return True

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -28,8 +28,16 @@ from torch import Tensor
 NEG_INF = float("-inf")
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """Half/bfloat16 -> float32 for the softmax math; float32/float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def scaled_similarity(query: Tensor, keys: Tensor, temperature: float = 1.0) -> Tensor:
     """``sim(q, k) / τ = q·k / (√d τ)`` (scaled dot product, §3), batched.
+
+    The product runs in whatever precision autocast picks (fp16/bf16 under mixed
+    precision); the scores come back in at least float32, as they enter exponentials.
 
     Args:
         query: ``[..., Q, d]``; keys: ``[..., K, d]`` (same leading dims).
@@ -37,7 +45,7 @@ def scaled_similarity(query: Tensor, keys: Tensor, temperature: float = 1.0) -> 
         ``[..., Q, K]``.
     """
     scale = 1.0 / (math.sqrt(query.size(-1)) * temperature)
-    return torch.matmul(query * scale, keys.transpose(-1, -2))
+    return at_least_float32(torch.matmul(query * scale, keys.transpose(-1, -2)))
 
 
 def masked_logsumexp(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
@@ -179,37 +187,48 @@ def memory_target_log_prob(
     return masked_logsumexp(mem_scores, positive) - total
 
 
+def _mix_logs(lam: Union[float, Tensor]) -> Tuple[Union[float, Tensor], Union[float, Tensor]]:
+    """``(log(1-λ), log λ)`` for a scalar or a per-row tensor ``λ``."""
+    if isinstance(lam, Tensor):
+        return torch.log1p(-lam), torch.log(lam)
+    return (math.log1p(-lam) if lam < 1 else NEG_INF), (math.log(lam) if lam > 0 else NEG_INF)
+
+
 def interpolate_at(
-    lprobs: Tensor, mem: Support, lam: float, has_memory: Optional[Tensor] = None
+    lprobs: Tensor, mem: Support, lam: Union[float, Tensor], has_memory: Optional[Tensor] = None
 ) -> Tensor:
     """Eq. 8 for a memory distribution given at its support: ``log((1-λ) P + λ P_mem)``
     for every word, touching only the support beyond a shift of ``P``. Rows without
-    memory keep ``P``."""
-    if lam <= 0.0:
+    memory keep ``P``. ``λ`` is a number or a per-row tensor ``[...]`` (adaptive kNN-MT)."""
+    if not isinstance(lam, Tensor) and lam <= 0.0:
         return lprobs
     if has_memory is None:
         has_memory = torch.ones(lprobs.shape[:-1], dtype=torch.bool, device=lprobs.device)
-    keep = math.log1p(-lam) if lam < 1 else NEG_INF
-    shift = torch.where(has_memory, torch.full_like(has_memory, keep, dtype=lprobs.dtype),
-                        torch.zeros_like(has_memory, dtype=lprobs.dtype)).unsqueeze(-1)
+    log_keep, log_lam = _mix_logs(lam)
+    if isinstance(lam, Tensor):
+        log_keep, log_lam = log_keep.to(lprobs.dtype), log_lam.to(lprobs.dtype).unsqueeze(-1)
+    shift = torch.where(has_memory, torch.as_tensor(log_keep, dtype=lprobs.dtype, device=lprobs.device),
+                        torch.zeros((), dtype=lprobs.dtype, device=lprobs.device)).unsqueeze(-1)
     out = lprobs + shift
     before = mem.gather(lprobs)
-    at = torch.logaddexp(before + shift, mem.values + math.log(lam))
+    at = torch.logaddexp(before + shift, mem.values + log_lam)
     return mem.scatter_(out, torch.where(has_memory.unsqueeze(-1), at, before))
 
 
 def interpolate(
-    lprobs: Tensor, mem_lprobs: Tensor, lam: float, has_memory: Optional[Tensor] = None
+    lprobs: Tensor, mem_lprobs: Tensor, lam: Union[float, Tensor], has_memory: Optional[Tensor] = None
 ) -> Tensor:
-    """Eq. 8: ``log((1-λ) P + λ P_mem)`` elementwise (any shape).
+    """Eq. 8: ``log((1-λ) P + λ P_mem)`` elementwise (any shape); ``λ`` a number or a
+    tensor shaped like ``lprobs``.
 
     Args:
         has_memory: bool tensor broadcastable to ``lprobs`` without the last dim of a
             distribution; rows without memory keep ``P`` unchanged (λ is 0 for them).
     """
-    if lam <= 0.0:
+    if not isinstance(lam, Tensor) and lam <= 0.0:
         return lprobs
-    mixed = torch.logaddexp(lprobs + math.log1p(-lam), mem_lprobs + math.log(lam)) if lam < 1 else mem_lprobs
+    log_keep, log_lam = _mix_logs(lam)
+    mixed = torch.logaddexp(lprobs + log_keep, mem_lprobs + log_lam)
     if has_memory is None:
         return mixed
     while has_memory.dim() < mixed.dim():

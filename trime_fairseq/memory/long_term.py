@@ -60,7 +60,8 @@ class LongTermMemory:
         if self.end == self.start or int(self._docs[self.start]) != doc or self.size == 0:
             return None
         pos = self._pos[self.start:self.end]
-        stop = self.start + int(torch.searchsorted(pos, torch.tensor(context_start, dtype=pos.dtype)))
+        at = torch.tensor(context_start, dtype=pos.dtype, device=pos.device)
+        stop = self.start + int(torch.searchsorted(pos, at))
         first = max(self.start, stop - self.size)
         if stop <= first:
             return None

@@ -4,6 +4,11 @@
 query, the similarity of each neighbour (inner product ``q·k``, or ``-‖q-k‖²`` for an L2
 index) and its value (next token). With ``exact=True`` the similarities are recomputed
 from the stored keys (the paper's † rows) instead of FAISS's approximations.
+
+The index follows the queries: it is loaded on the CPU and copied to the GPU(s) on the
+first search with CUDA queries, if faiss-gpu sees a GPU and ``K`` is within faiss-gpu's
+limit (:data:`~trime_fairseq.memory.index.GPU_MAX_K`); otherwise it is searched on the CPU.
+Results are returned on the queries' device.
 """
 import logging
 from dataclasses import dataclass
@@ -14,7 +19,7 @@ import torch
 from torch import Tensor
 
 from trime_fairseq.memory.datastore import Datastore
-from trime_fairseq.memory.index import load_index
+from trime_fairseq.memory.index import GPU_MAX_K, gpu_available, index_to_gpu, load_index
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +44,9 @@ class Retriever:
         if k < 1:
             raise ValueError(f"--knn-k must be >= 1, got {k}")
         self.datastore = datastore
-        self.index, self.config = load_index(str(datastore.path), nprobe=nprobe, use_gpu=use_gpu)
+        self.index, self.config = load_index(str(datastore.path), nprobe=nprobe, use_gpu=False)
+        self.use_gpu = use_gpu  # move the index to the GPU when CUDA queries come (module doc)
+        self.on_gpu = False
         if self.config.size != len(datastore):
             raise ValueError(
                 f"--datastore {datastore.path}: index has {self.config.size} keys, datastore {len(datastore)}"
@@ -48,12 +55,33 @@ class Retriever:
         self.k = min(k, len(datastore))
         self.exact = exact
         self.search_seconds = 0.0
+        self._model_checked = False
+
+    def check_model(self, model) -> None:
+        """Refuse a datastore built from other weights (checked on first use: fairseq loads
+        the weights only after the task built the model)."""
+        if self._model_checked:
+            return
+        from trime_fairseq.memory.datastore import model_fingerprint
+
+        self.datastore.meta.check_compatible(model_sha256=model_fingerprint(model),
+                                             where=f"--datastore {self.datastore.path}")
+        self._model_checked = True
+
+    def _to_gpu(self) -> None:
+        """Copy the index to the GPU(s), once, if faiss-gpu sees one and K is within its limit."""
+        self.use_gpu = False  # decided once
+        if self.k <= GPU_MAX_K and gpu_available():
+            self.index, self.on_gpu = index_to_gpu(self.index), True
+        logger.info("datastore index searched on the %s", "GPU" if self.on_gpu else "CPU")
 
     def search(self, queries: Tensor) -> Retrieved:
         """``queries`` ``[n, d]`` -> :class:`Retrieved` with ``K`` neighbours each."""
         import time
 
         t0 = time.perf_counter()
+        if queries.is_cuda and self.use_gpu and not self.on_gpu:
+            self._to_gpu()
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         scores, ids = self.index.search(q, self.k)
         if self.metric == "l2":

@@ -82,6 +82,17 @@ class RepresentationCapture(nn.Module):
         return f
 
 
+def to_model_device(sample, model: nn.Module):
+    """``sample`` with its tensors on the device of ``model``'s parameters (as fairseq's
+    own commands move batches to the GPU); unchanged on the CPU."""
+    from fairseq import utils
+
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        return sample
+    return utils.apply_to_sample(lambda t: t.to(device, non_blocking=True), sample)
+
+
 def get_capture(model: nn.Module) -> RepresentationCapture:
     """The model's capture, attached on first use (idempotent)."""
     cap = getattr(model, "trime_capture", None)

@@ -15,31 +15,34 @@ row r of the previous one); at test time rows are consecutive blocks of one stre
 are run one after another (``mem_start`` marks each row's context window), so results do
 not depend on the batch size. Without these inputs, or with ``--knn-memory-size 0``, the
 model is exactly a ``transformer_lm`` with the same weights. Change the memory size at
-test time with ``--model-overrides "{'knn_memory_size': 32768}"``.
+test time with ``--model-overrides "{'knn_memory_size': 32768}"``; large memories are searched
+through faiss (``--knn-search``, ``--knn-faiss-*``; see :mod:`trime_fairseq.memory.knn_memory`).
 """
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 from fairseq.modules import MultiheadAttention
 from fairseq.utils import safe_getattr
 from torch import Tensor, nn
 
-from trime_fairseq.memory.knn_memory import KnnMemory
+from trime_fairseq.memory.knn_memory import SEARCH_CHOICES, KnnMemory
 
 
 class KnnAugmentedAttention(MultiheadAttention):
     """Self-attention plus attention over retrieved memory, mixed by a per-head gate."""
 
-    def __init__(self, embed_dim: int, num_heads: int, memory_size: int, topk: int, **kwargs) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, memory_size: int, topk: int,
+                 memory_options: Optional[Dict[str, Any]] = None, **kwargs) -> None:
         super().__init__(embed_dim, num_heads, self_attention=True, **kwargs)
         self.mem_gate = nn.Parameter(torch.zeros(num_heads))  # σ(0) = 0.5
         self.mem_log_scale = nn.Parameter(torch.full((num_heads,), math.log(math.sqrt(self.head_dim))))
-        self.memory = KnnMemory(memory_size, topk)
+        self.memory = KnnMemory(memory_size, topk, **(memory_options or {}))
         self.stream: Optional[Dict[str, Tensor]] = None  # set by the model for each forward
 
     def forward(self, query, key, value, key_padding_mask=None, incremental_state=None, need_weights=True,
@@ -54,21 +57,30 @@ class KnnAugmentedAttention(MultiheadAttention):
             return x.view(t, b, h, dh).permute(1, 2, 0, 3)  # [B, H, T, dh]
 
         q, k, v = heads(self.q_proj(query) * self.scaling), heads(self.k_proj(key)), heads(self.v_proj(value))
-        scores = torch.matmul(q, k.transpose(-1, -2))
-        if attn_mask is not None:
-            scores = scores + attn_mask
-        if key_padding_mask is not None:
-            scores = scores.masked_fill(key_padding_mask.bool()[:, None, None, :], float("-inf"))
-        probs = self.dropout_module(F.softmax(scores.float(), dim=-1).type_as(scores))
-        local = torch.matmul(probs, v)
+        local = self.local_attention(q, k, v, attn_mask, key_padding_mask)
         mem = self.memory_attention(q)
-        out = local if mem is None else mem
         if mem is not None:
             out = self.mix(local, *mem)
+        elif torch.is_grad_enabled():  # empty memory: give the memory parameters a zero
+            # gradient anyway, so DistributedDataParallel sees every parameter used
+            out = local + 0.0 * (self.mem_gate.sum() + self.mem_log_scale.sum())
+        else:
+            out = local
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(t, b, c))
         s = self.stream
         self.memory.update(k, v, keep=s["keep"], positions=s["positions"], docs=s["docs"])
         return out, None
+
+    def local_attention(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+                        key_padding_mask: Optional[Tensor]) -> Tensor:
+        """Ordinary attention over the segment (fused kernel); ``q`` is already scaled."""
+        mask = None if attn_mask is None else attn_mask.to(q.dtype)
+        if key_padding_mask is not None:
+            pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+            pad = pad.masked_fill(key_padding_mask.bool(), float("-inf"))[:, None, None, :]
+            mask = pad if mask is None else mask + pad
+        drop = self.dropout_module.p if self.training or self.dropout_module.apply_during_inference else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
 
     def memory_attention(self, q: Tensor):
         """``(memory result [B, H, T, dh], has memory [B, H, T, 1])`` or ``None`` if empty."""
@@ -100,6 +112,26 @@ class MemorizingTransformerConfig(TransformerLanguageModelConfig):
                           "0 disables the memory (a plain transformer_lm)"},
     )
     knn_memory_topk: int = field(default=32, metadata={"help": "memory entries retrieved per query and head"})
+    knn_search: ChoiceEnum(SEARCH_CHOICES) = field(
+        default="auto",
+        metadata={"help": "memory search: exact torch matmul + top-k, a faiss index per (row, head), or auto "
+                          "(faiss above --knn-faiss-min-size entries)"},
+    )
+    knn_faiss_min_size: int = field(
+        default=65536, metadata={"help": "--knn-search auto uses faiss for memories larger than this"}
+    )
+    knn_faiss_factory: str = field(
+        default="auto",
+        metadata={"help": "faiss index_factory string of each (row, head) index, inner product (Flat: exact); "
+                          "auto: IVF with about 4*sqrt(memory size) lists and flat codes (Flat where the memory "
+                          "cannot hold 39 keys per list)"},
+    )
+    knn_faiss_nprobe: int = field(default=32, metadata={"help": "lists probed per query by IVF indexes"})
+    knn_faiss_train_size: int = field(
+        default=0,
+        metadata={"help": "keys a row must hold before its trainable (IVF) indexes are trained on them (exact "
+                          "torch search until then); 0: min(memory size, 39 per IVF list)"},
+    )
 
 
 @register_model("memorizing_transformer_lm", dataclass=MemorizingTransformerConfig)
@@ -118,6 +150,13 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
         old = layers[idx].self_attn
         new = KnnAugmentedAttention(
             old.embed_dim, old.num_heads, args.knn_memory_size, args.knn_memory_topk,
+            memory_options=dict(
+                search=safe_getattr(args, "knn_search", "auto"),
+                faiss_factory=safe_getattr(args, "knn_faiss_factory", "auto"),
+                faiss_min_size=safe_getattr(args, "knn_faiss_min_size", 65536),
+                faiss_nprobe=safe_getattr(args, "knn_faiss_nprobe", 32),
+                faiss_train_size=safe_getattr(args, "knn_faiss_train_size", 0),
+            ),
             dropout=old.dropout_module.p, bias=old.k_proj.bias is not None,
         )
         new.load_state_dict(old.state_dict(), strict=False)
@@ -170,6 +209,11 @@ def _memorizing_base(args) -> None:
     args.knn_layer = safe_getattr(args, "knn_layer", -1)
     args.knn_memory_size = safe_getattr(args, "knn_memory_size", 8192)
     args.knn_memory_topk = safe_getattr(args, "knn_memory_topk", 32)
+    args.knn_search = safe_getattr(args, "knn_search", "auto")
+    args.knn_faiss_min_size = safe_getattr(args, "knn_faiss_min_size", 65536)
+    args.knn_faiss_factory = safe_getattr(args, "knn_faiss_factory", "auto")
+    args.knn_faiss_nprobe = safe_getattr(args, "knn_faiss_nprobe", 32)
+    args.knn_faiss_train_size = safe_getattr(args, "knn_faiss_train_size", 0)
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_tiny")

@@ -124,7 +124,6 @@ class MemoryEvalModel(BaseFairseqModel):
                  retriever: Optional[Retriever] = None) -> None:
         super().__init__()
         self.retriever = retriever
-        self._checked_datastore = retriever is None
         self.inner = model
         self.combiner = combiner
         self.pad = pad
@@ -146,12 +145,8 @@ class MemoryEvalModel(BaseFairseqModel):
     def get_normalized_probs(self, net_output, log_probs: bool, sample=None):
         if sample is None or sample.get("target") is None:
             raise ValueError("memory scoring needs the sample's targets (fairseq-eval-lm)")
-        if not self._checked_datastore:  # weights are loaded only after build_model
-            from trime_fairseq.memory.datastore import model_fingerprint
-
-            self.retriever.datastore.meta.check_compatible(
-                model_sha256=model_fingerprint(self.inner), where=f"--datastore {self.retriever.datastore.path}")
-            self._checked_datastore = True
+        if self.retriever is not None:
+            self.retriever.check_model(self.inner)
         x = scoring_inputs(self.inner, net_output, sample, self.pad)
         if self.long_memory_size > 0 and self.long_memory is None:
             context = int(max(sample.get("start_indices") or [0]))

@@ -14,10 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def at_least_float32(x: Tensor) -> Tensor:
-    """Half/bfloat16 -> float32 for the softmax math; float32/float64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+from trime_fairseq.memory.joint import at_least_float32  # noqa: F401  (re-exported)
 
 
 def adaptive_softmax_of(model: nn.Module):

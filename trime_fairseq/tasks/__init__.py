@@ -1,2 +1,2 @@
 """Tasks: batching and the flags users type (registered with fairseq on import)."""
-from trime_fairseq.tasks import trime_lm  # noqa: F401
+from trime_fairseq.tasks import trime_lm, trime_translation  # noqa: F401

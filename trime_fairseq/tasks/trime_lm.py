@@ -13,20 +13,20 @@ memory: ``local`` (the context window and the earlier tokens of the block) or
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-import numpy as np
+import torch
 from fairseq import utils
 from fairseq.data import data_utils, iterators
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
-from trime_fairseq.data.stream import DocumentSegments, StreamBlocks, TokenStream
+from trime_fairseq.data.stream import DocumentSegments, StreamBlocks, TokenStream, shard_rows
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
 from trime_fairseq.models.memory_eval import MemoryEvalModel
+from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, RetrievalConfig, build_retriever, cached_bm25_batches
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ CACHE_REPRESENTATIONS = ChoiceEnum(["f", "g"])
 
 
 @dataclass
-class TrimeLMConfig(LanguageModelingConfig):
+class TrimeLMConfig(LanguageModelingConfig, RetrievalConfig, BM25BatchingConfig):
     eval_combiner: EVAL_COMBINERS = field(
         default="none",
         metadata={
@@ -61,40 +61,6 @@ class TrimeLMConfig(LanguageModelingConfig):
         metadata={"help": "Memorizing Transformer training: row r of every batch continues row r "
                           "of the previous batch (segments of documents in order), so a model "
                           "memory persists across steps; batch size = --batch-size"},
-    )
-    bm25_batching: bool = field(
-        default=False,
-        metadata={"help": "TRIMELM_ext (§4.3): training batches of BM25-similar segments; "
-                          "trime_loss then uses all other segments of the batch as memory "
-                          "(with --drop-local-prob). Batches are computed once and cached"},
-    )
-    bm25_neighbours: int = field(
-        default=32, metadata={"help": "BM25 batching: neighbours kept per segment"}
-    )
-    bm25_query_terms: int = field(
-        default=32,
-        metadata={"help": "BM25 batching: a segment queries with its rarest N distinct terms (0: all)"},
-    )
-    bm25_cache_dir: Optional[str] = field(
-        default=None, metadata={"help": "where BM25 batches are cached (default: the data directory)"}
-    )
-    datastore: Optional[str] = field(
-        default=None,
-        metadata={"help": "datastore directory (trime-build-datastore) for external memory"},
-    )
-    knn_k: int = field(default=1024, metadata={"help": "neighbours retrieved from the datastore per token"})
-    nprobe: Optional[int] = field(
-        default=None, metadata={"help": "IVF lists searched (default: the value chosen at index build)"}
-    )
-    exact_distances: bool = field(
-        default=False,
-        metadata={"help": "recompute neighbour similarities from the stored keys instead of FAISS's"},
-    )
-    knn_lambda: Optional[float] = field(
-        default=None, metadata={"help": "kNN-LM: weight of P_kNN in (1-lambda) P_LM + lambda P_kNN"}
-    )
-    knn_temperature: float = field(
-        default=1.0, metadata={"help": "kNN-LM: P_kNN ∝ exp(similarity / T)"}
     )
     memory_lambda: float = field(
         default=0.0,
@@ -121,10 +87,6 @@ class TrimeLMConfig(LanguageModelingConfig):
             "boundaries; a document shorter than m segments shares its run with the next "
             "document, and memory never crosses documents"
         },
-    )
-    eval_temperature: float = field(
-        default=1.0,
-        metadata={"help": "temperature tau of Eq. 6: memory scores are sim(q, k) / tau"},
     )
     cache_lambda: Optional[float] = field(
         default=None,
@@ -213,17 +175,7 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
 
     def build_retriever(self, model):
         """Open ``--datastore`` and check that it belongs to this model and dictionary."""
-        from trime_fairseq.memory.datastore import Datastore, file_fingerprint
-        from trime_fairseq.memory.retriever import Retriever
-
-        ds = Datastore(self.args.datastore)
-        dict_path = os.path.join(utils.split_paths(self.args.data)[0], "dict.txt")
-        ds.meta.check_compatible(
-            dim=model.decoder.layers[-1].fc1.in_features,
-            dictionary_sha256=file_fingerprint(dict_path),
-            where=f"--datastore {self.args.datastore}",
-        )
-        return Retriever(ds, k=self.args.knn_k, nprobe=self.args.nprobe, exact=self.args.exact_distances)
+        return build_retriever(self.args, model, os.path.join(utils.split_paths(self.args.data)[0], "dict.txt"))
 
     def stream(self, split: str) -> TokenStream:
         """The split as one token stream with document ids (cached)."""
@@ -270,23 +222,25 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
                 required_batch_size_multiple=required_batch_size_multiple, seed=seed,
                 num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
                 data_buffer_size=data_buffer_size, disable_iterator_cache=disable_iterator_cache, **kwargs)
+        # data-parallel: batches are global (W x the per-worker batch) and each worker reads
+        # its contiguous rows of every one (shard_rows), so runs of consecutive segments and
+        # stream rows stay on one worker and W workers x B = 1 worker x W*B
         m = dataset.group
         bsz = max_sentences or (max_tokens or 0) // self.args.tokens_per_sample
         if dataset.stream_rows:
             if bsz < 1:
                 raise ValueError("--stream-batching needs --batch-size (rows read in parallel)")
-            rows = dataset.stream_batches(bsz, seed, epoch, dataset.shuffle)
+            rows = dataset.stream_batches(bsz * num_shards, seed, epoch, dataset.shuffle)
             return iterators.EpochBatchIterator(
-                dataset=dataset, collate_fn=dataset.collater, batch_sampler=rows, seed=seed,
-                num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
-                buffer_size=data_buffer_size, disable_shuffling=True,
+                dataset=dataset, collate_fn=dataset.collater, batch_sampler=shard_rows(rows, num_shards, shard_id),
+                seed=seed, num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size,
+                disable_shuffling=True,
             )
         if dataset.external:
-            fixed = self.bm25_batches(dataset, bsz, seed)
+            fixed = self._rank0_first(lambda: self.bm25_batches(dataset, bsz * num_shards, seed))
             return iterators.EpochBatchIterator(
-                dataset=dataset, collate_fn=dataset.collater, batch_sampler=fixed, seed=seed,
-                num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
-                buffer_size=data_buffer_size,
+                dataset=dataset, collate_fn=dataset.collater, batch_sampler=shard_rows(fixed, num_shards, shard_id),
+                seed=seed, num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size,
             )
         if bsz < m:
             raise ValueError(
@@ -298,42 +252,32 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         shuffle = getattr(dataset, "shuffle", False)
 
         def batches(ds, ep):
-            return ds.batches(bsz // m, seed=seed, epoch=ep, shuffle=shuffle)
+            return shard_rows(ds.batches(bsz * num_shards // m, seed=seed, epoch=ep, shuffle=shuffle),
+                              num_shards, shard_id, m)
 
         return iterators.EpochBatchIterator(
             dataset=dataset, collate_fn=dataset.collater, batch_sampler=batches, seed=seed,
-            num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
-            buffer_size=data_buffer_size, disable_shuffling=not shuffle,
+            num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size, disable_shuffling=not shuffle,
         )
+
+    @staticmethod
+    def _rank0_first(compute):
+        """Run ``compute`` on rank 0 first (it fills an on-disk cache), then on the others."""
+        from trime_fairseq.memory.distributed import world
+
+        rank, size = world()
+        if size > 1 and rank > 0:
+            torch.distributed.barrier()
+        out = compute()
+        if size > 1 and rank == 0:
+            torch.distributed.barrier()
+        return out
 
     def bm25_batches(self, dataset: DocumentSegments, batch_size: int, seed: int):
         """BM25 batches of the training segments, computed once and cached on disk."""
-        from trime_fairseq.data.bm25 import BM25, bm25_batches
-
-        if batch_size < 2:
-            raise ValueError("--bm25-batching needs at least 2 segments per batch (--batch-size or --max-tokens)")
-        root = self.args.bm25_cache_dir or utils.split_paths(self.args.data)[0]
-        key = (f"bm25_{dataset.split}_L{self.args.tokens_per_sample}_B{batch_size}"
-               f"_k{self.args.bm25_neighbours}_q{self.args.bm25_query_terms}_s{seed}")
-        path = os.path.join(root, key + ".npz")
-        if os.path.exists(path):
-            saved = np.load(path)
-            if int(saved["num_segments"]) == len(dataset):
-                logger.info("BM25 batches from cache %s", path)
-                return np.split(saved["order"], saved["bounds"])
-        t0 = time.perf_counter()
-        docs = [dataset[i]["source"].numpy() for i in range(len(dataset))]
-        bm25 = BM25(docs)
-        ids, scores = bm25.neighbours(self.args.bm25_neighbours, self.args.bm25_query_terms)
-        batches = bm25_batches(ids, scores, batch_size, seed=seed)
-        order = np.concatenate(batches)
-        bounds = np.cumsum([len(b) for b in batches])[:-1]
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, order=order, bounds=bounds, num_segments=len(dataset))
-        os.replace(tmp, path)
-        logger.info("BM25 batching: %d segments into %d batches in %.1fs (cached in %s)",
-                    len(dataset), len(batches), time.perf_counter() - t0, path)
-        return batches
+        segments = [dataset[i]["source"].numpy() for i in range(len(dataset))]
+        return cached_bm25_batches(self.args, segments, batch_size, seed, utils.split_paths(self.args.data)[0],
+                                   f"{dataset.split}_L{self.args.tokens_per_sample}")
 
     def eval_lm_dataloader(self, dataset, max_tokens: Optional[int] = 36000, batch_size=None,
                            max_positions=None, num_shards: int = 1, shard_id: int = 0,
@@ -355,4 +299,8 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if hasattr(criterion, "set_num_updates"):
             criterion.set_num_updates(update_num)
+        if ignore_grad and isinstance(sample, dict) and isinstance(sample.get("trime_memory"), dict):
+            # fairseq's placeholder batch on a worker without data: keep it out of the
+            # memory that other workers gather
+            sample = dict(sample, trime_memory=dict(sample["trime_memory"], placeholder=True))
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)

@@ -1,0 +1,89 @@
+"""The benchmark suite (``benchmarks/run_all.py``): one command, a complete report."""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+from helpers import REPO
+
+RUN_ALL = REPO / "benchmarks" / "run_all.py"
+FIGURES = [  # every figure issue 7 asks for, in report order
+    "train_speed_local", "train_speed_long", "train_speed_external",
+    "train_peak_memory_local", "train_peak_memory_long", "train_peak_memory_external",
+    "eval_long_memory_full", "eval_long_memory_documents", "ext_eval", "datastore_build",
+    "datastore_peak_memory", "bm25_seconds", "knn_mt_generation", "memorizing_train",
+]
+SCORERS = {"kNN-LM eval", "kNN-MT generation"}
+
+
+def load_run_all():
+    spec = importlib.util.spec_from_file_location("run_all", RUN_ALL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_suite_writes_a_complete_report(tmp_path):
+    report = tmp_path / "results" / "bench.md"
+    proc = subprocess.run(
+        [sys.executable, str(RUN_ALL), "--size", "smoke", "--work", str(tmp_path / "work"), "--report", str(report)],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith(str(report.resolve()))
+
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert {"size", "command", "summary", "figures", "time_split", "setup", "steps", "machine", "plot", "raw"} <= set(data)
+    assert data["size"] == "smoke"
+    assert [f["key"] for f in data["figures"]] == FIGURES
+    for f in data["figures"]:
+        assert isinstance(f["value"], float) and math.isfinite(f["value"]) and f["value"] >= 0, f
+        assert isinstance(f["target"], float) and f["target"] > 0 and f["op"] in (">=", "<="), f
+        met = f["value"] >= f["target"] if f["op"] == ">=" else f["value"] <= f["target"]
+        assert f["status"] == ("pass" if met else "miss") or (f["key"] == "ext_eval" and f["status"] == "miss"), f
+    assert {r["scorer"].split(" (")[0] for r in data["time_split"]} == SCORERS
+    for r in data["time_split"]:
+        shares = [r[k] for k in ("model", "search", "combine")]
+        assert all(0 <= s <= 1 for s in shares) and math.isclose(sum(shares), 1, abs_tol=1e-6), r
+        assert r["total_s"] > 0
+    assert all(st["status"] == "ok" for st in data["steps"].values()), data["steps"]
+    assert {"cpus", "torch", "faiss", "date", "load_average_start"} <= set(data["machine"])
+
+    md = report.read_text()
+    assert md.startswith("# Benchmark report (smoke size)")
+    assert "python benchmarks/run_all.py --size smoke" in md
+    assert "| figure | value | target | result | notes |" in md
+    for f in data["figures"]:
+        assert f["figure"] in md
+    assert "## Time split of the memory-augmented scorers" in md
+    assert "| scorer | model | search | combine | total (s) |" in md
+    assert "FAILED" not in md
+    assert report.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failing_benchmark_is_reported_and_sets_the_exit_code(tmp_path, monkeypatch):
+    run_all = load_run_all()
+
+    def broken_suite(size, work):
+        suite = run_all.Suite(run_all.SIZES[size], work)
+        suite.bench("train", "train_speed", [tmp_path / "no_such_data"], [])  # a real failing subprocess
+        suite.bench("eval_full_memory", "eval_speed", [], ["lm_checkpoint"])  # its prerequisite never ran
+        return suite
+
+    monkeypatch.setattr(run_all, "run_suite", broken_suite)
+    monkeypatch.setenv("PYTHONPATH", "")  # restored afterwards (the suite adds the repository)
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "bench.md"
+    assert run_all.main(["--size", "smoke", "--work", str(tmp_path / "work"), "--report", str(report)]) == 1
+    data = json.loads(report.with_suffix(".json").read_text())
+    rows = {f["key"]: f for f in data["figures"]}
+    assert list(rows) == FIGURES
+    assert all(r["status"] == "failed" and r["value"] is None for r in rows.values())
+    assert data["steps"]["train"]["status"] == "failed"
+    assert data["steps"]["train"]["log"].endswith("train.log")
+    assert "exited with" in data["steps"]["train"]["error"]
+    assert "needs lm_checkpoint" in data["steps"]["eval_full_memory"]["error"]
+    md = report.read_text()
+    assert md.count("**FAILED**") == len(FIGURES)
+    assert "train.log" in md

@@ -1,0 +1,134 @@
+"""``trime-tune-mt``: choose kNN-MT's λ and T, or TRIME-MT's τ, on a validation set.
+
+One teacher-forced pass of the MT model over ``--gen-subset`` and one FAISS search per
+batch (``--knn-k`` neighbours of every target token); every grid point is then scored on
+those cached neighbours (no second search), by the reference's negative log-likelihood
+per token under the memory-augmented distribution. Prints and writes (``--out``) JSON
+with all grid points and the best one::
+
+    trime-tune-mt DATA_BIN --task trime_translation --path base.pt --datastore ds_l2 \\
+        --knn-k 16 --combiner knn --grid lambda=0.2,0.4,0.6 temperature=1,10,100
+    trime-tune-mt DATA_BIN --task trime_translation --path trime.pt --datastore ds_ip \\
+        --knn-k 16 --combiner trime --grid tau=0.5,1,2
+
+Any other flag goes to fairseq's parser (``--max-tokens``, ``--source-lang``...).
+"""
+import argparse
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from trime_fairseq.memory.joint import interpolate, joint_target_log_prob, memory_target_log_prob
+
+logger = logging.getLogger("trime_fairseq.tune_mt")
+
+GRID_AXES = {"knn": ("lambda", "temperature"), "trime": ("tau",)}
+
+
+def collect(model, task, split: str, max_tokens: int, batch_size: Optional[int]) -> Dict[str, torch.Tensor]:
+    """Teacher-forced targets of ``split`` with their neighbours: ``scores``/``values``
+    ``[N, K]``, ``target``, ``tok_target``, ``tok_lse`` ``[N]``, and ``dim`` (key size)."""
+    retriever = task.build_retriever(model)
+    retriever.check_model(model)
+    task.load_dataset(split)
+    parts: Dict[str, List[torch.Tensor]] = {k: [] for k in ("scores", "values", "target", "tok_target", "tok_lse")}
+    dim = 0
+    for keys, target, tok_target, tok_lse in task.iter_datastore_keys(model, split, max_tokens, batch_size):
+        found = retriever.search(keys.float())
+        dim = keys.size(-1)
+        for k, t in zip(parts, (found.scores, found.values, target, tok_target.float(), tok_lse.float())):
+            parts[k].append(t)
+    if not parts["target"]:
+        raise ValueError(f"--gen-subset {split}: no target tokens")
+    out = {k: torch.cat(v).cpu() for k, v in parts.items()}  # Meta-k trains on the CPU
+    out["dim"] = torch.tensor(dim)
+    return out
+
+
+def knn_target_log_prob(c: Dict[str, torch.Tensor], lam: float, temperature: float) -> torch.Tensor:
+    """kNN-MT: ``log((1-λ) P_MT + λ P_kNN)`` at the reference tokens."""
+    found = torch.isfinite(c["scores"])
+    mem = memory_target_log_prob(c["scores"] / temperature, c["values"], found, c["target"])
+    return interpolate(c["tok_target"] - c["tok_lse"], mem, lam, found.any(-1))
+
+
+def trime_target_log_prob(c: Dict[str, torch.Tensor], tau: float) -> torch.Tensor:
+    """TRIME-MT: Eq. 6 over vocabulary and retrieved neighbours (``q·k / (√d τ)``)."""
+    found = torch.isfinite(c["scores"])
+    scores = c["scores"] / (math.sqrt(float(c["dim"])) * tau)
+    return joint_target_log_prob(c["tok_target"], c["tok_lse"], scores, c["values"], found, c["target"])
+
+
+def score_grid(c: Dict[str, torch.Tensor], combiner: str, grid: Dict[str, List[float]]) -> List[dict]:
+    """NLL per token (nats) of every grid point, and of the MT model alone first."""
+    rows = [{"params": {}, "nll": float(-(c["tok_target"] - c["tok_lse"]).mean())}]
+    names = list(GRID_AXES[combiner])
+    for combo in itertools.product(*(grid[k] for k in names)):
+        p = dict(zip(names, combo))
+        lp = knn_target_log_prob(c, p["lambda"], p["temperature"]) if combiner == "knn" \
+            else trime_target_log_prob(c, p["tau"])
+        rows.append({"params": p, "nll": float(-lp.mean())})
+    return rows
+
+
+def parse_grid(combiner: str, items: Sequence[str]) -> Dict[str, List[float]]:
+    grid: Dict[str, List[float]] = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        if name not in GRID_AXES[combiner] or not values:
+            raise ValueError(f"--grid for {combiner} takes {', '.join(GRID_AXES[combiner])}=v1,v2,...; got {item!r}")
+        grid[name] = [float(v) for v in values.split(",") if v]
+    missing = [k for k in GRID_AXES[combiner] if k not in grid]
+    if missing:
+        raise ValueError(f"--grid for {combiner} needs {', '.join(missing)}=...")
+    return grid
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
+                        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", force=True)
+    p = argparse.ArgumentParser(prog="trime-tune-mt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--combiner", choices=sorted(GRID_AXES), required=True,
+                   help="knn (grid over lambda, temperature) or trime (grid over tau)")
+    p.add_argument("--grid", nargs="+", required=True, help="name=v1,v2,... per parameter")
+    p.add_argument("--out", default=None, help="write the JSON result here too")
+    ours, rest = p.parse_known_args(argv)
+    try:
+        grid = parse_grid(ours.combiner, ours.grid)
+    except ValueError as e:
+        p.error(str(e))
+    from trime_fairseq.cli.tune import load
+    from trime_fairseq.memory.datastore import DatastoreError
+
+    cfg, model, task = load(rest)
+    if not hasattr(task, "iter_datastore_keys"):
+        p.error("trime-tune-mt needs --task trime_translation")
+    try:
+        c = collect(model.eval(), task, cfg.dataset.gen_subset, cfg.dataset.max_tokens or 4096,
+                    cfg.dataset.batch_size)
+    except (DatastoreError, ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    rows = score_grid(c, ours.combiner, grid)
+    best = min(rows[1:], key=lambda r: r["nll"])
+    result = {"combiner": ours.combiner, "tokens": int(c["target"].numel()), "k": int(c["scores"].size(1)),
+              "rows": rows, "best": best}
+    for r in rows:
+        logger.info("%-40s NLL %.4f", json.dumps(r["params"]) if r["params"] else "MT alone", r["nll"])
+    if ours.out:
+        tmp = ours.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, ours.out)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

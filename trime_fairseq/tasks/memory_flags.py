@@ -1,0 +1,111 @@
+"""Flags shared by the LM and translation tasks: external-memory retrieval and BM25 batching.
+
+Both tasks inherit these dataclasses, so ``--datastore``, ``--knn-k``... mean the same in
+``fairseq-eval-lm --task trime_lm`` and ``fairseq-generate --task trime_translation``, and
+:func:`build_retriever` opens a datastore the same way for both.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+from fairseq.dataclass import FairseqDataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrievalConfig(FairseqDataclass):
+    datastore: Optional[str] = field(
+        default=None,
+        metadata={"help": "datastore directory (trime-build-datastore) for external memory"},
+    )
+    knn_k: int = field(default=1024, metadata={"help": "neighbours retrieved from the datastore per token"})
+    nprobe: Optional[int] = field(
+        default=None, metadata={"help": "IVF lists searched (default: the value chosen at index build)"}
+    )
+    exact_distances: bool = field(
+        default=False,
+        metadata={"help": "recompute neighbour similarities from the stored keys instead of FAISS's"},
+    )
+    knn_lambda: Optional[float] = field(
+        default=None, metadata={"help": "kNN-LM / kNN-MT: weight of P_kNN in (1-lambda) P_model + lambda P_kNN"}
+    )
+    knn_temperature: float = field(
+        default=1.0, metadata={"help": "kNN-LM / kNN-MT: P_kNN ∝ exp(similarity / T)"}
+    )
+    eval_temperature: float = field(
+        default=1.0,
+        metadata={"help": "temperature tau of Eq. 6: memory scores are sim(q, k) / tau"},
+    )
+
+
+@dataclass
+class BM25BatchingConfig(FairseqDataclass):
+    bm25_batching: bool = field(
+        default=False,
+        metadata={"help": "TRIME external memory (§4.3): training batches of BM25-similar segments "
+                          "(LM) or target sentences (translation); trime_loss then uses the other "
+                          "members of the batch as memory. Batches are computed once and cached"},
+    )
+    bm25_neighbours: int = field(
+        default=32, metadata={"help": "BM25 batching: neighbours kept per segment"}
+    )
+    bm25_query_terms: int = field(
+        default=32,
+        metadata={"help": "BM25 batching: a segment queries with its rarest N distinct terms (0: all)"},
+    )
+    bm25_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "where BM25 batches are cached (default: the data directory)"}
+    )
+
+
+def build_retriever(args, model, dictionary_path: str):
+    """Open ``--datastore`` and check that it belongs to ``model`` (key size) and to the
+    dictionary at ``dictionary_path``; the model fingerprint is checked once weights are in."""
+    from trime_fairseq.memory.datastore import Datastore, file_fingerprint
+    from trime_fairseq.memory.retriever import Retriever
+
+    if not args.datastore:
+        raise ValueError("external memory needs --datastore (built with trime-build-datastore)")
+    ds = Datastore(args.datastore)
+    ds.meta.check_compatible(
+        dim=model.decoder.layers[-1].fc1.in_features,
+        dictionary_sha256=file_fingerprint(dictionary_path),
+        where=f"--datastore {args.datastore}",
+    )
+    return Retriever(ds, k=args.knn_k, nprobe=args.nprobe, exact=args.exact_distances)
+
+
+def cached_bm25_batches(args, segments, batch_size: int, seed: int, cache_root: str, name: str):
+    """BM25 batches (:func:`trime_fairseq.data.bm25.bm25_batches`) of ``segments`` (a
+    sequence of token-id arrays), computed once and cached as ``cache_root/bm25_NAME_...npz``
+    (``--bm25-cache-dir`` overrides the folder). Returns a list of index arrays."""
+    import time
+
+    from trime_fairseq.data.bm25 import BM25, bm25_batches
+
+    if batch_size < 2:
+        raise ValueError("--bm25-batching needs at least 2 segments per batch (--batch-size or --max-tokens)")
+    root = args.bm25_cache_dir or cache_root
+    key = f"bm25_{name}_B{batch_size}_k{args.bm25_neighbours}_q{args.bm25_query_terms}_s{seed}"
+    path = os.path.join(root, key + ".npz")
+    if os.path.exists(path):
+        saved = np.load(path)
+        if int(saved["num_segments"]) == len(segments):
+            logger.info("BM25 batches from cache %s", path)
+            return np.split(saved["order"], saved["bounds"])
+    t0 = time.perf_counter()
+    bm25 = BM25(segments)
+    ids, scores = bm25.neighbours(args.bm25_neighbours, args.bm25_query_terms)
+    batches = bm25_batches(ids, scores, batch_size, seed=seed)
+    order = np.concatenate(batches)
+    bounds = np.cumsum([len(b) for b in batches])[:-1]
+    tmp = f"{path}.{os.getpid()}.tmp.npz"  # unique per process: workers may race
+    np.savez(tmp, order=order, bounds=bounds, num_segments=len(segments))
+    os.replace(tmp, path)
+    logger.info("BM25 batching: %d segments into %d batches in %.1fs (cached in %s)",
+                len(segments), len(batches), time.perf_counter() - t0, path)
+    return batches

@@ -1,0 +1,213 @@
+"""``--task trime_translation``: fairseq's translation task plus memories (Appendix B, §5.4).
+
+Training (``fairseq-train --criterion trime_loss``): TRIME-MT. A target token's training
+memory is every target token of the *other* sentences of the batch (its key the decoder's
+``g``, its label the token itself); the sentence's own earlier tokens are not memory
+(as in the paper; ``--mt-local-memory`` adds them). With ``--bm25-batching`` a batch holds
+BM25-similar target sentences (computed once per corpus, cached). Other criteria (e.g.
+``label_smoothed_cross_entropy``) ignore the memory.
+
+Decoding (``fairseq-generate``): ``--mt-combiner`` picks how the ``--datastore`` of
+(decoder ``g``, target token) pairs is used:
+
+* ``knn``: kNN-MT (Khandelwal et al., 2021), ``(1-λ) P_MT + λ P_kNN``, ``P_kNN ∝ exp(s/T)``
+  over the ``--knn-k`` neighbours (``--knn-lambda``, ``--knn-temperature``; ``s = -‖q-k‖²``
+  for an L2 index).
+* ``adaptive``: adaptive kNN-MT (Zheng et al., 2021) with a Meta-k network from
+  ``trime-train-metak`` (``--metak-path``).
+* ``trime``: Eq. 6, the vocabulary and the retrieved neighbours in one softmax
+  (``--eval-temperature``; no hand-set λ). Use an inner-product index.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+from fairseq import utils
+from fairseq.data import iterators
+from fairseq.dataclass import ChoiceEnum
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from trime_fairseq.memory.combiners import AdaptiveKnnCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
+from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, RetrievalConfig, build_retriever, cached_bm25_batches
+
+logger = logging.getLogger(__name__)
+
+MT_COMBINERS = ChoiceEnum(["none", "knn", "adaptive", "trime"])
+
+
+@dataclass
+class TrimeTranslationConfig(TranslationConfig, RetrievalConfig, BM25BatchingConfig):
+    mt_combiner: MT_COMBINERS = field(
+        default="none",
+        metadata={"help": "how fairseq-generate uses --datastore: none (the MT model), knn "
+                          "(kNN-MT, needs --knn-lambda), adaptive (adaptive kNN-MT, needs "
+                          "--metak-path) or trime (Eq. 6 over the retrieved neighbours, "
+                          "temperature --eval-temperature)"},
+    )
+    knn_k: int = field(default=16, metadata={"help": "neighbours retrieved from the datastore per decoding step"})
+    knn_temperature: float = field(
+        default=10.0, metadata={"help": "kNN-MT / adaptive kNN-MT: P_kNN ∝ exp(similarity / T)"}
+    )
+    metak_path: Optional[str] = field(
+        default=None, metadata={"help": "adaptive kNN-MT: Meta-k network saved by trime-train-metak"}
+    )
+    mt_local_memory: bool = field(
+        default=False,
+        metadata={"help": "TRIME-MT training: also use the earlier target tokens of the same "
+                          "sentence as memory (the paper uses only the other sentences)"},
+    )
+
+
+def build_mt_combiner(cfg) -> Combiner:
+    """The decoding-time :class:`Combiner` named by ``--mt-combiner``."""
+    name = str(cfg.mt_combiner)
+    if name != "none" and not cfg.datastore:
+        raise ValueError(f"--mt-combiner {name} needs --datastore (built with trime-build-datastore)")
+    if cfg.knn_k < 1:
+        raise ValueError(f"--knn-k must be >= 1, got {cfg.knn_k}")
+    if name == "knn":
+        if cfg.knn_lambda is None:
+            raise ValueError("--mt-combiner knn needs --knn-lambda (weight of P_kNN, e.g. 0.5)")
+        return KnnCombiner(cfg.knn_lambda, cfg.knn_temperature)
+    if name == "adaptive":
+        from trime_fairseq.models.memory_generate import load_metak
+
+        metak = load_metak(cfg.metak_path)
+        if metak.max_k != cfg.knn_k:
+            raise ValueError(f"--metak-path {cfg.metak_path} was trained with --knn-k {metak.max_k}, "
+                             f"not {cfg.knn_k}")
+        return AdaptiveKnnCombiner(metak, cfg.knn_temperature)
+    if name == "trime":
+        return TrimeCombiner(cfg.eval_temperature)
+    return NoMemory()
+
+
+@register_task("trime_translation", dataclass=TrimeTranslationConfig)
+class TrimeTranslationTask(TranslationTask):
+    """Translation with TRIME-MT training memory and datastore decoding (module docstring)."""
+
+    def __init__(self, cfg: TrimeTranslationConfig, src_dict, tgt_dict) -> None:
+        super().__init__(cfg, src_dict, tgt_dict)
+        self.combiner = build_mt_combiner(cfg)
+
+    # ---- models -------------------------------------------------------------------------
+    def build_model(self, cfg, from_checkpoint: bool = False):
+        model = super().build_model(cfg, from_checkpoint)
+        if not from_checkpoint or isinstance(self.combiner, NoMemory):
+            return model
+        from trime_fairseq.models.memory_generate import MemoryGenerationModel
+
+        retriever = self.build_retriever(model)
+        logger.info("decoding with %s, %d neighbours from %s", self.combiner.describe(), retriever.k,
+                    self.cfg.datastore)
+        return MemoryGenerationModel(model, self.combiner, retriever)
+
+    def target_dictionary_path(self) -> str:
+        return os.path.join(utils.split_paths(self.cfg.data)[0], f"dict.{self.cfg.target_lang}.txt")
+
+    def build_retriever(self, model):
+        return build_retriever(self.cfg, model, self.target_dictionary_path())
+
+    # ---- training memory ----------------------------------------------------------------
+    def memory_spec(self, sample) -> dict:
+        """``sample["trime_memory"]`` for trime_loss: one group = the whole batch, memory =
+        the other sentences (plus the sentence's own prefix with ``--mt-local-memory``)."""
+        bsz = sample["target"].size(0)
+        keep = torch.full((bsz,), bool(self.cfg.mt_local_memory), dtype=torch.bool)
+        return {"mode": "external", "keep_local": keep}
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if hasattr(criterion, "set_num_updates"):
+            criterion.set_num_updates(update_num)
+        sample["trime_memory"] = self.memory_spec(sample)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def valid_step(self, sample, model, criterion):
+        sample["trime_memory"] = self.memory_spec(sample)
+        return super().valid_step(sample, model, criterion)
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                           ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1,
+                           num_shards=1, shard_id=0, num_workers=0, epoch=1, data_buffer_size=0,
+                           disable_iterator_cache=False, **kwargs):
+        train = self.datasets.get(self.cfg.train_subset)
+        if not (self.cfg.bm25_batching and dataset is train):
+            return super().get_batch_iterator(
+                dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
+                ignore_invalid_inputs=ignore_invalid_inputs,
+                required_batch_size_multiple=required_batch_size_multiple, seed=seed, num_shards=num_shards,
+                shard_id=shard_id, num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
+                disable_iterator_cache=disable_iterator_cache, **kwargs)
+        sizes = np.maximum(dataset.src_sizes, dataset.tgt_sizes)
+        # a group holds about two batches' worth of sentences: cut into length-sorted parts
+        # of at most --max-tokens, the parts come out about as full as fairseq's batches
+        bsz = max_sentences or max(2, int(2 * (max_tokens or 4096) // max(float(sizes.mean()), 1.0)))
+        targets = [dataset.tgt[i].numpy() for i in range(len(dataset))]
+        batches = cached_bm25_batches(self.cfg, targets, bsz, seed, utils.split_paths(self.cfg.data)[0],
+                                      f"{self.cfg.train_subset}_{self.cfg.source_lang}-{self.cfg.target_lang}")
+        if max_tokens:  # BM25 groups can hold long sentences: split groups that overflow
+            batches = [part for b in batches for part in _split_by_tokens(b, sizes, max_tokens)]
+        return iterators.EpochBatchIterator(
+            dataset=dataset, collate_fn=dataset.collater, batch_sampler=batches, seed=seed,
+            num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+            buffer_size=data_buffer_size,
+        )
+
+    # ---- datastore ----------------------------------------------------------------------
+    def datastore_size(self, split: str) -> int:
+        """Number of keys of ``split``: one per target token (EOS included)."""
+        return int(np.asarray(self.dataset(split).tgt_sizes).sum())
+
+    def iter_datastore_keys(self, model, split: str, max_tokens: int, batch_size: Optional[int],
+                            start_key: int = 0, max_keys: Optional[int] = None
+                            ) -> Iterator[Tuple[torch.Tensor, ...]]:
+        """Teacher-forced decoder ``g`` and target token of every target position of
+        ``split``, sentences in index order; yields ``(keys [n, d], values [n], token
+        terms (s_value, log Σ_w exp s_w) [n] each)``. ``start_key`` (a sentence boundary,
+        e.g. a resumed build) skips what is done."""
+        from trime_fairseq.models.capture import get_capture, to_model_device
+        from trime_fairseq.models.output_layer import target_token_terms
+
+        ds = self.dataset(split)
+        ends = np.cumsum(np.asarray(ds.tgt_sizes, dtype=np.int64))
+        first = int(np.searchsorted(ends, start_key, side="right"))
+        if start_key and ends[first - 1] != start_key:
+            raise RuntimeError("datastore progress is not on a sentence boundary; delete the .partial directory")
+        capture, pad = get_capture(model), self.tgt_dict.pad()
+        per = max(int(np.max(np.maximum(ds.src_sizes, ds.tgt_sizes))) if len(ds) else 1, 1)
+        bsz = batch_size or max(1, max_tokens // per)
+        done = start_key
+        with torch.no_grad():
+            for s in range(first, len(ds), bsz):
+                sample = to_model_device(ds.collater([ds[i] for i in range(s, min(s + bsz, len(ds)))]), model)
+                order = torch.argsort(sample["id"])  # the collater sorts by source length
+                net_output = model(**sample["net_input"])
+                g = capture.take()[order]
+                target = sample["target"][order]
+                tok_target, tok_lse = target_token_terms(model, net_output, sample["target"])
+                keep = target.ne(pad)
+                yield g[keep], target[keep], tok_target[order][keep], tok_lse[order][keep]
+                done += int(keep.sum())
+                if max_keys is not None and done >= max_keys:
+                    return
+
+
+def _split_by_tokens(batch: np.ndarray, sizes: np.ndarray, max_tokens: int):
+    """Cut a batch into parts whose padded size (rows x longest) fits ``max_tokens``; the
+    members are taken shortest first, so parts waste as little padding as fairseq's own
+    length-sorted batches."""
+    part, longest = [], 0
+    for i in batch[np.argsort(sizes[batch], kind="stable")]:
+        n = int(sizes[i])
+        if part and max(longest, n) * (len(part) + 1) > max_tokens:
+            yield np.array(part, dtype=np.int64)
+            part, longest = [], 0
+        part.append(int(i))
+        longest = max(longest, n)
+    if part:
+        yield np.array(part, dtype=np.int64)
