@@ -28,11 +28,9 @@ from trime_fairseq.cli.tune import load  # noqa: E402
 logger = logging.getLogger("benchmarks.generate_speed")
 
 
-def one_pass(task, model, batches, beam: int) -> Tuple[float, float]:
-    """Sentences/s and output tokens/s of beam search over ``batches``."""
-    from fairseq.dataclass.configs import GenerationConfig
-
-    generator = task.build_generator([model], GenerationConfig(beam=beam))
+def one_pass(task, model, batches, gen) -> Tuple[float, float]:
+    """Sentences/s and output tokens/s of beam search (``gen``: a GenerationConfig) over ``batches``."""
+    generator = task.build_generator([model], gen)
     n = tokens = 0
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -50,6 +48,8 @@ def main(argv=None) -> dict:
     p.add_argument("--beam", type=int, default=5, help="beam size")
     p.add_argument("--max-sentences", type=int, default=500, help="sentences translated per pass")
     p.add_argument("--passes", type=int, default=2, help="alternating passes per variant")
+    p.add_argument("--max-len-a", type=float, default=1.2, help="outputs of at most a x source + b tokens")
+    p.add_argument("--max-len-b", type=int, default=10, help="outputs of at most a x source + b tokens")
     p.add_argument("--out", default=None, help="write the result as JSON")
     ours, rest = p.parse_known_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -61,14 +61,17 @@ def main(argv=None) -> dict:
     bsz = cfg.dataset.batch_size or 64
     ids = list(range(min(len(ds), ours.max_sentences)))
     batches = [ds.collater([ds[i] for i in ids[k:k + bsz]]) for k in range(0, len(ids), bsz)]
+    from fairseq.dataclass.configs import GenerationConfig
+
+    gen = GenerationConfig(beam=ours.beam, max_len_a=ours.max_len_a, max_len_b=ours.max_len_b)
     speeds = {"base": [], "knn": []}
     token_speeds = {"base": [], "knn": []}
     for model in (base, knn):  # warm-up (first-call allocations), not timed
-        one_pass(task, model.eval(), batches[:1], ours.beam)
+        one_pass(task, model.eval(), batches[:1], gen)
     knn.timings.update(search=0.0, combine=0.0)
     for _ in range(ours.passes):
         for name, model in (("base", base.eval()), ("knn", knn.eval())):
-            sent_s, tok_s = one_pass(task, model, batches, ours.beam)
+            sent_s, tok_s = one_pass(task, model, batches, gen)
             speeds[name].append(sent_s)
             token_speeds[name].append(tok_s)
             logger.info("%s: %.1f sentences/s, %.1f output tokens/s", name, sent_s, tok_s)
