@@ -522,12 +522,7 @@ def plot(rows: List[dict], path: Path) -> None:
         ax.set_yticklabels([textwrap.fill(r["figure"], 42) for r in group], fontsize=7)
         ax.set_xlabel(xlabel + " (black tick: target)", fontsize=8)
     axes[0].set_title("Benchmarks: green pass, red miss, grey failed", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    ex.save_figure(fig, path, dpi=110)
 
 
 def setup_notes(suite: Suite, size_name: str) -> dict:

@@ -166,11 +166,9 @@ def plot_memory_sweep(rows: List[dict], path: str, title: str = "") -> None:
     ax.set_title(title or "perplexity vs. memory size", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from trime_fairseq.cli.experiment import save_figure
+
+    save_figure(fig, path)
 
 
 PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
