@@ -27,7 +27,7 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -84,6 +84,7 @@ SIZES: Dict[str, Size] = {
 }
 
 
+BENCHMARKS = ("train", "memorizing", "eval_full_memory", "eval_documents", "external", "ext_eval", "generate")
 PREPARATION = ("lm_corpus", "lm_checkpoint", "lm_datastore", "mt_corpus", "mt_checkpoint", "mt_datastore")
 ONE_SAVE = ["--save-interval", 10**6]  # epochs: save once, when training stops
 
@@ -100,6 +101,7 @@ class Suite:
     work: Path
     steps: Dict[str, dict] = field(default_factory=dict)
     results: Dict[str, dict] = field(default_factory=dict)
+    only: Optional[Set[str]] = None  # benchmarks to rerun; the others reuse their last result
 
     @property
     def logs(self) -> Path:
@@ -130,6 +132,15 @@ class Suite:
     def bench(self, name: str, script: str, args: Sequence, needs: Sequence[str]) -> None:
         """``python -m benchmarks.<script> args --out JSON`` (always rerun: a fresh measurement)."""
         out = self.work / "results" / f"{name}.json"
+        if self.only is not None and name not in self.only:
+            if out.exists():
+                self.results[name] = json.loads(out.read_text())
+                self.steps[name] = {"status": "ok", "seconds": 0.0, "log": str(self.logs / f"{name}.log"),
+                                    "reused": time.strftime("%Y-%m-%d %H:%M", time.localtime(out.stat().st_mtime))}
+            else:
+                self.steps[name] = {"status": "failed", "seconds": 0.0, "log": "",
+                                    "error": f"not run (--only) and no earlier result in {out}"}
+            return
 
         def run(log: Path) -> dict:
             out.unlink(missing_ok=True)
@@ -255,10 +266,10 @@ def datastore(out: Path, data: Path, ckpt: Path, args: Sequence, log: Path) -> d
                if k in ("factory", "nprobe", "recall", "recall_k", "build_seconds")}}
 
 
-def run_suite(size_name: str, work: Path) -> Suite:
-    """Prepare the artefacts, then run every benchmark."""
+def run_suite(size_name: str, work: Path, only: Optional[Set[str]] = None) -> Suite:
+    """Prepare the artefacts, then run every benchmark (or those in ``only``)."""
     s = SIZES[size_name]
-    suite = Suite(s, work)
+    suite = Suite(s, work, only=only)
     smoke = size_name == "smoke"
 
     lm = suite.step("lm_corpus", lambda log: lm_corpus(suite, smoke, log)) or {}
@@ -459,7 +470,8 @@ def render(report: dict) -> str:
     splits = [{"scorer": r["scorer"], "model": f"{r['model']:.0%}", "search": f"{r['search']:.0%}",
                "combine": f"{r['combine']:.0%}", "total_s": f"{r['total_s']:.1f}"} for r in report["time_split"]]
     steps = [{"step": k, "status": v["status"], "seconds": f"{v['seconds']:.0f}",
-              "log": f"`{v['log']}`" if v["log"] else "", "error": v.get("error", "")} for k, v in report["steps"].items()]
+              "log": f"`{v['log']}`" if v["log"] else "", "error": v.get("error", "") or (f"reused from the run of {v['reused']}" if v.get("reused") else "")}
+             for k, v in report["steps"].items()]
     setup = report["setup"]
     lines = [
         f"# Benchmark report ({report['size']} size)",
@@ -585,13 +597,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default="full", help="smoke: tiny models and data (minutes)")
     p.add_argument("--work", default="runs/bench", help="artefacts and logs (reused when present)")
     p.add_argument("--report", default="docs/results/benchmarks.md", help="markdown report (.png, .json beside)")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated benchmarks to rerun ({','.join(BENCHMARKS)}); the others' last "
+                        "results in the work directory are reported, marked as reused")
     a = p.parse_args(argv)
+    only = None
+    if a.only:
+        only = set(a.only.split(","))
+        unknown = sorted(only - set(BENCHMARKS))
+        if unknown:
+            p.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     ex.setup_logging()
     load_start = os.getloadavg()
     command = "python benchmarks/run_all.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     work = Path(a.work).resolve() / a.size
     t0 = time.time()
-    suite = run_suite(a.size, work)
+    suite = run_suite(a.size, work, only)
     report = write_report(suite, a.size, Path(a.report), command, load_start)
     logger.info("%s (%.0f s)", report["summary"], time.time() - t0)
     print(Path(a.report).resolve())

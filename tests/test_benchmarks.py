@@ -61,11 +61,26 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     assert "FAILED" not in md
     assert report.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --only reruns one benchmark and reports the others' earlier results, marked as reused
+    again = tmp_path / "results" / "again.md"
+    proc = subprocess.run(
+        [sys.executable, str(RUN_ALL), "--size", "smoke", "--work", str(tmp_path / "work"), "--report", str(again),
+         "--only", "generate"], cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    second = json.loads(again.with_suffix(".json").read_text())
+    assert "reused" not in second["steps"]["generate"]
+    for name in ("train", "memorizing", "ext_eval"):
+        assert second["steps"][name]["reused"] and second["raw"][name] == data["raw"][name]
+    assert "reused from the run of" in again.read_text()
+    proc = subprocess.run([sys.executable, str(RUN_ALL), "--only", "trian"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--only: unknown benchmark(s) trian" in proc.stderr
+
 
 def test_a_failing_benchmark_is_reported_and_sets_the_exit_code(tmp_path, monkeypatch):
     run_all = load_run_all()
 
-    def broken_suite(size, work):
+    def broken_suite(size, work, only=None):
         suite = run_all.Suite(run_all.SIZES[size], work)
         suite.bench("train", "train_speed", [tmp_path / "no_such_data"], [])  # a real failing subprocess
         suite.bench("eval_full_memory", "eval_speed", [], ["lm_checkpoint"])  # its prerequisite never ran

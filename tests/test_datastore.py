@@ -11,7 +11,7 @@ from conftest import USER_DIR
 from helpers import run_cli
 from trime_fairseq.cli import build_datastore as bd
 from trime_fairseq.memory.datastore import Datastore, DatastoreError, DatastoreWriter
-from trime_fairseq.memory.index import build_index, exact_search, recall_at_k, tune_nprobe
+from trime_fairseq.memory.index import build_index, exact_search, recall_at_k, tune_search
 
 EV = ["--tokens-per-sample", "64", "--context-window", "32", "--cpu"]
 
@@ -116,9 +116,50 @@ def test_index_recall_and_nprobe():
     _, ref = flat.search(queries, 10)
     np.testing.assert_array_equal(exact_i, ref)
     index = build_index(keys, "IVF32,Flat", "ip", train_size=2000)
-    nprobe, recall = tune_nprobe(index, keys, queries, 10, target=0.9)
-    assert recall >= 0.9 and 1 <= nprobe <= 32
+    nprobe, k_factor, recall = tune_search(index, keys, queries, 10, target=0.9)
+    assert recall >= 0.9 and 1 <= nprobe <= 32 and k_factor == 1
     assert recall_at_k(exact_i, exact_i) == 1.0
+
+
+def test_refine_index_returns_exact_scores_and_keeps_its_k_factor(tmp_path):
+    """The auto index for large N (fast-scan PQ + exact re-ranking): scores of the ids it
+    returns are the exact ones, a larger k_factor never lowers recall, and the tuned
+    k_factor is saved in index.json and set again on load."""
+    from trime_fairseq.memory.index import (IndexConfig, default_factory, load_index, save_index,
+                                            set_k_factor)
+
+    assert default_factory(100_000, 128) == "Flat"
+    assert default_factory(2_200_000, 128) == "IVF8192,PQ64x4fs,RFlat"
+    assert default_factory(2_200_000, 1024) == "IVF8192,PQ256x4fs,RFlat"
+    assert default_factory(2_200_000, 127) == "IVF8192,Flat"
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((4000, 16)).astype(np.float32)
+    queries = rng.standard_normal((50, 16)).astype(np.float32)
+    _, exact_i = exact_search(keys, queries, 20, metric="l2")
+    index = build_index(keys, "IVF16,PQ8x4fs,RFlat", "l2", train_size=4000)
+    recalls = []
+    for k_factor in (1, 4, 16):
+        assert set_k_factor(index, k_factor)
+        nprobe, _, recall = tune_search(index, keys, queries, 20, target=1.01, metric="l2", k_factor=k_factor,
+                                        max_k_factor=k_factor)
+        recalls.append(recall)
+    assert recalls[0] <= recalls[1] <= recalls[2] and recalls[2] > recalls[0]
+    # tuning raises k_factor when nprobe alone cannot reach the target
+    nprobe, k_factor, recall = tune_search(index, keys, queries, 20, target=recalls[2], metric="l2", k_factor=1)
+    assert k_factor > 1 and recall >= recalls[2]
+    d, i = index.search(queries, 20)
+    np.testing.assert_allclose(d, ((queries[:, None, :] - keys[i]) ** 2).sum(-1), rtol=1e-4, atol=1e-4)
+    config = IndexConfig(factory="IVF16,PQ8x4fs,RFlat", metric="l2", dim=16, size=4000, train_size=4000,
+                         nprobe=nprobe, recall=recalls[2], recall_k=20, k_factor=16)
+    save_index(index, config, str(tmp_path))
+    set_k_factor(index, 1)
+    loaded, _ = load_index(str(tmp_path), use_gpu=False)
+    import faiss
+
+    assert faiss.downcast_index(loaded).k_factor == 16
+    assert not set_k_factor(build_index(keys, "Flat", "l2"), 2)  # no refinement stage
+    with pytest.raises(ValueError, match="--refine-k-factor"):
+        set_k_factor(index, 0.5)
 
 
 def brute_force_scores(model_out, ds, k, pad):

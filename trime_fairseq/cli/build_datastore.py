@@ -55,6 +55,10 @@ def parse(argv: Optional[Sequence[str]]):
     p.add_argument("--recall-queries", type=int, default=500, help="held-out queries (from --recall-subset)")
     p.add_argument("--recall-subset", default="valid", help="split whose g are the recall queries")
     p.add_argument("--target-recall", type=float, default=0.9, help="pick the smallest nprobe reaching it")
+    p.add_argument("--refine-k-factor", type=float, default=2.0,
+                   help="indexes with a refinement stage (RFlat, Refine(...), as the auto index has): "
+                        "candidates re-ranked with exact keys per neighbour; doubled (up to 16) while "
+                        "--target-recall is not reached")
     p.add_argument("--num-shards", type=int, default=1,
                    help="split the build into N shards (contiguous runs of batches); without --shard-id, "
                         "build them all with local processes, then merge and index")
@@ -160,7 +164,8 @@ def build_keys(ours, cfg, model, task, ckpt_path: str) -> None:
 
 def build_index_for(ours, cfg, model, task) -> dict:
     from trime_fairseq.memory.datastore import Datastore
-    from trime_fairseq.memory.index import IndexConfig, build_index, default_factory, save_index, tune_nprobe
+    from trime_fairseq.memory.index import (IndexConfig, build_index, default_factory, save_index, set_k_factor,
+                                            tune_search)
 
     ds = Datastore(ours.out)
     factory = default_factory(len(ds), ds.meta.dim) if ours.index_factory == "auto" else ours.index_factory
@@ -184,12 +189,15 @@ def build_index_for(ours, cfg, model, task) -> dict:
     rng = np.random.default_rng(0)
     q = q[rng.permutation(len(q))]
     k = min(ours.recall_k, len(ds))
-    nprobe, recall = tune_nprobe(index, ds.keys, q, k, ours.target_recall, ours.metric)
+    nprobe, k_factor, recall = tune_search(index, ds.keys, q, k, ours.target_recall, ours.metric,
+                                           k_factor=ours.refine_k_factor)
     config = IndexConfig(factory=factory, metric=ours.metric, dim=ds.meta.dim, size=len(ds),
                          train_size=min(ours.index_train_size, len(ds)), nprobe=nprobe, recall=recall,
-                         recall_k=k, build_seconds=seconds)
+                         recall_k=k, build_seconds=seconds,
+                         k_factor=k_factor if set_k_factor(index, k_factor) else 1.0)
     save_index(index, config, ours.out)
-    logger.info("index saved: nprobe %d gives recall@%d %.3f on %d %s queries", nprobe, k, recall, len(q), ours.recall_subset)
+    logger.info("index saved: nprobe %d, k_factor %g give recall@%d %.3f on %d %s queries",
+                nprobe, config.k_factor, k, recall, len(q), ours.recall_subset)
     return vars(config)
 
 
@@ -248,6 +256,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     raw = list(sys.argv[1:] if argv is None else argv)
     ours, rest, parser = parse(argv)
     check_shard_flags(ours, parser)
+    if ours.refine_k_factor < 1:
+        parser.error(f"--refine-k-factor must be >= 1, got {ours.refine_k_factor}")
     from trime_fairseq.cli.tune import load
     from trime_fairseq.memory.datastore import DatastoreError
 

@@ -114,7 +114,7 @@ def in_batch_log_prob(
     memory: InBatchMemory,
     padding_idx: int,
     temperature: float = 1.0,
-    chunk_size: int = 2048,
+    chunk_size: int = 512,
     checkpoint_above: int = 1 << 26,
 ) -> Tensor:
     """``log P(target)`` of Eq. 5 for every token of the batch, memory taken in-batch.

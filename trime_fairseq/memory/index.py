@@ -2,6 +2,8 @@
 
 ``index.faiss`` + ``index.json`` live in the datastore directory. Any
 ``faiss.index_factory`` string works; :func:`default_factory` picks one from the size.
+Indexes with a refinement stage (``...,RFlat`` or ``Refine(...)``) re-rank
+``k_factor·K`` candidates with the exact keys; ``k_factor`` is saved in ``index.json``.
 faiss-gpu is used only when it is installed *and* sees a GPU (:func:`gpu_available`);
 nothing GPU-only is called otherwise. Indexes are built and trained on the CPU; only
 searching moves to the GPU (:func:`index_to_gpu`).
@@ -40,18 +42,37 @@ def gpu_available() -> bool:
 
 
 def index_to_gpu(index):
-    """``index`` copied to every visible GPU when :func:`gpu_available`, else unchanged."""
+    """``index`` copied to every visible GPU when :func:`gpu_available`, else unchanged
+    (also when faiss-gpu cannot hold this index type, e.g. fast-scan PQ: searched on the CPU)."""
     if not gpu_available():
         return index
-    return faiss_module().index_cpu_to_all_gpus(index)
+    try:
+        return faiss_module().index_cpu_to_all_gpus(index)
+    except RuntimeError as e:
+        logger.warning("faiss-gpu cannot hold this index (%s); searching it on the CPU", str(e).splitlines()[0])
+        return index
+
+
+def ivf_lists(n: int) -> int:
+    """Inverted lists for ``n`` keys: the power of two nearest 4·√n."""
+    return int(2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))
 
 
 def default_factory(n: int, dim: int) -> str:
-    """Exact search up to 200k keys; beyond, an inverted file (4·√N lists, flat codes)."""
+    """Exact search up to 200k keys; beyond, an inverted file (4·√N lists) whose 4-bit
+    fast-scan PQ codes (2 dims per code up to d=256, 4 beyond) rank the candidates and whose
+    exact keys (``RFlat``) re-rank the best ``k_factor·K``: the scores returned are exact.
+
+    On 2.19M keys (d=128, K=1024) this reached recall 0.92 several times faster than
+    ``IVF8192,Flat`` at the same recall (``benchmarks/external_speed.py``).
+    """
     if n <= 200_000:
         return "Flat"
-    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
-    return f"IVF{nlist},Flat"
+    nlist = ivf_lists(n)
+    per_code = 2 if dim <= 256 else 4
+    if dim % per_code:
+        return f"IVF{nlist},Flat"
+    return f"IVF{nlist},PQ{dim // per_code}x4fs,RFlat"
 
 
 @dataclass
@@ -65,6 +86,7 @@ class IndexConfig:
     recall: Optional[float] = None
     recall_k: Optional[int] = None
     build_seconds: float = 0.0
+    k_factor: float = 1.0  # candidates re-ranked per neighbour by a refinement stage
 
 
 def _metric(metric: str) -> int:
@@ -80,6 +102,17 @@ def set_nprobe(index, nprobe: int) -> None:
         faiss.extract_index_ivf(index).nprobe = nprobe
     except RuntimeError:
         pass  # not an IVF index
+
+
+def set_k_factor(index, k_factor: float) -> bool:
+    """Re-rank ``k_factor·K`` candidates in a refinement index; False if ``index`` has none."""
+    if k_factor < 1:
+        raise ValueError(f"--refine-k-factor must be >= 1, got {k_factor}")
+    refine = faiss_module().downcast_index(index)
+    if not hasattr(refine, "k_factor"):
+        return False
+    refine.k_factor = float(k_factor)
+    return True
 
 
 def build_index(keys: np.ndarray, factory: str, metric: str = "ip", train_size: int = 100_000,
@@ -125,27 +158,37 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     return hits / exact_ids.size
 
 
-def tune_nprobe(index, keys: np.ndarray, queries: np.ndarray, k: int, target: float,
-                metric: str = "ip", max_nprobe: int = 4096) -> Tuple[int, float]:
-    """The smallest power-of-two nprobe whose recall@k reaches ``target`` (or the best)."""
+def tune_search(index, keys: np.ndarray, queries: np.ndarray, k: int, target: float, metric: str = "ip",
+                max_nprobe: int = 4096, k_factor: float = 1.0, max_k_factor: float = 16.0) -> Tuple[int, float, float]:
+    """``(nprobe, k_factor, recall@k)``: the smallest power-of-two nprobe whose recall reaches
+    ``target``; for a refinement index, ``k_factor`` is doubled (up to ``max_k_factor``)
+    when recall stops growing with nprobe (the codes' ranking, not the probing, limits it).
+    Without a setting that reaches ``target``, the best one found."""
+    has_refine = set_k_factor(index, k_factor)
     _, exact = exact_search(keys, queries, k, metric)
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    nprobe, recall = 1, 0.0
-    faiss = faiss_module()
-    try:
-        ivf = faiss.extract_index_ivf(index)
-        limit = min(max_nprobe, ivf.nlist)
-    except RuntimeError:
-        _, ids = index.search(q, k)
-        return 1, recall_at_k(ids, exact)
+    limit = min(max_nprobe, ivf_nlist(index) or 1)
+    best = (1, k_factor, 0.0)
     while True:
-        set_nprobe(index, nprobe)
-        _, ids = index.search(q, k)
-        recall = recall_at_k(ids, exact)
-        logger.info("nprobe %d: recall@%d %.3f", nprobe, k, recall)
-        if recall >= target or nprobe >= limit:
-            return nprobe, recall
-        nprobe *= 2
+        nprobe, previous = 1, -1.0
+        while True:
+            set_nprobe(index, nprobe)
+            _, ids = index.search(q, k)
+            recall = recall_at_k(ids, exact)
+            logger.info("nprobe %d, k_factor %g: recall@%d %.3f", nprobe, k_factor, k, recall)
+            if recall > best[2]:
+                best = (nprobe, k_factor, recall)
+            if recall >= target:
+                return nprobe, k_factor, recall
+            if nprobe >= limit or (has_refine and nprobe >= 8 and recall - previous < 0.005):
+                break
+            previous, nprobe = recall, nprobe * 2
+        if not has_refine or k_factor * 2 > max_k_factor:
+            set_nprobe(index, best[0])
+            set_k_factor(index, best[1])
+            return best
+        k_factor *= 2
+        set_k_factor(index, k_factor)
 
 
 def save_index(index, config: IndexConfig, directory: str) -> None:
@@ -166,6 +209,7 @@ def load_index(directory: str, nprobe: Optional[int] = None, use_gpu: bool = Tru
     config = IndexConfig(**json.loads((d / "index.json").read_text()))
     index = faiss.read_index(str(d / "index.faiss"))
     set_nprobe(index, nprobe or config.nprobe)
+    set_k_factor(index, config.k_factor)
     if use_gpu:
         index = index_to_gpu(index)
     return index, config

@@ -30,7 +30,6 @@ In both, the retrieved keys are gathered from the ring buffer and their scores r
 with the (differentiable) queries; values come from the ring buffer. faiss runs on the CPU.
 """
 import logging
-import math
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
@@ -47,7 +46,9 @@ SIM_CHUNK = 1 << 22  # similarities computed at once by the torch search (16 MiB
 def default_factory(size: int) -> str:
     """``--knn-faiss-factory auto``: an inverted file with about 4·√size lists and flat codes,
     or exact ``Flat`` where the memory cannot hold 39 keys per list (faiss's training minimum)."""
-    nlist = 2 ** round(math.log2(4 * math.sqrt(max(size, 1))))
+    from trime_fairseq.memory.index import ivf_lists
+
+    nlist = ivf_lists(size)
     return f"IVF{nlist},Flat" if 39 * nlist <= size else "Flat"
 
 
