@@ -9,7 +9,8 @@ Cf. the paper's Table 3 and Figure 3. Three models of one architecture, one budg
 
 Short segments (L=128 by default) leave room for memory beyond attention. Memory sizes
 and temperatures are tuned on valid (one pass per model with ``trime-tune
---memory-sizes``), test perplexities come from ``fairseq-eval-lm``. Outputs in RUN:
+--memory-sizes``, whose ppl equal fairseq-eval-lm's, tested), test perplexities come
+from ``fairseq-eval-lm``. Outputs in RUN:
 ``results.md/json``, ``memory_sweep.png`` (valid ppl vs. memory size) and ``results.png``.
 
     python examples/long_memory.py --run-dir runs/long
@@ -93,23 +94,25 @@ def main(argv=None) -> dict:
             return ["--eval-combiner", "cache", "--cache-lambda", p["lambda"], "--cache-theta", p["theta"], *mem]
         return ["--eval-combiner", "trime", "--eval-temperature", p["tau"], *mem]
 
-    configs = [
-        ("Transformer (vanilla)", "vanilla", []),
-        ("+ continuous cache (local)", "vanilla", flags("vanilla", best("vanilla", local_only=True))),
-        ("+ continuous cache* (long)", "vanilla", flags("vanilla", best("vanilla"))),
-        ("TRIMELM (local)", "trime", flags("trime", best("trime", local_only=True))),
-        ("TRIMELM (+long)", "trime", flags("trime", best("trime"))),
-        ("TRIMELM_long (local)", "trime_long", flags("trime_long", best("trime_long", local_only=True))),
-        ("TRIMELM_long (+long)", "trime_long", flags("trime_long", best("trime_long"))),
+    def chosen(name, local_only=False):
+        row = best(name, local_only)
+        return flags(name, row), row["ppl"]
+
+    configs = [  # (name, model, fairseq-eval-lm flags, valid ppl from the sweep)
+        ("Transformer (vanilla)", "vanilla", [], sweeps["vanilla"]["rows"][0]["ppl"]),
+        ("+ continuous cache (local)", "vanilla", *chosen("vanilla", local_only=True)),
+        ("+ continuous cache* (long)", "vanilla", *chosen("vanilla")),
+        ("TRIMELM (local)", "trime", *chosen("trime", local_only=True)),
+        ("TRIMELM (+long)", "trime", *chosen("trime")),
+        ("TRIMELM_long (local)", "trime_long", *chosen("trime_long", local_only=True)),
+        ("TRIMELM_long (+long)", "trime_long", *chosen("trime_long")),
     ]
     rows = []
-    for name, model, fl in configs:
-        row = {"system": name, "flags": " ".join(map(str, fl)), "train_tokens_per_s": trained[model]["train_tokens_per_s"]}
-        for subset in ("valid", "test"):
-            tag = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "p").replace("*", "")
-            r = ex.eval_lm(data, ckpt[model], [*ev, *fl, "--gen-subset", subset], logs / f"eval_{tag}_{subset}.log")
-            row[f"{subset}_ppl"] = r["ppl"]
-            row[f"{subset}_eval_tokens_per_s"] = r["tokens_per_s"]
+    for name, model, fl, valid_ppl in configs:
+        tag = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "p").replace("*", "")
+        r = ex.eval_lm(data, ckpt[model], [*ev, *fl, "--gen-subset", "test"], logs / f"eval_{tag}_test.log")
+        row = {"system": name, "flags": " ".join(map(str, fl)), "train_tokens_per_s": trained[model]["train_tokens_per_s"],
+               "valid_ppl": valid_ppl, "test_ppl": r["ppl"], "test_eval_tokens_per_s": r["tokens_per_s"]}
         rows.append(row)
         logger.info("%s: valid %.2f test %.2f (%s)", name, row["valid_ppl"], row["test_ppl"], row["flags"])
     table = ex.markdown_table(rows, ["system", "valid_ppl", "test_ppl", "test_eval_tokens_per_s", "flags"],

@@ -37,6 +37,41 @@ def test_long_memory_example(corpus, tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert len(result["rows"]) == 7
     assert (tmp_path / "memory_sweep.png").exists()
+    # the valid ppl in the table come from trime-tune's sweep: fairseq-eval-lm gives the same
+    row = next(r for r in result["rows"] if r["system"] == "TRIMELM_long (+long)")
+    assert "--long-memory-size" in row["flags"]
+    out = run_cli(["fairseq_cli.eval_lm", str(corpus), "--path", str(tmp_path / "ckpt" / "trime_long" / "checkpoint_last.pt"),
+                   "--user-dir", str(REPO / "trime_fairseq"), "--task", "trime_lm", "--tokens-per-sample", "32",
+                   "--context-window", "16", "--max-tokens", "4096", "--cpu", "--gen-subset", "valid",
+                   *row["flags"].split()])
+    assert float(out.stderr.split("Perplexity: ")[-1].split()[0]) == pytest.approx(row["valid_ppl"], rel=1e-3)
+
+
+def test_tune_is_reused_only_for_the_same_arguments(tmp_path, monkeypatch):
+    from trime_fairseq.cli import experiment as ex
+
+    calls = []
+
+    def fake_run(module, argv, log):
+        calls.append(argv)
+        out = argv[argv.index("--out") + 1]
+        (tmp_path / "sweep.json").write_text(json.dumps({"rows": [], "grid": argv[argv.index("--grid") + 1]}))
+        assert out.endswith("sweep.json")
+
+    monkeypatch.setattr(ex, "run_logged", fake_run)
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_text("weights")
+    args = (tmp_path, ckpt, "trime")
+    first = ex.tune(*args, ["tau=1"], ["--gen-subset", "valid"], tmp_path / "sweep.json", tmp_path / "log")
+    again = ex.tune(*args, ["tau=1"], ["--gen-subset", "valid"], tmp_path / "sweep.json", tmp_path / "log")
+    assert len(calls) == 1 and again == first
+    ex.tune(*args, ["tau=2"], ["--gen-subset", "valid"], tmp_path / "sweep.json", tmp_path / "log")
+    assert len(calls) == 2  # another grid: rerun
+    import os
+
+    os.utime(ckpt, (1, 1))  # another checkpoint: rerun
+    ex.tune(*args, ["tau=2"], ["--gen-subset", "valid"], tmp_path / "sweep.json", tmp_path / "log")
+    assert len(calls) == 3
 
 
 def test_external_memory_example(corpus, tmp_path):

@@ -155,12 +155,16 @@ def run_tool(module: str, args: Sequence[str], out_json: Path, log_path: Path) -
 
 
 def tune(data: Path, ckpt: Path, combiner: str, grid: Sequence[str], args: Sequence[str], out_json: Path, log_path: Path) -> dict:
-    """``trime-tune`` on the validation set; returns its JSON (rows and best)."""
-    run_logged(
-        "trime_fairseq.cli.tune",
-        [data, "--path", ckpt, "--combiner", combiner, "--grid", *grid, "--out", out_json, *args],
-        log_path,
-    )
+    """``trime-tune`` on the validation set; returns its JSON (rows and best). Reuses
+    ``out_json`` when ``out_json.args.json`` records the same arguments and checkpoint."""
+    argv = [str(x) for x in [data, "--path", ckpt, "--combiner", combiner, "--grid", *grid, "--out", out_json, *args]]
+    stamp = out_json.with_suffix(".args.json")
+    key = {"argv": argv, "checkpoint_mtime": os.path.getmtime(ckpt) if os.path.exists(ckpt) else None}
+    if out_json.exists() and stamp.exists() and json.loads(stamp.read_text()) == key:
+        logger.info("reusing %s (delete it to rerun)", out_json)
+        return json.loads(out_json.read_text())
+    run_logged("trime_fairseq.cli.tune", argv, log_path)
+    atomic_write(stamp, json.dumps(key))
     return json.loads(out_json.read_text())
 
 
