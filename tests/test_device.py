@@ -369,6 +369,21 @@ def test_faiss_gpu_path_is_guarded(tiny_datastore, monkeypatch):
     assert move.calls == 1 and not r.on_gpu
 
 
+def test_an_index_faiss_gpu_cannot_hold_stays_on_the_cpu(monkeypatch, caplog):
+    """Fast-scan PQ (the default large index) has no faiss-gpu version: keep searching on the CPU."""
+    faiss = index_mod.faiss_module()
+
+    def refuse(index):
+        raise RuntimeError("Error in index_cpu_to_gpu: not implemented for this type of index\nmore")
+
+    monkeypatch.setattr(index_mod, "gpu_available", lambda: True)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", refuse, raising=False)
+    cpu = faiss.IndexFlatIP(8)
+    with caplog.at_level("WARNING"):
+        assert index_mod.index_to_gpu(cpu) is cpu
+    assert "searching it on the CPU" in caplog.text and "more" not in caplog.text
+
+
 def test_this_machine_takes_no_faiss_gpu_path():
     if HAS_CUDA and faiss_sees_gpu():
         pytest.skip("this machine has faiss-gpu and a GPU: see test_faiss_gpu_index")
