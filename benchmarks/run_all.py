@@ -572,12 +572,14 @@ def write_report(suite: Suite, size_name: str, report_path: Path, command: str, 
     counts = {k: sum(r["status"] == k for r in figures) for k in ("pass", "miss", "failed")}
     prep = sum(v["seconds"] for k, v in suite.steps.items() if k in PREPARATION) / 60
     bench = sum(v["seconds"] for k, v in suite.steps.items() if k not in PREPARATION) / 60
+    reused = ", ".join(f"{k} ({v['reused']})" for k, v in suite.steps.items() if v.get("reused"))
+    reused = f" Not rerun (--only), their last results are shown: {reused}." if reused else ""
     report = {
         "size": size_name,
         "command": command,
         "summary": (f"{counts['pass']} of {len(figures)} figures meet their target, {counts['miss']} miss, "
                     f"{counts['failed']} failed to run. Preparation took {prep:.0f} min (artefacts already in "
-                    f"the work directory are reused), the benchmarks {bench:.0f} min."),
+                    f"the work directory are reused), the benchmarks {bench:.0f} min.{reused}"),
         "figures": figures,
         "time_split": time_splits(suite),
         "setup": setup_notes(suite, size_name),

@@ -72,7 +72,7 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     assert "reused" not in second["steps"]["generate"]
     for name in ("train", "memorizing", "ext_eval"):
         assert second["steps"][name]["reused"] and second["raw"][name] == data["raw"][name]
-    assert "reused from the run of" in again.read_text()
+    assert "reused from the run of" in again.read_text() and "Not rerun (--only)" in second["summary"]
     proc = subprocess.run([sys.executable, str(RUN_ALL), "--only", "trian"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "--only: unknown benchmark(s) trian" in proc.stderr
 
