@@ -369,7 +369,7 @@ def test_faiss_gpu_path_is_guarded(tiny_datastore, monkeypatch):
     assert move.calls == 1 and not r.on_gpu
 
 
-def test_an_index_faiss_gpu_cannot_hold_stays_on_the_cpu(monkeypatch, caplog):
+def test_an_index_faiss_gpu_cannot_hold_stays_on_the_cpu(tiny_datastore, monkeypatch, caplog):
     """Fast-scan PQ (the default large index) has no faiss-gpu version: keep searching on the CPU."""
     faiss = index_mod.faiss_module()
 
@@ -382,6 +382,12 @@ def test_an_index_faiss_gpu_cannot_hold_stays_on_the_cpu(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert index_mod.index_to_gpu(cpu) is cpu
     assert "searching it on the CPU" in caplog.text and "more" not in caplog.text
+    import trime_fairseq.memory.retriever as retriever_mod
+
+    monkeypatch.setattr(retriever_mod, "gpu_available", lambda: True)
+    r = Retriever(Datastore(str(tiny_datastore)), k=4)
+    r._to_gpu()
+    assert not r.on_gpu  # and so it is not reported as searched on the GPU
 
 
 def test_this_machine_takes_no_faiss_gpu_path():

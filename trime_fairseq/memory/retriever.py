@@ -72,7 +72,8 @@ class Retriever:
         """Copy the index to the GPU(s), once, if faiss-gpu sees one and K is within its limit."""
         self.use_gpu = False  # decided once
         if self.k <= GPU_MAX_K and gpu_available():
-            self.index, self.on_gpu = index_to_gpu(self.index), True
+            moved = index_to_gpu(self.index)  # unchanged if faiss-gpu cannot hold it
+            self.index, self.on_gpu = moved, moved is not self.index
         logger.info("datastore index searched on the %s", "GPU" if self.on_gpu else "CPU")
 
     def search(self, queries: Tensor) -> Retrieved:
