@@ -16,13 +16,14 @@ The model is scored with the memory flags of the ``trime_lm`` task (``--eval-com
 import argparse
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from trime_fairseq.cli import setup_cli_logging
 
 logger = logging.getLogger("trime_fairseq.analyze")
 
@@ -44,8 +45,7 @@ def bucket_of(freq: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
-                        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", force=True)
+    setup_cli_logging()
     p = argparse.ArgumentParser(prog="trime-analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--retrieval-k", default="1,8,64,1024", help="K values of the retrieval accuracy")

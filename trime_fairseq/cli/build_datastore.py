@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from trime_fairseq.cli import setup_cli_logging
+
 logger = logging.getLogger("trime_fairseq.build_datastore")
 
 
@@ -164,8 +166,7 @@ def build_keys(ours, cfg, model, task, ckpt_path: str) -> None:
 
 def build_index_for(ours, cfg, model, task) -> dict:
     from trime_fairseq.memory.datastore import Datastore
-    from trime_fairseq.memory.index import (IndexConfig, build_index, default_factory, save_index, set_k_factor,
-                                            tune_search)
+    from trime_fairseq.memory.index import IndexConfig, build_index, default_factory, save_index, tune_search
 
     ds = Datastore(ours.out)
     factory = default_factory(len(ds), ds.meta.dim) if ours.index_factory == "auto" else ours.index_factory
@@ -194,7 +195,7 @@ def build_index_for(ours, cfg, model, task) -> dict:
     config = IndexConfig(factory=factory, metric=ours.metric, dim=ds.meta.dim, size=len(ds),
                          train_size=min(ours.index_train_size, len(ds)), nprobe=nprobe, recall=recall,
                          recall_k=k, build_seconds=seconds,
-                         k_factor=k_factor if set_k_factor(index, k_factor) else 1.0)
+                         k_factor=k_factor)
     save_index(index, config, ours.out)
     logger.info("index saved: nprobe %d, k_factor %g give recall@%d %.3f on %d %s queries",
                 nprobe, config.k_factor, k, recall, len(q), ours.recall_subset)
@@ -251,8 +252,7 @@ def run_shard_builds(argv: Sequence[str], num_shards: int, workers: int) -> None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
-                        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", force=True)
+    setup_cli_logging()
     raw = list(sys.argv[1:] if argv is None else argv)
     ours, rest, parser = parse(argv)
     check_shard_flags(ours, parser)

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from trime_fairseq.cli import LOG_FORMAT
+
 logger = logging.getLogger("trime_fairseq.experiment")
 
 REPO_PKG = str(Path(__file__).resolve().parents[1])  # the trime_fairseq folder (--user-dir)
@@ -297,7 +299,4 @@ def save_figure(fig, path, dpi: int = 120) -> None:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-        stream=sys.stderr, force=True,
-    )
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True)

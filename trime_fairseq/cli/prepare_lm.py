@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from trime_fairseq.cli import LOG_FORMAT
 from trime_fairseq.data.corpus import (
     DEFAULT_CACHE_DIR,
     DJANGO_SQLALCHEMY,
@@ -37,7 +38,6 @@ from trime_fairseq.data.corpus import (
 )
 
 PROG = "prepare_lm"
-LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
 logger = logging.getLogger(PROG)
 
 

@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from trime_fairseq.cli import setup_cli_logging
+
 logger = logging.getLogger("trime_fairseq.train_metak")
 
 
@@ -65,8 +67,7 @@ def train(scores, values, target, lprob, k: int, temperature: float, epochs: int
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
-                        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", force=True)
+    setup_cli_logging()
     p = argparse.ArgumentParser(prog="trime-train-metak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="where to save the Meta-k network (.pt)")

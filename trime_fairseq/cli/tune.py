@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
+from trime_fairseq.cli import setup_cli_logging
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
 
 logger = logging.getLogger("trime_fairseq.tune")
@@ -210,7 +211,7 @@ def load(argv: Sequence[str]):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    setup_cli_logging()
     parser = argparse.ArgumentParser(
         prog="trime-tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

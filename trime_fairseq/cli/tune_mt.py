@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from trime_fairseq.memory.joint import interpolate, joint_target_log_prob, memory_target_log_prob
+from trime_fairseq.cli import setup_cli_logging
 
 logger = logging.getLogger("trime_fairseq.tune_mt")
 
@@ -91,8 +92,7 @@ def parse_grid(combiner: str, items: Sequence[str]) -> Dict[str, List[float]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
-                        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", force=True)
+    setup_cli_logging()
     p = argparse.ArgumentParser(prog="trime-tune-mt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--combiner", choices=sorted(GRID_AXES), required=True,

@@ -163,8 +163,10 @@ def tune_search(index, keys: np.ndarray, queries: np.ndarray, k: int, target: fl
     """``(nprobe, k_factor, recall@k)``: the smallest power-of-two nprobe whose recall reaches
     ``target``; for a refinement index, ``k_factor`` is doubled (up to ``max_k_factor``)
     when recall stops growing with nprobe (the codes' ranking, not the probing, limits it).
-    Without a setting that reaches ``target``, the best one found."""
+    Without a setting that reaches ``target``, the best one found. An index without a
+    refinement stage gets ``k_factor`` 1."""
     has_refine = set_k_factor(index, k_factor)
+    k_factor = k_factor if has_refine else 1.0
     _, exact = exact_search(keys, queries, k, metric)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     limit = min(max_nprobe, ivf_nlist(index) or 1)
