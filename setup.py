@@ -12,20 +12,20 @@ setup(
     description="TRIME, kNN-LM, kNN-MT and memory-augmented LMs as a fairseq plugin",
     packages=find_packages(include=["trime_fairseq", "trime_fairseq.*"]),
     python_requires=">=3.9",
+    # exactly the third-party packages the plugin imports (tests/test_packaging.py checks it);
+    # fairseq and its own run-time needs are installed by scripts/setup.sh
     install_requires=[
         "torch>=2.0",
         "numpy<2",
-        "hydra-core==1.3.2",
         "omegaconf==2.3.0",
         "faiss-cpu",
+        "scipy",
         "sacrebleu",
         "sentencepiece",
         "tqdm",
         "matplotlib",
-        "bm25s",
-        "rank-bm25",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "rank-bm25"]},
     entry_points={
         "console_scripts": [
             "trime-prepare-lm = trime_fairseq.cli.prepare_lm:main",

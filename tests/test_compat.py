@@ -15,5 +15,14 @@ def test_batch_by_size_keeps_the_remainder_batch():
         assert all(len(b) <= 8 for b in batches)
 
 
-def test_numpy_compat_long_is_available():
-    assert np.compat.long is not None
+def test_numpy_compat_shim_provides_long_when_numpy_lacks_it(monkeypatch):
+    from trime_fairseq import compat
+
+    # numpy >= 2 has no np.compat: the shim must add exactly the name fairseq uses
+    monkeypatch.delattr(np, "compat", raising=False)
+    compat._patch_numpy_compat()
+    assert np.compat.long is np.int64
+    # an np.compat without ``long`` gets it too
+    monkeypatch.setattr(np, "compat", type("C", (), {})())
+    compat._patch_numpy_compat()
+    assert np.compat.long is np.int64

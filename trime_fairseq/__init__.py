@@ -1,13 +1,23 @@
 """trime-fairseq: TRIME and other memory-augmented language models as a fairseq plugin.
 
-Load with ``--user-dir trime_fairseq`` (or ``import trime_fairseq``); importing registers the
-criterion ``trime_loss``, the task ``trime_lm`` and the ``transformer_lm_trime_*``
-architectures, and applies the stack shims of :mod:`trime_fairseq.compat`.
+Load with ``--user-dir trime_fairseq`` (or ``import trime_fairseq``); when fairseq is
+installed, importing registers the criterion ``trime_loss``, the tasks ``trime_lm`` and
+``trime_translation`` and the ``transformer_*_trime_*`` architectures, and applies the
+stack shims of :mod:`trime_fairseq.compat` (``TRIME_FAIRSEQ_SHIMS=0`` switches them off).
+Without fairseq, the fairseq-free parts (:mod:`trime_fairseq.memory`) still import.
 """
-from trime_fairseq import compat as _compat
-
-_compat.apply()
-
-from trime_fairseq import criterions, models, tasks  # noqa: E402,F401  (registration)
-
 __version__ = "0.1.0"
+
+try:
+    import fairseq  # noqa: F401
+except ImportError:  # the fairseq-free parts (memory/) stay usable
+    HAS_FAIRSEQ = False
+else:
+    HAS_FAIRSEQ = True
+
+if HAS_FAIRSEQ:
+    from trime_fairseq import compat as _compat
+
+    _compat.apply()
+
+    from trime_fairseq import criterions, models, tasks  # noqa: E402,F401  (registration)

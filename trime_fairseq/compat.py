@@ -27,11 +27,16 @@ lives here and nowhere else. It is applied once, when :mod:`trime_fairseq` is im
    read torchrun's ``env://``), switch an ``nccl`` backend to ``gloo``, build DDP without
    device ids for CPU modules, and gather logging outputs with
    ``torch.distributed.all_gather_object`` on gloo groups. GPU runs are untouched.
+
+The shims were written for fairseq 0.12 (``fairseq-fixed`` 0.12.3.1, upstream 0.12.2): with
+another fairseq version they are skipped with a warning. ``TRIME_FAIRSEQ_SHIMS=0`` in the
+environment switches them off altogether.
 """
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import types
 from typing import Any
 
@@ -177,15 +182,36 @@ def _patch_cpu_distributed() -> None:
 
 _applied = False
 
+#: environment variable that switches the shims off (``0``, ``off``, ``false`` or ``no``)
+SHIMS_ENV = "TRIME_FAIRSEQ_SHIMS"
+#: fairseq versions the shims were written for (prefix match)
+SUPPORTED_FAIRSEQ = "0.12."
 
-def apply() -> None:
-    """Apply all shims (idempotent)."""
+
+def shims_enabled() -> bool:
+    """False when ``$TRIME_FAIRSEQ_SHIMS`` switches the shims off."""
+    return os.environ.get(SHIMS_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def apply() -> bool:
+    """Apply all shims (idempotent). Returns whether they are in effect."""
     global _applied
     if _applied:
-        return
+        return True
+    if not shims_enabled():
+        logger.info("%s=%s: fairseq stack shims not applied", SHIMS_ENV, os.environ.get(SHIMS_ENV))
+        return False
+    import fairseq
+
+    version = getattr(fairseq, "__version__", "unknown")
+    if not version.startswith(SUPPORTED_FAIRSEQ):
+        logger.warning("fairseq %s: the stack shims of trime_fairseq.compat were written for fairseq %sx "
+                       "and are not applied", version, SUPPORTED_FAIRSEQ)
+        return False
     _patch_numpy_compat()
     _patch_torch_load()
     _patch_batch_by_size()
     _patch_cpu_distributed()
     _applied = True
     logger.debug("trime_fairseq compatibility shims applied")
+    return True
