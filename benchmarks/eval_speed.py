@@ -5,7 +5,7 @@ with TRIME's Eq. 6 and (a) local memory, (b) local + a long-term memory of
 ``--long-memory-size`` tokens. Passes alternate so that machine noise hits both. With
 ``--one-document`` the split is read as a single document, so the long-term memory is
 full (the worst case); otherwise it fills only as far as documents are long, and the mean
-occupancy is reported. Target (issue 3): ratio >= 0.9.
+occupancy is reported. Target: ratio >= 0.9.
 
     python benchmarks/eval_speed.py DATA_BIN --path CKPT --tokens-per-sample 512 \\
         --context-window 256 --long-memory-size 12000 --max-blocks 200

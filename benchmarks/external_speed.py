@@ -1,4 +1,4 @@
-"""External-memory speed, as ratios against baselines measured in the same run (issue 4).
+"""External-memory speed, as ratios against baselines measured in the same run.
 
 1. ``bm25``: BM25 batching of ``--bm25-segments`` real training segments (target <= 60 s).
 2. ``datastore``: datastore build keys/s ÷ plain forward tokens/s over the same blocks

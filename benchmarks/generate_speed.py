@@ -3,7 +3,7 @@
 Translates the first ``--max-sentences`` of ``--gen-subset`` with fairseq's
 ``SequenceGenerator`` (what ``fairseq-generate`` runs), once plain and once with the
 ``--datastore`` (kNN-MT, λ=0.5), alternating passes so machine noise hits both, and
-reports sentences/s, the ratio (target of issue 5: >= 0.5), the ratio per output token
+reports sentences/s, the ratio (target >= 0.5), the ratio per output token
 (kNN-MT may change how long the outputs are) and where kNN-MT's time goes (model /
 search / combine).
 

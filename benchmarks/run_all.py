@@ -1,4 +1,4 @@
-"""The benchmark suite of issue 7: one command, every figure a ratio against a baseline
+"""The benchmark suite: one command, every figure a ratio against a baseline
 measured in the same run, on the same model and data.
 
 Prepares what it needs under ``--work`` (reused when present): an LM corpus, a

@@ -8,7 +8,7 @@ import sys
 from helpers import REPO
 
 RUN_ALL = REPO / "benchmarks" / "run_all.py"
-FIGURES = [  # every figure issue 7 asks for, in report order
+FIGURES = [  # every figure the suite reports, in report order
     "train_speed_local", "train_speed_long", "train_speed_external",
     "train_peak_memory_local", "train_peak_memory_long", "train_peak_memory_external",
     "eval_long_memory_full", "eval_long_memory_documents", "ext_eval", "datastore_build",

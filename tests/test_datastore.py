@@ -1,4 +1,4 @@
-"""Datastore builder, FAISS index, kNN-LM and TRIMELM_ext scoring (issue 4)."""
+"""Datastore builder, FAISS index, kNN-LM and TRIMELM_ext scoring."""
 import json
 import math
 import re

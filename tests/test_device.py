@@ -1,4 +1,4 @@
-"""Device readiness (issue 7): every path on the CPU, and on CUDA when present.
+"""Device readiness: every path on the CPU, and on CUDA when present.
 
 What runs where, and what is guarded:
 

@@ -1,4 +1,4 @@
-"""The Memorizing Transformer variant (issue 6)."""
+"""The Memorizing Transformer variant."""
 import argparse
 import math
 import re

@@ -1,4 +1,4 @@
-"""Sharded datastore builds (issue 7): N shards + merge == one single-worker build."""
+"""Sharded datastore builds: N shards + merge == one single-worker build."""
 import json
 from pathlib import Path
 

@@ -46,17 +46,17 @@ class TrimeLossConfig(FairseqDataclass):
     similarity_chunk_size: int = field(
         default=512,
         metadata={
-            "help": "query rows per chunk of the in-batch similarity matrix (causal memories "
-            "skip the keys after each chunk; smaller chunks also stay in cache: with 512 "
-            "instead of 2048, m=4 training went from 0.77x to 0.87x the speed of CE in "
-            "benchmarks/run_all.py)"
+            "help": "query rows per chunk of the in-batch similarity matrix: forward and "
+            "backward hold one chunk of similarities at a time, and causal memories skip the "
+            "keys after each chunk"
         },
     )
     checkpoint_similarity_above: int = field(
         default=1 << 26,
         metadata={
-            "help": "if the in-batch similarity matrix has more entries than this, chunks are "
-            "recomputed in the backward pass, so its memory is one chunk x (tokens per group)"
+            "help": "if the in-batch similarity matrix has more entries than this, the backward "
+            "pass recomputes it chunk by chunk instead of keeping it (memory: one chunk); at or "
+            "below, it is kept (one float and one bool per entry)"
         },
     )
     drop_local_prob: float = field(

@@ -15,8 +15,9 @@ subset of the tokens of its own group:
   :mod:`trime_fairseq.memory.distributed`), queries stay the worker's own rows.
 
 Gradients flow into queries and memory alike. The similarity matrix is built in chunks of
-query rows (with activation checkpointing when there is more than one chunk), so memory
-is ``O(G · chunk · T)`` rather than ``O((G·T)^2)``.
+query rows, in the forward pass and again in the hand-written backward
+(:func:`~trime_fairseq.memory.joint.chunked_joint_target_log_prob`), so memory is
+``O(G · chunk · T)`` rather than ``O((G·T)^2)``.
 """
 from __future__ import annotations
 
@@ -26,9 +27,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from trime_fairseq.memory.joint import joint_target_log_prob, scaled_similarity
+from trime_fairseq.memory.joint import chunked_joint_target_log_prob
 
 MODES = ("local", "long", "external")
 
@@ -90,22 +90,6 @@ class InBatchMemory:
         return (local | ~same_seg) & valid
 
 
-def _chunk_log_prob(
-    q: Tensor,
-    keys: Tensor,
-    key_labels: Tensor,
-    mask: Tensor,
-    tok_target: Tensor,
-    tok_lse: Tensor,
-    target: Tensor,
-    temperature: float,
-) -> Tensor:
-    scores = scaled_similarity(q, keys, temperature)
-    return joint_target_log_prob(
-        tok_target, tok_lse, scores, key_labels.unsqueeze(1), mask, target
-    )
-
-
 def in_batch_log_prob(
     tok_target: Tensor,
     tok_lse: Tensor,
@@ -129,8 +113,8 @@ def in_batch_log_prob(
         chunk_size: query rows per chunk of the similarity matrix (causal memories only
             compute keys up to the chunk's last query).
         checkpoint_above: when the chunks hold more similarity entries than this in
-            total, each chunk is recomputed in the backward pass (activation
-            checkpointing), so memory stays at one chunk.
+            total, the backward recomputes each chunk's similarities instead of keeping
+            them (:func:`chunked_joint_target_log_prob`), so memory stays at one chunk.
     Returns:
         ``[G, T]`` log-probabilities (meaningless at padding targets).
     """
@@ -140,28 +124,12 @@ def in_batch_log_prob(
     key_labels = target if memory.key_labels is None else memory.key_labels
     total = reps.size(1)
     key_valid = key_labels.ne(padding_idx)
-    bounds = [(q0, min(q0 + chunk_size, total)) for q0 in range(0, total, chunk_size)]
-    entries = reps.size(0) * sum((q1 - q0) * memory.key_end(q1, keys.size(1)) for q0, q1 in bounds)
-    use_ckpt = len(bounds) > 1 and entries > checkpoint_above and torch.is_grad_enabled() and reps.requires_grad
-    out = []
-    for q0, q1 in bounds:
-        k_end = memory.key_end(q1, keys.size(1))
-        mask = memory.mask(q0, q1, k_end, key_valid)
-        args: Tuple = (
-            reps[:, q0:q1],
-            keys[:, :k_end],
-            key_labels[:, :k_end],
-            mask,
-            tok_target[:, q0:q1],
-            tok_lse[:, q0:q1],
-            target[:, q0:q1],
-            temperature,
-        )
-        if use_ckpt:
-            out.append(checkpoint(_chunk_log_prob, *args, use_reentrant=False))
-        else:
-            out.append(_chunk_log_prob(*args))
-    return torch.cat(out, dim=1)
+    chunks = [(q0, min(q0 + chunk_size, total), memory.key_end(min(q0 + chunk_size, total), keys.size(1)))
+              for q0 in range(0, total, chunk_size)]
+    return chunked_joint_target_log_prob(
+        tok_target, tok_lse, reps, keys, key_labels, target,
+        lambda q0, q1, k_end: memory.mask(q0, q1, k_end, key_valid), chunks, temperature, checkpoint_above,
+    )
 
 
 def group_batch(

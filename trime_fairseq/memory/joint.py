@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -54,6 +54,19 @@ def masked_logsumexp(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     return torch.logsumexp(scores.masked_fill(~mask, NEG_INF), dim=dim)
 
 
+def _joint_num_den(tok_target: Tensor, tok_lse: Tensor, scores: Tensor, positive: Tensor) -> Tuple[Tensor, Tensor]:
+    """Numerator and denominator of Eq. 5 in log space, ``[N]`` each:
+    ``log(exp(s_target) + Σ_{j∈M, x_j=target} exp(m_j))`` and ``log(Σ_v exp(s_v) + Σ_{j∈M} exp(m_j))``,
+    from memory scores already ``-inf`` outside the memory."""
+    # one exponential pass serves both sums: shift by the (detached) largest allowed score
+    shift = scores.amax(dim=-1, keepdim=True).detach()
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    weights = torch.exp(scores - shift)  # masked -> 0
+    num = torch.logaddexp(tok_target, _log_or_neg_inf(weights.mul(positive).sum(-1)) + shift.squeeze(-1))
+    den = torch.logaddexp(tok_lse, _log_or_neg_inf(weights.sum(-1)) + shift.squeeze(-1))
+    return num, den
+
+
 def joint_target_log_prob(
     tok_target: Tensor,
     tok_lse: Tensor,
@@ -75,14 +88,112 @@ def joint_target_log_prob(
         ``[N]`` log-probabilities.
     """
     positive = mem_mask & mem_labels.eq(target.unsqueeze(-1))
-    # one exponential pass serves both sums: shift by the (detached) largest allowed score
-    scores = mem_scores.masked_fill(~mem_mask, NEG_INF)
-    shift = scores.amax(dim=-1, keepdim=True).detach()
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    weights = torch.exp(scores - shift)  # masked -> 0
-    num = torch.logaddexp(tok_target, _log_or_neg_inf(weights.mul(positive).sum(-1)) + shift.squeeze(-1))
-    den = torch.logaddexp(tok_lse, _log_or_neg_inf(weights.sum(-1)) + shift.squeeze(-1))
+    num, den = _joint_num_den(tok_target, tok_lse, mem_scores.masked_fill(~mem_mask, NEG_INF), positive)
     return num - den
+
+
+#: ``mask_fn(q0, q1, k_end) -> [G, q1-q0, k_end]`` bool: which keys are each query's memory
+MaskFn = Callable[[int, int, int], Tensor]
+
+
+class _ChunkedJointLogProb(torch.autograd.Function):
+    """Eq. 5 with memory scores ``q·k/(√d τ)`` computed chunk by chunk of query rows, with a
+    hand-written backward: two matrix products and one exponential per chunk, no autograd
+    graph over the elementwise work. The forward keeps each chunk's masked scores for the
+    backward (one float and one bool per entry) when ``keep_scores``; otherwise the backward
+    recomputes them chunk by chunk, and no similarity-sized tensor outlives a chunk.
+
+    With ``N``/``D`` the log numerator/denominator of Eq. 5 (:func:`_joint_num_den`) and
+    ``m_j`` the scores: ``∂ log P/∂m_j = [x_j = target]·exp(m_j - N) - exp(m_j - D)``,
+    ``∂/∂s_target = exp(s_target - N)``, ``∂/∂ log Z = -exp(log Z - D)``.
+    """
+
+    @staticmethod
+    def forward(ctx, tok_target, tok_lse, queries, keys, key_labels, target, scale, chunks, mask_fn, keep_scores):
+        nums, dens, kept = [], [], []
+        for q0, q1, k_end in chunks:
+            scores, positive = _chunk_scores(queries, keys, key_labels, target, scale, mask_fn, q0, q1, k_end)
+            num, den = _joint_num_den(tok_target[:, q0:q1], tok_lse[:, q0:q1], scores, positive)
+            nums.append(num)
+            dens.append(den)
+            if keep_scores:
+                kept.append((scores, positive))
+        num, den = torch.cat(nums, 1), torch.cat(dens, 1)
+        ctx.save_for_backward(tok_target, tok_lse, queries, keys, key_labels, target, num, den)
+        ctx.scale, ctx.chunks, ctx.mask_fn, ctx.kept = scale, chunks, mask_fn, kept
+        return num - den
+
+    @staticmethod
+    def backward(ctx, grad):
+        tok_target, tok_lse, queries, keys, key_labels, target, num, den = ctx.saved_tensors
+        grad = grad.to(num.dtype)
+        need_tok_t, need_tok_l, need_q, need_k = ctx.needs_input_grad[:4]
+        g_tt = (grad * torch.exp(tok_target.to(num.dtype) - num)).to(tok_target.dtype) if need_tok_t else None
+        g_tl = (-grad * torch.exp(tok_lse.to(den.dtype) - den)).to(tok_lse.dtype) if need_tok_l else None
+        g_q = torch.zeros_like(queries, dtype=num.dtype) if need_q else None
+        g_k = torch.zeros_like(keys, dtype=num.dtype) if need_k else None
+        if need_q or need_k:
+            qf, kf = at_least_float32(queries), at_least_float32(keys)
+            for i, (q0, q1, k_end) in enumerate(ctx.chunks):
+                if ctx.kept:
+                    scores, positive = ctx.kept[i]
+                else:
+                    scores, positive = _chunk_scores(queries, keys, key_labels, target, ctx.scale, ctx.mask_fn,
+                                                     q0, q1, k_end)
+                # exp(m - N)·[pos] - exp(m - D) = exp(m - D)·([pos]·exp(D - N) - 1): one exponential
+                ratio = torch.exp(den[:, q0:q1, None] - num[:, q0:q1, None])
+                coef = torch.exp(scores - den[:, q0:q1, None])
+                coef.mul_(positive.to(coef.dtype).mul_(ratio).sub_(1)).mul_(grad[:, q0:q1, None] * ctx.scale)
+                if need_q:
+                    g_q[:, q0:q1] = torch.matmul(coef, kf[:, :k_end])
+                if need_k:
+                    g_k[:, :k_end] += torch.matmul(coef.transpose(1, 2), qf[:, q0:q1])
+        g_q = g_q.to(queries.dtype) if g_q is not None else None
+        g_k = g_k.to(keys.dtype) if g_k is not None else None
+        return g_tt, g_tl, g_q, g_k, None, None, None, None, None, None
+
+
+def _chunk_scores(queries, keys, key_labels, target, scale, mask_fn, q0, q1, k_end):
+    """Masked scores ``[G, q1-q0, k_end]`` (``-inf`` outside memory) and the positives (memory
+    entries labelled with the query's target)."""
+    mask = mask_fn(q0, q1, k_end)
+    scores = at_least_float32(torch.matmul(queries[:, q0:q1] * scale, keys[:, :k_end].transpose(1, 2)))
+    scores = scores.masked_fill_(~mask, NEG_INF)
+    positive = mask.logical_and_(key_labels[:, None, :k_end].eq(target[:, q0:q1, None]))
+    return scores, positive
+
+
+def chunked_joint_target_log_prob(
+    tok_target: Tensor,
+    tok_lse: Tensor,
+    queries: Tensor,
+    keys: Tensor,
+    key_labels: Tensor,
+    target: Tensor,
+    mask_fn: MaskFn,
+    chunks: Sequence[Tuple[int, int, int]],
+    temperature: float = 1.0,
+    recompute_above: int = 1 << 26,
+) -> Tensor:
+    """``log P(target)`` of Eq. 5 for ``[G, T]`` queries against ``[G, K]`` memory keys whose
+    scores are ``sim(q, k)/τ`` (:func:`scaled_similarity`), computed per chunk.
+
+    Args:
+        tok_target, tok_lse, target: ``[G, T]``; queries ``[G, T, d]``; keys ``[G, K, d]``;
+            key_labels ``[G, K]``.
+        mask_fn: memory mask of a chunk of queries against the first ``k_end`` keys.
+        chunks: ``(q0, q1, k_end)`` covering ``0..T`` in order; keys past ``k_end`` are
+            outside every memory of that chunk.
+        recompute_above: when the chunks hold more similarity entries than this, the
+            backward recomputes them chunk by chunk instead of keeping them (memory: one chunk).
+    Returns:
+        ``[G, T]``; gradients reach token terms, queries and keys.
+    """
+    scale = 1.0 / (math.sqrt(queries.size(-1)) * temperature)
+    entries = queries.size(0) * sum((q1 - q0) * k_end for q0, q1, k_end in chunks)
+    keep = torch.is_grad_enabled() and entries <= recompute_above
+    return _ChunkedJointLogProb.apply(tok_target, tok_lse, queries, keys, key_labels, target, scale,
+                                      tuple(chunks), mask_fn, keep)
 
 
 def _log_or_neg_inf(x: Tensor) -> Tensor:
