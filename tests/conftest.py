@@ -47,3 +47,27 @@ def tiny_mt(tmp_path_factory):
             "--metric", metric, "--recall-k", "8", "--recall-queries", "50", "--cpu",
         ])
     return data, ckpt / "checkpoint_last.pt", stores
+
+
+# Tests that train a tiny model or run a command end to end are marked ``slow`` (the fast
+# subset is ``-m "not slow"``): explicitly with ``@pytest.mark.slow``, or here when they
+# need a trained fixture or start processes in their own body.
+_SLOW_FIXTURES = {"tiny_lm", "tiny_mt"}
+_SLOW_CALLS = ("run_cli(", "subprocess.run(", "subprocess.Popen(", ".spawn(", "ex.main(", "_main(")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+            continue
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError, AttributeError):
+            continue
+        if any(call in source for call in _SLOW_CALLS):
+            item.add_marker(pytest.mark.slow)

@@ -14,6 +14,7 @@ from fairseq.data import Dictionary
 from fairseq.models.transformer_lm import TransformerLanguageModel
 
 import trime_fairseq  # noqa: F401  (registers everything)
+from trime_fairseq.data.synthetic import write_lm_text, write_parallel_text
 from trime_fairseq.models.architectures import trime_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,17 +51,7 @@ def random_tokens(dictionary: Dictionary, bsz: int, length: int, seed: int = 0, 
 
 def write_tiny_corpus(root: Path, n_docs: int = 24, seed: int = 0) -> Path:
     """Text files in fairseq's convention (one blank line between documents), binarised."""
-    import random
-
-    rnd = random.Random(seed)
-    words = [f"w{i}" for i in range(30)] + "the a of to and in is".split()
-    root.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_docs), ("valid", 16), ("test", 16)):
-        with open(root / f"{split}.txt", "w") as f:
-            for _ in range(n):
-                for _ in range(rnd.randint(2, 5)):
-                    f.write(" ".join(rnd.choice(words) for _ in range(rnd.randint(5, 15))) + "\n")
-                f.write("\n")
+    write_lm_text(root, {"train": n_docs, "valid": 16, "test": 16}, seed)
     run_cli(
         ["fairseq_cli.preprocess", "--only-source", "--trainpref", str(root / "train.txt"),
          "--validpref", str(root / "valid.txt"), "--testpref", str(root / "test.txt"),
@@ -82,16 +73,7 @@ def run_cli(argv: List[str], check: bool = True) -> subprocess.CompletedProcess:
 
 def write_tiny_parallel(root: Path, n_train: int = 120, seed: int = 0) -> Path:
     """A tiny de->en corpus (word-for-word synthetic pairs), binarised with a joined dictionary."""
-    import random
-
-    rnd = random.Random(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("valid", 24), ("test", 12)):
-        with open(root / f"{split}.de", "w") as de, open(root / f"{split}.en", "w") as en:
-            for _ in range(n):
-                words = [rnd.randrange(20) for _ in range(rnd.randint(3, 9))]
-                de.write(" ".join(f"d{w}" for w in words) + "\n")
-                en.write(" ".join(f"e{w}" for w in words) + "\n")
+    write_parallel_text(root, {"train": n_train, "valid": 24, "test": 12}, seed)
     run_cli(
         ["fairseq_cli.preprocess", "--source-lang", "de", "--target-lang", "en", "--joined-dictionary",
          "--trainpref", str(root / "train"), "--validpref", str(root / "valid"), "--testpref", str(root / "test"),

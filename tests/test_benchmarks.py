@@ -80,7 +80,7 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
 def test_a_failing_benchmark_is_reported_and_sets_the_exit_code(tmp_path, monkeypatch):
     run_all = load_run_all()
 
-    def broken_suite(size, work, only=None):
+    def broken_suite(size, work, only=None, device="cpu"):
         suite = run_all.Suite(run_all.SIZES[size], work)
         suite.bench("train", "train_speed", [tmp_path / "no_such_data"], [])  # a real failing subprocess
         suite.bench("eval_full_memory", "eval_speed", [], ["lm_checkpoint"])  # its prerequisite never ran

@@ -1,0 +1,1 @@
+"""The benchmark suite behind ``benchmarks/run_all.py``: sizes, preparation, running, report."""

@@ -1,0 +1,304 @@
+"""The report: figures against targets, time splits, setup, machine; markdown, PNG and JSON."""
+import datetime
+import json
+import os
+import platform
+import subprocess
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Sequence
+
+from benchmarks.suite.runner import REPO, Suite
+from benchmarks.suite.sizes import PREPARATION
+from trime_fairseq.cli import experiment as ex
+
+# ----------------------------------------------------------------------------- figures
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One row of the report: how to read its value from a benchmark's JSON, and its target."""
+
+    key: str
+    label: str
+    step: str
+    value: Callable[[dict], float]
+    target: float
+    op: str  # ">=" or "<="
+    unit: str = "ratio"
+    notes: Callable[[dict], str] = lambda r: ""
+
+
+def _train_notes(variant: str) -> Callable[[dict], str]:
+    """Absolute tokens/s and peak RSS behind a training ratio."""
+    return lambda r: (f"{r['tokens_per_s'][variant]:,.0f} vs {r['tokens_per_s']['cross_entropy']:,.0f} tokens/s; "
+                      f"peak RSS {r['peak_rss_mb_per_variant'][variant]:,.0f} vs "
+                      f"{r['peak_rss_mb_per_variant']['cross_entropy']:,.0f} MB")
+
+
+def _eval_value(r: dict) -> float:
+    return next(v for k, v in r["ratio_vs_local"].items() if k != "local")
+
+
+def _eval_notes(r: dict) -> str:
+    name = next(k for k in r["tokens_per_s"] if k != "local")
+    occ = r["mean_long_memory_occupancy"][name]
+    return (f"{r['tokens_per_s'][name]:,.0f} vs {r['tokens_per_s']['local']:,.0f} tokens/s; {name}, "
+            f"mean {occ:,.0f} entries in long memory")
+
+
+def _ds_sizes(r: dict) -> List[int]:
+    return r["datastore"]["sizes"]
+
+
+FIGURES: List[Figure] = [
+    *[Figure(f"train_speed_{kind}", f"TRIME train tokens/s ÷ CE, {desc}", "train",
+             lambda r, v=variant: r["ratio_vs_cross_entropy"][v], 0.95, ">=", notes=_train_notes(variant))
+      for kind, variant, desc in (("local", "trime_loss", "local memory"),
+                                  ("long", "trime_loss_long", "long memory (consecutive segments)"),
+                                  ("external", "trime_loss_ext", "external memory (BM25 batches)"))],
+    *[Figure(f"train_peak_memory_{kind}", f"peak training memory ÷ CE, {desc}", "train",
+             lambda r, v=variant: r["peak_rss_ratio_vs_cross_entropy"][v], 1.1, "<=",
+             notes=lambda r, v=variant: f"{r['peak_rss_mb_per_variant'][v]:,.0f} vs "
+                                        f"{r['peak_rss_mb_per_variant']['cross_entropy']:,.0f} MB peak RSS")
+      for kind, variant, desc in (("local", "trime_loss", "local memory"),
+                                  ("long", "trime_loss_long", "long memory"),
+                                  ("external", "trime_loss_ext", "external memory"))],
+    Figure("eval_long_memory_full", "eval tokens/s, long memory full (one document) ÷ local only", "eval_full_memory",
+           _eval_value, 0.9, ">=", notes=_eval_notes),
+    Figure("eval_long_memory_documents", "eval tokens/s, long memory over real documents ÷ local only",
+           "eval_documents", _eval_value, 0.9, ">=", notes=_eval_notes),
+    Figure("ext_eval", "kNN-LM eval tokens/s ÷ vanilla (external memory)", "ext_eval",
+           lambda r: r["ext_eval"]["ratio"], 0.5, ">=",
+           notes=lambda r: (f"{r['ext_eval']['knn_tokens_per_s']:,.0f} vs {r['ext_eval']['vanilla_tokens_per_s']:,.0f} "
+                            f"tokens/s; K={r['ext_eval']['k']}, {r['ext_eval']['keys']:,} keys, "
+                            f"{r['ext_eval']['index']} nprobe {r['ext_eval']['nprobe']}, "
+                            f"recall@K {r['ext_eval']['recall'] or 0:.3f}")),
+    Figure("datastore_build", "datastore build keys/s ÷ plain forward tokens/s", "external",
+           lambda r: r["datastore"]["ratio_build_vs_forward"], 0.9, ">=",
+           notes=lambda r: (f"{r['datastore'][f'build_keys_per_s_{_ds_sizes(r)[-1]}']:,.0f} vs "
+                            f"{r['datastore']['forward_tokens_per_s']:,.0f} per s")),
+    Figure("datastore_peak_memory", "datastore build peak RSS, 4N ÷ N keys (flat in N)", "external",
+           lambda r: r["datastore"]["peak_rss_ratio_large_vs_small"], 1.1, "<=",
+           notes=lambda r: "N = {:,} → {:,} keys: {:,.0f} → {:,.0f} MB".format(
+               *_ds_sizes(r), *(r["datastore"][f"peak_rss_mb_{n}"] for n in _ds_sizes(r)))),
+    Figure("bm25_seconds", "BM25 batching time", "external", lambda r: r["bm25"]["seconds"], 60.0, "<=", unit="s",
+           notes=lambda r: f"{r['bm25']['segments']:,} segments of {r['bm25']['segment_length']} tokens"),
+    Figure("knn_mt_generation", "kNN-MT generation sentences/s ÷ base", "generate", lambda r: r["ratio"], 0.5, ">=",
+           notes=lambda r: (f"{r['knn_sentences_per_s']:.1f} vs {r['base_sentences_per_s']:.1f} sentences/s; "
+                            f"beam {r['beam']}, K={r['knn_k']}, {r['datastore_size']:,} keys ({r['index']})")),
+    Figure("memorizing_train", "Memorizing Transformer train tokens/s ÷ plain (no kNN memory)", "memorizing",
+           lambda r: r["memorizing_ratio_vs_no_memory"], 0.5, ">=",
+           notes=lambda r: (f"{r['tokens_per_s']['memorizing']:,.0f} vs {r['tokens_per_s']['memorizing_no_memory']:,.0f} "
+                            f"tokens/s; " + " ".join(r["variants"]["memorizing"][-2:]))),
+]
+
+
+def evaluate(suite: Suite) -> List[dict]:
+    """One row per figure: value, target and pass / miss / failed."""
+    rows = []
+    for f in FIGURES:
+        row = {"key": f.key, "figure": f.label, "target": f.target, "op": f.op, "unit": f.unit, "step": f.step}
+        res = suite.results.get(f.step)
+        if res is None:
+            st = suite.steps.get(f.step, {})
+            row.update(value=None, status="failed", notes=f"{st.get('error', 'not run')} (log: {st.get('log', '')})")
+        else:
+            try:
+                value = float(f.value(res))
+                notes = f.notes(res)
+            except (KeyError, TypeError, IndexError, ValueError, StopIteration) as e:
+                row.update(value=None, status="failed", notes=f"no value in the output ({type(e).__name__}: {e})")
+                suite.steps[f.step].update(status="failed", error=f"missing figure {f.key}")
+            else:
+                ok = value >= f.target if f.op == ">=" else value <= f.target
+                if f.key == "ext_eval" and (res["ext_eval"].get("recall") or 0) < 0.9:
+                    ok, notes = False, notes + " (recall below 0.9)"
+                row.update(value=value, status="pass" if ok else "miss", notes=notes)
+        rows.append(row)
+    return rows
+
+
+def time_splits(suite: Suite) -> List[dict]:
+    """Where the memory-augmented scorers spend their time (model / search / combine)."""
+    rows = []
+    ext = suite.results.get("ext_eval", {}).get("ext_eval")
+    if ext:
+        split = ext["time_split_s"]
+        total = sum(split.values())
+        rows.append({"scorer": f"kNN-LM eval (K={ext['k']}, {ext['keys']:,} keys)", "total_s": total,
+                     **{k: split[k] / total for k in ("model", "search", "combine")}})
+    gen = suite.results.get("generate")
+    if gen:
+        split = gen["knn_time_split"]
+        rows.append({"scorer": f"kNN-MT generation (beam {gen['beam']}, K={gen['knn_k']}, {gen['datastore_size']:,} keys)",
+                     "total_s": gen["sentences"] * suite.size.gen_passes / gen["knn_sentences_per_s"],
+                     **{k: split[k] for k in ("model", "search", "combine")}})
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine_info(load_start: Sequence[float]) -> dict:
+    import fairseq
+    import faiss
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
+        "fairseq": fairseq.__version__, "commit": commit,
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _fmt(row: dict) -> str:
+    v = row["value"]
+    if v is None:
+        return "—"
+    return f"{v:.1f} s" if row["unit"] == "s" else f"{v:.3f}"
+
+
+def render(report: dict) -> str:
+    """The markdown report."""
+    m = report["machine"]
+    mark = {"pass": "pass", "miss": "**miss**", "failed": "**FAILED**"}
+    figs = [{"figure": r["figure"], "value": _fmt(r), "target": f"{r['op'].replace('>=', '≥').replace('<=', '≤')} "
+             f"{r['target']:g}{' s' if r['unit'] == 's' else ''}", "result": mark[r["status"]], "notes": r["notes"]}
+            for r in report["figures"]]
+    splits = [{"scorer": r["scorer"], "model": f"{r['model']:.0%}", "search": f"{r['search']:.0%}",
+               "combine": f"{r['combine']:.0%}", "total_s": f"{r['total_s']:.1f}"} for r in report["time_split"]]
+    steps = [{"step": k, "status": v["status"], "seconds": f"{v['seconds']:.0f}",
+              "log": f"`{v['log']}`" if v["log"] else "", "error": v.get("error", "") or (f"reused from the run of {v['reused']}" if v.get("reused") else "")}
+             for k, v in report["steps"].items()]
+    setup = report["setup"]
+    lines = [
+        f"# Benchmark report ({report['size']} size)",
+        "",
+        f"`{report['command']}` — {m['date']}, {m['cpus']} CPUs. Every ratio is against a baseline "
+        "measured in the same run, on the same model and data (variants alternate so machine noise "
+        f"hits both). Load average at start {m['load_average_start']}, at end {m['load_average_end']}: "
+        "the absolute speeds depend on what else ran; the ratios less so.",
+        "",
+        f"{report['summary']}",
+        "",
+        "## Figures",
+        "",
+        ex.markdown_table(figs, ["figure", "value", "target", "result", "notes"]),
+        "",
+        f"![figures against their targets]({report['plot']})",
+        "",
+        "## Time split of the memory-augmented scorers",
+        "",
+        ex.markdown_table(splits, ["scorer", "model", "search", "combine", "total_s"],
+                          ["scorer", "model", "search", "combine", "total (s)"]) if splits else "(no scorer ran)",
+        "",
+        "## Setup",
+        "",
+        *[f"* {k}: {v}" for k, v in setup.items()],
+        "",
+        "## Steps",
+        "",
+        ex.markdown_table(steps, ["step", "status", "seconds", "log", "error"]),
+        "",
+        "## Machine",
+        "",
+        *[f"* {k}: {v}" for k, v in m.items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(rows: List[dict], path: Path) -> None:
+    """Horizontal bars of every figure with its target marked (green pass, red miss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [[r for r in rows if r["unit"] == "ratio"], [r for r in rows if r["unit"] == "s"]]
+    fig, axes = plt.subplots(2, 1, figsize=(9, 0.45 * len(rows) + 2.2),
+                             gridspec_kw={"height_ratios": [max(1, len(p)) for p in panels]})
+    for ax, group, xlabel in zip(axes, panels, ("ratio against the same-run baseline", "seconds")):
+        ys = list(range(len(group)))[::-1]
+        vals = [r["value"] if r["value"] is not None else 0.0 for r in group]
+        colours = ["tab:green" if r["status"] == "pass" else "tab:red" if r["status"] == "miss" else "grey"
+                   for r in group]
+        ax.barh(ys, vals, color=colours, height=0.6)
+        for y, r, v in zip(ys, group, vals):
+            ax.plot([r["target"], r["target"]], [y - 0.4, y + 0.4], color="black", lw=2)
+            ax.annotate("failed" if r["value"] is None else f"{v:.2f}", (v, y), xytext=(3, 0),
+                        textcoords="offset points", va="center", fontsize=7)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([textwrap.fill(r["figure"], 42) for r in group], fontsize=7)
+        ax.set_xlabel(xlabel + " (black tick: target)", fontsize=8)
+    axes[0].set_title("Benchmarks: green pass, red miss, grey failed", fontsize=9)
+    ex.save_figure(fig, path, dpi=110)
+
+
+def setup_notes(suite: Suite, size_name: str) -> dict:
+    r = suite.results
+    notes = {}
+    if "lm_corpus" in r:
+        notes["LM corpus"] = f"`{r['lm_corpus']['data']}`, {r['lm_corpus']['train_tokens']:,} training tokens"
+    if "lm_checkpoint" in r:
+        c = r["lm_checkpoint"]
+        notes["LM checkpoint"] = (f"{c['arch']}, cross_entropy, {c['updates']} updates, L={suite.size.tokens_per_sample} "
+                                  f"(evaluation: {suite.size.tokens_per_sample}-token blocks, "
+                                  f"{suite.size.context} of them context)")
+    if "lm_datastore" in r:
+        d = r["lm_datastore"]
+        notes["LM datastore"] = (f"{d['keys']:,} keys (L2, whole training split), {d['factory']}, nprobe {d['nprobe']}, "
+                                 f"recall@{d['recall_k']} {d['recall'] or 0:.3f}")
+        if size_name == "full" and d["keys"] < 1_000_000:
+            notes["LM datastore"] += " — fewer than the 1M keys asked: the corpus has no more training tokens"
+    if "mt_checkpoint" in r:
+        notes["MT checkpoint"] = f"{r['mt_checkpoint']['arch']}, label-smoothed CE, {r['mt_checkpoint']['updates']} updates"
+    if "mt_datastore" in r:
+        d = r["mt_datastore"]
+        notes["MT datastore"] = (f"{d['keys']:,} keys (L2, training targets), {d['factory']}, "
+                                 f"recall@{d['recall_k']} {d['recall'] or 0:.3f}")
+    bm = r.get("external", {}).get("bm25")
+    if bm and size_name == "full" and bm["segments"] < 100_000:
+        notes["BM25"] = f"{bm['segments']:,} segments: the corpus has fewer than the 100k asked"
+    notes["work directory"] = f"`{suite.work}` (logs in `{suite.logs}`)"
+    return notes
+
+
+def write_report(suite: Suite, size_name: str, report_path: Path, command: str, load_start: Sequence[float]) -> dict:
+    """Markdown + PNG + JSON beside each other, each written atomically."""
+    figures = evaluate(suite)
+    counts = {k: sum(r["status"] == k for r in figures) for k in ("pass", "miss", "failed")}
+    prep = sum(v["seconds"] for k, v in suite.steps.items() if k in PREPARATION) / 60
+    bench = sum(v["seconds"] for k, v in suite.steps.items() if k not in PREPARATION) / 60
+    reused = ", ".join(f"{k} ({v['reused']})" for k, v in suite.steps.items() if v.get("reused"))
+    reused = f" Not rerun (--only), their last results are shown: {reused}." if reused else ""
+    report = {
+        "size": size_name,
+        "command": command,
+        "summary": (f"{counts['pass']} of {len(figures)} figures meet their target, {counts['miss']} miss, "
+                    f"{counts['failed']} failed to run. Preparation took {prep:.0f} min (artefacts already in "
+                    f"the work directory are reused), the benchmarks {bench:.0f} min.{reused}"),
+        "figures": figures,
+        "time_split": time_splits(suite),
+        "setup": setup_notes(suite, size_name),
+        "steps": suite.steps,
+        "machine": machine_info(load_start),
+        "plot": report_path.with_suffix(".png").name,
+        "raw": {k: v for k, v in suite.results.items()},
+    }
+    plot(figures, report_path.with_suffix(".png"))
+    ex.atomic_write(report_path.with_suffix(".json"), json.dumps(report, indent=2, default=str))
+    ex.atomic_write(report_path, render(report))
+    return report
+
+
