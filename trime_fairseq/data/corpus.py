@@ -48,6 +48,8 @@ from typing import (
 
 from tqdm import tqdm
 
+from trime_fairseq.errors import TrimeUserError
+
 logger = logging.getLogger(__name__)
 
 SPLITS: Tuple[str, ...] = ("train", "valid", "test")
@@ -68,8 +70,8 @@ DEFAULT_CACHE_DIR = Path("~/.cache/trime_fairseq")
 NamedText = Tuple[str, str]
 
 
-class CorpusError(Exception):
-    """A user-facing problem (bad flag value, missing input, too few documents ...)."""
+# a user-facing problem (bad flag value, missing input, too few documents ...)
+CorpusError = TrimeUserError
 
 
 def _progress(iterable: Iterable, **kwargs) -> Iterable:
