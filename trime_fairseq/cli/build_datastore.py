@@ -173,7 +173,8 @@ def build_index_for(ours, cfg, model, task) -> dict:
     factory = default_factory(len(ds), ds.meta.dim) if ours.index_factory == "auto" else ours.index_factory
     t0 = time.perf_counter()
     logger.info("building index %s (%s) over %d keys", factory, ours.metric, len(ds))
-    index = build_index(ds.keys, factory, ours.metric, ours.index_train_size)
+    index = build_index(ds.keys, factory, ours.metric, ours.index_train_size,
+                        where=f"--out {ours.out}: {ds.path / 'keys.npy'}", fix=ds.fix)
     seconds = time.perf_counter() - t0
     queries = []
     if hasattr(task, "iter_datastore_keys"):

@@ -166,6 +166,15 @@ class Datastore:
     def __len__(self) -> int:
         return self.meta.size
 
+    def check_finite(self, chunk: int = 1 << 20) -> None:
+        """Refuse keys holding NaN/inf (FAISS would silently never return them). One pass
+        over ``keys.npy`` in chunks of ``chunk`` rows (~0.3 s per million fp16 keys of d=128)."""
+        for s in range(0, len(self), chunk):
+            bad = ~np.isfinite(self.keys[s:s + chunk]).all(axis=1)
+            if bad.any():
+                raise DatastoreError(f"--datastore {self.path}: key {s + int(np.flatnonzero(bad)[0])} in "
+                                     f"{self.path / 'keys.npy'} is not finite (NaN/inf); {self.fix}")
+
 
 class DatastoreWriter:
     """Streams keys/values into ``DIR.partial`` in order; resumable; :meth:`finish` publishes."""

@@ -118,8 +118,9 @@ def set_k_factor(index, k_factor: float) -> bool:
 
 
 def build_index(keys: np.ndarray, factory: str, metric: str = "ip", train_size: int = 100_000,
-                chunk: int = 100_000, seed: int = 1):
-    """Train on a random sample of ``keys`` (``[N, d]``, any float dtype), add in chunks."""
+                chunk: int = 100_000, seed: int = 1, where: str = "keys", fix: str = "rebuild the datastore"):
+    """Train on a random sample of ``keys`` (``[N, d]``, any float dtype), add in chunks;
+    a non-finite key is a user error (``where``: the keys' file, ``fix``: what to do)."""
     faiss = faiss_module()
     n, dim = keys.shape
     try:
@@ -129,9 +130,17 @@ def build_index(keys: np.ndarray, factory: str, metric: str = "ip", train_size: 
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=min(train_size, n), replace=False))
-        index.train(np.ascontiguousarray(keys[sample], dtype=np.float32))
+        train = np.ascontiguousarray(keys[sample], dtype=np.float32)
+        bad = ~np.isfinite(train).all(axis=1)
+        if bad.any():
+            raise TrimeUserError(f"{where}: key {int(sample[np.flatnonzero(bad)[0]])} is not finite (NaN/inf); {fix}")
+        index.train(train)
     for s in range(0, n, chunk):
-        index.add(np.ascontiguousarray(keys[s:s + chunk], dtype=np.float32))
+        part = np.ascontiguousarray(keys[s:s + chunk], dtype=np.float32)
+        bad = ~np.isfinite(part).all(axis=1)
+        if bad.any():
+            raise TrimeUserError(f"{where}: key {s + int(np.flatnonzero(bad)[0])} is not finite (NaN/inf); {fix}")
+        index.add(part)
     return index
 
 

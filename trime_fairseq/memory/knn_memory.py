@@ -84,6 +84,35 @@ class KnnMemory:
 
     # --- storage ---------------------------------------------------------------------------
 
+    _STATE = ("keys", "values", "positions", "inserted", "count", "docs")
+
+    def state_dict(self) -> dict:
+        """The memory's contents (CPU tensors; empty when nothing is stored), so that a
+        resumed training run continues with the memory it had (see ``trime_lm``'s stream
+        iterator)."""
+        if self.keys is None:
+            return {}
+        return {k: getattr(self, k).detach().cpu().clone() for k in self._STATE}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """Restore :meth:`state_dict` (tensors moved to ``device``; faiss indexes rebuilt
+        from the stored keys)."""
+        if not state:
+            self.reset()
+            return
+        rows, heads, size, dim = state["keys"].shape
+        if size != self.size:
+            raise TrimeUserError(f"--knn-memory-size {self.size}: the checkpoint's memory holds {size} entries per "
+                                 "row; resume with the same --knn-memory-size (or --reset-dataloader)")
+        for k in self._STATE:
+            v = state[k].clone()
+            setattr(self, k, v.to(device) if k in ("keys", "values", "positions") and device is not None else v)
+        self._indexes = []
+        if self.search == "faiss":
+            self._make_indexes(rows, heads, dim)
+            for r in range(rows):
+                self._index_rebuild(r)
+
     def _allocate(self, rows: int, heads: int, dim: int, like: Tensor) -> None:
         self.keys = like.new_zeros(rows, heads, self.size, dim)
         self.values = like.new_zeros(rows, heads, self.size, dim)

@@ -51,6 +51,7 @@ class Retriever:
         self.use_gpu = use_gpu  # move the index to the GPU when CUDA queries come (module doc)
         self.on_gpu = False
         self.exclude_self = False  # drop the entry whose id is the query's stream position
+        datastore.check_finite()
         self.metric = self.config.metric
         self.k = min(k, len(datastore))
         self.exact = exact

@@ -7,6 +7,7 @@ Both tasks inherit these dataclasses, so ``--datastore``, ``--knn-k``... mean th
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -138,7 +139,7 @@ def cached_bm25_batches(args, segments, batch_size: int, seed: int, cache_root: 
                     logger.info("BM25 batches from cache %s", path)
                     return np.split(saved["order"], saved["bounds"])
             logger.info("BM25 cache %s was computed for other segments: recomputing", path)
-        except (OSError, ValueError, KeyError, EOFError) as e:  # damaged / older file: recompute it
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged / older: recompute
             logger.warning("BM25 cache %s is unreadable (%s): recomputing", path, e)
     t0 = time.perf_counter()
     bm25 = BM25(segments)

@@ -116,7 +116,7 @@ class TrimeLMConfig(LanguageModelingConfig, RetrievalConfig, BM25BatchingConfig)
 
 def check_memory_flags(cfg) -> None:
     """Clear one-line errors for inconsistent memory flags."""
-    if cfg.tokens_per_sample < 1:  # fairseq-eval-lm subtracts --context-window before the task exists
+    if getattr(cfg, "tokens_per_sample", 1) < 1:  # fairseq-eval-lm subtracts --context-window before the task exists
         raise TrimeUserError(
             f"--context-window must be smaller than --tokens-per-sample (the block scored is "
             f"--tokens-per-sample minus --context-window = {cfg.tokens_per_sample} tokens)")
@@ -162,6 +162,37 @@ def check_lm_checkpoint(model, args) -> None:
                              "not a language model; use fairseq-generate --task trime_translation")
 
 
+class StreamBatchIterator(iterators.EpochBatchIterator):
+    """``--stream-batching`` batches: fairseq's iterator whose saved state (in
+    ``checkpoint_last.pt``) also holds the memory of the model being trained (the
+    Memorizing Transformer's kNN memory continues the stream), so a resumed run scores its
+    next batch with the memory the uninterrupted run had. With several data-parallel
+    workers (rank 0 saves) the memory is not restored and refills."""
+
+    def __init__(self, model, num_workers_total: int, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.model, self.world = model, num_workers_total
+
+    def _memory(self):
+        layer = getattr(self.model, "knn_attention", None) if self.model is not None else None
+        return getattr(layer, "memory", None)
+
+    def state_dict(self):
+        state = super().state_dict()
+        memory = self._memory()
+        if memory is not None and self.world == 1:
+            state["knn_memory"] = memory.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        memory = self._memory()
+        if memory is not None and "knn_memory" in state_dict:
+            device = next(self.model.parameters()).device
+            memory.load_state_dict(state_dict["knn_memory"], device)
+            logger.info("resumed the kNN memory of the stream (%d rows)", len(state_dict["knn_memory"].get("docs", [])))
+
+
 @register_task("trime_lm", dataclass=TrimeLMConfig)
 class TrimeLanguageModelingTask(LanguageModelingTask):
     """Language modelling with TRIME memories (see module docstring)."""
@@ -183,6 +214,8 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         model = super().build_model(args, from_checkpoint)
         if getattr(model, "needs_stream_positions", False):  # e.g. the Memorizing Transformer
             self.with_positions = True
+            if not from_checkpoint:  # the model being trained: its memory is part of the stream's state
+                self._stream_model = model
             for ds in self.datasets.values():
                 if isinstance(ds, (DocumentSegments, StreamBlocks)):
                     ds.with_positions = True
@@ -237,6 +270,10 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         return self._streams[split]
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        paths = utils.split_paths(self.args.data)
+        path = os.path.join(paths[(epoch - 1) % len(paths)], split)
+        if os.path.exists(path + ".bin") and os.path.getsize(path + ".bin") == 0:  # fairseq cannot mmap it
+            raise TrimeUserError(f"split {split}: {path}.bin is empty, the split has no token to score or train on")
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         m = self.args.consecutive_segments
         if self.args.bm25_batching and m > 1:
@@ -280,7 +317,8 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
             if bsz < 1:
                 raise TrimeUserError("--stream-batching needs --batch-size (rows read in parallel)")
             rows = dataset.stream_batches(bsz * num_shards, seed, epoch, dataset.shuffle)
-            return iterators.EpochBatchIterator(
+            return StreamBatchIterator(
+                getattr(self, "_stream_model", None), num_shards,
                 dataset=dataset, collate_fn=dataset.collater, batch_sampler=shard_rows(rows, num_shards, shard_id),
                 seed=seed, num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size,
                 disable_shuffling=True,
