@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -28,6 +30,7 @@ from typing import Callable, Dict, List
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import USER_DIR
 from helpers import REPO
@@ -492,3 +495,65 @@ def test_two_processes_writing_the_same_bm25_cache(tmp_path):
     fresh = [x.tolist() for x in cached_bm25_batches(cfg, other, 4, 1, str(tmp_path), "race")]
     assert sorted(sum(fresh, [])) == list(range(64))
     assert [x.tolist() for x in cached_bm25_batches(cfg, other, 4, 1, str(tmp_path), "race")] == fresh
+
+
+# --- the two silent wrong results, now right ----------------------------------------------------
+
+def test_grid_point_counts_tokens_as_fairseq_eval_lm(world, monkeypatch):
+    """A combiner that gives some tokens probability 0 (a continuous cache at lambda = 1,
+    built past the flag check): trime-tune's score_grid leaves those tokens out of the sum
+    *and* the count, exactly as fairseq-eval-lm's scoring loop does."""
+    from fairseq import utils
+    from fairseq_cli.eval_lm import eval_lm as fairseq_eval_lm
+
+    from trime_fairseq.cli.tune import load, score_grid
+    from trime_fairseq.memory.combiners import CacheCombiner, NoMemory
+    from trime_fairseq.models.memory_eval import MemoryEvalModel
+
+    # fairseq's "skipping tokens with inf scores" log call has a format bug (a logging error)
+    monkeypatch.setattr(logging.getLogger("fairseq_cli.eval_lm"), "disabled", True)
+    cfg, model, task = load(eval_lm(world))
+    model.eval()
+    all_cache = CacheCombiner(0.5, 0.2)
+    all_cache.lam = 1.0
+    combiners = [NoMemory(), all_cache, CacheCombiner(0.3, 0.2)]
+    sums, counts = score_grid((model, task), cfg, combiners)
+    assert counts[1][0] < counts[0][0] == counts[2][0]  # some tokens are not in the cache
+    for comb, (s,), (n,) in zip(combiners, sums, counts):
+        itr = task.eval_lm_dataloader(dataset=task.dataset("valid"), max_tokens=36000, num_workers=0,
+                                      max_positions=utils.resolve_max_positions(model.max_positions()),
+                                      context_window=cfg.eval_lm.context_window)
+        got = fairseq_eval_lm([MemoryEvalModel(model, comb, task.dictionary.pad()).eval()], task.source_dictionary,
+                              itr, target_dictionary=task.target_dictionary)
+        assert math.exp(-s / n) == pytest.approx(float(got["perplexity"]), rel=1e-5)
+
+
+def test_exclude_self_from_datastore_equals_brute_force(world):
+    """On the datastore's own split, --exclude-self-from-datastore gives each query the K
+    nearest entries of all *other* positions (exact search over the stored keys); without
+    it almost every query's nearest entry is itself."""
+    from trime_fairseq.cli.tune import iter_scored_rows, load
+    from trime_fairseq.memory.datastore import Datastore
+
+    k = 8
+    cfg, model, task = load(eval_lm(world, "--eval-combiner", "knn", "--knn-lambda", "0.2", "--datastore",
+                                    str(world.ds), "--exclude-self-from-datastore", "--knn-k", str(k)) +
+                            ["--gen-subset", "train"])
+    model.eval()
+    ds = Datastore(str(world.ds))
+    keys = torch.from_numpy(np.asarray(ds.keys, dtype=np.float32))
+    values = torch.from_numpy(np.asarray(ds.values, dtype=np.int64))
+    position, self_first = 0, 0
+    for row in iter_scored_rows(model, task, cfg, external=True, k=k, representations=("g",)):
+        scored = row.target[0].ne(task.dictionary.pad())  # the last block of a batch is padded
+        q = row.query_g[0][scored]
+        sims = q @ keys.T  # [T, N]
+        pos = torch.arange(position, position + q.size(0))
+        self_first += int((sims.argmax(-1) == pos).sum())
+        sims[torch.arange(q.size(0)), pos] = -float("inf")
+        top, ids = sims.topk(k, dim=-1)
+        torch.testing.assert_close(row.ext_scores[0][scored], top, rtol=1e-4, atol=1e-4)
+        assert torch.equal(row.ext_labels[0][scored], values[ids])
+        position += q.size(0)
+    assert position == len(ds)  # every entry was a query once
+    assert self_first > 0.5 * len(ds)  # the leak the flag removes
