@@ -283,7 +283,8 @@ def test_bad_input_gives_clear_error(tmp_path, make_argv, expected):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as excinfo:
         main(make_argv(tmp_path) + ["--out", str(out), "--no-binarize", "--tokenizer", "none"])
-    message = str(excinfo.value.code)
+    assert excinfo.value.code == 2
+    message = str(excinfo.value)
     assert message.startswith("prepare_lm: error: ")
     assert "--input" in message and expected in message
     assert "\n" not in message

@@ -390,7 +390,8 @@ def test_bad_flags_give_one_line_errors(tmp_path, extra, flag, expected):
         extra = extra + ["--heldout-domain", "genealogy"]
     with pytest.raises(SystemExit) as excinfo:
         main(argv + extra)
-    message = str(excinfo.value.code)
+    assert excinfo.value.code == 2
+    message = str(excinfo.value)
     assert message.startswith("prepare_mt: error: ") and "\n" not in message
     assert flag in message and expected in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["catalogs"]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from trime_fairseq.cli import setup_cli_logging
+from trime_fairseq.errors import TrimeUserError, cli_entry
 
 logger = logging.getLogger("trime_fairseq.analyze")
 
@@ -44,6 +45,7 @@ def bucket_of(freq: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
     return out
 
 
+@cli_entry("trime-analyze")
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     setup_cli_logging()
     p = argparse.ArgumentParser(prog="trime-analyze", description=__doc__,
@@ -56,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         ks = sorted(int(k) for k in ours.retrieval_k.split(",") if k)
         bounds = sorted((int(b) for b in ours.buckets.split(",") if b), reverse=True)
     except ValueError:
-        p.error("--retrieval-k and --buckets take comma-separated integers")
+        raise TrimeUserError("--retrieval-k and --buckets take comma-separated integers") from None
     from trime_fairseq.cli.tune import iter_scored_rows, load
 
     cfg, model, task = load(rest)

@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from trime_fairseq.cli import setup_cli_logging
+from trime_fairseq.errors import TrimeUserError, cli_entry
 
 logger = logging.getLogger("trime_fairseq.build_datastore")
 
@@ -130,7 +131,7 @@ def build_keys(ours, cfg, model, task, ckpt_path: str) -> None:
         from trime_fairseq.memory.shards import shard_meta, shard_path, shard_range
 
         if translation:
-            raise ValueError("--shard-id: sharded builds support --task trime_lm only")
+            raise TrimeUserError("--shard-id: sharded builds support --task trime_lm only")
         block = task.args.tokens_per_sample
         shard = shard_range(-(-n // block), block, n, batch_blocks(task, cfg.eval_lm.context_window, max_tokens,
                             cfg.dataset.batch_size), ours.num_shards, ours.shard_id)
@@ -172,7 +173,8 @@ def build_index_for(ours, cfg, model, task) -> dict:
     factory = default_factory(len(ds), ds.meta.dim) if ours.index_factory == "auto" else ours.index_factory
     t0 = time.perf_counter()
     logger.info("building index %s (%s) over %d keys", factory, ours.metric, len(ds))
-    index = build_index(ds.keys, factory, ours.metric, ours.index_train_size)
+    index = build_index(ds.keys, factory, ours.metric, ours.index_train_size,
+                        where=f"--out {ours.out}: {ds.path / 'keys.npy'}", fix=ds.fix)
     seconds = time.perf_counter() - t0
     queries = []
     if hasattr(task, "iter_datastore_keys"):
@@ -202,18 +204,18 @@ def build_index_for(ours, cfg, model, task) -> dict:
     return vars(config)
 
 
-def check_shard_flags(ours, parser) -> None:
+def check_shard_flags(ours) -> None:
     """One-line errors for inconsistent sharding flags."""
     if ours.num_shards < 1:
-        parser.error(f"--num-shards must be >= 1, got {ours.num_shards}")
+        raise TrimeUserError(f"--num-shards must be >= 1, got {ours.num_shards}")
     if ours.shard_id is not None and ours.num_shards < 2:
-        parser.error("--shard-id needs --num-shards N > 1")
+        raise TrimeUserError("--shard-id needs --num-shards N > 1")
     if ours.shard_id is not None and (ours.merge_shards or ours.index_only):
-        parser.error("--shard-id builds one shard: drop --merge-shards / --index-only")
+        raise TrimeUserError("--shard-id builds one shard: drop --merge-shards / --index-only")
     if ours.merge_shards is not None and ours.merge_shards < 1:
-        parser.error(f"--merge-shards must be >= 1, got {ours.merge_shards}")
+        raise TrimeUserError(f"--merge-shards must be >= 1, got {ours.merge_shards}")
     if ours.workers is not None and ours.workers < 1:
-        parser.error(f"--workers must be >= 1, got {ours.workers}")
+        raise TrimeUserError(f"--workers must be >= 1, got {ours.workers}")
 
 
 def run_shard_builds(argv: Sequence[str], num_shards: int, workers: int) -> None:
@@ -247,39 +249,33 @@ def run_shard_builds(argv: Sequence[str], num_shards: int, workers: int) -> None
             if code != 0:
                 for other in running.values():
                     other.terminate()
-                raise RuntimeError(f"--num-shards: shard {i} failed (exit code {code}); rerun the command to resume")
+                raise TrimeUserError(f"--num-shards: shard {i} failed (exit code {code}, its error is above); "
+                                     "rerun the command to resume")
         time.sleep(0.2)
 
 
+@cli_entry("trime-build-datastore")
 def main(argv: Optional[Sequence[str]] = None) -> None:
     setup_cli_logging()
     raw = list(sys.argv[1:] if argv is None else argv)
-    ours, rest, parser = parse(argv)
-    check_shard_flags(ours, parser)
+    ours, rest, _ = parse(argv)
+    check_shard_flags(ours)
     if ours.refine_k_factor < 1:
-        parser.error(f"--refine-k-factor must be >= 1, got {ours.refine_k_factor}")
+        raise TrimeUserError(f"--refine-k-factor must be >= 1, got {ours.refine_k_factor}")
     from trime_fairseq.cli.tune import load
-    from trime_fairseq.memory.datastore import DatastoreError
-
     if ours.num_shards > 1 and ours.shard_id is None and ours.merge_shards is None and not ours.index_only:
         if os.path.exists(ours.out) and not ours.overwrite:
-            parser.error(f"--out {ours.out} already exists (pass --overwrite to rebuild)")
-        try:
-            run_shard_builds(raw, ours.num_shards, ours.workers or ours.num_shards)
-        except RuntimeError as e:
-            parser.error(str(e))
+            raise TrimeUserError(f"--out {ours.out} already exists (pass --overwrite to rebuild)")
+        run_shard_builds(raw, ours.num_shards, ours.workers or ours.num_shards)
         ours.merge_shards = ours.num_shards
     cfg, model, task = load(rest)
     model.eval()
-    try:
-        if ours.merge_shards is not None:
-            merge_shards(ours)
-        elif not ours.index_only:
-            build_keys(ours, cfg, model, task, cfg.common_eval.path)
-        if not ours.no_index and ours.shard_id is None:
-            print(json.dumps(build_index_for(ours, cfg, model, task)))
-    except (DatastoreError, ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    if ours.merge_shards is not None:
+        merge_shards(ours)
+    elif not ours.index_only:
+        build_keys(ours, cfg, model, task, cfg.common_eval.path)
+    if not ours.no_index and ours.shard_id is None:
+        print(json.dumps(build_index_for(ours, cfg, model, task)))
 
 
 def merge_shards(ours) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from trime_fairseq.cli import LOG_FORMAT
+from trime_fairseq.errors import cli_entry
 from trime_fairseq.data.corpus import (
     DEFAULT_CACHE_DIR,
     DJANGO_SQLALCHEMY,
@@ -32,7 +33,6 @@ from trime_fairseq.data.corpus import (
     SPM_MODEL_TYPES,
     TOKENIZERS,
     CorpusConfig,
-    CorpusError,
     build_corpus,
     format_summary,
 )
@@ -133,15 +133,13 @@ def setup_logging(level: str) -> None:
     root.setLevel(level)
 
 
+@cli_entry(PROG)
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; errors exit with a one-line ``prepare_lm: error: ...`` message."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     start = time.perf_counter()
-    try:
-        manifest = build_corpus(config_from_args(args))
-    except CorpusError as err:
-        raise SystemExit(f"{PROG}: error: {err}") from None
+    manifest = build_corpus(config_from_args(args))  # CorpusError: one line (cli_entry)
     logger.info("corpus in %s (%.1fs)\n%s", args.out, time.perf_counter() - start,
                 format_summary(manifest))
     return 0

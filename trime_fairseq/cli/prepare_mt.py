@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from trime_fairseq.cli.prepare_lm import setup_logging
-from trime_fairseq.data.corpus import DEFAULT_CACHE_DIR, CorpusError
+from trime_fairseq.data.corpus import DEFAULT_CACHE_DIR
+from trime_fairseq.errors import cli_entry
 from trime_fairseq.data.mt_corpus import (
     DEFAULT_DEBIAN_MIRROR,
     DEFAULT_DEBIAN_SUITE,
@@ -143,16 +144,13 @@ def config_from_args(args: argparse.Namespace) -> MTCorpusConfig:
     )
 
 
+@cli_entry(PROG)
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; errors exit with a one-line ``prepare_mt: error: ...`` message."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     start = time.perf_counter()
-    try:
-        manifest = build_mt_corpus(config_from_args(args))
-    except CorpusError as err:
-        message = " ".join(str(err).split())
-        raise SystemExit(f"{PROG}: error: {message}") from None
+    manifest = build_mt_corpus(config_from_args(args))  # CorpusError: one line (cli_entry)
     logger.info("corpus in %s (%.1fs)\n%s", args.out, time.perf_counter() - start, format_summary(manifest))
     return 0
 

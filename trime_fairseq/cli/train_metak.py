@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from trime_fairseq.cli import setup_cli_logging
+from trime_fairseq.errors import TrimeUserError, cli_entry
 
 logger = logging.getLogger("trime_fairseq.train_metak")
 
@@ -66,6 +67,7 @@ def train(scores, values, target, lprob, k: int, temperature: float, epochs: int
     return net.eval(), report
 
 
+@cli_entry("trime-train-metak")
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     setup_cli_logging()
     p = argparse.ArgumentParser(prog="trime-train-metak", description=__doc__,
@@ -78,19 +80,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--metak-batch", type=int, default=256, help="tokens per Meta-k update")
     ours, rest = p.parse_known_args(argv)
     if ours.epochs < 1:
-        p.error(f"--epochs must be >= 1, got {ours.epochs}")
+        raise TrimeUserError(f"--epochs must be >= 1, got {ours.epochs}")
     from trime_fairseq.cli.tune import load
     from trime_fairseq.cli.tune_mt import collect
-    from trime_fairseq.memory.datastore import DatastoreError
 
     cfg, model, task = load(rest)
     if not hasattr(task, "iter_datastore_keys"):
-        p.error("trime-train-metak needs --task trime_translation")
+        raise TrimeUserError("trime-train-metak needs --task trime_translation")
     model.eval()
-    try:
-        c = collect(model, task, cfg.dataset.gen_subset, cfg.dataset.max_tokens or 4096, cfg.dataset.batch_size)
-    except (DatastoreError, ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+    c = collect(model, task, cfg.dataset.gen_subset, cfg.dataset.max_tokens or 4096, cfg.dataset.batch_size)
     scores, values, target, lprob = c["scores"], c["values"], c["target"], c["tok_target"] - c["tok_lse"]
     logger.info("collected %d tokens with %d neighbours each", len(target), scores.size(1))
     net, report = train(scores, values, target, lprob, scores.size(1), task.cfg.knn_temperature, ours.epochs,

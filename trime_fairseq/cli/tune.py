@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from trime_fairseq.cli import setup_cli_logging
+from trime_fairseq.errors import TrimeUserError, cli_entry
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
 
 logger = logging.getLogger("trime_fairseq.tune")
@@ -45,25 +46,33 @@ GRID_KEYS: Dict[str, Tuple[Tuple[str, ...], Dict[str, float]]] = {
 }
 
 
+# interpolation weights: < 1 so that every token keeps a non-zero probability
+LAMBDAS = ("lambda", "memory_lambda", "cache_lambda")
+
+
 def parse_grid(combiner: str, items: Sequence[str]) -> List[Dict[str, float]]:
     """``["tau=0.5,1"]`` -> ``[{"tau": 0.5}, {"tau": 1.0}]`` (Cartesian product)."""
     required, optional = GRID_KEYS[combiner]
     axes: Dict[str, List[float]] = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--grid entries look like name=v1,v2,...; got {item!r}")
+            raise TrimeUserError(f"--grid entries look like name=v1,v2,...; got {item!r}")
         name, values = item.split("=", 1)
         if name not in required and name not in optional:
-            raise ValueError(f"--grid: {combiner} takes {', '.join([*required, *optional])}; got {name!r}")
+            raise TrimeUserError(f"--grid: {combiner} takes {', '.join([*required, *optional])}; got {name!r}")
         try:
             axes[name] = [float(v) for v in values.split(",") if v]
         except ValueError:
-            raise ValueError(f"--grid {name}: values must be numbers, got {values!r}") from None
+            raise TrimeUserError(f"--grid {name}: values must be numbers, got {values!r}") from None
         if not axes[name]:
-            raise ValueError(f"--grid {name}: no values")
+            raise TrimeUserError(f"--grid {name}: no values")
+        if name in LAMBDAS and any(not 0.0 <= v < 1.0 for v in axes[name]):
+            raise TrimeUserError(
+                f"--grid {name}: values must be in [0, 1), got {values} (at 1 the model's distribution gets "
+                "no weight and tokens absent from memory get probability 0)")
     missing = [k for k in required if k not in axes]
     if missing:
-        raise ValueError(f"--grid for {combiner} needs {', '.join(missing)}=...")
+        raise TrimeUserError(f"--grid for {combiner} needs {', '.join(missing)}=...")
     names = list(axes)
     return [dict(zip(names, combo)) for combo in itertools.product(*(axes[k] for k in names))]
 
@@ -79,12 +88,12 @@ def make_combiner(combiner: str, point: Dict[str, float], representation: str = 
 
 
 def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool = False, k: Optional[int] = None,
-                     representations: Sequence[str] = ("g", "f")):
+                     representations: Sequence[str] = ("g", "f"), combiners: Optional[Sequence[Combiner]] = None):
     """Every scored row of ``cfg.dataset.gen_subset`` as :class:`ScoringInputs`, in reading
     order, exactly as ``fairseq-eval-lm --task trime_lm`` sees it (same blocks, context
     window, long-term memory of ``long_memory_size`` and, with ``external``, ``k``
-    neighbours from ``--datastore``). One model forward per batch; the caller may score
-    each row with as many combiners as it likes."""
+    neighbours from ``--datastore``, checked to suit ``combiners``). One model forward per
+    batch; the caller may score each row with as many combiners as it likes."""
     from fairseq import utils
 
     from trime_fairseq.memory.long_term import LongTermMemory
@@ -98,7 +107,7 @@ def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool
         long_memory = LongTermMemory(long_memory_size, context=task.args.tokens_per_sample + cfg.eval_lm.context_window)
     retriever = None
     if external:
-        retriever = task.build_retriever(model)
+        retriever = task.build_retriever(model, combiners)
         if k:
             retriever.k = min(k, len(retriever.datastore))
         retriever.check_model(model)
@@ -124,28 +133,32 @@ def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool
 def score_grid(
     models_and_task, cfg, combiners: List[Combiner], memory_sizes: Sequence[int] = (0,),
     neighbours: Optional[Sequence[int]] = None,
-) -> Tuple[List[List[float]], int]:
-    """Summed target log-probabilities ``[combiner][memory size]`` over the subset, and
-    the number of scored tokens. ``neighbours[i]`` (0 = all) restricts combiner ``i`` to its
-    nearest retrieved entries: retrieval runs once per batch at the largest K and every
-    grid point reuses it (no second search)."""
+) -> Tuple[List[List[float]], List[List[int]]]:
+    """Summed target log-probabilities ``[combiner][memory size]`` over the subset, and the
+    number of tokens each sum covers. Tokens are counted as ``fairseq-eval-lm`` counts them:
+    a token whose log-probability is infinite is left out of both the sum and the count
+    (fairseq's "skipping tokens with inf scores"), so ``exp(-sum / count)`` is the
+    perplexity ``fairseq-eval-lm`` reports for the same flags. ``neighbours[i]`` (0 = all)
+    restricts combiner ``i`` to its nearest retrieved entries: retrieval runs once per
+    batch at the largest K and every grid point reuses it (no second search)."""
     model, task = models_and_task
     pad = task.source_dictionary.pad()
     neighbours = list(neighbours or [0] * len(combiners))
     external = "ext" in str(task.args.eval_memory) or any(isinstance(c, KnnCombiner) for c in combiners)
     k = max(neighbours) or None
     sums = [[0.0] * len(memory_sizes) for _ in combiners]
-    count = 0
+    counts = [[0] * len(memory_sizes) for _ in combiners]
     reps = sorted({r for c in combiners for r in c.representations})
-    for row in iter_scored_rows(model, task, cfg, max(memory_sizes), external, k, reps):
+    for row in iter_scored_rows(model, task, cfg, max(memory_sizes), external, k, reps, combiners):
         keep = row.target.ne(pad)
-        count += int(keep.sum())
         for j, size in enumerate(memory_sizes):
             sized = row.restrict_long_memory(size)
             for i, comb in enumerate(combiners):
                 lp = comb.target_log_prob(sized.restrict_external(neighbours[i]) if neighbours[i] else sized)
-                sums[i][j] += float(lp[keep & torch.isfinite(lp)].sum())
-    return sums, count
+                counted = keep & torch.isfinite(lp)
+                sums[i][j] += float(lp[counted].sum())
+                counts[i][j] += int(counted.sum())
+    return sums, counts
 
 
 def plot_memory_sweep(rows: List[dict], path: str, title: str = "") -> None:
@@ -210,6 +223,7 @@ def load(argv: Sequence[str]):
     return cfg, model, task
 
 
+@cli_entry("trime-tune")
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     setup_cli_logging()
     parser = argparse.ArgumentParser(
@@ -230,30 +244,36 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     ours, rest = parser.parse_known_args(argv)
     try:
         sizes = sorted({int(v) for v in ours.memory_sizes.split(",") if v})
-        if not sizes or sizes[0] < 0:
-            raise ValueError("--memory-sizes must be non-negative integers")
-        grid = parse_grid(ours.combiner, ours.grid)
-        combiners = [make_combiner(ours.combiner, p, ours.cache_representation) for p in grid]
-    except ValueError as e:
-        parser.error(str(e))
+    except ValueError:
+        raise TrimeUserError(f"--memory-sizes takes comma-separated integers, got {ours.memory_sizes!r}") from None
+    if not sizes or sizes[0] < 0:
+        raise TrimeUserError("--memory-sizes must be non-negative integers")
+    grid = parse_grid(ours.combiner, ours.grid)
+    combiners = [make_combiner(ours.combiner, p, ours.cache_representation) for p in grid]
     cfg, model, task = load(rest)
     ks = [0] + [int(p.get("k", 0)) for p in grid]
     if any(ks) and not ("ext" in str(task.args.eval_memory) or ours.combiner == "knn"):
-        parser.error("--grid k=... needs external memory (--eval-memory ...+ext or --combiner knn)")
-    sums, count = score_grid((model, task), cfg, [NoMemory(), *combiners], sizes, ks)
-    if count == 0:
-        parser.error(f"no token to score in subset {cfg.dataset.gen_subset!r}")
-    rows = [{"params": {}, "combiner": "none", "memory_size": 0, "ppl": math.exp(-sums[0][0] / count)}]
-    for point, comb, per_size in zip(grid, combiners, sums[1:]):
-        for size, s in zip(sizes, per_size):
+        raise TrimeUserError("--grid k=... needs external memory (--eval-memory ...+ext or --combiner knn)")
+    sums, counts = score_grid((model, task), cfg, [NoMemory(), *combiners], sizes, ks)
+    total = counts[0][0]  # the model alone scores every token
+    if total == 0:
+        raise TrimeUserError(f"--gen-subset {cfg.dataset.gen_subset}: no token to score")
+    rows = [{"params": {}, "combiner": "none", "memory_size": 0, "ppl": math.exp(-sums[0][0] / total), "tokens": total}]
+    for point, comb, per_size, per_count in zip(grid, combiners, sums[1:], counts[1:]):
+        for size, s, n in zip(sizes, per_size, per_count):
             desc = comb.describe() + (f" k={int(point['k'])}" if point.get("k") else "")
-            rows.append({"params": dict(point, memory_size=size), "combiner": desc,
-                         "memory_size": size, "ppl": math.exp(-s / count)})
-    best = min(rows[1:], key=lambda r: r["ppl"])
+            if n < total:
+                logger.warning("%s M=%d: %d of %d tokens have probability 0 and are left out, as "
+                               "fairseq-eval-lm does", desc, size, total - n, total)
+            rows.append({"params": dict(point, memory_size=size), "combiner": desc, "memory_size": size,
+                         "ppl": math.exp(-s / n) if n else float("inf"), "tokens": n})
+    # a point that gives some token probability 0 is never "best": its perplexity leaves them out
+    best = min((r for r in rows[1:] if r["tokens"] == total), key=lambda r: r["ppl"], default=None) or \
+        min(rows[1:], key=lambda r: r["ppl"])
     for r in rows:
         logger.info("%-40s M=%-6d ppl %.3f%s", r["combiner"], r["memory_size"], r["ppl"],
                     "  <- best" if r is best else "")
-    result = {"subset": cfg.dataset.gen_subset, "tokens": count, "rows": rows, "best": best}
+    result = {"subset": cfg.dataset.gen_subset, "tokens": total, "rows": rows, "best": best}
     if ours.plot:
         plot_memory_sweep(rows[1:], ours.plot)
     if ours.out:

@@ -26,16 +26,17 @@ import torch
 
 from trime_fairseq.memory.joint import interpolate, joint_target_log_prob, memory_target_log_prob
 from trime_fairseq.cli import setup_cli_logging
+from trime_fairseq.errors import TrimeUserError, cli_entry
 
 logger = logging.getLogger("trime_fairseq.tune_mt")
 
 GRID_AXES = {"knn": ("lambda", "temperature"), "trime": ("tau",)}
 
 
-def collect(model, task, split: str, max_tokens: int, batch_size: Optional[int]) -> Dict[str, torch.Tensor]:
+def collect(model, task, split: str, max_tokens: int, batch_size: Optional[int], combiners=None) -> Dict[str, torch.Tensor]:
     """Teacher-forced targets of ``split`` with their neighbours: ``scores``/``values``
     ``[N, K]``, ``target``, ``tok_target``, ``tok_lse`` ``[N]``, and ``dim`` (key size)."""
-    retriever = task.build_retriever(model)
+    retriever = task.build_retriever(model, combiners)
     retriever.check_model(model)
     task.load_dataset(split)
     parts: Dict[str, List[torch.Tensor]] = {k: [] for k in ("scores", "values", "target", "tok_target", "tok_lse")}
@@ -46,7 +47,7 @@ def collect(model, task, split: str, max_tokens: int, batch_size: Optional[int])
         for k, t in zip(parts, (found.scores, found.values, target, tok_target.float(), tok_lse.float())):
             parts[k].append(t)
     if not parts["target"]:
-        raise ValueError(f"--gen-subset {split}: no target tokens")
+        raise TrimeUserError(f"--gen-subset {split}: no target tokens")
     out = {k: torch.cat(v).cpu() for k, v in parts.items()}  # Meta-k trains on the CPU
     out["dim"] = torch.tensor(dim)
     return out
@@ -83,14 +84,21 @@ def parse_grid(combiner: str, items: Sequence[str]) -> Dict[str, List[float]]:
     for item in items:
         name, _, values = item.partition("=")
         if name not in GRID_AXES[combiner] or not values:
-            raise ValueError(f"--grid for {combiner} takes {', '.join(GRID_AXES[combiner])}=v1,v2,...; got {item!r}")
-        grid[name] = [float(v) for v in values.split(",") if v]
+            raise TrimeUserError(f"--grid for {combiner} takes {', '.join(GRID_AXES[combiner])}=v1,v2,...; got {item!r}")
+        try:
+            grid[name] = [float(v) for v in values.split(",") if v]
+        except ValueError:
+            raise TrimeUserError(f"--grid {name}: values must be numbers, got {values!r}") from None
+        if name == "lambda" and any(not 0.0 <= v < 1.0 for v in grid[name]):
+            raise TrimeUserError(f"--grid lambda: values must be in [0, 1) (at 1 the MT model gets no "
+                                 f"weight and unseen tokens log-prob -inf), got {values}")
     missing = [k for k in GRID_AXES[combiner] if k not in grid]
     if missing:
-        raise ValueError(f"--grid for {combiner} needs {', '.join(missing)}=...")
+        raise TrimeUserError(f"--grid for {combiner} needs {', '.join(missing)}=...")
     return grid
 
 
+@cli_entry("trime-tune-mt")
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     setup_cli_logging()
     p = argparse.ArgumentParser(prog="trime-tune-mt", description=__doc__,
@@ -100,21 +108,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--grid", nargs="+", required=True, help="name=v1,v2,... per parameter")
     p.add_argument("--out", default=None, help="write the JSON result here too")
     ours, rest = p.parse_known_args(argv)
-    try:
-        grid = parse_grid(ours.combiner, ours.grid)
-    except ValueError as e:
-        p.error(str(e))
+    grid = parse_grid(ours.combiner, ours.grid)
     from trime_fairseq.cli.tune import load
-    from trime_fairseq.memory.datastore import DatastoreError
 
     cfg, model, task = load(rest)
     if not hasattr(task, "iter_datastore_keys"):
-        p.error("trime-tune-mt needs --task trime_translation")
-    try:
-        c = collect(model.eval(), task, cfg.dataset.gen_subset, cfg.dataset.max_tokens or 4096,
-                    cfg.dataset.batch_size)
-    except (DatastoreError, ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+        raise TrimeUserError("trime-tune-mt needs --task trime_translation")
+    from trime_fairseq.memory.combiners import TrimeCombiner
+
+    c = collect(model.eval(), task, cfg.dataset.gen_subset, cfg.dataset.max_tokens or 4096, cfg.dataset.batch_size,
+                [TrimeCombiner()] if ours.combiner == "trime" else None)
     rows = score_grid(c, ours.combiner, grid)
     best = min(rows[1:], key=lambda r: r["nll"])
     result = {"combiner": ours.combiner, "tokens": int(c["target"].numel()), "k": int(c["scores"].size(1)),

@@ -26,6 +26,7 @@ from trime_fairseq.memory.in_batch import (
     external_memory_across_workers, group_batch, in_batch_log_prob, segment_uniform)
 from trime_fairseq.models.capture import get_capture
 from trime_fairseq.models.output_layer import at_least_float32, target_token_terms
+from trime_fairseq.errors import TrimeUserError
 
 ON_OFF = ChoiceEnum(["on", "off"])
 
@@ -85,15 +86,15 @@ class TrimeLoss(FairseqCriterion):
     def __init__(self, cfg: TrimeLossConfig, task) -> None:
         super().__init__(task)
         if cfg.ce_warmup_updates < 0:
-            raise ValueError(f"--ce-warmup-updates must be >= 0, got {cfg.ce_warmup_updates}")
+            raise TrimeUserError(f"--ce-warmup-updates must be >= 0, got {cfg.ce_warmup_updates}")
         if cfg.train_temperature <= 0:
-            raise ValueError(f"--train-temperature must be > 0, got {cfg.train_temperature}")
+            raise TrimeUserError(f"--train-temperature must be > 0, got {cfg.train_temperature}")
         if cfg.similarity_chunk_size < 1:
-            raise ValueError(
+            raise TrimeUserError(
                 f"--similarity-chunk-size must be >= 1, got {cfg.similarity_chunk_size}"
             )
         if not 0.0 <= cfg.drop_local_prob <= 1.0:
-            raise ValueError(f"--drop-local-prob must be in [0, 1], got {cfg.drop_local_prob}")
+            raise TrimeUserError(f"--drop-local-prob must be in [0, 1], got {cfg.drop_local_prob}")
         self.cfg = cfg
         self.num_updates = 0
 

@@ -48,6 +48,8 @@ from typing import (
 
 from tqdm import tqdm
 
+from trime_fairseq.errors import TrimeUserError
+
 logger = logging.getLogger(__name__)
 
 SPLITS: Tuple[str, ...] = ("train", "valid", "test")
@@ -68,8 +70,8 @@ DEFAULT_CACHE_DIR = Path("~/.cache/trime_fairseq")
 NamedText = Tuple[str, str]
 
 
-class CorpusError(Exception):
-    """A user-facing problem (bad flag value, missing input, too few documents ...)."""
+# a user-facing problem (bad flag value, missing input, too few documents ...)
+CorpusError = TrimeUserError
 
 
 def _progress(iterable: Iterable, **kwargs) -> Iterable:
@@ -855,10 +857,38 @@ def _build_into(cfg: CorpusConfig, work: Path) -> dict:
     return manifest
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _work_prefix(out: Path, kind: str) -> str:
+    """Prefix of the temporary siblings of ``out`` made by this process (its pid inside,
+    so that a later run can tell a killed run's leftovers from a live run's)."""
+    return f".{out.name}.{kind}-{os.getpid()}-"
+
+
+def remove_stale_work(out: Path) -> None:
+    """Remove temporary siblings of ``out`` left by a killed build (their process is gone)."""
+    if not out.parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-*-*"):
+            pid = path.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                logger.info("removing %s, left by a killed run (pid %s)", path, pid)
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def _replace_dir(new: Path, final: Path) -> None:
     """Move ``new`` to ``final``, replacing an existing ``final`` directory."""
     if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        old = Path(tempfile.mkdtemp(prefix=_work_prefix(final, "old"), dir=final.parent))
         os.rename(final, old / final.name)
         os.rename(new, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -874,6 +904,7 @@ def build_atomically(cfg, build_into: Callable[[object, Path], dict],
     Shared by the LM and the translation corpus builders."""
     cfg.validate()
     out = Path(cfg.out).expanduser().resolve()
+    remove_stale_work(out)
     if out.exists() and not cfg.force:
         existing = load_manifest(out)
         if existing is not None and existing.get("config") == cfg.fingerprint():
@@ -891,7 +922,7 @@ def build_atomically(cfg, build_into: Callable[[object, Path], dict],
     if cfg.binarize and not fairseq_available():
         raise CorpusError("fairseq is not importable (needed to binarise); install it or pass --no-binarize")
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=_work_prefix(out, "tmp"), dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(work, 0o777 & ~umask)  # mkdtemp creates 0700; use normal permissions

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset, data_utils
 
+from trime_fairseq.errors import TrimeUserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -133,7 +135,7 @@ class DocumentSegments(_InOrder):
 
     def __init__(self, stream: TokenStream, length: int, pad: int, group: int = 1, external: bool = False) -> None:
         if length < 1:
-            raise ValueError(f"--tokens-per-sample must be >= 1, got {length}")
+            raise TrimeUserError(f"--tokens-per-sample must be >= 1, got {length}")
         self.stream, self.length, self.pad, self.group = stream, length, pad, group
         self.external = external  # batches of BM25-similar segments (TRIMELM_ext)
         self.stream_rows = False  # batches continue each row's stream (Memorizing Transformer)
@@ -223,9 +225,9 @@ class StreamBlocks(_InOrder):
 
     def __init__(self, stream: TokenStream, block: int, context: int, pad: int) -> None:
         if block < 1:
-            raise ValueError(f"--tokens-per-sample minus --context-window must be >= 1, got {block}")
+            raise TrimeUserError(f"--tokens-per-sample minus --context-window must be >= 1, got {block}")
         if context < 0:
-            raise ValueError(f"--context-window must be >= 0, got {context}")
+            raise TrimeUserError(f"--context-window must be >= 0, got {context}")
         self.stream, self.block, self.context, self.pad = stream, block, context, pad
         self.with_positions = False  # add mem_docs / mem_positions / mem_start to net_input
         n_src = max(len(stream) - 1, 0)

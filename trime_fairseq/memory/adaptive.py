@@ -21,12 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from trime_fairseq.memory.joint import NEG_INF, interpolate, masked_logsumexp
+from trime_fairseq.errors import TrimeUserError
 
 
 def k_choices(max_k: int) -> List[int]:
     """``[0, 1, 2, 4, ..., max_k]`` (``max_k`` added last if it is not a power of two)."""
     if max_k < 1:
-        raise ValueError(f"--knn-k must be >= 1 for adaptive kNN-MT, got {max_k}")
+        raise TrimeUserError(f"--knn-k must be >= 1 for adaptive kNN-MT, got {max_k}")
     ks, k = [0], 1
     while k < max_k:
         ks.append(k)

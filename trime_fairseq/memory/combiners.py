@@ -35,6 +35,7 @@ from trime_fairseq.memory.joint import (
     memory_target_log_prob,
     scaled_similarity,
 )
+from trime_fairseq.errors import TrimeUserError
 
 
 @dataclass
@@ -208,11 +209,12 @@ class TrimeCombiner(Combiner):
 
     def __init__(self, temperature: float = 1.0, lam: float = 0.0, memory_temperature: Optional[float] = None) -> None:
         if temperature <= 0:
-            raise ValueError(f"--eval-temperature must be > 0, got {temperature}")
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"--memory-lambda must be in [0, 1], got {lam}")
+            raise TrimeUserError(f"--eval-temperature must be > 0, got {temperature}")
+        if not 0.0 <= lam < 1.0:
+            raise TrimeUserError(f"--memory-lambda must be in [0, 1), got {lam}: at 1 the model gets no weight "
+                                 "and tokens absent from memory get probability 0")
         if lam > 0 and (memory_temperature is None or memory_temperature <= 0):
-            raise ValueError("--memory-lambda > 0 needs --memory-temperature > 0 (tau' of Eq. 7)")
+            raise TrimeUserError("--memory-lambda > 0 needs --memory-temperature > 0 (tau' of Eq. 7)")
         self.temperature, self.lam, self.memory_temperature = temperature, lam, memory_temperature
 
     def log_probs(self, x: ScoringInputs) -> Tensor:
@@ -247,12 +249,13 @@ class CacheCombiner(Combiner):
     name = "cache"
 
     def __init__(self, lam: float, theta: float, representation: str = "f") -> None:
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"--cache-lambda must be in [0, 1], got {lam}")
+        if not 0.0 <= lam < 1.0:
+            raise TrimeUserError(f"--cache-lambda must be in [0, 1), got {lam}: at 1 the model gets no weight "
+                                 "and tokens absent from memory get probability 0")
         if theta < 0:
-            raise ValueError(f"--cache-theta must be >= 0, got {theta}")
+            raise TrimeUserError(f"--cache-theta must be >= 0, got {theta}")
         if representation not in ("f", "g"):
-            raise ValueError(f"--cache-representation must be 'f' or 'g', got {representation!r}")
+            raise TrimeUserError(f"--cache-representation must be 'f' or 'g', got {representation!r}")
         self.lam, self.theta, self.representation = lam, theta, representation
         self.representations = (representation,)
 
@@ -287,16 +290,17 @@ class KnnCombiner(Combiner):
     name = "knn"
 
     def __init__(self, lam: float, temperature: float = 1.0, cache: Optional[CacheCombiner] = None) -> None:
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"--knn-lambda must be in [0, 1], got {lam}")
+        if not 0.0 <= lam < 1.0:
+            raise TrimeUserError(f"--knn-lambda must be in [0, 1), got {lam}: at 1 the model gets no weight "
+                                 "and tokens absent from memory get probability 0")
         if temperature <= 0:
-            raise ValueError(f"--knn-temperature must be > 0, got {temperature}")
+            raise TrimeUserError(f"--knn-temperature must be > 0, got {temperature}")
         self.lam, self.temperature, self.cache = lam, temperature, cache
         self.representations = cache.representations if cache else ()
 
     def _knn(self, x: ScoringInputs):
         if x.ext_scores is None:
-            raise ValueError("kNN-LM needs retrieved neighbours: pass --datastore")
+            raise TrimeUserError("kNN-LM needs retrieved neighbours: pass --datastore")
         return x.ext_scores / self.temperature, x.ext_labels, torch.isfinite(x.ext_scores)
 
     def log_probs(self, x: ScoringInputs) -> Tensor:
@@ -324,12 +328,12 @@ class AdaptiveKnnCombiner(Combiner):
 
     def __init__(self, metak, temperature: float = 10.0) -> None:
         if temperature <= 0:
-            raise ValueError(f"--knn-temperature must be > 0, got {temperature}")
+            raise TrimeUserError(f"--knn-temperature must be > 0, got {temperature}")
         self.metak, self.temperature = metak.eval(), temperature
 
     def _weights(self, x: ScoringInputs):
         if x.ext_scores is None:
-            raise ValueError("adaptive kNN-MT needs retrieved neighbours: pass --datastore")
+            raise TrimeUserError("adaptive kNN-MT needs retrieved neighbours: pass --datastore")
         s, v = x.ext_scores, x.ext_labels
         if next(self.metak.parameters()).device != s.device:  # loaded on the CPU; the model may be on a GPU
             self.metak.to(s.device)

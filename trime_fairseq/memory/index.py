@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from trime_fairseq.errors import TrimeUserError
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("ip", "l2")
@@ -92,7 +94,7 @@ class IndexConfig:
 def _metric(metric: str) -> int:
     faiss = faiss_module()
     if metric not in METRICS:
-        raise ValueError(f"--metric must be one of {METRICS}, got {metric!r}")
+        raise TrimeUserError(f"--metric must be one of {METRICS}, got {metric!r}")
     return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
 
 
@@ -107,7 +109,7 @@ def set_nprobe(index, nprobe: int) -> None:
 def set_k_factor(index, k_factor: float) -> bool:
     """Re-rank ``k_factor·K`` candidates in a refinement index; False if ``index`` has none."""
     if k_factor < 1:
-        raise ValueError(f"--refine-k-factor must be >= 1, got {k_factor}")
+        raise TrimeUserError(f"--refine-k-factor must be >= 1, got {k_factor}")
     refine = faiss_module().downcast_index(index)
     if not hasattr(refine, "k_factor"):
         return False
@@ -116,20 +118,29 @@ def set_k_factor(index, k_factor: float) -> bool:
 
 
 def build_index(keys: np.ndarray, factory: str, metric: str = "ip", train_size: int = 100_000,
-                chunk: int = 100_000, seed: int = 1):
-    """Train on a random sample of ``keys`` (``[N, d]``, any float dtype), add in chunks."""
+                chunk: int = 100_000, seed: int = 1, where: str = "keys", fix: str = "rebuild the datastore"):
+    """Train on a random sample of ``keys`` (``[N, d]``, any float dtype), add in chunks;
+    a non-finite key is a user error (``where``: the keys' file, ``fix``: what to do)."""
     faiss = faiss_module()
     n, dim = keys.shape
     try:
         index = faiss.index_factory(dim, factory, _metric(metric))
     except RuntimeError as e:
-        raise ValueError(f"--index-factory {factory!r} is not a valid faiss index_factory string: {e}") from None
+        raise TrimeUserError(f"--index-factory {factory!r} is not a valid faiss index_factory string: {e}") from None
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=min(train_size, n), replace=False))
-        index.train(np.ascontiguousarray(keys[sample], dtype=np.float32))
+        train = np.ascontiguousarray(keys[sample], dtype=np.float32)
+        bad = ~np.isfinite(train).all(axis=1)
+        if bad.any():
+            raise TrimeUserError(f"{where}: key {int(sample[np.flatnonzero(bad)[0]])} is not finite (NaN/inf); {fix}")
+        index.train(train)
     for s in range(0, n, chunk):
-        index.add(np.ascontiguousarray(keys[s:s + chunk], dtype=np.float32))
+        part = np.ascontiguousarray(keys[s:s + chunk], dtype=np.float32)
+        bad = ~np.isfinite(part).all(axis=1)
+        if bad.any():
+            raise TrimeUserError(f"{where}: key {s + int(np.flatnonzero(bad)[0])} is not finite (NaN/inf); {fix}")
+        index.add(part)
     return index
 
 
@@ -202,14 +213,41 @@ def save_index(index, config: IndexConfig, directory: str) -> None:
     os.replace(d / "index.json.tmp", d / "index.json")
 
 
-def load_index(directory: str, nprobe: Optional[int] = None, use_gpu: bool = True):
-    """``(index, config)``; with ``use_gpu``, moved to the GPU only when faiss-gpu sees one."""
+def load_index(directory: str, nprobe: Optional[int] = None, use_gpu: bool = True, size: Optional[int] = None,
+               dim: Optional[int] = None, fix: str = "rebuild it with trime-build-datastore ... --index-only"):
+    """``(index, config)``; with ``use_gpu``, moved to the GPU only when faiss-gpu sees one.
+
+    ``index.json`` and ``index.faiss`` are checked: readable, and the index holds ``size``
+    keys of dimension ``dim`` (the datastore's) under the metric ``index.json`` records;
+    a problem is a one-line user error naming the file and ending with ``fix``."""
     faiss = faiss_module()
     d = Path(directory)
+    what = f"--datastore {directory}"
     if not (d / "index.faiss").exists():
-        raise FileNotFoundError(f"--datastore {directory}: no index.faiss (build it with trime-build-index)")
-    config = IndexConfig(**json.loads((d / "index.json").read_text()))
-    index = faiss.read_index(str(d / "index.faiss"))
+        raise TrimeUserError(f"{what}: {d / 'index.faiss'} is missing (built with --no-index?); {fix}")
+    try:
+        config = IndexConfig(**json.loads((d / "index.json").read_text()))
+    except FileNotFoundError:
+        raise TrimeUserError(f"{what}: {d / 'index.json'} is missing; {fix}") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise TrimeUserError(f"{what}: {d / 'index.json'} is not a valid index description ({e}); {fix}") from None
+    if config.metric not in METRICS:
+        raise TrimeUserError(f"{what}: {d / 'index.json'} names metric {config.metric!r}; {fix}")
+    try:
+        index = faiss.read_index(str(d / "index.faiss"))
+    except RuntimeError as e:  # truncated or not a faiss file
+        reason = str(e).strip().splitlines()[-1][:120] if str(e).strip() else "unreadable"
+        raise TrimeUserError(f"{what}: {d / 'index.faiss'} is damaged or truncated ({reason}); {fix}") from None
+    expected_metric = _metric(config.metric)
+    problems = []
+    if index.metric_type != expected_metric:
+        problems.append(f"its metric is not {config.metric} as index.json says")
+    if dim is not None and index.d != dim:
+        problems.append(f"it has dimension {index.d}, the keys {dim}")
+    if size is not None and (index.ntotal != size or config.size != size):
+        problems.append(f"it holds {index.ntotal} keys, the datastore {size}")
+    if problems:
+        raise TrimeUserError(f"{what}: {d / 'index.faiss'} does not match the datastore ({'; '.join(problems)}); {fix}")
     set_nprobe(index, nprobe or config.nprobe)
     set_k_factor(index, config.k_factor)
     if use_gpu:
@@ -229,7 +267,7 @@ def empty_index(dim: int, factory: str, metric: str = "ip", flag: str = "--index
     try:
         index = faiss.index_factory(dim, factory, _metric(metric))
     except RuntimeError as e:
-        raise ValueError(f"{flag} {factory!r} is not a valid faiss index_factory string: {e}") from None
+        raise TrimeUserError(f"{flag} {factory!r} is not a valid faiss index_factory string: {e}") from None
     return index if faiss.try_extract_index_ivf(index) is not None else faiss.IndexIDMap2(index)
 
 

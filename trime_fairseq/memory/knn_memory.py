@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trime_fairseq.errors import TrimeUserError
+
 logger = logging.getLogger(__name__)
 
 SEARCH_CHOICES = ("auto", "torch", "faiss")
@@ -58,15 +60,15 @@ class KnnMemory:
     def __init__(self, size: int, topk: int, search: str = "torch", faiss_factory: str = "auto",
                  faiss_min_size: int = 65536, faiss_nprobe: int = 32, faiss_train_size: int = 0) -> None:
         if size < 0:
-            raise ValueError(f"--knn-memory-size must be >= 0, got {size}")
+            raise TrimeUserError(f"--knn-memory-size must be >= 0, got {size}")
         if topk < 1:
-            raise ValueError(f"--knn-memory-topk must be >= 1, got {topk}")
+            raise TrimeUserError(f"--knn-memory-topk must be >= 1, got {topk}")
         if search not in SEARCH_CHOICES:
-            raise ValueError(f"--knn-search must be one of {SEARCH_CHOICES}, got {search!r}")
+            raise TrimeUserError(f"--knn-search must be one of {SEARCH_CHOICES}, got {search!r}")
         if faiss_nprobe < 1:
-            raise ValueError(f"--knn-faiss-nprobe must be >= 1, got {faiss_nprobe}")
+            raise TrimeUserError(f"--knn-faiss-nprobe must be >= 1, got {faiss_nprobe}")
         if faiss_train_size < 0:
-            raise ValueError(f"--knn-faiss-train-size must be >= 0, got {faiss_train_size}")
+            raise TrimeUserError(f"--knn-faiss-train-size must be >= 0, got {faiss_train_size}")
         self.size, self.k = size, topk
         self.search = "faiss" if search == "faiss" or (search == "auto" and size > faiss_min_size) else "torch"
         self.faiss_factory, self.faiss_nprobe, self.faiss_train_size = faiss_factory, faiss_nprobe, faiss_train_size
@@ -81,6 +83,35 @@ class KnnMemory:
         self._removable = True
 
     # --- storage ---------------------------------------------------------------------------
+
+    _STATE = ("keys", "values", "positions", "inserted", "count", "docs")
+
+    def state_dict(self) -> dict:
+        """The memory's contents (CPU tensors; empty when nothing is stored), so that a
+        resumed training run continues with the memory it had (see ``trime_lm``'s stream
+        iterator)."""
+        if self.keys is None:
+            return {}
+        return {k: getattr(self, k).detach().cpu().clone() for k in self._STATE}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """Restore :meth:`state_dict` (tensors moved to ``device``; faiss indexes rebuilt
+        from the stored keys)."""
+        if not state:
+            self.reset()
+            return
+        rows, heads, size, dim = state["keys"].shape
+        if size != self.size:
+            raise TrimeUserError(f"--knn-memory-size {self.size}: the checkpoint's memory holds {size} entries per "
+                                 "row; resume with the same --knn-memory-size (or --reset-dataloader)")
+        for k in self._STATE:
+            v = state[k].clone()
+            setattr(self, k, v.to(device) if k in ("keys", "values", "positions") and device is not None else v)
+        self._indexes = []
+        if self.search == "faiss":
+            self._make_indexes(rows, heads, dim)
+            for r in range(rows):
+                self._index_rebuild(r)
 
     def _allocate(self, rows: int, heads: int, dim: int, like: Tensor) -> None:
         self.keys = like.new_zeros(rows, heads, self.size, dim)
@@ -238,7 +269,7 @@ class KnnMemory:
         nlist = faiss_index.ivf_nlist(first)
         self._train_at = min(self.size, self.faiss_train_size or (39 * nlist if nlist else 10_000))
         if not first.is_trained and self._train_at < max(nlist, 1):
-            raise ValueError(f"--knn-faiss-factory {factory!r} needs >= {nlist} keys to train; the memory "
+            raise TrimeUserError(f"--knn-faiss-factory {factory!r} needs >= {nlist} keys to train; the memory "
                              f"(--knn-memory-size {self.size}) or --knn-faiss-train-size is smaller")
         for row in self._indexes:
             for index in row:

@@ -14,6 +14,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from trime_fairseq.errors import TrimeUserError
+
 
 class MemoryOrderError(RuntimeError):
     """Blocks did not arrive in reading order."""
@@ -37,7 +39,7 @@ class LongTermMemory:
 
     def __init__(self, size: int, context: int = 0) -> None:
         if size < 0:
-            raise ValueError(f"--long-memory-size must be >= 0, got {size}")
+            raise TrimeUserError(f"--long-memory-size must be >= 0, got {size}")
         self.size, self.context = size, context
         self.capacity = 2 * (size + context) + 1
         self.reset()

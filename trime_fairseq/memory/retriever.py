@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trime_fairseq.memory.datastore import Datastore
+from trime_fairseq.memory.datastore import Datastore, rebuild_command
 from trime_fairseq.memory.index import GPU_MAX_K, gpu_available, index_to_gpu, load_index
+from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +43,15 @@ class Retriever:
     def __init__(self, datastore: Datastore, k: int = 1024, nprobe: Optional[int] = None,
                  exact: bool = False, use_gpu: bool = True) -> None:
         if k < 1:
-            raise ValueError(f"--knn-k must be >= 1, got {k}")
+            raise TrimeUserError(f"--knn-k must be >= 1, got {k}")
         self.datastore = datastore
-        self.index, self.config = load_index(str(datastore.path), nprobe=nprobe, use_gpu=False)
+        self.index, self.config = load_index(
+            str(datastore.path), nprobe=nprobe, use_gpu=False, size=len(datastore), dim=datastore.meta.dim,
+            fix=f"rebuild the index: {rebuild_command(str(datastore.path), datastore.meta.source, index_only=True)}")
         self.use_gpu = use_gpu  # move the index to the GPU when CUDA queries come (module doc)
         self.on_gpu = False
-        if self.config.size != len(datastore):
-            raise ValueError(
-                f"--datastore {datastore.path}: index has {self.config.size} keys, datastore {len(datastore)}"
-            )
+        self.exclude_self = False  # drop the entry whose id is the query's stream position
+        datastore.check_finite()
         self.metric = self.config.metric
         self.k = min(k, len(datastore))
         self.exact = exact
@@ -76,15 +77,27 @@ class Retriever:
             self.index, self.on_gpu = moved, moved is not self.index
         logger.info("datastore index searched on the %s", "GPU" if self.on_gpu else "CPU")
 
-    def search(self, queries: Tensor) -> Retrieved:
-        """``queries`` ``[n, d]`` -> :class:`Retrieved` with ``K`` neighbours each."""
+    def search(self, queries: Tensor, positions: Optional[Tensor] = None) -> Retrieved:
+        """``queries`` ``[n, d]`` -> :class:`Retrieved` with ``K`` neighbours each.
+
+        With :attr:`exclude_self` and ``positions`` ``[n]`` (the queries' stream positions;
+        entry ``i`` of an LM datastore is the token at stream position ``i`` of the split
+        it was built from), each query's own entry is left out: ``K + 1`` are retrieved and
+        the query's own id removed (evaluating the split the datastore was built from)."""
         import time
 
         t0 = time.perf_counter()
         if queries.is_cuda and self.use_gpu and not self.on_gpu:
             self._to_gpu()
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        scores, ids = self.index.search(q, self.k)
+        exclude = self.exclude_self and positions is not None
+        scores, ids = self.index.search(q, self.k + 1 if exclude else self.k)
+        if exclude:
+            own = np.asarray(positions.detach().cpu().numpy(), dtype=np.int64)[:, None]
+            drop = (ids == own) & (own >= 0)
+            ids = np.where(drop, -1, ids)
+            order = np.argsort(drop, axis=1, kind="stable")[:, : self.k]  # the rest keep their rank
+            ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
         if self.metric == "l2":
             scores = -scores
         found = ids >= 0
@@ -96,6 +109,13 @@ class Retriever:
                 scores = np.einsum("nd,nkd->nk", q, keys)
             else:
                 scores = -((keys - q[:, None, :]) ** 2).sum(-1)
+        broken = found & ~np.isfinite(scores)
+        if broken.any():
+            if not np.isfinite(q).all():
+                raise RuntimeError("retrieval queries hold NaN/inf: the model's output is not finite")
+            key = int(ids[broken][0])
+            raise TrimeUserError(f"--datastore {self.datastore.path}: key {key} is not finite (NaN/inf in "
+                                 f"keys.npy); {self.datastore.fix}")
         scores = np.where(found, scores, -np.inf).astype(np.float32)
         self.search_seconds += time.perf_counter() - t0
         dev = queries.device

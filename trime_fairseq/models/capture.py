@@ -13,9 +13,11 @@ from typing import Callable, List, Optional
 
 from torch import Tensor, nn
 
+from trime_fairseq.errors import TrimeUserError
 
-class RepresentationError(ValueError):
-    """The model does not expose the layers TRIME needs."""
+
+# the model does not expose the layers TRIME needs: a user error (--arch)
+RepresentationError = TrimeUserError
 
 
 def last_ffn_input_module(model: nn.Module) -> nn.Module:
@@ -71,7 +73,7 @@ class RepresentationCapture(nn.Module):
     def take(self) -> Tensor:
         """Return ``g`` ``[B, T, d]`` from the last forward and forget it."""
         if self.g is None:
-            raise RepresentationError("no forward pass recorded g (was the model run?)")
+            raise RuntimeError("no forward pass recorded g (was the model run?)")
         g, self.g = self.g, None
         return g
 

@@ -32,6 +32,7 @@ from fairseq.utils import safe_getattr
 from torch import Tensor, nn
 
 from trime_fairseq.memory.knn_memory import SEARCH_CHOICES, KnnMemory
+from trime_fairseq.errors import TrimeUserError
 
 
 class KnnAugmentedAttention(MultiheadAttention):
@@ -146,7 +147,7 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
         layers = model.decoder.layers
         idx = args.knn_layer if args.knn_layer >= 0 else (3 * len(layers)) // 4
         if not 0 <= idx < len(layers):
-            raise ValueError(f"--knn-layer {args.knn_layer} is not a layer index (0..{len(layers) - 1})")
+            raise TrimeUserError(f"--knn-layer {args.knn_layer} is not a layer index (0..{len(layers) - 1})")
         old = layers[idx].self_attn
         new = KnnAugmentedAttention(
             old.embed_dim, old.num_heads, args.knn_memory_size, args.knn_memory_topk,

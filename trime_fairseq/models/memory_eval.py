@@ -28,6 +28,7 @@ from trime_fairseq.memory.long_term import LongTermMemory
 from trime_fairseq.memory.retriever import Retriever
 from trime_fairseq.models.capture import get_capture
 from trime_fairseq.models.output_layer import at_least_float32, full_token_scores
+from trime_fairseq.errors import TrimeUserError
 
 
 def memory_labels(src_tokens: Tensor, target: Tensor, pad: int) -> Tensor:
@@ -50,7 +51,7 @@ def scoring_inputs(model, net_output, sample, pad: int) -> ScoringInputs:
     extra = net_output[1]
     target = sample["target"]
     if net_output[0].shape[:2] != target.shape:
-        raise ValueError(
+        raise TrimeUserError(
             "--softmax-batch splits the batch, which memory scoring cannot follow; "
             "leave --softmax-batch at its default or lower --max-tokens instead"
         )
@@ -79,11 +80,17 @@ def scored_rows(
     if retriever is not None:
         t = x.target.size(1)
         queries = torch.cat([x.query_g[i, int(starts[i]):] for i in range(x.target.size(0))])
-        found = retriever.search(queries)
+        positions = None
+        if retriever.exclude_self:  # the split the datastore was built from: leave each query's own entry out
+            if "positions" not in sample:
+                raise TrimeUserError("--exclude-self-from-datastore needs token positions: evaluate with "
+                                     "--task trime_lm (its own data loader)")
+            positions = torch.cat([sample["positions"][i, int(starts[i]):] for i in range(x.target.size(0))])
+        found = retriever.search(queries, positions)
         external = iter(zip(found.scores.split([t - int(s) for s in starts]),
                             found.values.split([t - int(s) for s in starts])))
     if long_memory is not None and ("doc_ids" not in sample or "positions" not in sample):
-        raise ValueError(
+        raise TrimeUserError(
             "long-term memory needs document ids: evaluate with --task trime_lm (its own data loader)"
         )
     for i in range(x.target.size(0)):
@@ -144,7 +151,7 @@ class MemoryEvalModel(BaseFairseqModel):
 
     def get_normalized_probs(self, net_output, log_probs: bool, sample=None):
         if sample is None or sample.get("target") is None:
-            raise ValueError("memory scoring needs the sample's targets (fairseq-eval-lm)")
+            raise TrimeUserError("memory scoring needs the sample's targets (fairseq-eval-lm)")
         if self.retriever is not None:
             self.retriever.check_model(self.inner)
         x = scoring_inputs(self.inner, net_output, sample, self.pad)

@@ -19,6 +19,7 @@ from trime_fairseq.memory.combiners import Combiner, ScoringInputs
 from trime_fairseq.memory.retriever import Retriever
 from trime_fairseq.models.capture import get_capture
 from trime_fairseq.models.output_layer import at_least_float32
+from trime_fairseq.errors import TrimeUserError
 
 
 class MemoryGenerationModel(BaseFairseqModel):
@@ -92,11 +93,11 @@ def load_metak(path: Optional[str]):
     from trime_fairseq.memory.adaptive import MetaK
 
     if not path:
-        raise ValueError("--mt-combiner adaptive needs --metak-path (train it with trime-train-metak)")
+        raise TrimeUserError("--mt-combiner adaptive needs --metak-path (train it with trime-train-metak)")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"--metak-path {path}: no such file") from None
+        raise TrimeUserError(f"--metak-path {path}: no such file") from None
     net = MetaK(**saved["config"])
     net.load_state_dict(saved["state_dict"])
     return net.eval()

@@ -7,11 +7,14 @@ Both tasks inherit these dataclasses, so ``--datastore``, ``--knn-k``... mean th
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 from fairseq.dataclass import FairseqDataclass
+
+from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
 
@@ -62,21 +65,55 @@ class BM25BatchingConfig(FairseqDataclass):
     )
 
 
-def build_retriever(args, model, dictionary_path: str):
+def build_retriever(args, model, dictionary_path: str, combiners=()):
     """Open ``--datastore`` and check that it belongs to ``model`` (key size) and to the
-    dictionary at ``dictionary_path``; the model fingerprint is checked once weights are in."""
+    dictionary at ``dictionary_path``, and that its index suits ``combiners`` (TRIME's
+    Eq. 6 needs inner products); the model fingerprint is checked once weights are in."""
     from trime_fairseq.memory.datastore import Datastore, file_fingerprint
     from trime_fairseq.memory.retriever import Retriever
 
     if not args.datastore:
-        raise ValueError("external memory needs --datastore (built with trime-build-datastore)")
+        raise TrimeUserError("external memory needs --datastore (built with trime-build-datastore)")
     ds = Datastore(args.datastore)
+    dim = getattr(getattr(getattr(model, "decoder", None), "layers", [None])[-1], "fc1", None)
     ds.meta.check_compatible(
-        dim=model.decoder.layers[-1].fc1.in_features,
+        dim=dim.in_features if dim is not None else None,
         dictionary_sha256=file_fingerprint(dictionary_path),
         where=f"--datastore {args.datastore}",
     )
-    return Retriever(ds, k=args.knn_k, nprobe=args.nprobe, exact=args.exact_distances)
+    retriever = Retriever(ds, k=args.knn_k, nprobe=args.nprobe, exact=args.exact_distances)
+    check_metric(retriever, combiners)
+    return retriever
+
+
+def check_metric(retriever, combiners) -> None:
+    """TRIME (Eq. 6) scores memory by inner product: refuse an L2 index."""
+    from trime_fairseq.memory.combiners import TrimeCombiner
+
+    if retriever.metric == "l2" and any(isinstance(c, TrimeCombiner) for c in combiners):
+        raise TrimeUserError(
+            f"--datastore {retriever.datastore.path}: its index uses L2 distance, TRIME's Eq. 6 needs inner "
+            f"products; rebuild the index with --metric ip: "
+            f"{rebuild_index_hint(retriever)}")
+
+
+def rebuild_index_hint(retriever) -> str:
+    from trime_fairseq.memory.datastore import rebuild_command
+
+    return rebuild_command(str(retriever.datastore.path), retriever.datastore.meta.source, index_only=True) + \
+        " --metric ip"
+
+
+def segments_fingerprint(segments) -> str:
+    """sha256 of the segments' tokens and lengths (what BM25 batches depend on)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for seg in segments:
+        arr = np.ascontiguousarray(seg, dtype=np.int64)
+        h.update(np.int64(len(arr)).tobytes())
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def cached_bm25_batches(args, segments, batch_size: int, seed: int, cache_root: str, name: str):
@@ -88,23 +125,32 @@ def cached_bm25_batches(args, segments, batch_size: int, seed: int, cache_root: 
     from trime_fairseq.data.bm25 import BM25, bm25_batches
 
     if batch_size < 2:
-        raise ValueError("--bm25-batching needs at least 2 segments per batch (--batch-size or --max-tokens)")
+        raise TrimeUserError("--bm25-batching needs at least 2 segments per batch (--batch-size or --max-tokens)")
     root = args.bm25_cache_dir or cache_root
+    if not os.path.isdir(root):
+        raise TrimeUserError(f"--bm25-cache-dir {root}: no such directory")
     key = f"bm25_{name}_B{batch_size}_k{args.bm25_neighbours}_q{args.bm25_query_terms}_s{seed}"
     path = os.path.join(root, key + ".npz")
+    digest = segments_fingerprint(segments)
     if os.path.exists(path):
-        saved = np.load(path)
-        if int(saved["num_segments"]) == len(segments):
-            logger.info("BM25 batches from cache %s", path)
-            return np.split(saved["order"], saved["bounds"])
+        try:
+            with np.load(path) as saved:
+                if int(saved["num_segments"]) == len(segments) and str(saved["segments_sha256"]) == digest:
+                    logger.info("BM25 batches from cache %s", path)
+                    return np.split(saved["order"], saved["bounds"])
+            logger.info("BM25 cache %s was computed for other segments: recomputing", path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged / older: recompute
+            logger.warning("BM25 cache %s is unreadable (%s): recomputing", path, e)
     t0 = time.perf_counter()
     bm25 = BM25(segments)
     ids, scores = bm25.neighbours(args.bm25_neighbours, args.bm25_query_terms)
     batches = bm25_batches(ids, scores, batch_size, seed=seed)
     order = np.concatenate(batches)
     bounds = np.cumsum([len(b) for b in batches])[:-1]
-    tmp = f"{path}.{os.getpid()}.tmp.npz"  # unique per process: workers may race
-    np.savez(tmp, order=order, bounds=bounds, num_segments=len(segments))
+    import uuid
+
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz"  # unique per process: workers may race
+    np.savez(tmp, order=order, bounds=bounds, num_segments=len(segments), segments_sha256=digest)
     os.replace(tmp, path)
     logger.info("BM25 batching: %d segments into %d batches in %.1fs (cached in %s)",
                 len(segments), len(batches), time.perf_counter() - t0, path)

@@ -27,6 +27,7 @@ from trime_fairseq.data.stream import DocumentSegments, StreamBlocks, TokenStrea
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
 from trime_fairseq.models.memory_eval import MemoryEvalModel
 from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, RetrievalConfig, build_retriever, cached_bm25_batches
+from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,14 @@ class TrimeLMConfig(LanguageModelingConfig, RetrievalConfig, BM25BatchingConfig)
         default=None,
         metadata={"help": "continuous cache: flatness theta, P_cache ∝ Σ exp(theta h.h_j)"},
     )
+    exclude_self_from_datastore: bool = field(
+        default=False,
+        metadata={
+            "help": "evaluating the split --datastore was built from (refused otherwise: every query "
+            "would retrieve its own entry, whose value is its target): leave each query's own "
+            "entry out of its neighbours (K+1 are retrieved, the own one dropped)"
+        },
+    )
     cache_representation: CACHE_REPRESENTATIONS = field(
         default="f",
         metadata={
@@ -107,17 +116,21 @@ class TrimeLMConfig(LanguageModelingConfig, RetrievalConfig, BM25BatchingConfig)
 
 def check_memory_flags(cfg) -> None:
     """Clear one-line errors for inconsistent memory flags."""
+    if getattr(cfg, "tokens_per_sample", 1) < 1:  # fairseq-eval-lm subtracts --context-window before the task exists
+        raise TrimeUserError(
+            f"--context-window must be smaller than --tokens-per-sample (the block scored is "
+            f"--tokens-per-sample minus --context-window = {cfg.tokens_per_sample} tokens)")
     if cfg.long_memory_size < 0:
-        raise ValueError(f"--long-memory-size must be >= 0, got {cfg.long_memory_size}")
+        raise TrimeUserError(f"--long-memory-size must be >= 0, got {cfg.long_memory_size}")
     if str(cfg.eval_memory) == "local+long" and cfg.long_memory_size == 0:
-        raise ValueError("--eval-memory local+long needs --long-memory-size > 0")
+        raise TrimeUserError("--eval-memory local+long needs --long-memory-size > 0")
     if cfg.consecutive_segments < 1:
-        raise ValueError(f"--consecutive-segments must be >= 1, got {cfg.consecutive_segments}")
+        raise TrimeUserError(f"--consecutive-segments must be >= 1, got {cfg.consecutive_segments}")
     uses_ext = "ext" in str(getattr(cfg, "eval_memory", "local")) or str(cfg.eval_combiner) == "knn"
     if uses_ext and not getattr(cfg, "datastore", None):
-        raise ValueError("external memory (--eval-memory ...+ext or --eval-combiner knn) needs --datastore")
+        raise TrimeUserError("external memory (--eval-memory ...+ext or --eval-combiner knn) needs --datastore")
     if getattr(cfg, "knn_k", 1) < 1:
-        raise ValueError(f"--knn-k must be >= 1, got {cfg.knn_k}")
+        raise TrimeUserError(f"--knn-k must be >= 1, got {cfg.knn_k}")
 
 
 def build_combiner(cfg) -> Combiner:
@@ -131,13 +144,53 @@ def build_combiner(cfg) -> Combiner:
     cache = None
     if cfg.cache_lambda is not None or cfg.cache_theta is not None or kind == "cache":
         if cfg.cache_lambda is None or cfg.cache_theta is None:
-            raise ValueError(f"--eval-combiner {kind} with a cache needs both --cache-lambda and --cache-theta")
+            raise TrimeUserError(f"--eval-combiner {kind} with a cache needs both --cache-lambda and --cache-theta")
         cache = CacheCombiner(cfg.cache_lambda, cfg.cache_theta, str(cfg.cache_representation))
     if kind == "cache":
         return cache
     if cfg.knn_lambda is None:
-        raise ValueError("--eval-combiner knn needs --knn-lambda")
+        raise TrimeUserError("--eval-combiner knn needs --knn-lambda")
     return KnnCombiner(cfg.knn_lambda, cfg.knn_temperature, cache)
+
+
+def check_lm_checkpoint(model, args) -> None:
+    """A checkpoint loaded for scoring must be a decoder-only LM of this dictionary."""
+    from fairseq.models import FairseqEncoderDecoderModel
+
+    if isinstance(model, FairseqEncoderDecoderModel):
+        raise TrimeUserError(f"--path: the checkpoint is a translation model (--arch {getattr(args, 'arch', '?')}), "
+                             "not a language model; use fairseq-generate --task trime_translation")
+
+
+class StreamBatchIterator(iterators.EpochBatchIterator):
+    """``--stream-batching`` batches: fairseq's iterator whose saved state (in
+    ``checkpoint_last.pt``) also holds the memory of the model being trained (the
+    Memorizing Transformer's kNN memory continues the stream), so a resumed run scores its
+    next batch with the memory the uninterrupted run had. With several data-parallel
+    workers (rank 0 saves) the memory is not restored and refills."""
+
+    def __init__(self, model, num_workers_total: int, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.model, self.world = model, num_workers_total
+
+    def _memory(self):
+        layer = getattr(self.model, "knn_attention", None) if self.model is not None else None
+        return getattr(layer, "memory", None)
+
+    def state_dict(self):
+        state = super().state_dict()
+        memory = self._memory()
+        if memory is not None and self.world == 1:
+            state["knn_memory"] = memory.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        memory = self._memory()
+        if memory is not None and "knn_memory" in state_dict:
+            device = next(self.model.parameters()).device
+            memory.load_state_dict(state_dict["knn_memory"], device)
+            logger.info("resumed the kNN memory of the stream (%d rows)", len(state_dict["knn_memory"].get("docs", [])))
 
 
 @register_task("trime_lm", dataclass=TrimeLMConfig)
@@ -145,21 +198,31 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
     """Language modelling with TRIME memories (see module docstring)."""
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None) -> None:
-        super().__init__(args, dictionary, output_dictionary, targets=targets)
         check_memory_flags(args)
+        super().__init__(args, dictionary, output_dictionary, targets=targets)
         self.combiner = build_combiner(args)
         self._streams: Dict[str, TokenStream] = {}
         self.with_positions = False  # set when the model reads token positions
+        self.retriever = None  # the --datastore's, once a model opened it
+
+    @classmethod
+    def setup_task(cls, args, **kwargs):
+        check_memory_flags(args)  # before fairseq reads the dictionary or the data
+        return super().setup_task(args, **kwargs)
 
     def build_model(self, args, from_checkpoint: bool = False):
         model = super().build_model(args, from_checkpoint)
         if getattr(model, "needs_stream_positions", False):  # e.g. the Memorizing Transformer
             self.with_positions = True
+            if not from_checkpoint:  # the model being trained: its memory is part of the stream's state
+                self._stream_model = model
             for ds in self.datasets.values():
                 if isinstance(ds, (DocumentSegments, StreamBlocks)):
                     ds.with_positions = True
         # only models loaded for scoring (fairseq-eval-lm & co.) are wrapped, never the
         # model being trained
+        if from_checkpoint:
+            check_lm_checkpoint(model, args)
         if not from_checkpoint or isinstance(self.combiner, NoMemory):
             return model
         memory = str(self.args.eval_memory)
@@ -173,9 +236,28 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         return MemoryEvalModel(model, self.combiner, self.source_dictionary.pad(),
                                long_memory_size=long_size, retriever=retriever)
 
-    def build_retriever(self, model):
-        """Open ``--datastore`` and check that it belongs to this model and dictionary."""
-        return build_retriever(self.args, model, os.path.join(utils.split_paths(self.args.data)[0], "dict.txt"))
+    def build_retriever(self, model, combiners=None):
+        """Open ``--datastore`` and check that it belongs to this model and dictionary (and
+        suits ``combiners``, default the task's)."""
+        self.retriever = build_retriever(self.args, model, os.path.join(utils.split_paths(self.args.data)[0], "dict.txt"),
+                                         combiners if combiners is not None else [self.combiner])
+        return self.retriever
+
+    def check_datastore_split(self, split: str) -> None:
+        """Refuse to score the split the datastore was built from (each query would find
+        its own entry, whose value is its target) unless ``--exclude-self-from-datastore``,
+        which then drops each query's own entry (see :meth:`Retriever.search`)."""
+        if self.retriever is None:
+            return
+        meta = self.retriever.datastore.meta
+        own = meta.source.get("split") == split and meta.size == max(len(self.stream(split)) - 1, 0)
+        if own and not self.args.exclude_self_from_datastore:
+            raise TrimeUserError(
+                f"--gen-subset {split}: --datastore {self.retriever.datastore.path} was built from this split, so "
+                "every token would retrieve itself; evaluate another split or pass --exclude-self-from-datastore")
+        self.retriever.exclude_self = own and self.args.exclude_self_from_datastore
+        if self.retriever.exclude_self:
+            logger.info("%s is the datastore's split: each query's own entry is left out of its neighbours", split)
 
     def stream(self, split: str) -> TokenStream:
         """The split as one token stream with document ids (cached)."""
@@ -183,17 +265,21 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
             path = os.path.join(utils.split_paths(self.args.data)[0], split)
             lines = data_utils.load_indexed_dataset(path, self.dictionary, self.args.dataset_impl)
             if lines is None:
-                raise FileNotFoundError(f"Dataset not found: {split} ({path})")
+                raise TrimeUserError(f"split {split}: {path}.bin/.idx not found in {self.args.data}")
             self._streams[split] = TokenStream.from_lines(lines, self.dictionary.eos())
         return self._streams[split]
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        paths = utils.split_paths(self.args.data)
+        path = os.path.join(paths[(epoch - 1) % len(paths)], split)
+        if os.path.exists(path + ".bin") and os.path.getsize(path + ".bin") == 0:  # fairseq cannot mmap it
+            raise TrimeUserError(f"split {split}: {path}.bin is empty, the split has no token to score or train on")
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         m = self.args.consecutive_segments
         if self.args.bm25_batching and m > 1:
-            raise ValueError("--bm25-batching uses m=1 (§4.3): drop --consecutive-segments")
+            raise TrimeUserError("--bm25-batching uses m=1 (§4.3): drop --consecutive-segments")
         if self.args.stream_batching and (m > 1 or self.args.bm25_batching):
-            raise ValueError("--stream-batching cannot be combined with --consecutive-segments or --bm25-batching")
+            raise TrimeUserError("--stream-batching cannot be combined with --consecutive-segments or --bm25-batching")
         if self.args.bm25_batching and split.startswith("train"):
             ds = DocumentSegments(self.stream(split), self.args.tokens_per_sample, self.dictionary.pad(), external=True)
             ds.shuffle, ds.split = True, split
@@ -229,9 +315,10 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         bsz = max_sentences or (max_tokens or 0) // self.args.tokens_per_sample
         if dataset.stream_rows:
             if bsz < 1:
-                raise ValueError("--stream-batching needs --batch-size (rows read in parallel)")
+                raise TrimeUserError("--stream-batching needs --batch-size (rows read in parallel)")
             rows = dataset.stream_batches(bsz * num_shards, seed, epoch, dataset.shuffle)
-            return iterators.EpochBatchIterator(
+            return StreamBatchIterator(
+                getattr(self, "_stream_model", None), num_shards,
                 dataset=dataset, collate_fn=dataset.collater, batch_sampler=shard_rows(rows, num_shards, shard_id),
                 seed=seed, num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size,
                 disable_shuffling=True,
@@ -243,12 +330,12 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
                 seed=seed, num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size,
             )
         if bsz < m:
-            raise ValueError(
+            raise TrimeUserError(
                 f"--consecutive-segments {m} is larger than the batch ({bsz} segments of "
                 f"{self.args.tokens_per_sample} tokens); raise --batch-size or --max-tokens"
             )
         if bsz % m:
-            raise ValueError(f"the batch ({bsz} segments) must be a multiple of --consecutive-segments {m}")
+            raise TrimeUserError(f"the batch ({bsz} segments) must be a multiple of --consecutive-segments {m}")
         shuffle = getattr(dataset, "shuffle", False)
 
         def batches(ds, ep):
@@ -285,9 +372,12 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         """Blocks in reading order with their context window (see :class:`StreamBlocks`)."""
         split = next((k for k, v in self.datasets.items() if v is dataset), None)
         if split is None:
-            raise ValueError("eval_lm_dataloader: the dataset was not loaded by this task")
+            raise TrimeUserError("eval_lm_dataloader: the dataset was not loaded by this task")
         if num_shards > 1 and str(self.args.eval_memory) == "local+long":
-            raise ValueError("--eval-memory local+long reads each document in order: use one process")
+            raise TrimeUserError("--eval-memory local+long reads each document in order: use one process")
+        if len(self.stream(split)) < 2:
+            raise TrimeUserError(f"--gen-subset {split}: the split has no token to score (is {split}.bin empty?)")
+        self.check_datastore_split(split)
         blocks = StreamBlocks(self.stream(split), self.args.tokens_per_sample, context_window, self.dictionary.pad())
         blocks.with_positions = self.with_positions
         return self.get_batch_iterator(

@@ -34,6 +34,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from trime_fairseq.memory.combiners import AdaptiveKnnCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
 from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, RetrievalConfig, build_retriever, cached_bm25_batches
+from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +68,19 @@ def build_mt_combiner(cfg) -> Combiner:
     """The decoding-time :class:`Combiner` named by ``--mt-combiner``."""
     name = str(cfg.mt_combiner)
     if name != "none" and not cfg.datastore:
-        raise ValueError(f"--mt-combiner {name} needs --datastore (built with trime-build-datastore)")
+        raise TrimeUserError(f"--mt-combiner {name} needs --datastore (built with trime-build-datastore)")
     if cfg.knn_k < 1:
-        raise ValueError(f"--knn-k must be >= 1, got {cfg.knn_k}")
+        raise TrimeUserError(f"--knn-k must be >= 1, got {cfg.knn_k}")
     if name == "knn":
         if cfg.knn_lambda is None:
-            raise ValueError("--mt-combiner knn needs --knn-lambda (weight of P_kNN, e.g. 0.5)")
+            raise TrimeUserError("--mt-combiner knn needs --knn-lambda (weight of P_kNN, e.g. 0.5)")
         return KnnCombiner(cfg.knn_lambda, cfg.knn_temperature)
     if name == "adaptive":
         from trime_fairseq.models.memory_generate import load_metak
 
         metak = load_metak(cfg.metak_path)
         if metak.max_k != cfg.knn_k:
-            raise ValueError(f"--metak-path {cfg.metak_path} was trained with --knn-k {metak.max_k}, "
+            raise TrimeUserError(f"--metak-path {cfg.metak_path} was trained with --knn-k {metak.max_k}, "
                              f"not {cfg.knn_k}")
         return AdaptiveKnnCombiner(metak, cfg.knn_temperature)
     if name == "trime":
@@ -94,10 +95,18 @@ class TrimeTranslationTask(TranslationTask):
     def __init__(self, cfg: TrimeTranslationConfig, src_dict, tgt_dict) -> None:
         super().__init__(cfg, src_dict, tgt_dict)
         self.combiner = build_mt_combiner(cfg)
+        self.retriever = None  # the --datastore's, once a model opened it
 
     # ---- models -------------------------------------------------------------------------
     def build_model(self, cfg, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint)
+        if from_checkpoint:
+            from fairseq.models import FairseqEncoderDecoderModel
+
+            if not isinstance(model, FairseqEncoderDecoderModel):
+                raise TrimeUserError(f"--path: the checkpoint is not a translation model (--arch "
+                                     f"{getattr(cfg, 'arch', getattr(cfg, '_name', '?'))}); use a model trained "
+                                     "with --task trime_translation")
         if not from_checkpoint or isinstance(self.combiner, NoMemory):
             return model
         from trime_fairseq.models.memory_generate import MemoryGenerationModel
@@ -110,8 +119,27 @@ class TrimeTranslationTask(TranslationTask):
     def target_dictionary_path(self) -> str:
         return os.path.join(utils.split_paths(self.cfg.data)[0], f"dict.{self.cfg.target_lang}.txt")
 
-    def build_retriever(self, model):
-        return build_retriever(self.cfg, model, self.target_dictionary_path())
+    def build_retriever(self, model, combiners=None):
+        self.retriever = build_retriever(self.cfg, model, self.target_dictionary_path(),
+                                         combiners if combiners is not None else [self.combiner])
+        for split in list(self.datasets):  # fairseq-generate loads --gen-subset before the model
+            self.check_datastore_split(split)
+        return self.retriever
+
+    def check_datastore_split(self, split: str) -> None:
+        """Refuse to decode / score the split the datastore was built from: its own target
+        sentence would be in memory."""
+        if self.retriever is None or split not in self.datasets:
+            return
+        meta = self.retriever.datastore.meta
+        if meta.source.get("split") == split and meta.size == self.datastore_size(split):
+            raise TrimeUserError(
+                f"--gen-subset {split}: --datastore {self.retriever.datastore.path} was built from this split, so "
+                "each sentence's own reference is in memory; use a datastore of another split or another --gen-subset")
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        self.check_datastore_split(split)
 
     # ---- training memory ----------------------------------------------------------------
     def memory_spec(self, sample) -> dict:
