@@ -159,8 +159,9 @@ def score_positions(model, task, combiner, stream, lo: int, hi: int, context: in
                     retriever=None, batch_size: int = 1, top_entries: int = 8,
                     top_words: int = 3) -> Tuple[List[TokenRecord], dict]:
     """Score the targets of source positions ``[lo, hi)`` of ``stream`` as ``fairseq-eval-lm
-    --task trime_lm`` does (blocks in order from the first block that holds ``lo``; memories
-    start empty there, as they hold only the current document's tokens).
+    --task trime_lm`` does: blocks in order from the first block that holds ``lo``, memories
+    empty there. Exact when ``[lo, hi)`` lies in one document (long-term and Memorizing
+    memories hold only the current document's tokens).
 
     Returns the records and extras (``gates`` of a Memorizing Transformer).
     """
@@ -184,7 +185,7 @@ def score_positions(model, task, combiner, stream, lo: int, hi: int, context: in
     uses_memory = not isinstance(combiner, NoMemory)
     long_memory = _recording_long_memory(long_size, block + context) if uses_memory and long_size > 0 else None
     rec_retriever = _RecordingRetriever(retriever) if uses_memory and retriever is not None else None
-    long_kind, local_kind, ext_kind = kind_names(combiner)
+    kinds = kind_names(combiner)
     wrapped = MemoryEvalModel(model, NoMemory(), pad).eval()
     records: List[TokenRecord] = []
     first, last = lo // block, (hi - 1) // block
@@ -223,10 +224,10 @@ def score_positions(model, task, combiner, stream, lo: int, hi: int, context: in
                     mem_pos = sample["positions"][i]
                     if window is not None:
                         mem_pos = torch.cat([window.positions.to(mem_pos.device), mem_pos])
-                    records += _row_records(
-                        combiner, row, base.rows(i, i + 1).queries(s, x.target.size(1)), qpos, keep, mem_pos, 0 if window is None else len(window),
-                        ext_ids, (long_kind, local_kind, ext_kind), top_entries, top_words,
-                        None if recorder is None else recorder, int(starts[i]) if memorizing else 0)
+                    base_row = base.rows(i, i + 1).queries(s, x.target.size(1))
+                    n_long = 0 if window is None else len(window)
+                    records += _row_records(combiner, row, base_row, qpos, keep, mem_pos, n_long, ext_ids, kinds,
+                                            top_entries, top_words, recorder, int(starts[i]))
     finally:
         if recorder is not None:
             recorder.close()
@@ -237,7 +238,6 @@ def score_positions(model, task, combiner, stream, lo: int, hi: int, context: in
 def _row_records(combiner, row, base_row, qpos, keep, mem_pos, n_long, ext_ids, kinds, top_entries, top_words,
                  recorder, row_start) -> List[TokenRecord]:
     """Records of one row's kept queries (see :func:`score_positions`)."""
-    long_kind, local_kind, ext_kind = kinds
     used = used_kinds(combiner)
     target = row.target[0]
     lp_full = combiner.log_probs(row)[0]
@@ -254,7 +254,7 @@ def _row_records(combiner, row, base_row, qpos, keep, mem_pos, n_long, ext_ids, 
         kind_of = torch.full((k_all,), 2, dtype=torch.long)
         kind_of[:n_long] = 0
         kind_of[n_long:contrib.num_shared] = 1
-        names = [long_kind, local_kind, ext_kind]
+        names = list(kinds)
         w = contrib.log_weight[0].exp()
         positive = w * contrib.labels[0].eq(target.unsqueeze(-1))
         per_kind = positive.new_zeros(positive.size(0), 3).index_add_(1, kind_of.to(positive.device), positive)
@@ -263,14 +263,14 @@ def _row_records(combiner, row, base_row, qpos, keep, mem_pos, n_long, ext_ids, 
         hit = contrib.labels[0].eq(target.unsqueeze(-1))
         lw = contrib.log_weight[0]
         n_hit, n_other = min(top_entries, k_all), min(OTHER_ENTRIES, k_all) if top_entries else 0
-        top_lw = torch.cat([lw.masked_fill(~hit, float("-inf")).topk(n_hit, -1).values,
-                            lw.masked_fill(hit, float("-inf")).topk(n_other, -1).values], -1)
-        top_j = torch.cat([lw.masked_fill(~hit, float("-inf")).topk(n_hit, -1).indices,
-                           lw.masked_fill(hit, float("-inf")).topk(n_other, -1).indices], -1)
+        for_target = lw.masked_fill(~hit, float("-inf")).topk(n_hit, -1)
+        for_others = lw.masked_fill(hit, float("-inf")).topk(n_other, -1)
+        top_lw = torch.cat([for_target.values, for_others.values], -1).tolist()
+        top_j = torch.cat([for_target.indices, for_others.indices], -1).tolist()
     mt = None
     if recorder is not None and recorder.last is not None:
         top, pos = recorder.last  # [1, H, T_row, k] over the row's positions
-        weights = recorder.weights(top)[0] * torch.tensor(recorder.gates()).view(-1, 1, 1)
+        weights = recorder.weights(top)[0] * torch.tensor(recorder.gates(), device=top.device).view(-1, 1, 1)
         mt = (weights, pos[0], top[0].float())
     out: List[TokenRecord] = []
     for t in keep.nonzero(as_tuple=True)[0].tolist():
@@ -283,7 +283,7 @@ def _row_records(combiner, row, base_row, qpos, keep, mem_pos, n_long, ext_ids, 
                 if k_idx in used and present:
                     sh[name] = v
             sh[MODEL] = max(0.0, 1.0 - sum(sh.values()))
-            for lw, j in zip(top_lw[t].tolist(), top_j[t].tolist()):
+            for lw, j in zip(top_lw[t], top_j[t]):
                 if not math.isfinite(lw):
                     continue
                 kind = names[int(kind_of[j])]
@@ -445,7 +445,7 @@ def summarize(scored: List[dict], bounds: Sequence[int], top_n: int = 20) -> dic
                      "ppl_with": float(math.exp(-lp1[sel].mean())), "bits_per_token": float(gain[sel].mean())})
     out["by_frequency"] = rows
     order = np.argsort(-gain, kind="stable")[:top_n]
-    out["most_helped"] = [{"i": scored[j]["i"], "text": scored[j]["text"].strip() or scored[j]["text"].replace("\n", "\u00b6"),
+    out["most_helped"] = [{"i": scored[j]["i"], "text": scored[j]["text"].strip() or "\u00b6",
                            "gain_bits": float(gain[j]), "p_without": float(math.exp(lp0[j])),
                            "p_with": float(math.exp(lp1[j]))} for j in order if gain[j] > 0]
     return out
@@ -525,7 +525,7 @@ def inspect(ours, rest) -> dict:
     long_size = task.args.long_memory_size if uses_memory and "long" in memory else 0
     retriever = None
     if uses_memory and ("ext" in memory or isinstance(combiner, KnnCombiner)):
-        retriever = model.retriever if isinstance(model, MemoryEvalModel) and model.retriever else task.build_retriever(inner)
+        retriever = getattr(model, "retriever", None) or task.build_retriever(inner)
         retriever.check_model(inner)
     subset = cfg.dataset.gen_subset
     data = task.args.data
@@ -539,11 +539,15 @@ def inspect(ours, rest) -> dict:
     else:
         stream = subset_stream
         if not 0 <= ours.doc < stream.num_docs:
-            raise ValueError(f"--doc {ours.doc}: --gen-subset {subset} has {stream.num_docs} documents (0..{stream.num_docs - 1})")
+            raise ValueError(f"--doc {ours.doc}: --gen-subset {subset} has {stream.num_docs} documents "
+                             f"(0..{stream.num_docs - 1})")
         first = int(stream.doc_starts[ours.doc])
         end = int(stream.doc_starts[ours.doc + 1]) if ours.doc + 1 < stream.num_docs else len(stream)
         where = f"{subset} document {ours.doc}"
-    lo, hi = max(first - 1, 0), min(end - 1, len(stream) - 1)  # source positions whose target is in [first, end)
+    # queries and targets inside the document: every memory then starts empty at the first block
+    # holding it, as in fairseq-eval-lm (they hold only the current document), so the scores
+    # are eval-lm's exactly; the document's first token is shown, unscored
+    lo, hi = first, end - 1
     if hi <= lo:
         raise ValueError(f"{where}: no token to score")
     context = cfg.eval_lm.context_window

@@ -114,7 +114,7 @@ function summary() {
   h += `</table></div>`;
   h += `<div class="card"><h2>Most helped by memory</h2><div class="chips">`;
   for (const r of S.most_helped)
-    h += `<a class="chip" href="#t${r.i}" data-i="${r.i}" title="p ${f(r.p_without, 3)} → ${f(r.p_with, 3)}">${esc(r.text)} <b>+${f(r.gain_bits, 1)}</b></a>`;
+    h += `<a class="chip" href="#t${r.i}" data-i="${r.i}" title="p ${f(r.p_without, 3)} → ${f(r.p_with, 3)}">${esc(r.text)} <b>+${f(r.gain_bits, r.gain_bits < 0.1 ? 2 : 1)}</b></a>`;
   if (!S.most_helped.length) h += `<span class="hint">memory helped no token</span>`;
   h += `</div></div>`;
   $('cards').innerHTML = h;
@@ -196,7 +196,8 @@ function init() {
   const m = M;
   $('title').textContent = m.title;
   document.title = 'trime-inspect: ' + m.title;
-  let meta = `<code>${esc(m.combiner)}</code> over <code>${esc(m.memory)}</code> memory`;
+  let meta = m.memory === 'none' ? (m.memorizing ? 'memory inside the model' : '<code>none</code>: no memory')
+    : `<code>${esc(m.combiner)}</code> over <code>${esc(m.memory)}</code> memory`;
   if (m.long_memory_size) meta += ` · long-term ${m.long_memory_size} tokens`;
   if (m.datastore) meta += ` · datastore <code>${esc(m.datastore)}</code> (k=${m.knn_k}; ${esc(m.datastore_layout || '')})`;
   if (m.memorizing) meta += ` · Memorizing Transformer, kNN memory ${m.knn_memory_size} tokens, top-${m.knn_memory_topk}`;
