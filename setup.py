@@ -35,6 +35,7 @@ setup(
             "trime-analyze = trime_fairseq.cli.analyze:main",
             "trime-tune-mt = trime_fairseq.cli.tune_mt:main",
             "trime-train-metak = trime_fairseq.cli.train_metak:main",
+            "trime-inspect = trime_fairseq.cli.inspect:main",
         ]
     },
 )

@@ -8,7 +8,9 @@ finished steps):
    the same architecture, data order and number of updates;
 3. tune on valid: the cache's λ and θ (vanilla model), TRIME's τ (TRIME model);
 4. ``fairseq-eval-lm`` on valid and test for every system;
-5. write ``results.md``, ``results.json`` and ``results.png``.
+5. write ``results.md``, ``results.json`` and ``results.png``;
+6. ``trime-inspect`` the TRIMELM (tuned τ) on one valid document:
+   ``inspect/trime_valid_docN.html`` (+ ``.json``), what memory did token by token.
 
     python examples/main_job.py --run-dir runs/main
 """
@@ -32,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau-grid", default="0.75,0.9,1,1.1,1.25,1.5", help="TRIME temperatures tried on valid")
     p.add_argument("--cache-lambda-grid", default="0.1,0.2,0.3,0.4,0.5", help="cache λ values tried on valid")
     p.add_argument("--cache-theta-grid", default="0.05,0.1,0.2,0.3,0.5", help="cache θ values tried on valid")
+    p.add_argument("--inspect-doc", type=int, default=0,
+                   help="valid document shown by trime-inspect for the TRIMELM (-1: none)")
     return p.parse_args(argv)
 
 
@@ -90,6 +94,13 @@ def main(argv=None) -> dict:
     ex.write_results(run / "results.json", result, header + table)
     ex.bar_plot(rows, run / "results.png", "Local memory: vanilla / cache / TRIMELM")
     logger.info("\n%s%s\nwritten: %s", header, table, run / "results.md")
+    if a.inspect_doc >= 0:  # after the results: they do not depend on it
+        page = run / "inspect" / f"trime_valid_doc{a.inspect_doc}.html"
+        ex.run_logged("trime_fairseq.cli.inspect", [
+            data, "--path", trime_ckpt, "--user-dir", ex.REPO_PKG, "--task", "trime_lm", *ev, "--gen-subset", "valid",
+            "--eval-combiner", "trime", "--eval-temperature", trime_tuned["tau"], "--doc", a.inspect_doc,
+            "--out", page], logs / "inspect.log")
+        logger.info("memory inspected token by token: %s", page)
     return result
 
 

@@ -28,6 +28,8 @@ from trime_fairseq.errors import TrimeUserError, cli_entry
 
 logger = logging.getLogger("trime_fairseq.analyze")
 
+DEFAULT_BUCKETS = "10000,1000,100,10"  # descending lower bounds of the target-frequency buckets
+
 
 def frequency_buckets(counts: np.ndarray, bounds: Sequence[int]) -> List[str]:
     """Labels like ``>10000``, ``1000-10000``, ``<=10`` for descending lower ``bounds``."""
@@ -51,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(prog="trime-analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--retrieval-k", default="1,8,64,1024", help="K values of the retrieval accuracy")
-    p.add_argument("--buckets", default="10000,1000,100,10", help="descending lower bounds of frequency buckets")
+    p.add_argument("--buckets", default=DEFAULT_BUCKETS, help="descending lower bounds of frequency buckets")
     p.add_argument("--out", default=None, help="write the tables as JSON (and .md beside it)")
     ours, rest = p.parse_known_args(argv)
     try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,8 +29,10 @@ from trime_fairseq.memory.joint import (
     at_least_float32,
     interpolate,
     interpolate_at,
+    joint_entry_log_weights,
     joint_log_probs,
     joint_target_log_prob,
+    memory_entry_log_weights,
     memory_log_probs_at,
     memory_target_log_prob,
     scaled_similarity,
@@ -157,6 +159,51 @@ class ScoringInputs:
         return self.tok_scores.gather(-1, self.target.unsqueeze(-1)).squeeze(-1) - self.tok_lse
 
 
+@dataclass
+class Contributions:
+    """What each memory entry adds to a combiner's final distribution (for inspection).
+
+    Entries are laid out as :func:`entry_layout`: the shared keys of ``x`` (long-term, then
+    local), then the retrieved external entries. With ``c_j = exp(log_weight_j)``, every
+    combiner here has ``P(w) = (1 - Σ_j c_j) P_LM(w) + Σ_{j: label_j = w} c_j``.
+
+    Attributes:
+        log_weight: ``[B, T, K]`` ``log c_j`` (``-inf`` for entries the combiner did not use).
+        labels: ``[B, T, K]`` the label (next token) of each entry.
+        similarity: ``[B, T, K]`` the similarity the combiner compared, before any
+            temperature or θ (``g·g_j/√d`` for TRIME, ``h·h_j`` for the cache, the
+            datastore's ``q·k`` or ``-‖q-k‖²`` for kNN-LM).
+        num_shared: how many of the K entries are shared keys (the rest are external).
+    """
+
+    log_weight: Tensor
+    labels: Tensor
+    similarity: Tensor
+    num_shared: int
+
+
+def entry_layout(x: ScoringInputs) -> Tensor:
+    """Labels ``[B, T, K]`` of all memory entries of ``x``: shared keys, then external."""
+    b, t = x.target.shape
+    labels = x.key_labels.unsqueeze(1).expand(b, t, x.key_labels.size(-1))
+    if x.ext_labels is not None:
+        labels = torch.cat([labels, x.ext_labels], -1)
+    return labels
+
+
+def _place(x: ScoringInputs, shared: Optional[Tensor] = None, ext: Optional[Tensor] = None,
+           fill: float = float("-inf")) -> Tensor:
+    """Per-entry values in :func:`entry_layout` order; missing parts filled with ``fill``."""
+    b, t = x.target.shape
+    ks = x.key_labels.size(-1)
+    ke = 0 if x.ext_labels is None else x.ext_labels.size(-1)
+    dtype = x.tok_scores.dtype if x.tok_scores.is_floating_point() else torch.float32
+    parts = [shared if shared is not None else x.tok_scores.new_full((b, t, ks), fill, dtype=dtype)]
+    if ke:
+        parts.append(ext if ext is not None else x.tok_scores.new_full((b, t, ke), fill, dtype=dtype))
+    return torch.cat(parts, -1)
+
+
 class Combiner:
     """Interface: ``log_probs`` ``[B, T, V]`` and ``target_log_prob`` ``[B, T]``."""
 
@@ -168,6 +215,11 @@ class Combiner:
 
     def target_log_prob(self, x: ScoringInputs) -> Tensor:
         raise NotImplementedError
+
+    def contributions(self, x: ScoringInputs) -> Optional[Contributions]:
+        """Per-entry mass of the final distribution (``trime-inspect``); ``None`` when the
+        combiner uses no memory entry."""
+        return None
 
     def describe(self) -> str:
         return self.name
@@ -234,6 +286,15 @@ class TrimeCombiner(Combiner):
             lp = interpolate(lp, memory_target_log_prob(s2, labels, mask, x.target), self.lam, mask.any(-1))
         return lp
 
+    def contributions(self, x: ScoringInputs) -> Contributions:
+        """``c_j = exp(sim_j/τ) / Z`` (Eq. 6); with Appendix F, ``(1-λ) c_j + λ c'_j`` (Eq. 7-8)."""
+        scores, _, mask = memory_entries(x, self.temperature)
+        w = joint_entry_log_weights(x.tok_lse, scores, mask)
+        if self.lam > 0:
+            s2 = scores * (self.temperature / self.memory_temperature)
+            w = interpolate(w, memory_entry_log_weights(s2, mask), self.lam, mask.any(-1))
+        return Contributions(w, entry_layout(x), scores * self.temperature, x.key_labels.size(-1))
+
     def describe(self) -> str:
         extra = f", lambda={self.lam:g}, tau'={self.memory_temperature:g}" if self.lam > 0 else ""
         return f"trime(tau={self.temperature:g}{extra})"
@@ -259,9 +320,26 @@ class CacheCombiner(Combiner):
         self.lam, self.theta, self.representation = lam, theta, representation
         self.representations = (representation,)
 
-    def _scores(self, x: ScoringInputs) -> Tensor:
+    def _dots(self, x: ScoringInputs) -> Tensor:
+        """``h·h_j`` ``[B, T, K]`` over the shared keys."""
         q, k = (x.query_f, x.keys_f) if self.representation == "f" else (x.query_g, x.keys_g)
-        return self.theta * at_least_float32(torch.matmul(q, k.transpose(-1, -2)))
+        return at_least_float32(torch.matmul(q, k.transpose(-1, -2)))
+
+    def _scores(self, x: ScoringInputs) -> Tensor:
+        return self.theta * self._dots(x)
+
+    def entry_log_probs(self, x: ScoringInputs) -> Tuple[Tensor, Tensor]:
+        """``(log softmax_j(θ h·h_j), h·h_j)`` per entry in :func:`entry_layout` order
+        (``-inf`` / NaN for external entries, which the cache does not read)."""
+        dots = self._dots(x)
+        w = memory_entry_log_weights(self.theta * dots, x.mask)
+        return _place(x, shared=w), _place(x, shared=dots, fill=float("nan"))
+
+    def contributions(self, x: ScoringInputs) -> Contributions:
+        """``c_j = λ softmax_j(θ h·h_j)`` over the shared keys, where the cache is not empty."""
+        w, dots = self.entry_log_probs(x)
+        w = interpolate(torch.full_like(w, float("-inf")), w, self.lam, x.mask.any(-1))
+        return Contributions(w, entry_layout(x), dots, x.key_labels.size(-1))
 
     def mix(self, lprobs: Tensor, x: ScoringInputs) -> Tensor:
         """``(1-λ) P + λ P_cache`` for any distribution ``P`` ``[..., V]`` (e.g. kNN-LM's)."""
@@ -314,6 +392,19 @@ class KnnCombiner(Combiner):
         lp = interpolate(x.tok_target_log_prob(), memory_target_log_prob(s, labels, mask, x.target),
                          self.lam, mask.any(-1))
         return lp if self.cache is None else self.cache.mix_target(lp, x)
+
+    def contributions(self, x: ScoringInputs) -> Contributions:
+        """``c_j = λ softmax_j(s_j/T)`` over the retrieved entries; with a cache on top, those
+        times ``(1-λ_c)`` and the cache's own entries (:meth:`CacheCombiner.contributions`)."""
+        s, _, mask = self._knn(x)
+        w = memory_entry_log_weights(s, mask)
+        w = _place(x, ext=interpolate(torch.full_like(w, float("-inf")), w, self.lam, mask.any(-1)))
+        sims = _place(x, ext=x.ext_scores, fill=float("nan"))
+        if self.cache is not None:
+            cache_w, dots = self.cache.entry_log_probs(x)
+            w = interpolate(w, cache_w, self.cache.lam, x.mask.any(-1))
+            sims = torch.where(torch.isnan(sims), dots, sims)
+        return Contributions(w, entry_layout(x), sims, x.key_labels.size(-1))
 
     def describe(self) -> str:
         c = f" + {self.cache.describe()}" if self.cache else ""

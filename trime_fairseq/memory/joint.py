@@ -288,6 +288,26 @@ def memory_log_probs(
     return support.scatter_(out, support.values)
 
 
+def joint_entry_log_weights(tok_lse: Tensor, mem_scores: Tensor, mem_mask: Tensor) -> Tensor:
+    """Eq. 6 per memory entry: ``log(exp(m_j) / Z)``, the probability mass entry ``j`` adds to
+    its label ``x_j``; ``Z = Σ_v exp(s_v) + Σ_{j∈M} exp(m_j)``. ``-inf`` off the mask.
+
+    Args:
+        tok_lse: ``[...]``; mem_scores, mem_mask: ``[..., K]``.
+    """
+    scores = mem_scores.masked_fill(~mem_mask, NEG_INF)
+    den = torch.logaddexp(tok_lse, torch.logsumexp(scores, -1))
+    return scores - den.unsqueeze(-1)
+
+
+def memory_entry_log_weights(mem_scores: Tensor, mem_mask: Tensor) -> Tensor:
+    """Eq. 7 per memory entry: ``log softmax_j(m_j)`` over the masked entries (``-inf`` off
+    the mask and in rows with an empty memory); the entries of a label sum to ``P_mem``."""
+    scores = mem_scores.masked_fill(~mem_mask, NEG_INF)
+    total = torch.logsumexp(scores, -1, keepdim=True)
+    return scores - torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+
+
 def memory_target_log_prob(
     mem_scores: Tensor, mem_labels: Tensor, mem_mask: Tensor, target: Tensor
 ) -> Tensor:

@@ -24,11 +24,12 @@ class MemoryOrderError(RuntimeError):
 @dataclass
 class MemoryWindow:
     """The entries a block may read (views): keys ``[K, d]`` per representation, labels,
-    documents."""
+    documents and stream positions."""
 
     keys: Dict[str, Tensor]
     labels: Tensor
     docs: Tensor
+    positions: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -68,7 +69,7 @@ class LongTermMemory:
         if stop <= first:
             return None
         return MemoryWindow({k: v[first:stop] for k, v in self._keys.items()},
-                            self._labels[first:stop], self._docs[first:stop])
+                            self._labels[first:stop], self._docs[first:stop], self._pos[first:stop])
 
     def _allocate(self, keys: Dict[str, Tensor], labels: Tensor) -> None:
         cap = max(self.capacity, 1)
