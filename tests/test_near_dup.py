@@ -75,3 +75,18 @@ def test_near_dups_command_counts_heldout_copies(tmp_path):
     assert "| valid |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--out", str(out)])  # not a fairseq-preprocess folder
+
+
+def test_batch_composition_counts_same_document_and_copies():
+    from trime_fairseq.data.near_dup import batch_composition
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 100, 30)
+    segs = [a, a.copy(), rng.integers(100, 200, 30), rng.integers(200, 300, 30)]
+    docs = np.array([0, 1, 1, 2])
+    out = batch_composition([np.array([0, 1]), np.array([2, 3])], docs, ngram_sets(segs), thresholds=(0.5,))
+    assert out["segments"] == 4
+    assert out["with_same_doc_mate"] == 0.0  # 1 and 2 share a document but not a batch
+    assert out["with_near_dup_mate"]["0.5"] == 0.5 and out["mean_best_jaccard"] == pytest.approx(0.5)
+    out = batch_composition([np.array([1, 2, 0]), np.array([3])], docs, ngram_sets(segs), thresholds=(0.5,))
+    assert out["with_same_doc_mate"] == 0.5 and out["with_near_dup_mate"]["0.5"] == 0.5

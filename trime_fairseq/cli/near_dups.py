@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,6 +25,11 @@ logger = logging.getLogger("trime_fairseq.near_dups")
 
 def split_segments(data: str, split: str, length: int) -> List[np.ndarray]:
     """Token ids of the training-style segments of ``split`` in the binarised ``data``."""
+    return split_segments_with_docs(data, split, length)[0]
+
+
+def split_segments_with_docs(data: str, split: str, length: int) -> Tuple[List[np.ndarray], np.ndarray]:
+    """:func:`split_segments` and the document index of each segment."""
     from fairseq.data import Dictionary, data_utils
 
     from trime_fairseq.data.stream import DocumentSegments, TokenStream
@@ -38,7 +43,7 @@ def split_segments(data: str, split: str, length: int) -> List[np.ndarray]:
         raise FileNotFoundError(f"split {split!r} not found in {data}")
     stream = TokenStream.from_lines(lines, d.eos())
     seg = DocumentSegments(stream, length, d.pad())
-    return [stream.ids(int(s), int(s) + int(n)) for s, n in zip(seg.starts, seg.sizes)]
+    return [stream.ids(int(s), int(s) + int(n)) for s, n in zip(seg.starts, seg.sizes)], seg.seg_docs
 
 
 def near_duplicate_stats(queries: Sequence[np.ndarray], train: Sequence[np.ndarray], ngram: int,

@@ -117,3 +117,24 @@ class NearDuplicates:
 
     def dup_of_any(self, i: int, members: Sequence[int]) -> bool:
         return any(self.is_dup(i, j) for j in members)
+
+
+def batch_composition(batches: Sequence[np.ndarray], docs: np.ndarray, sets: Sequence[np.ndarray],
+                      thresholds: Sequence[float] = (0.3, 0.5, 0.8)) -> dict:
+    """What the in-batch memory of BM25 batches holds: the share of segments that have a
+    batch mate of their own document, and a batch mate with n-gram Jaccard >= each threshold,
+    plus the mean of each segment's highest Jaccard to a batch mate."""
+    same_doc, best = [], []
+    for b in batches:
+        b = [int(i) for i in b]
+        for i in b:
+            others = [j for j in b if j != i]
+            same_doc.append(any(docs[j] == docs[i] for j in others))
+            best.append(max((jaccard(sets[i], sets[j]) for j in others), default=0.0))
+    best_a = np.asarray(best)
+    return {
+        "segments": len(best),
+        "with_same_doc_mate": float(np.mean(same_doc)) if same_doc else 0.0,
+        "mean_best_jaccard": float(best_a.mean()) if len(best) else 0.0,
+        "with_near_dup_mate": {f"{t:g}": float((best_a >= t).mean()) if len(best) else 0.0 for t in thresholds},
+    }
