@@ -13,8 +13,7 @@ same subset.
     # parallel lanes share the run directory; a final call without --only writes the table
     python examples/external_memory_ablation.py ... --only ext_base,ext_xdoc
 
-Writes ``RUN/ablation.json`` and ``RUN/ablation.md`` (``--out`` copies them, e.g. to
-``docs/results/external_memory_ablation``).
+Writes ``RUN/ablation.json`` and ``RUN/ablation.md`` (``--out X`` copies the JSON to ``X.json``).
 """
 import argparse
 import json
@@ -61,8 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--valid-docs", type=int, default=None,
                    help="score valid on its first N documents only (a data folder with the same train "
                    "and dictionary is made in RUN/data); default: all of valid")
+    p.add_argument("--no-ext-eval", action="store_true",
+                   help="train and score the models alone and with local memory only (no datastore); "
+                   "a later run without this flag adds the external-memory scores")
     p.add_argument("--only", default=None, help="comma-separated models to run (default: all, then the table)")
-    p.add_argument("--out", default=None, help="also copy the table to OUT.md / OUT.json")
+    p.add_argument("--out", default=None, help="also copy the results to OUT.json (e.g. docs/results/external_memory_ablation)")
     return p.parse_args(argv)
 
 
@@ -181,26 +183,30 @@ def main(argv=None) -> dict:
             info["composition"] = composition(name)
             logger.info("%s batches: %s", name, info["composition"])
         if name == "vanilla":
-            ds = datastore(name, "l2")
-            cache = ex.tune(data, ckpt[name], "cache", ["lambda=0.1,0.2,0.3", "theta=0.1,0.2,0.3"], valid,
-                            run / f"tune_{name}_cache.json", logs / f"tune_{name}_cache.log")
-            theta = cache["best"]["params"]["theta"]
-            info["tune"] = ex.tune(data, ckpt[name], "knn", ["lambda=0.2,0.3,0.4,0.5", "temperature=1,3,10",
-                                                             "cache_lambda=0,0.2,0.3", f"cache_theta={theta}"],
-                                   [*valid, "--datastore", ds, "--knn-k", a.knn_k],
-                                   run / f"tune_{name}.json", logs / f"tune_{name}.log")
-            info["cache"] = cache
+            info["cache"] = ex.tune(data, ckpt[name], "cache", ["lambda=0.1,0.2,0.3", "theta=0.1,0.2,0.3"], valid,
+                                    run / f"tune_{name}_cache.json", logs / f"tune_{name}_cache.log")
+            if not a.no_ext_eval:
+                theta = info["cache"]["best"]["params"]["theta"]
+                info["ext"] = ex.tune(data, ckpt[name], "knn", ["lambda=0.2,0.3,0.4,0.5", "temperature=1,3,10",
+                                                                "cache_lambda=0,0.2,0.3", f"cache_theta={theta}"],
+                                      [*valid, "--datastore", datastore(name, "l2"), "--knn-k", a.knn_k],
+                                      run / f"tune_{name}.json", logs / f"tune_{name}.log")
         elif name == "trime":
-            info["tune"] = ex.tune(data, ckpt[name], "trime", ["tau=0.9,1,1.1,1.25"], valid,
-                                   run / f"tune_{name}.json", logs / f"tune_{name}.log")
+            info["local"] = ex.tune(data, ckpt[name], "trime", ["tau=0.9,1,1.1,1.25"], valid,
+                                    run / f"tune_{name}.json", logs / f"tune_{name}.log")
         else:
-            ds = datastore(name, "ip")
-            info["tune"] = ex.tune(data, ckpt[name], "trime",
-                                   ["tau=0.75,1,1.5", "memory_lambda=0,0.1,0.3", "memory_tau=1,3,10.5,30", "pprime=0,1"],
-                                   [*valid, "--eval-memory", "local+ext", "--datastore", ds, "--knn-k", a.knn_k],
-                                   run / f"tune_{name}.json", logs / f"tune_{name}.log")
+            info["local"] = ex.tune(data, ckpt[name], "trime", ["tau=0.75,1,1.25,1.5"], valid,
+                                    run / f"tune_{name}_local.json", logs / f"tune_{name}_local.log")
+            if not a.no_ext_eval:
+                info["ext"] = ex.tune(
+                    data, ckpt[name], "trime",
+                    ["tau=0.75,1,1.5", "memory_lambda=0,0.1,0.3", "memory_tau=1,3,10.5,30", "pprime=0,1"],
+                    [*valid, "--eval-memory", "local+ext", "--datastore", datastore(name, "ip"), "--knn-k", a.knn_k],
+                    run / f"tune_{name}.json", logs / f"tune_{name}.log")
         results[name] = info
-        logger.info("%s: model alone %.2f, best %.2f", name, info["tune"]["rows"][0]["ppl"], info["tune"]["best"]["ppl"])
+        first = info.get("local") or info["cache"]
+        logger.info("%s: model alone %.2f, local/cache %.2f, external %s", name, first["rows"][0]["ppl"],
+                    first["best"]["ppl"], f"{info['ext']['best']['ppl']:.2f}" if "ext" in info else "not run")
     if a.only:
         return results
     return report(a, run, var, results)
@@ -214,49 +220,62 @@ def best_where(rows: List[dict], **fixed) -> dict:
 def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict]) -> dict:
     rows = []
     v, t = results["vanilla"], results["trime"]
-    knn = best_where(v["tune"]["rows"], cache_lambda=0)
+
+    def ext_best(info: dict, **fixed):
+        return best_where(info["ext"]["rows"], **fixed) if "ext" in info else None
+
+    knn, knn_cache = ext_best(v, cache_lambda=0), ext_best(v)
     refs = [
-        ("vanilla", "Transformer (vanilla)", v["tune"]["rows"][0]["ppl"], None, v["train"]),
-        ("cache", "+ continuous cache", v["cache"]["best"]["ppl"], None, v["train"]),
-        ("knnlm", "kNN-LM", knn["ppl"], knn["params"], v["train"]),
-        ("knnlm_cache", "kNN-LM + continuous cache", v["tune"]["best"]["ppl"], v["tune"]["best"]["params"], v["train"]),
-        ("trimelm_nomem", "TRIMELM, model alone", t["tune"]["rows"][0]["ppl"], None, t["train"]),
-        ("trimelm", "TRIMELM (local memory)", t["tune"]["best"]["ppl"], t["tune"]["best"]["params"], t["train"]),
+        ("vanilla", "Transformer (vanilla)", v["cache"]["rows"][0], v["train"]),
+        ("cache", "+ continuous cache", v["cache"]["best"], v["train"]),
+        ("knnlm", "kNN-LM", knn, v["train"]),
+        ("knnlm_cache", "kNN-LM + continuous cache", knn_cache, v["train"]),
+        ("trimelm_nomem", "TRIMELM, model alone", t["local"]["rows"][0], t["train"]),
+        ("trimelm", "TRIMELM (local memory)", t["local"]["best"], t["train"]),
     ]
-    for key, system, ppl, params, tr in refs:
-        rows.append({"key": key, "system": system, "valid_ppl": ppl, "params": params,
+    for key, system, best, tr in refs:
+        rows.append({"key": key, "system": system, "valid_ppl": best["ppl"] if best else None,
+                     "params": best["params"] if best else None,
                      "train_ppl": tr.get("ppl"), "train_ce_ppl": tr.get("ce_ppl")})
     for name, (desc, flags, length, bsz) in var.items():
+        if name not in results:
+            continue
         r = results[name]
-        tune_rows = r["tune"]["rows"]
-        pub = best_where(tune_rows, pprime=0)
-        ours = best_where(tune_rows, pprime=1)
-        nolam = best_where(tune_rows, memory_lambda=0)
+        pub, ours, nolam = ext_best(r, pprime=0), ext_best(r, pprime=1), ext_best(r, memory_lambda=0)
+        comp = r.get("composition", {})
         rows.append({
             "key": name, "system": f"TRIMELM_ext: {desc}", "segments": f"{bsz} x {length}",
             "flags": " ".join(map(str, flags)),
-            "model_alone_valid_ppl": tune_rows[0]["ppl"],
-            "valid_ppl": min(pub["ppl"], ours["ppl"]),
-            "valid_ppl_pprime_published": pub["ppl"], "params_pprime_published": pub["params"],
-            "valid_ppl_pprime_all_scaled": ours["ppl"], "params_pprime_all_scaled": ours["params"],
-            "valid_ppl_no_pprime": nolam["ppl"],
+            "model_alone_valid_ppl": r["local"]["rows"][0]["ppl"],
+            "local_valid_ppl": r["local"]["best"]["ppl"],
+            "valid_ppl": min(pub["ppl"], ours["ppl"]) if pub else None,
+            "valid_ppl_no_pprime": nolam["ppl"] if nolam else None,
+            "valid_ppl_pprime_published": pub["ppl"] if pub else None,
+            "params_pprime_published": pub["params"] if pub else None,
+            "valid_ppl_pprime_all_scaled": ours["ppl"] if ours else None,
+            "params_pprime_all_scaled": ours["params"] if ours else None,
             "train_ppl": r["train"].get("ppl"), "train_ce_ppl": r["train"].get("ce_ppl"),
+            "same_doc_mate": comp.get("with_same_doc_mate"),
+            "near_dup_mate_0.3": comp.get("with_near_dup_mate", {}).get("0.3"),
         })
-    cols = ["system", "segments", "model_alone_valid_ppl", "valid_ppl_no_pprime", "valid_ppl_pprime_published",
-            "valid_ppl_pprime_all_scaled", "train_ppl", "train_ce_ppl"]
-    heads = ["model", "batch", "model alone", "ext, λ=0", "ext, P' published", "ext, P' all-scaled",
-             "train ppl (joint)", "train CE ppl"]
-    table_ext = ex.markdown_table([r for r in rows if r["key"].startswith("ext_")], cols, heads)
-    table_ref = ex.markdown_table([r for r in rows if not r["key"].startswith("ext_")],
+    cols = ["system", "segments", "same_doc_mate", "near_dup_mate_0.3", "train_ppl", "train_ce_ppl",
+            "model_alone_valid_ppl", "local_valid_ppl", "valid_ppl_no_pprime", "valid_ppl_pprime_published",
+            "valid_ppl_pprime_all_scaled"]
+    heads = ["model", "batch", "segments with a same-doc mate", "with a J≥0.3 mate", "train ppl (joint)",
+             "train CE ppl", "model alone", "local memory", "local+ext, λ=0", "local+ext, P' published",
+             "local+ext, P' all-scaled"]
+    shown = [{k: ("—" if v is None else v) for k, v in r.items()} for r in rows]
+    table_ext = ex.markdown_table([r for r in shown if r["key"].startswith("ext_")], cols, heads)
+    table_ref = ex.markdown_table([r for r in shown if not r["key"].startswith("ext_")],
                                   ["system", "valid_ppl", "train_ppl", "train_ce_ppl"],
                                   ["model", "valid ppl", "train ppl", "train CE ppl"])
-    md = (f"Budget: {a.max_update} updates of {16 * a.tokens_per_sample} tokens per model; datastores of "
-          f"1/{a.datastore_fraction} of train; K={a.knn_k}; valid ppl (trime-tune).\n\n{table_ref}\n\n{table_ext}\n")
+    md = (f"Budget: {a.max_update} updates of {16 * a.tokens_per_sample} tokens per model; valid = "
+          f"{'the first %d documents of valid' % a.valid_docs if a.valid_docs else 'all of valid'}; datastores of "
+          f"1/{a.datastore_fraction} of train; K={a.knn_k}; valid ppl from trime-tune.\n\n{table_ref}\n\n{table_ext}\n")
     result = {"args": vars(a), "rows": rows, "results": results}
     ex.write_results(run / "ablation.json", result, md)
-    if a.out:
-        for suffix in (".json", ".md"):
-            shutil.copyfile(run / f"ablation{suffix}", a.out + suffix)
+    if a.out:  # the JSON beside a results page (the page itself is written by hand around the tables)
+        shutil.copyfile(run / "ablation.json", a.out + ".json")
     logger.info("\n%s", md)
     return result
 

@@ -103,7 +103,7 @@ def test_external_memory_ablation_example(corpus, tmp_path):
     assert rows["ext_all"]["model_alone_valid_ppl"] > 1 and rows["ext_all"]["valid_ppl_pprime_published"] > 1
     comp = result["results"]["ext_xdoc"]["composition"]
     assert comp["with_same_doc_mate"] <= result["results"]["ext_base"]["composition"]["with_same_doc_mate"]
-    assert "| model |" in (tmp_path / "abl.md").read_text()
+    assert "| model |" in (tmp_path / "ablation.md").read_text()
 
 
 def test_memorizing_vs_trime_example(corpus, tmp_path):
