@@ -33,6 +33,7 @@ setup(
             "trime-tune = trime_fairseq.cli.tune:main",
             "trime-build-datastore = trime_fairseq.cli.build_datastore:main",
             "trime-analyze = trime_fairseq.cli.analyze:main",
+            "trime-near-dups = trime_fairseq.cli.near_dups:main",
             "trime-tune-mt = trime_fairseq.cli.tune_mt:main",
             "trime-train-metak = trime_fairseq.cli.train_metak:main",
             "trime-inspect = trime_fairseq.cli.inspect:main",

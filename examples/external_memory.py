@@ -33,6 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--drop-local-prob", type=float, default=0.9, help="p of §4.3")
     p.add_argument("--knn-k", type=int, default=1024, help="neighbours retrieved")
     p.add_argument("--long-memory-size", type=int, default=4000, help="long memory for TRIMELM_ext (+long)")
+    p.add_argument("--ext-batch-size", type=int, default=None,
+                   help="segments per TRIMELM_ext batch (default: --batch-size); with "
+                   "--ext-tokens-per-sample, fewer and longer segments at the same tokens per update")
+    p.add_argument("--ext-tokens-per-sample", type=int, default=None, help="TRIMELM_ext segment length")
+    p.add_argument("--ext-flags", default="",
+                   help="extra fairseq-train flags of TRIMELM_ext (BM25 batching options, e.g. "
+                   "'--bm25-exclude-same-doc on'); the defaults are the task's")
+    p.add_argument("--out", default=None, help="also write the results to OUT.json / OUT.md (e.g. docs/results/external_memory)")
     return p.parse_args(argv)
 
 
@@ -45,8 +53,10 @@ def main(argv=None) -> dict:
     specs = {
         "vanilla": [*common, *tokens, "--criterion", "cross_entropy"],
         "trime": [*common, *tokens, "--criterion", "trime_loss", *warm],
-        "trime_ext": [*common, "--batch-size", a.batch_size, "--criterion", "trime_loss", *warm,
-                      "--bm25-batching", "--drop-local-prob", a.drop_local_prob, "--bm25-cache-dir", run],
+        "trime_ext": [*common, "--batch-size", a.ext_batch_size or a.batch_size, "--criterion", "trime_loss", *warm,
+                      "--bm25-batching", "--drop-local-prob", a.drop_local_prob, "--bm25-cache-dir", run,
+                      *(["--tokens-per-sample", a.ext_tokens_per_sample] if a.ext_tokens_per_sample else []),
+                      *a.ext_flags.split()],
     }
     ckpt, trained = {}, {}
     for name, args in specs.items():
@@ -81,7 +91,10 @@ def main(argv=None) -> dict:
     sweeps["knn"] = ex.tune(data, ckpt["vanilla"], "knn", ["lambda=0.1,0.2,0.3,0.4", "temperature=1,3,10,30",
                                                           "cache_lambda=0,0.1,0.2,0.3", f"cache_theta={theta}"],
                             [*valid, *ds_v], run / "tune_knn.json", logs / "tune_knn.log")
-    sweeps["ext"] = ex.tune(data, ckpt["trime_ext"], "trime", ["tau=0.75,1,1.5", "memory_lambda=0,0.1,0.3", "memory_tau=1,3"],
+    # Appendix F: P' over the external neighbours, raw inner product / tau' (published; the
+    # paper's tau' is 10.5) -- tau' values for raw similarities, which are sqrt(d) larger
+    sweeps["ext"] = ex.tune(data, ckpt["trime_ext"], "trime", ["tau=0.75,1,1.5", "memory_lambda=0,0.1,0.3",
+                                                              "memory_tau=3,10.5,30"],
                             [*valid, *ds_t, "--eval-memory", "local+long+ext", "--long-memory-size", a.long_memory_size,
                              "--memory-sizes", f"0,{a.long_memory_size}"], run / "tune_ext.json", logs / "tune_ext.log")
 
@@ -100,24 +113,28 @@ def main(argv=None) -> dict:
 
     vanilla_ppl = sweeps["cache"]["rows"][0]["ppl"]
     configs = [
-        ("Transformer (vanilla)", "vanilla", [], vanilla_ppl),
-        ("+ continuous cache", "vanilla",
+        ("vanilla", "Transformer (vanilla)", "vanilla", [], vanilla_ppl),
+        ("cache", "+ continuous cache", "vanilla",
          ["--eval-combiner", "cache", "--cache-lambda", best("cache")["params"]["lambda"], "--cache-theta", theta],
          best("cache")["ppl"]),
-        ("kNN-LM", "vanilla", knn_flags(best("knn", cache_lambda=0)["params"]), best("knn", cache_lambda=0)["ppl"]),
-        ("kNN-LM + continuous cache", "vanilla", knn_flags(best("knn")["params"]), best("knn")["ppl"]),
-        ("TRIMELM", "trime", trime_flags(best("trime")["params"]), best("trime")["ppl"]),
-        ("TRIMELM_ext (w/o M_long)", "trime_ext",
+        ("knnlm", "kNN-LM", "vanilla", knn_flags(best("knn", cache_lambda=0)["params"]),
+         best("knn", cache_lambda=0)["ppl"]),
+        ("knnlm_cache", "kNN-LM + continuous cache", "vanilla", knn_flags(best("knn")["params"]), best("knn")["ppl"]),
+        ("trimelm_nomem", "TRIMELM, model alone", "trime", [], sweeps["trime"]["rows"][0]["ppl"]),
+        ("trimelm", "TRIMELM", "trime", trime_flags(best("trime")["params"]), best("trime")["ppl"]),
+        ("trimelm_ext_nomem", "TRIMELM_ext, model alone", "trime_ext", [], sweeps["ext"]["rows"][0]["ppl"]),
+        ("trimelm_ext_nolong", "TRIMELM_ext (w/o M_long)", "trime_ext",
          [*trime_flags(best("ext", memory_size=0)["params"]), "--eval-memory", "local+ext", *ds_t],
          best("ext", memory_size=0)["ppl"]),
-        ("TRIMELM_ext", "trime_ext", [*trime_flags(best("ext", memory_size=a.long_memory_size)["params"]), *ds_t],
+        ("trimelm_ext", "TRIMELM_ext", "trime_ext",
+         [*trime_flags(best("ext", memory_size=a.long_memory_size)["params"]), *ds_t],
          best("ext", memory_size=a.long_memory_size)["ppl"]),
     ]
     rows = []
-    for name, model, flags, valid_ppl in configs:
+    for key, name, model, flags, valid_ppl in configs:
         tag = "".join(c if c.isalnum() else "_" for c in name.lower())
         r = ex.eval_lm(data, ckpt[model], [*ev, *flags, "--gen-subset", "test"], logs / f"eval_{tag}_test.log")
-        rows.append({"system": name, "flags": " ".join(map(str, flags)), "valid_ppl": valid_ppl,
+        rows.append({"key": key, "system": name, "flags": " ".join(map(str, flags)), "valid_ppl": valid_ppl,
                      "test_ppl": r["ppl"], "test_eval_tokens_per_s": r["tokens_per_s"]})
         logger.info("%s: valid %.2f test %.2f", name, valid_ppl, r["ppl"])
     table = ex.markdown_table(rows, ["system", "valid_ppl", "test_ppl", "test_eval_tokens_per_s"],
@@ -131,6 +148,8 @@ def main(argv=None) -> dict:
               "best": {k: v["best"] for k, v in sweeps.items()}}
     ex.write_results(run / "results.json", result, header + table)
     ex.bar_plot(rows, run / "results.png", "External memory")
+    if a.out:
+        ex.write_results(Path(a.out + ".json"), result, header + table)
     logger.info("\n%s%s", header, table)
     return result
 

@@ -49,3 +49,119 @@ def test_batches_group_similar_segments_and_cover_all():
     assert topic_purity >= 0.85 and topic_purity > random_purity + 0.3
     with pytest.raises(ValueError):
         bm25_batches(ids, scores, batch_size=0)
+
+
+# ----------------------------------------------------------------- batching options
+
+
+def line_neighbours(n=12, k=3):
+    """Segment i's hits are i+1, i+2, ... (scores falling with distance), wrapping."""
+    ids = np.array([[(i + d) % n for d in range(1, k + 1)] for i in range(n)])
+    scores = np.array([[10.0 - d for d in range(1, k + 1)] for _ in range(n)], dtype=np.float32)
+    return ids, scores
+
+
+def test_heap_default_is_unchanged_without_constraints():
+    docs = corpus(n=100, seed=2)
+    ids, scores = BM25(docs).neighbours(k=10, progress=False)
+    stats = {}
+    a = bm25_batches(ids, scores, 10, seed=3, stats=stats)
+    b = bm25_batches(ids, scores, 10, seed=3, grow="heap")
+    assert all((x == y).all() for x, y in zip(a, b)) and len(a) == len(b) == 10
+    assert stats["skipped_doc"] == stats["skipped_dup"] == stats["relaxed"] == 0
+    with pytest.raises(ValueError, match="bm25-grow"):
+        bm25_batches(ids, scores, 10, grow="tree")
+
+
+def test_chain_follows_the_last_added_segments_best_hit():
+    # the batch starts at segment s (the seed's first draw); s's hits are s+1 and s+2,
+    # s+1's best hit is s+3, s+3's is s+4: chain walks s, s+1, s+3, s+4 while heap takes
+    # the best hit of any member: s, s+1, s+2 (still on s's list), s+3
+    n = 9
+    s = int(np.random.default_rng(7).permutation(n)[0])
+
+    def lab(i):
+        return (s + i) % n
+
+    ids = np.full((n, 2), -1)
+    scores = np.full((n, 2), -np.inf, dtype=np.float32)
+    ids[lab(0)], scores[lab(0)] = [lab(1), lab(2)], [5, 4.9]
+    ids[lab(1)], scores[lab(1)] = [lab(3), lab(0)], [1, 0.5]
+    ids[lab(3)], scores[lab(3)] = [lab(4), lab(0)], [1, 0.5]
+    chain = bm25_batches(ids, scores, 4, seed=7, grow="chain")
+    heap = bm25_batches(ids, scores, 4, seed=7, grow="heap")
+    assert chain[0].tolist() == [lab(0), lab(1), lab(3), lab(4)]
+    assert heap[0].tolist() == [lab(0), lab(1), lab(2), lab(3)]
+    for batches in (chain, heap):
+        assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+
+
+def test_same_document_segments_never_share_a_batch():
+    ids, scores = line_neighbours(n=12, k=4)
+    docs = np.arange(12) // 2  # pairs of consecutive segments are one document
+    plain = bm25_batches(ids, scores, 3, seed=0)
+    assert any(len(set(docs[b])) < len(b) for b in plain)  # the hits are the same document
+    stats = {}
+    batches = bm25_batches(ids, scores, 3, seed=0, docs=docs, stats=stats)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(12))
+    assert all(len(set(docs[b])) == len(b) for b in batches)
+    assert stats["skipped_doc"] > 0
+    # one document only: the constraint cannot hold and is relaxed, nothing is lost
+    stats = {}
+    one = bm25_batches(ids, scores, 3, seed=0, docs=np.zeros(12, int), stats=stats)
+    assert sorted(np.concatenate(one).tolist()) == list(range(12)) and stats["relaxed"] > 0
+    with pytest.raises(ValueError, match="docs"):
+        bm25_batches(ids, scores, 3, docs=np.zeros(5, int))
+
+
+def test_near_duplicates_never_share_a_batch():
+    from trime_fairseq.data.near_dup import NearDuplicates
+
+    rng = np.random.default_rng(0)
+    base = [rng.integers(0, 1000, 40) for _ in range(6)]
+    segs = []
+    for b in base:  # each base text and a copy with 2 tokens changed
+        segs.append(b)
+        c = b.copy()
+        c[[5, 30]] = 2000
+        segs.append(c)
+    ids, scores = BM25(segs).neighbours(k=5, query_terms=0, progress=False)
+    plain = bm25_batches(ids, scores, 3, seed=1)
+    pair = np.arange(12) // 2
+    assert any(len(set(pair[b])) < len(b) for b in plain)  # copies are each other's best hit
+    near = NearDuplicates(segs, n=5, threshold=0.5)
+    assert near.is_dup(0, 1) and not near.is_dup(0, 2)
+    batches = bm25_batches(ids, scores, 3, seed=1, near_dups=near)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(12))
+    assert all(len(set(pair[b])) == len(b) for b in batches)
+
+
+def test_cache_key_holds_every_batching_option(tmp_path):
+    from argparse import Namespace
+
+    from trime_fairseq.tasks.memory_flags import bm25_cache_key, cached_bm25_batches
+
+    base = dict(bm25_neighbours=8, bm25_query_terms=0, bm25_cache_dir=str(tmp_path), bm25_grow="heap",
+                bm25_exclude_same_doc="off", bm25_max_jaccard=None, bm25_ngram=5)
+    variants = [dict(), dict(bm25_grow="chain"), dict(bm25_exclude_same_doc="on"),
+                dict(bm25_max_jaccard=0.5), dict(bm25_max_jaccard=0.5, bm25_ngram=3), dict(bm25_max_jaccard=0.8)]
+    keys = [bm25_cache_key(Namespace(**dict(base, **v)), "train_L16", 4, 1, True) for v in variants]
+    assert len(set(keys)) == len(keys)
+    assert keys[0] == "bm25_train_L16_B4_k8_q0_s1"  # the pre-option name: old caches stay valid
+    # without documents (translation), the same-document option does not change the batches
+    assert bm25_cache_key(Namespace(**dict(base, bm25_exclude_same_doc="on")), "t", 4, 1, False) == \
+        bm25_cache_key(Namespace(**base), "t", 4, 1, False)
+    ids, _ = line_neighbours(n=12)
+    segs = [np.array([i, i + 1, i + 2, 50 + i // 2]) for i in range(12)]
+    docs = np.arange(12) // 2
+    a = cached_bm25_batches(Namespace(**base), segs, 3, 1, str(tmp_path), "x", docs=docs)
+    b = cached_bm25_batches(Namespace(**dict(base, bm25_exclude_same_doc="on")), segs, 3, 1, str(tmp_path), "x",
+                            docs=docs)
+    assert all(len(set(docs[x])) == len(x) for x in b)
+    assert len(list(tmp_path.glob("bm25_x_*.npz"))) == 2
+    again = cached_bm25_batches(Namespace(**dict(base, bm25_exclude_same_doc="on")), segs, 3, 1, str(tmp_path), "x",
+                                docs=docs)
+    assert all((p == q).all() for p, q in zip(b, again))
+    assert len(a) == len(b) == 4
+    with pytest.raises(ValueError, match="bm25-max-jaccard"):
+        bm25_cache_key(Namespace(**dict(base, bm25_max_jaccard=0.0)), "x", 4, 1, True)

@@ -298,3 +298,49 @@ def test_too_few_documents_error(tmp_path):
         main(["--source", "folder", "--input", str(root), "--out", str(tmp_path / "out"),
               "--tokenizer", "none", "--no-binarize"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+# --------------------------------------------------------------------------- de-duplication
+
+
+def test_deduplicate_heldout_drops_documents_that_copy_train():
+    import random
+
+    rnd = random.Random(0)
+
+    def text(n):
+        return " ".join(f"w{rnd.randint(0, 500)}" for _ in range(n))
+
+    train = [C.Document(f"t{i}", (text(60), text(60))) for i in range(6)]
+    copy = C.Document("copy", train[2].lines + (text(5),))  # a train document and a few words more
+    partial = C.Document("partial", (text(120), " ".join(train[4].lines)))  # 2nd segment is a copy
+    fresh = C.Document("fresh", (text(80),))
+    splits = {"train": train, "valid": [copy, fresh], "test": [partial, fresh]}
+    out, report = C.deduplicate_heldout(splits, threshold=0.5, ngram=5, words=120)
+    assert [d.name for d in out["valid"]] == ["fresh"] and [d.name for d in out["test"]] == ["fresh"]
+    assert out["train"] == train
+    assert report["valid"]["dropped_docs"] == 1 and report["test"]["near_duplicate_segments"] == 1
+    with pytest.raises(C.CorpusError, match="dropped every valid"):
+        C.deduplicate_heldout({"train": train, "valid": [copy], "test": [fresh]}, threshold=0.5, words=120)
+
+
+def test_cli_dedup_is_off_by_default_and_recorded_when_on(tmp_path):
+    root = write_folder(tmp_path / "in", n=12)
+    for i in (0, 1):  # two documents copy another one's text
+        (root / "b" / f"dup{i}.txt").write_text("doc 4 first line\n\n  doc 4   second line \n")
+    base = ["--source", "folder", "--input", str(root), "--tokenizer", "none", "--no-binarize",
+            "--valid-frac", "0.25", "--test-frac", "0.25", "--seed", "3"]
+    main(base + ["--out", str(tmp_path / "plain")])
+    plain = json.loads((tmp_path / "plain" / "corpus.json").read_text())
+    assert "dedup" not in plain and "dedup_jaccard" not in plain["config"]  # old fingerprints unchanged
+    main(base + ["--out", str(tmp_path / "dedup"), "--dedup-jaccard", "0.9", "--dedup-ngram", "3"])
+    dedup = json.loads((tmp_path / "dedup" / "corpus.json").read_text())
+    # seed 3 puts one copy in train and one in each of valid and test: both go
+    assert (dedup["dedup"]["valid"]["dropped_docs"], dedup["dedup"]["test"]["dropped_docs"]) == (1, 1)
+    held = [(tmp_path / d / f"{s}.txt").read_text() for d in ("plain", "dedup") for s in ("valid", "test")]
+    assert all("doc 4 first line" in h for h in held[:2]) and not any("doc 4 first line" in h for h in held[2:])
+    assert "doc 4 first line" in (tmp_path / "dedup" / "train.txt").read_text()
+    assert (tmp_path / "dedup" / "train.txt").read_text() == (tmp_path / "plain" / "train.txt").read_text()
+    assert dedup["config"]["dedup_jaccard"] == 0.9
+    with pytest.raises(SystemExit, match="dedup-jaccard"):
+        main(base + ["--out", str(tmp_path / "bad"), "--dedup-jaccard", "1.5"])

@@ -79,10 +79,34 @@ def test_tune_is_reused_only_for_the_same_arguments(tmp_path, monkeypatch):
 
 def test_external_memory_example(corpus, tmp_path):
     run_example("external_memory", "--run-dir", str(tmp_path), "--data", str(corpus), *TINY, "--batch-size", "8",
-                "--knn-k", "8", "--long-memory-size", "64")
+                "--knn-k", "8", "--long-memory-size", "64", "--ext-flags", "--bm25-exclude-same-doc on",
+                "--out", str(tmp_path / "page"))
     result = json.loads((tmp_path / "results.json").read_text())
     assert [r["system"] for r in result["rows"]][2] == "kNN-LM"
+    assert [r["key"] for r in result["rows"]] == [
+        "vanilla", "cache", "knnlm", "knnlm_cache", "trimelm_nomem", "trimelm", "trimelm_ext_nomem",
+        "trimelm_ext_nolong", "trimelm_ext"]
+    assert all(r["valid_ppl"] > 1 and r["test_ppl"] > 1 for r in result["rows"])
     assert result["index"]["vanilla"]["metric"] == "l2" and result["index"]["trime_ext"]["metric"] == "ip"
+    assert json.loads((tmp_path / "page.json").read_text())["rows"] == result["rows"]
+    assert list(tmp_path.glob("bm25_train_*_xdoc.npz"))  # the option reached the training run
+
+
+def test_external_memory_ablation_example(corpus, tmp_path):
+    args = ["--run-dir", str(tmp_path), "--data", str(corpus), *TINY, "--knn-k", "8", "--datastore-fraction", "1",
+            "--out", str(tmp_path / "abl")]
+    run_example("external_memory_ablation", *args, "--only", "vanilla,ext_all")
+    run_example("external_memory_ablation", *args)
+    result = json.loads((tmp_path / "abl.json").read_text())
+    rows = {r["key"]: r for r in result["rows"]}
+    assert {"vanilla", "knnlm", "trimelm", "ext_base", "ext_xdoc", "ext_dedup", "ext_chain", "ext_long",
+            "ext_all"} <= set(rows)
+    for r in rows.values():
+        assert r["valid_ppl"] > 1
+    assert rows["ext_all"]["model_alone_valid_ppl"] > 1 and rows["ext_all"]["valid_ppl_pprime_published"] > 1
+    comp = result["results"]["ext_xdoc"]["composition"]
+    assert comp["with_same_doc_mate"] <= result["results"]["ext_base"]["composition"]["with_same_doc_mate"]
+    assert "| model |" in (tmp_path / "ablation.md").read_text()
 
 
 def test_memorizing_vs_trime_example(corpus, tmp_path):

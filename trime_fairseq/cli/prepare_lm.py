@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--thresholdtokens", type=int, default=0,
                         help="passed to fairseq-preprocess: map tokens seen at most this many "
                         "times to <unk> (0 = keep all)")
+    parser.add_argument("--dedup-jaccard", type=float, default=None,
+                        help="drop valid/test documents that have a segment whose word n-gram "
+                        "Jaccard similarity to a train segment is >= this (default: keep all, so "
+                        "existing corpora stay the same); counts go to corpus.json")
+    dedup = CorpusConfig.__dataclass_fields__
+    parser.add_argument("--dedup-ngram", type=int, default=dedup["dedup_ngram"].default,
+                        help="n of the word n-grams of --dedup-jaccard")
+    parser.add_argument("--dedup-segment-words", type=int, default=dedup["dedup_segment_words"].default,
+                        help="--dedup-jaccard compares segments of this many words")
     parser.add_argument("--no-binarize", action="store_true",
                         help="only write the text files; skip fairseq-preprocess")
     parser.add_argument("--force", action="store_true",
@@ -114,6 +123,9 @@ def config_from_args(args: argparse.Namespace) -> CorpusConfig:
         threshold_tokens=args.thresholdtokens,
         binarize=not args.no_binarize,
         force=args.force,
+        dedup_jaccard=args.dedup_jaccard,
+        dedup_ngram=args.dedup_ngram,
+        dedup_segment_words=args.dedup_segment_words,
     )
 
 

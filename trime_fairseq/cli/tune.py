@@ -35,12 +35,14 @@ from tqdm import tqdm
 from trime_fairseq.cli import setup_cli_logging
 from trime_fairseq.errors import TrimeUserError, cli_entry
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
+from trime_fairseq.memory.joint import DEFAULT_PPRIME, PPRIME_KINDS
 
 logger = logging.getLogger("trime_fairseq.tune")
 
 # per combiner: required grid axes, and optional ones with their default
 GRID_KEYS: Dict[str, Tuple[Tuple[str, ...], Dict[str, float]]] = {
-    "trime": (("tau",), {"memory_lambda": 0.0, "memory_tau": 1.0, "k": 0}),
+    "trime": (("tau",), {"memory_lambda": 0.0, "memory_tau": 1.0, "k": 0,
+                         "pprime": float(PPRIME_KINDS.index(DEFAULT_PPRIME))}),
     "cache": (("lambda", "theta"), {}),
     "knn": (("lambda", "temperature"), {"k": 0, "cache_lambda": 0.0, "cache_theta": 0.0}),
 }
@@ -80,7 +82,10 @@ def parse_grid(combiner: str, items: Sequence[str]) -> List[Dict[str, float]]:
 def make_combiner(combiner: str, point: Dict[str, float], representation: str = "f") -> Combiner:
     opt = dict(GRID_KEYS[combiner][1], **point)
     if combiner == "trime":
-        return TrimeCombiner(opt["tau"], opt["memory_lambda"], opt["memory_tau"])
+        kind = int(opt["pprime"])
+        if kind not in range(len(PPRIME_KINDS)) or kind != opt["pprime"]:
+            raise ValueError(f"--grid pprime takes {', '.join(f'{i} ({k})' for i, k in enumerate(PPRIME_KINDS))}")
+        return TrimeCombiner(opt["tau"], opt["memory_lambda"], opt["memory_tau"], PPRIME_KINDS[kind])
     if combiner == "cache":
         return CacheCombiner(opt["lambda"], opt["theta"], representation)
     cache = CacheCombiner(opt["cache_lambda"], opt["cache_theta"], representation) if opt["cache_lambda"] > 0 else None
@@ -230,7 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         prog="trime-tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--combiner", choices=sorted(GRID_KEYS), required=True,
-                        help="trime (grid over tau [memory_lambda memory_tau k]), cache (lambda "
+                        help="trime (grid over tau [memory_lambda memory_tau k pprime]; pprime = "
+                        + ", ".join(f"{i}: {k}" for i, k in enumerate(PPRIME_KINDS))
+                        + " of --memory-distribution), cache (lambda "
                         "theta) or knn (lambda temperature [k cache_lambda cache_theta])")
     parser.add_argument("--grid", nargs="+", required=True,
                         help="name=v1,v2,... per parameter; k = neighbours kept of --knn-k retrieved")

@@ -4,18 +4,22 @@
 negative idf, same k1/b, repeated query tokens counted each time), but as one sparse
 matrix, so that all-pairs neighbour search over 100k+ segments takes seconds.
 
-:func:`bm25_batches` starts a batch from a random unused segment and repeatedly adds the
-unused segment with the highest BM25 score to any member of the batch, until the batch
-is full. For speed, neighbour search uses each segment's ``query_terms`` rarest terms as
+:func:`bm25_batches` starts a batch from a random unused segment and grows it from the
+BM25 hits of its members (the best hit of any member, or the paper's chain from the last
+added member), optionally skipping segments of a member's document and near-duplicates. For speed, neighbour search uses each segment's ``query_terms`` rarest terms as
 its query (BM25 with a shortened query; the scores of those terms are exact).
 """
 import heapq
 import logging
-from typing import List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 from tqdm import tqdm
+from trime_fairseq.errors import TrimeUserError
+
+if TYPE_CHECKING:
+    from trime_fairseq.data.near_dup import NearDuplicates
 
 logger = logging.getLogger(__name__)
 
@@ -105,20 +109,74 @@ def _keep_top_terms(q: sp.csr_matrix, rarity: np.ndarray, m: int) -> sp.csr_matr
     return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=q.shape)
 
 
-def bm25_batches(neighbours: np.ndarray, scores: np.ndarray, batch_size: int, seed: int = 1) -> List[np.ndarray]:
-    """Greedy BM25 batching (see module docstring); every segment lands in one batch.
+GROW_MODES = ("heap", "chain")
+
+
+def bm25_batches(neighbours: np.ndarray, scores: np.ndarray, batch_size: int, seed: int = 1,
+                 grow: str = "heap", docs: Optional[np.ndarray] = None,
+                 near_dups: Optional["NearDuplicates"] = None, stats: Optional[Dict[str, int]] = None,
+                 ) -> List[np.ndarray]:
+    """Greedy BM25 batching; every segment lands in exactly one batch.
+
+    A batch starts from a random unused segment and grows, one segment at a time, until
+    it holds ``batch_size``:
+
+    * ``grow="heap"``: add the unused segment with the highest BM25 score to *any* member
+      of the batch;
+    * ``grow="chain"`` (the paper's construction): add the best unused hit of the *last
+      added* segment.
+
+    Either way, when no candidate is left the batch continues from a random unused
+    segment. A candidate is skipped (it stays unused for later batches) when ``docs`` is
+    given and it belongs to the document of a member, or when ``near_dups`` says it is a
+    near-duplicate of a member. If every unused segment is excluded, the constraint is
+    relaxed for that one addition (counted in ``stats["relaxed"]``).
 
     Args:
         neighbours, scores: from :meth:`BM25.neighbours`.
+        docs: ``[segments]`` document id of each segment (same-document exclusion).
+        stats: filled with counts (``skipped_doc``, ``skipped_dup``, ``random``, ``relaxed``).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if grow not in GROW_MODES:
+        raise TrimeUserError(f"--bm25-grow must be one of {GROW_MODES}, got {grow!r}")
     n = len(neighbours)
+    if docs is not None and len(docs) != n:
+        raise ValueError(f"docs has {len(docs)} entries for {n} segments")
+    counts = {"skipped_doc": 0, "skipped_dup": 0, "random": 0, "relaxed": 0}
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
     used = np.zeros(n, dtype=bool)
     batches: List[np.ndarray] = []
     next_seed = 0
+
+    def allowed(c: int, batch: List[int], batch_docs: set) -> bool:
+        if docs is not None and int(docs[c]) in batch_docs:
+            counts["skipped_doc"] += 1
+            return False
+        if near_dups is not None and near_dups.dup_of_any(c, batch):
+            counts["skipped_dup"] += 1
+            return False
+        return True
+
+    def random_unused(batch: List[int], batch_docs: set) -> int:
+        """The next unused segment of the random order that the batch allows (or, if
+        none does, the next unused one); -1 when all are used."""
+        nonlocal next_seed
+        while next_seed < n and used[order[next_seed]]:
+            next_seed += 1
+        if next_seed >= n:
+            return -1
+        if docs is None and near_dups is None:
+            return int(order[next_seed])
+        for pos in range(next_seed, n):
+            c = int(order[pos])
+            if not used[c] and allowed(c, batch, batch_docs):
+                return c
+        counts["relaxed"] += 1
+        return int(order[next_seed])
+
     while True:
         while next_seed < n and used[order[next_seed]]:
             next_seed += 1
@@ -126,26 +184,38 @@ def bm25_batches(neighbours: np.ndarray, scores: np.ndarray, batch_size: int, se
             break
         first = int(order[next_seed])
         batch = [first]
+        batch_docs = {int(docs[first])} if docs is not None else set()
         used[first] = True
         heap: List = []
-        for c, sc in zip(neighbours[first], scores[first]):
-            if c >= 0:
-                heapq.heappush(heap, (-float(sc), int(c)))
-        while len(batch) < batch_size:
-            while heap and used[heap[0][1]]:
-                heapq.heappop(heap)
-            if heap:
-                _, c = heapq.heappop(heap)
-            else:  # no similar segment left: continue from a random unused one
-                while next_seed < n and used[order[next_seed]]:
-                    next_seed += 1
-                if next_seed >= n:
-                    break
-                c = int(order[next_seed])
-            used[c] = True
-            batch.append(c)
+        last = first
+
+        def push(c: int) -> None:
+            if grow == "chain":
+                heap.clear()
             for nb, sc in zip(neighbours[c], scores[c]):
                 if nb >= 0 and not used[nb]:
                     heapq.heappush(heap, (-float(sc), int(nb)))
+
+        push(first)
+        while len(batch) < batch_size:
+            c = -1
+            while heap:
+                _, cand = heapq.heappop(heap)
+                if not used[cand] and allowed(cand, batch, batch_docs):
+                    c = cand
+                    break
+            if c < 0:  # no similar segment left: continue from a random unused one
+                c = random_unused(batch, batch_docs)
+                if c < 0:
+                    break
+                counts["random"] += 1
+            used[c] = True
+            batch.append(c)
+            if docs is not None:
+                batch_docs.add(int(docs[c]))
+            last = c
+            push(last)
         batches.append(np.array(batch, dtype=np.int64))
+    if stats is not None:
+        stats.update(counts)
     return batches

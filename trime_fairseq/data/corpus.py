@@ -31,7 +31,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import (
@@ -46,6 +46,7 @@ from typing import (
     Tuple,
 )
 
+import numpy as np
 from tqdm import tqdm
 
 from trime_fairseq.errors import TrimeUserError
@@ -653,6 +654,13 @@ class CorpusConfig:
     threshold_tokens: int = 0
     binarize: bool = True
     force: bool = False
+    dedup_jaccard: Optional[float] = field(
+        default=None,
+        metadata={"help": "drop valid/test documents with a segment whose word n-gram Jaccard "
+                          "similarity to a train segment is >= this (None = keep all)"})
+    dedup_ngram: int = field(default=5, metadata={"help": "n of the n-grams of dedup_jaccard"})
+    dedup_segment_words: int = field(
+        default=400, metadata={"help": "dedup_jaccard compares segments of this many words"})
 
     def validate(self) -> None:
         """Raise :class:`CorpusError` naming the offending flag."""
@@ -688,6 +696,10 @@ class CorpusConfig:
             raise CorpusError(f"--max-docs must be >= 1, got {self.max_docs}")
         if self.threshold_tokens < 0:
             raise CorpusError(f"--thresholdtokens must be >= 0, got {self.threshold_tokens}")
+        if self.dedup_jaccard is not None and not 0 < self.dedup_jaccard <= 1:
+            raise CorpusError(f"--dedup-jaccard must be in (0, 1], got {self.dedup_jaccard}")
+        if self.dedup_ngram < 1 or self.dedup_segment_words < 1:
+            raise CorpusError("--dedup-ngram and --dedup-segment-words must be >= 1")
         out = Path(self.out).expanduser()
         if out.exists() and not out.is_dir():
             raise CorpusError(f"--out {out} exists and is not a directory")
@@ -709,6 +721,9 @@ class CorpusConfig:
             "max_docs": self.max_docs,
             "threshold_tokens": self.threshold_tokens if self.binarize else None,
             "binarize": self.binarize,
+            # only when on, so that corpora built before the option keep their fingerprint
+            **({"dedup_jaccard": self.dedup_jaccard, "dedup_ngram": self.dedup_ngram,
+                "dedup_segment_words": self.dedup_segment_words} if self.dedup_jaccard is not None else {}),
         }
 
 
@@ -788,11 +803,51 @@ def _collect_splits(cfg: CorpusConfig) -> Tuple[Dict[str, Iterable[Document]], L
     return dict(split_documents(docs, cfg.valid_frac, cfg.test_frac, cfg.seed, cfg.max_docs)), source_files
 
 
+def word_segments(doc: Document, vocab: Dict[str, int], words: int) -> List[List[int]]:
+    """The document's whitespace words as ids (``vocab`` grows), cut into runs of ``words``."""
+    ids = [vocab.setdefault(w, len(vocab)) for line in doc.lines for w in line.split()]
+    return [ids[i:i + words] for i in range(0, len(ids), words)] or [[]]
+
+
+def deduplicate_heldout(
+    splits: Mapping[str, Iterable[Document]], threshold: float, ngram: int = 5, words: int = 400,
+) -> Tuple[Dict[str, List[Document]], Dict[str, object]]:
+    """Drop every valid/test document one of whose ``words``-word segments has a near-duplicate
+    among the train segments (word ``ngram``-gram Jaccard >= ``threshold``, the test of
+    :mod:`trime_fairseq.data.near_dup`). Train is unchanged. Returns the splits and counts."""
+    from trime_fairseq.data.near_dup import max_jaccard, ngram_sets
+
+    vocab: Dict[str, int] = {}
+    out: Dict[str, List[Document]] = {"train": list(splits["train"])}
+    train_sets = ngram_sets([seg for d in out["train"] for seg in word_segments(d, vocab, words)], ngram)
+    report: Dict[str, object] = {"threshold": threshold, "ngram": ngram, "segment_words": words}
+    for split in ("valid", "test"):
+        docs = list(splits[split])
+        segs = [word_segments(d, vocab, words) for d in docs]
+        best, _ = max_jaccard(ngram_sets([s for ss in segs for s in ss], ngram), train_sets)
+        owner = np.repeat(np.arange(len(docs)), [len(ss) for ss in segs])
+        dup_doc = np.zeros(len(docs), dtype=bool)
+        dup_doc[owner[best >= threshold]] = True
+        out[split] = [d for d, dup in zip(docs, dup_doc) if not dup]
+        report[split] = {"docs": len(docs), "dropped_docs": int(dup_doc.sum()),
+                         "segments": int(len(best)), "near_duplicate_segments": int((best >= threshold).sum())}
+        logger.info("dedup: dropped %d of %d %s documents (%d of %d segments have a train near-duplicate, "
+                    "Jaccard >= %g on word %d-grams)", dup_doc.sum(), len(docs), split,
+                    (best >= threshold).sum(), len(best), threshold, ngram)
+        if not out[split]:
+            raise CorpusError(f"--dedup-jaccard {threshold} dropped every {split} document; raise it")
+    return out, report
+
+
 def _build_into(cfg: CorpusConfig, work: Path) -> dict:
     """Build the complete corpus into the (empty) directory ``work``; return the manifest."""
     timings: Dict[str, float] = {}
     start = time.perf_counter()
     splits, source_files = _collect_splits(cfg)
+    dedup_report = None
+    if cfg.dedup_jaccard is not None:
+        splits, dedup_report = deduplicate_heldout(splits, cfg.dedup_jaccard, cfg.dedup_ngram,
+                                                   cfg.dedup_segment_words)
     timings["read"] = time.perf_counter() - start
 
     if cfg.tokenizer == "sentencepiece":
@@ -851,6 +906,8 @@ def _build_into(cfg: CorpusConfig, work: Path) -> dict:
         "versions": _versions(cfg),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
+    if dedup_report is not None:
+        manifest["dedup"] = dedup_report
     with open(work / MANIFEST_NAME, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=2, sort_keys=False)
         handle.write("\n")

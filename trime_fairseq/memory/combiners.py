@@ -26,6 +26,9 @@ import torch
 from torch import Tensor
 
 from trime_fairseq.memory.joint import (
+    DEFAULT_PPRIME,
+    PPRIME_KINDS,
+    appendix_f_entries,
     at_least_float32,
     interpolate,
     interpolate_at,
@@ -254,12 +257,14 @@ def memory_entries(x: ScoringInputs, temperature: float):
 class TrimeCombiner(Combiner):
     """Eq. 6: ``P(w) ∝ exp(s_w) + Σ_{x_j=w} exp(sim(g, g_j)/τ)`` over all memories; with
     ``lam > 0`` also Appendix F: ``(1-λ) P + λ P'``, ``P'`` the memory-only distribution
-    at temperature ``τ'`` (Eq. 7-8)."""
+    at temperature ``τ'`` (Eq. 7-8) over the entries that ``memory_distribution`` names
+    (:func:`~trime_fairseq.memory.joint.appendix_f_entries`)."""
 
     name = "trime"
     representations = ("g",)
 
-    def __init__(self, temperature: float = 1.0, lam: float = 0.0, memory_temperature: Optional[float] = None) -> None:
+    def __init__(self, temperature: float = 1.0, lam: float = 0.0, memory_temperature: Optional[float] = None,
+                 memory_distribution: str = DEFAULT_PPRIME) -> None:
         if temperature <= 0:
             raise TrimeUserError(f"--eval-temperature must be > 0, got {temperature}")
         if not 0.0 <= lam < 1.0:
@@ -267,23 +272,34 @@ class TrimeCombiner(Combiner):
                                  "and tokens absent from memory get probability 0")
         if lam > 0 and (memory_temperature is None or memory_temperature <= 0):
             raise TrimeUserError("--memory-lambda > 0 needs --memory-temperature > 0 (tau' of Eq. 7)")
+        if str(memory_distribution) not in PPRIME_KINDS:
+            raise TrimeUserError(f"--memory-distribution must be one of {PPRIME_KINDS}, got {memory_distribution!r}")
         self.temperature, self.lam, self.memory_temperature = temperature, lam, memory_temperature
+        self.memory_distribution = str(memory_distribution)
+
+    def _has_pprime(self, x: ScoringInputs) -> bool:
+        """False when P' has no entries at all (published P' without a datastore)."""
+        return self.memory_distribution != "ext-raw" or (x.ext_scores is not None and x.ext_scores.size(-1) > 0)
+
+    def _pprime(self, x: ScoringInputs, scores: Tensor, labels: Tensor, mask: Tensor):
+        return appendix_f_entries(self.memory_distribution, scores, labels, mask, self.temperature,
+                                  self.memory_temperature, x.ext_scores, x.ext_labels)
 
     def log_probs(self, x: ScoringInputs) -> Tensor:
         scores, labels, mask = memory_entries(x, self.temperature)
         lp = joint_log_probs(x.tok_scores, x.tok_lse, scores, labels, mask)
-        if self.lam > 0:
-            s2 = scores * (self.temperature / self.memory_temperature)
-            lp = interpolate_at(lp, memory_log_probs_at(s2, labels, mask, x.vocab_size), self.lam, mask.any(-1))
+        if self.lam > 0 and self._has_pprime(x):
+            s2, l2, m2 = self._pprime(x, scores, labels, mask)
+            lp = interpolate_at(lp, memory_log_probs_at(s2, l2, m2, x.vocab_size), self.lam, m2.any(-1))
         return lp
 
     def target_log_prob(self, x: ScoringInputs) -> Tensor:
         scores, labels, mask = memory_entries(x, self.temperature)
         tok_target = x.tok_scores.gather(-1, x.target.unsqueeze(-1)).squeeze(-1)
         lp = joint_target_log_prob(tok_target, x.tok_lse, scores, labels, mask, x.target)
-        if self.lam > 0:
-            s2 = scores * (self.temperature / self.memory_temperature)
-            lp = interpolate(lp, memory_target_log_prob(s2, labels, mask, x.target), self.lam, mask.any(-1))
+        if self.lam > 0 and self._has_pprime(x):
+            s2, l2, m2 = self._pprime(x, scores, labels, mask)
+            lp = interpolate(lp, memory_target_log_prob(s2, l2, m2, x.target), self.lam, m2.any(-1))
         return lp
 
     def contributions(self, x: ScoringInputs) -> Contributions:
@@ -296,7 +312,8 @@ class TrimeCombiner(Combiner):
         return Contributions(w, entry_layout(x), scores * self.temperature, x.key_labels.size(-1))
 
     def describe(self) -> str:
-        extra = f", lambda={self.lam:g}, tau'={self.memory_temperature:g}" if self.lam > 0 else ""
+        extra = (f", lambda={self.lam:g}, tau'={self.memory_temperature:g}, P' over {self.memory_distribution}"
+                 if self.lam > 0 else "")
         return f"trime(tau={self.temperature:g}{extra})"
 
 

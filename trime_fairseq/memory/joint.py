@@ -318,6 +318,46 @@ def memory_target_log_prob(
     return masked_logsumexp(mem_scores, positive) - total
 
 
+# Appendix F: which entries P' (Eq. 7) is computed over, and how they are scored
+PPRIME_KINDS = ("ext-raw", "all-scaled")
+DEFAULT_PPRIME = "ext-raw"
+
+
+def appendix_f_entries(
+    kind: str,
+    scores: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    temperature: float,
+    memory_temperature: float,
+    ext_scores: Optional[Tensor] = None,
+    ext_labels: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The ``(scores, labels, mask)`` over which Appendix F's memory-only distribution
+    ``P'`` (Eq. 7) is computed, for :func:`memory_log_probs_at` / :func:`memory_target_log_prob`.
+
+    * ``"ext-raw"`` (the published setup): the retrieved external neighbours only, scored
+      by their raw similarity (inner product, no ``√d``) divided by ``τ'``:
+      ``P'(w) ∝ Σ_{j∈ext, x_j=w} exp(q·k_j / τ')``. Needs ``ext_scores``; rows without a
+      finite one have an empty ``P'`` (Eq. 8 then leaves ``P`` unchanged).
+    * ``"all-scaled"``: every memory entry of Eq. 6 (local, long-term and external),
+      scored ``sim/(√d τ')``.
+
+    Args:
+        scores, labels, mask: all memory entries of Eq. 6, ``scores = sim/(√d τ)``.
+        temperature, memory_temperature: ``τ`` (of ``scores``) and ``τ'``.
+        ext_scores, ext_labels: ``[..., K]`` raw retrieved similarities (``-inf`` = none)
+            and their labels.
+    """
+    if kind == "all-scaled":
+        return scores * (temperature / memory_temperature), labels, mask
+    if kind != "ext-raw":
+        raise ValueError(f"--memory-distribution must be one of {PPRIME_KINDS}, got {kind!r}")
+    if ext_scores is None:
+        raise ValueError("--memory-distribution ext-raw needs external memory (--eval-memory ...+ext)")
+    return ext_scores / memory_temperature, ext_labels, torch.isfinite(ext_scores)
+
+
 def _mix_logs(lam: Union[float, Tensor]) -> Tuple[Union[float, Tensor], Union[float, Tensor]]:
     """``(log(1-λ), log λ)`` for a scalar or a per-row tensor ``λ``."""
     if isinstance(lam, Tensor):

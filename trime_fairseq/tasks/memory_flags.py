@@ -12,11 +12,20 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+
+from trime_fairseq.data.bm25 import GROW_MODES
 
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
+
+BM25_GROW = ChoiceEnum(list(GROW_MODES))
+ON_OFF = ChoiceEnum(["on", "off"])
+# defaults of the LM ablation (docs/results/external_memory_ablation.md)
+DEFAULT_BM25_GROW = "heap"
+DEFAULT_BM25_EXCLUDE_SAME_DOC = "off"
+DEFAULT_BM25_MAX_JACCARD: Optional[float] = None
 
 
 @dataclass
@@ -62,6 +71,27 @@ class BM25BatchingConfig(FairseqDataclass):
     )
     bm25_cache_dir: Optional[str] = field(
         default=None, metadata={"help": "where BM25 batches are cached (default: the data directory)"}
+    )
+    bm25_grow: BM25_GROW = field(
+        default=DEFAULT_BM25_GROW,
+        metadata={"help": "BM25 batching: heap = add the unused segment with the best BM25 score to "
+                          "any member of the batch; chain = add the best unused hit of the last "
+                          "added segment (the paper's chain)"},
+    )
+    bm25_exclude_same_doc: ON_OFF = field(
+        default=DEFAULT_BM25_EXCLUDE_SAME_DOC,
+        metadata={"help": "BM25 batching (LM): on = never put two segments of one document in a batch, "
+                          "so in-batch memory holds other documents only, like a test-time "
+                          "datastore (which never holds the evaluated document)"},
+    )
+    bm25_max_jaccard: Optional[float] = field(
+        default=DEFAULT_BM25_MAX_JACCARD,
+        metadata={"help": "BM25 batching: never put two segments whose token n-gram Jaccard "
+                          "similarity (--bm25-ngram) is >= this in a batch (near-duplicates); "
+                          "unset or >1 = off"},
+    )
+    bm25_ngram: int = field(
+        default=5, metadata={"help": "BM25 batching: n of the n-grams of --bm25-max-jaccard"}
     )
 
 
@@ -116,20 +146,54 @@ def segments_fingerprint(segments) -> str:
     return h.hexdigest()
 
 
-def cached_bm25_batches(args, segments, batch_size: int, seed: int, cache_root: str, name: str):
+def bm25_options(args) -> dict:
+    """The batching options of ``args`` (defaults for namespaces that predate them)."""
+    jac = getattr(args, "bm25_max_jaccard", DEFAULT_BM25_MAX_JACCARD)
+    ngram = int(getattr(args, "bm25_ngram", 5))
+    if jac is not None and jac <= 0:
+        raise TrimeUserError(f"--bm25-max-jaccard must be in (0, 1] (or >1 / unset for off), got {jac}")
+    if ngram < 1:
+        raise TrimeUserError(f"--bm25-ngram must be >= 1, got {ngram}")
+    return {
+        "grow": str(getattr(args, "bm25_grow", DEFAULT_BM25_GROW)),
+        "exclude_same_doc": str(getattr(args, "bm25_exclude_same_doc", DEFAULT_BM25_EXCLUDE_SAME_DOC)) == "on",
+        "max_jaccard": None if jac is None or jac > 1 else float(jac),
+        "ngram": ngram,
+    }
+
+
+def bm25_cache_key(args, name: str, batch_size: int, seed: int, with_docs: bool) -> str:
+    """File name stem of a BM25 batching: every option that changes the batches is in it
+    (options at their old defaults keep the old names, so existing caches stay valid)."""
+    o = bm25_options(args)
+    key = f"bm25_{name}_B{batch_size}_k{args.bm25_neighbours}_q{args.bm25_query_terms}_s{seed}"
+    if o["grow"] != "heap":
+        key += f"_{o['grow']}"
+    if o["exclude_same_doc"] and with_docs:
+        key += "_xdoc"
+    if o["max_jaccard"] is not None:
+        key += f"_j{o['max_jaccard']:g}n{o['ngram']}"
+    return key
+
+
+def cached_bm25_batches(args, segments, batch_size: int, seed: int, cache_root: str, name: str,
+                        docs: Optional[np.ndarray] = None):
     """BM25 batches (:func:`trime_fairseq.data.bm25.bm25_batches`) of ``segments`` (a
     sequence of token-id arrays), computed once and cached as ``cache_root/bm25_NAME_...npz``
-    (``--bm25-cache-dir`` overrides the folder). Returns a list of index arrays."""
+    (``--bm25-cache-dir`` overrides the folder). ``docs`` (document id per segment) enables
+    ``--bm25-exclude-same-doc``. Returns a list of index arrays."""
     import time
 
     from trime_fairseq.data.bm25 import BM25, bm25_batches
+    from trime_fairseq.data.near_dup import NearDuplicates
 
     if batch_size < 2:
         raise TrimeUserError("--bm25-batching needs at least 2 segments per batch (--batch-size or --max-tokens)")
+    opts = bm25_options(args)
     root = args.bm25_cache_dir or cache_root
     if not os.path.isdir(root):
         raise TrimeUserError(f"--bm25-cache-dir {root}: no such directory")
-    key = f"bm25_{name}_B{batch_size}_k{args.bm25_neighbours}_q{args.bm25_query_terms}_s{seed}"
+    key = bm25_cache_key(args, name, batch_size, seed, docs is not None)
     path = os.path.join(root, key + ".npz")
     digest = segments_fingerprint(segments)
     if os.path.exists(path):
@@ -144,7 +208,12 @@ def cached_bm25_batches(args, segments, batch_size: int, seed: int, cache_root: 
     t0 = time.perf_counter()
     bm25 = BM25(segments)
     ids, scores = bm25.neighbours(args.bm25_neighbours, args.bm25_query_terms)
-    batches = bm25_batches(ids, scores, batch_size, seed=seed)
+    near = None
+    if opts["max_jaccard"] is not None:
+        near = NearDuplicates(segments, n=opts["ngram"], threshold=opts["max_jaccard"])
+    stats: dict = {}
+    batches = bm25_batches(ids, scores, batch_size, seed=seed, grow=opts["grow"],
+                           docs=docs if opts["exclude_same_doc"] else None, near_dups=near, stats=stats)
     order = np.concatenate(batches)
     bounds = np.cumsum([len(b) for b in batches])[:-1]
     import uuid
@@ -152,6 +221,7 @@ def cached_bm25_batches(args, segments, batch_size: int, seed: int, cache_root: 
     tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz"  # unique per process: workers may race
     np.savez(tmp, order=order, bounds=bounds, num_segments=len(segments), segments_sha256=digest)
     os.replace(tmp, path)
-    logger.info("BM25 batching: %d segments into %d batches in %.1fs (cached in %s)",
-                len(segments), len(batches), time.perf_counter() - t0, path)
+    logger.info("BM25 batching (%s): %d segments into %d batches in %.1fs (cached in %s); %s",
+                ", ".join(f"{k}={v}" for k, v in opts.items()), len(segments), len(batches),
+                time.perf_counter() - t0, path, ", ".join(f"{k} {v}" for k, v in stats.items()))
     return batches

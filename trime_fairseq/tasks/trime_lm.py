@@ -25,6 +25,7 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 
 from trime_fairseq.data.stream import DocumentSegments, StreamBlocks, TokenStream, shard_rows
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
+from trime_fairseq.memory.joint import DEFAULT_PPRIME, PPRIME_KINDS
 from trime_fairseq.models.memory_eval import MemoryEvalModel
 from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, RetrievalConfig, build_retriever, cached_bm25_batches
 from trime_fairseq.errors import TrimeUserError
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 EVAL_COMBINERS = ChoiceEnum(["none", "trime", "cache", "knn"])
 EVAL_MEMORIES = ChoiceEnum(["local", "local+long", "local+ext", "local+long+ext"])
 CACHE_REPRESENTATIONS = ChoiceEnum(["f", "g"])
+PPRIME_CHOICES = ChoiceEnum(list(PPRIME_KINDS))
 
 
 @dataclass
@@ -70,6 +72,13 @@ class TrimeLMConfig(LanguageModelingConfig, RetrievalConfig, BM25BatchingConfig)
     )
     memory_temperature: Optional[float] = field(
         default=None, metadata={"help": "TRIME Appendix F: temperature tau' of Eq. 7"}
+    )
+    memory_distribution: PPRIME_CHOICES = field(
+        default=DEFAULT_PPRIME,
+        metadata={"help": "TRIME Appendix F: the entries of P' (Eq. 7). ext-raw (published) = the "
+                          "retrieved external neighbours only, softmax of raw similarity / tau' "
+                          "(no sqrt(d)); all-scaled = every memory entry (local, long, external), "
+                          "sim / (sqrt(d) tau')"},
     )
     long_memory_size: int = field(
         default=0,
@@ -129,6 +138,10 @@ def check_memory_flags(cfg) -> None:
     uses_ext = "ext" in str(getattr(cfg, "eval_memory", "local")) or str(cfg.eval_combiner) == "knn"
     if uses_ext and not getattr(cfg, "datastore", None):
         raise TrimeUserError("external memory (--eval-memory ...+ext or --eval-combiner knn) needs --datastore")
+    if (str(cfg.eval_combiner) == "trime" and getattr(cfg, "memory_lambda", 0.0) > 0 and str(getattr(cfg, "memory_distribution", DEFAULT_PPRIME))
+            == "ext-raw" and "ext" not in str(getattr(cfg, "eval_memory", "local"))):
+        raise TrimeUserError("--memory-lambda with --memory-distribution ext-raw needs --eval-memory ...+ext "
+                         "(or use --memory-distribution all-scaled)")
     if getattr(cfg, "knn_k", 1) < 1:
         raise TrimeUserError(f"--knn-k must be >= 1, got {cfg.knn_k}")
 
@@ -140,7 +153,8 @@ def build_combiner(cfg) -> Combiner:
         return NoMemory()
     if kind == "trime":
         return TrimeCombiner(cfg.eval_temperature, getattr(cfg, "memory_lambda", 0.0),
-                             getattr(cfg, "memory_temperature", None))
+                             getattr(cfg, "memory_temperature", None),
+                             str(getattr(cfg, "memory_distribution", DEFAULT_PPRIME)))
     cache = None
     if cfg.cache_lambda is not None or cfg.cache_theta is not None or kind == "cache":
         if cfg.cache_lambda is None or cfg.cache_theta is None:
@@ -364,7 +378,7 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         """BM25 batches of the training segments, computed once and cached on disk."""
         segments = [dataset[i]["source"].numpy() for i in range(len(dataset))]
         return cached_bm25_batches(self.args, segments, batch_size, seed, utils.split_paths(self.args.data)[0],
-                                   f"{dataset.split}_L{self.args.tokens_per_sample}")
+                                   f"{dataset.split}_L{self.args.tokens_per_sample}", docs=dataset.seg_docs)
 
     def eval_lm_dataloader(self, dataset, max_tokens: Optional[int] = 36000, batch_size=None,
                            max_positions=None, num_shards: int = 1, shard_id: int = 0,

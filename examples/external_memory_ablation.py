@@ -1,0 +1,284 @@
+"""TRIMELM_ext ablation: what the in-batch memory holds (BM25 batching options) and which
+P' Appendix F uses, each measured on valid against kNN-LM / TRIMELM at the same budget.
+
+Every model has the same number of updates (``--max-update``) of the same number of tokens
+(16 x 512 or 8 x 1024). For each TRIMELM_ext variant: its model alone, and TRIMELM_ext
+(local + external memory) tuned on valid over τ, λ, τ' and both P' variants
+(``--memory-distribution``: ``ext-raw`` = published, ``all-scaled`` = ours before).
+Datastores hold the first ``1/--datastore-fraction`` of the training tokens (shard 0 of
+``trime-build-datastore --num-shards``), to fit the budget; the kNN-LM reference uses the
+same subset.
+
+    python examples/external_memory_ablation.py --data runs/corpus/bin --run-dir runs/abl
+    # parallel lanes share the run directory; a final call without --only writes the table
+    python examples/external_memory_ablation.py ... --only ext_base,ext_xdoc
+
+Writes ``RUN/ablation.json`` and ``RUN/ablation.md`` (``--out X`` copies the JSON to ``X.json``).
+"""
+import argparse
+import json
+import logging
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trime_fairseq.cli import experiment as ex  # noqa: E402
+
+logger = logging.getLogger("external_memory_ablation")
+
+OFF = ["--bm25-grow", "heap", "--bm25-exclude-same-doc", "off", "--bm25-max-jaccard", "2"]
+
+
+def variants(jaccard: float) -> Dict[str, dict]:
+    """name -> (description, BM25 flags, segment length, segments per batch)."""
+    return {
+        "ext_base": ("heap, no exclusion (before this change)", OFF, 512, 16),
+        "ext_xdoc": ("+ same-document exclusion", [*OFF, "--bm25-exclude-same-doc", "on"], 512, 16),
+        "ext_dedup": (f"+ near-duplicate exclusion (5-gram J >= {jaccard:g})",
+                      [*OFF, "--bm25-max-jaccard", jaccard], 512, 16),
+        "ext_chain": ("chain growth instead of heap", [*OFF, "--bm25-grow", "chain"], 512, 16),
+        "ext_long": ("8 segments of 1024 (heap, no exclusion)", OFF, 1024, 8),
+        "ext_all": ("chain + same-document + near-duplicate exclusion",
+                    [*OFF, "--bm25-grow", "chain", "--bm25-exclude-same-doc", "on", "--bm25-max-jaccard", jaccard],
+                    512, 16),
+        "ext_xdoc_dedup": ("heap + same-document + near-duplicate exclusion",
+                           [*OFF, "--bm25-exclude-same-doc", "on", "--bm25-max-jaccard", jaccard], 512, 16),
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_common_args(p, "runs/ext_ablation", tokens_per_sample=512, max_update=120)
+    p.add_argument("--drop-local-prob", type=float, default=0.9, help="p of §4.3")
+    p.add_argument("--jaccard", type=float, default=0.5, help="near-duplicate threshold of the dedup variants")
+    p.add_argument("--knn-k", type=int, default=256, help="neighbours retrieved")
+    p.add_argument("--datastore-fraction", type=int, default=4, help="datastores hold 1/N of train (shard 0 of N; 1 = all of train)")
+    p.add_argument("--valid-docs", type=int, default=None,
+                   help="score valid on its first N documents only (a data folder with the same train "
+                   "and dictionary is made in RUN/data); default: all of valid")
+    p.add_argument("--no-ext-eval", action="store_true",
+                   help="train and score the models alone and with local memory only (no datastore); "
+                   "a later run without this flag adds the external-memory scores")
+    p.add_argument("--only", default=None, help="comma-separated models to run (default: all, then the table)")
+    p.add_argument("--out", default=None, help="also copy the results to OUT.json (e.g. docs/results/external_memory_ablation)")
+    return p.parse_args(argv)
+
+
+def valid_subset(data: Path, docs: int, out: Path, logs: Path) -> Path:
+    """``out``: ``data`` with valid cut to its first ``docs`` documents (train, test and the
+    dictionary are links to ``data``'s)."""
+    if (out / "valid.bin").exists():
+        return out
+    import numpy as np
+    from fairseq.data import Dictionary, data_utils
+
+    from trime_fairseq.data.stream import TokenStream
+
+    d = Dictionary.load(str(data / "dict.txt"))
+    stream = TokenStream.from_lines(data_utils.load_indexed_dataset(str(data / "valid"), d), d.eos())
+    if docs >= stream.num_docs:
+        raise SystemExit(f"error: --valid-docs {docs}: valid has only {stream.num_docs} documents")
+    end = int(stream.doc_starts[docs])
+    lines, text = [], []
+    for tok in np.split(stream.ids(0, end), np.flatnonzero(stream.ids(0, end) == d.eos()) + 1):
+        if len(tok):
+            text.append(d.string(tok[:-1]))  # a document break is an empty line
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "valid_subset.txt").write_text("\n".join(text) + "\n")
+    ex.run_logged("fairseq_cli.preprocess", ["--only-source", "--srcdict", data / "dict.txt", "--validpref",
+                                              tmp / "valid_subset.txt", "--destdir", tmp, "--workers", 1],
+                  logs / "valid_subset.log")
+    for split in ("train", "test"):
+        for ext in ("bin", "idx"):
+            (tmp / f"{split}.{ext}").symlink_to((data / f"{split}.{ext}").resolve())
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def last_train_stats(log: Path) -> Dict[str, float]:
+    """Joint (TRIME) and token-only CE ppl of the last logged training interval."""
+    rows = [json.loads(l.split("|")[-1]) for l in log.read_text().splitlines() if "| train_inner |" in l]
+    if not rows:
+        return {}
+    r = rows[-1]
+    return {k: float(r[k]) for k in ("ppl", "ce_ppl") if k in r}
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    run, logs, data, common, warm = ex.start_run(a)
+    if a.valid_docs:
+        data = valid_subset(data, a.valid_docs, run / "data", logs)
+    warm = ["--ce-warmup-updates", warm]
+    var = variants(a.jaccard)
+    models = ["vanilla", "trime", *var]
+    only = a.only.split(",") if a.only else models
+    unknown = set(only) - set(models)
+    if unknown:
+        raise SystemExit(f"error: --only: unknown models {sorted(unknown)}; choose from {models}")
+    ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
+    valid = [*ev, "--gen-subset", "valid"]
+    ckpt = {m: run / "ckpt" / m / "checkpoint_last.pt" for m in models}
+
+    def train(name: str) -> dict:
+        if name in ("vanilla", "trime"):
+            crit = ["--criterion", "cross_entropy"] if name == "vanilla" else ["--criterion", "trime_loss", *warm]
+            args = [*common, "--max-tokens", 16 * a.tokens_per_sample, *crit]
+        else:
+            _, flags, length, bsz = var[name]
+            args = [*common, "--tokens-per-sample", length, "--batch-size", bsz, "--criterion", "trime_loss", *warm,
+                    "--bm25-batching", "--drop-local-prob", a.drop_local_prob, "--bm25-cache-dir", run, *flags]
+        out = ex.train(data, run / "ckpt" / name, args, logs / f"train_{name}.log")
+        return dict(out, **last_train_stats(logs / f"train_{name}.log"))
+
+    def datastore(name: str, metric: str) -> Path:
+        out = run / "ds" / name
+        if a.datastore_fraction == 1:
+            if not (out / "index.json").exists():
+                ex.run_logged("trime_fairseq.cli.build_datastore",
+                              [data, "--path", ckpt[name], "--gen-subset", "train", "--out", out, "--metric", metric,
+                               "--recall-k", a.knn_k, "--recall-queries", 200, "--overwrite", *ev],
+                              logs / f"ds_{name}.log")
+            return out
+        shard = Path(f"{out}.shard0")
+        if not (shard / "index.json").exists():
+            ex.run_logged("trime_fairseq.cli.build_datastore",
+                          [data, "--path", ckpt[name], "--gen-subset", "train", "--out", out, "--metric", metric,
+                           "--num-shards", a.datastore_fraction, "--shard-id", 0, *ev], logs / f"ds_{name}.log")
+            ex.run_logged("trime_fairseq.cli.build_datastore",
+                          [data, "--path", ckpt[name], "--out", shard, "--metric", metric, "--index-only",
+                           "--recall-k", a.knn_k, "--recall-queries", 200, *ev], logs / f"index_{name}.log")
+        return shard
+
+    def composition(name: str) -> dict:
+        """Same-document and near-duplicate batch mates in the variant's (cached) batches."""
+        from argparse import Namespace
+
+        from trime_fairseq.cli.near_dups import split_segments_with_docs
+        from trime_fairseq.data.near_dup import batch_composition, ngram_sets
+        from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, cached_bm25_batches
+
+        _, flags, length, bsz = var[name]
+        opts = dict(zip([f.lstrip("-").replace("-", "_") for f in flags[::2]], flags[1::2]))
+        defaults = BM25BatchingConfig()
+        ns = Namespace(**{k: getattr(defaults, k) for k in defaults.__dataclass_fields__})
+        ns.bm25_cache_dir = str(run)
+        for k, v in opts.items():
+            setattr(ns, k, float(v) if k == "bm25_max_jaccard" else v)
+        segs, docs = split_segments_with_docs(str(data), "train", length)
+        batches = cached_bm25_batches(ns, segs, bsz, a.seed, str(run), f"train_L{length}", docs=docs)
+        return batch_composition(batches, docs, ngram_sets(segs, 5))
+
+    results: Dict[str, dict] = {}
+    for name in only:
+        info = {"train": train(name)}
+        if name.startswith("ext_"):
+            info["composition"] = composition(name)
+            logger.info("%s batches: %s", name, info["composition"])
+        if name == "vanilla":
+            info["cache"] = ex.tune(data, ckpt[name], "cache", ["lambda=0.1,0.2,0.3", "theta=0.1,0.2,0.3"], valid,
+                                    run / f"tune_{name}_cache.json", logs / f"tune_{name}_cache.log")
+            if not a.no_ext_eval:
+                theta = info["cache"]["best"]["params"]["theta"]
+                info["ext"] = ex.tune(data, ckpt[name], "knn", ["lambda=0.2,0.3,0.4,0.5", "temperature=1,3,10",
+                                                                "cache_lambda=0,0.2,0.3", f"cache_theta={theta}"],
+                                      [*valid, "--datastore", datastore(name, "l2"), "--knn-k", a.knn_k],
+                                      run / f"tune_{name}.json", logs / f"tune_{name}.log")
+        elif name == "trime":
+            info["local"] = ex.tune(data, ckpt[name], "trime", ["tau=0.9,1,1.1,1.25"], valid,
+                                    run / f"tune_{name}.json", logs / f"tune_{name}.log")
+        else:
+            info["local"] = ex.tune(data, ckpt[name], "trime", ["tau=0.75,1,1.25,1.5"], valid,
+                                    run / f"tune_{name}_local.json", logs / f"tune_{name}_local.log")
+            if not a.no_ext_eval:
+                info["ext"] = ex.tune(
+                    data, ckpt[name], "trime",
+                    ["tau=0.75,1,1.5", "memory_lambda=0,0.1,0.3", "memory_tau=1,3,10.5,30", "pprime=0,1"],
+                    [*valid, "--eval-memory", "local+ext", "--datastore", datastore(name, "ip"), "--knn-k", a.knn_k],
+                    run / f"tune_{name}.json", logs / f"tune_{name}.log")
+        results[name] = info
+        first = info.get("local") or info["cache"]
+        logger.info("%s: model alone %.2f, local/cache %.2f, external %s", name, first["rows"][0]["ppl"],
+                    first["best"]["ppl"], f"{info['ext']['best']['ppl']:.2f}" if "ext" in info else "not run")
+    if a.only:
+        return results
+    return report(a, run, var, results)
+
+
+def best_where(rows: List[dict], **fixed) -> dict:
+    rows = [r for r in rows[1:] if all(r["params"].get(k, 0) == v for k, v in fixed.items())]
+    return min(rows, key=lambda r: r["ppl"])
+
+
+def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict]) -> dict:
+    rows = []
+    v, t = results["vanilla"], results["trime"]
+
+    def ext_best(info: dict, **fixed):
+        return best_where(info["ext"]["rows"], **fixed) if "ext" in info else None
+
+    knn, knn_cache = ext_best(v, cache_lambda=0), ext_best(v)
+    refs = [
+        ("vanilla", "Transformer (vanilla)", v["cache"]["rows"][0], v["train"]),
+        ("cache", "+ continuous cache", v["cache"]["best"], v["train"]),
+        ("knnlm", "kNN-LM", knn, v["train"]),
+        ("knnlm_cache", "kNN-LM + continuous cache", knn_cache, v["train"]),
+        ("trimelm_nomem", "TRIMELM, model alone", t["local"]["rows"][0], t["train"]),
+        ("trimelm", "TRIMELM (local memory)", t["local"]["best"], t["train"]),
+    ]
+    for key, system, best, tr in refs:
+        rows.append({"key": key, "system": system, "valid_ppl": best["ppl"] if best else None,
+                     "params": best["params"] if best else None,
+                     "train_ppl": tr.get("ppl"), "train_ce_ppl": tr.get("ce_ppl")})
+    for name, (desc, flags, length, bsz) in var.items():
+        if name not in results:
+            continue
+        r = results[name]
+        pub, ours, nolam = ext_best(r, pprime=0), ext_best(r, pprime=1), ext_best(r, memory_lambda=0)
+        comp = r.get("composition", {})
+        rows.append({
+            "key": name, "system": f"TRIMELM_ext: {desc}", "segments": f"{bsz} x {length}",
+            "flags": " ".join(map(str, flags)),
+            "model_alone_valid_ppl": r["local"]["rows"][0]["ppl"],
+            "local_valid_ppl": r["local"]["best"]["ppl"],
+            "valid_ppl": min(pub["ppl"], ours["ppl"]) if pub else None,
+            "valid_ppl_no_pprime": nolam["ppl"] if nolam else None,
+            "valid_ppl_pprime_published": pub["ppl"] if pub else None,
+            "params_pprime_published": pub["params"] if pub else None,
+            "valid_ppl_pprime_all_scaled": ours["ppl"] if ours else None,
+            "params_pprime_all_scaled": ours["params"] if ours else None,
+            "train_ppl": r["train"].get("ppl"), "train_ce_ppl": r["train"].get("ce_ppl"),
+            "same_doc_mate": comp.get("with_same_doc_mate"),
+            "near_dup_mate_0.3": comp.get("with_near_dup_mate", {}).get("0.3"),
+        })
+    cols = ["system", "segments", "same_doc_mate", "near_dup_mate_0.3", "train_ppl", "train_ce_ppl",
+            "model_alone_valid_ppl", "local_valid_ppl", "valid_ppl_no_pprime", "valid_ppl_pprime_published",
+            "valid_ppl_pprime_all_scaled"]
+    heads = ["model", "batch", "segments with a same-doc mate", "with a J≥0.3 mate", "train ppl (joint)",
+             "train CE ppl", "model alone", "local memory", "local+ext, λ=0", "local+ext, P' published",
+             "local+ext, P' all-scaled"]
+    shown = [{k: ("—" if v is None else v) for k, v in r.items()} for r in rows]
+    table_ext = ex.markdown_table([r for r in shown if r["key"].startswith("ext_")], cols, heads)
+    table_ref = ex.markdown_table([r for r in shown if not r["key"].startswith("ext_")],
+                                  ["system", "valid_ppl", "train_ppl", "train_ce_ppl"],
+                                  ["model", "valid ppl", "train ppl", "train CE ppl"])
+    md = (f"Budget: {a.max_update} updates of {16 * a.tokens_per_sample} tokens per model; valid = "
+          f"{'the first %d documents of valid' % a.valid_docs if a.valid_docs else 'all of valid'}; datastores of "
+          f"1/{a.datastore_fraction} of train; K={a.knn_k}; valid ppl from trime-tune.\n\n{table_ref}\n\n{table_ext}\n")
+    result = {"args": vars(a), "rows": rows, "results": results}
+    ex.write_results(run / "ablation.json", result, md)
+    if a.out:  # the JSON beside a results page (the page itself is written by hand around the tables)
+        shutil.copyfile(run / "ablation.json", a.out + ".json")
+    logger.info("\n%s", md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
