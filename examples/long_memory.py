@@ -14,12 +14,25 @@ from ``fairseq-eval-lm``. Outputs in RUN:
 ``results.md/json``, ``memory_sweep.png`` (valid ppl vs. memory size) and ``results.png``.
 
     python examples/long_memory.py --run-dir runs/long
+
+Figure 3 on long documents (``--figure3 PREFIX``): the corpus is built with ``--source``
+(e.g. ``linux-doc``), a Memorizing Transformer is added (``--memorizing``), and for every
+memory size the valid ppl at the τ (λ, θ) chosen on valid for that size and the test ppl of
+``fairseq-eval-lm`` with those flags go to ``PREFIX.json/.md/.png``, with the corpus
+statistics::
+
+    python examples/long_memory.py --run-dir runs/fig3 --source linux-doc --split-frac 0.04 \
+        --memorizing --memory-sizes 0,1000,2000,4000,8000,16000 --parallel 3 --figure3 docs/results/figure3
 """
 import argparse
 import json
 import logging
+import shlex
+import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Dict, List, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,12 +52,84 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau-grid", default="0.75,1,1.5,2", help="TRIME temperatures tried")
     p.add_argument("--cache-lambda-grid", default="0.05,0.1,0.2", help="cache λ tried")
     p.add_argument("--cache-theta-grid", default="0.02,0.05,0.1", help="cache θ tried")
+    p.add_argument("--source", default=None,
+                   help="trime-prepare-lm --source of the corpus built in RUN/corpus (default: its default)")
+    p.add_argument("--split-frac", type=float, default=None,
+                   help="--valid-frac and --test-frac of the corpus built in RUN/corpus")
+    p.add_argument("--memorizing", action="store_true",
+                   help="also train a Memorizing Transformer (--stream-batching, --train-memory tokens of "
+                        "memory) and evaluate it at every memory size")
+    p.add_argument("--train-memory", type=int, default=2048, help="Memorizing Transformer memory while training")
+    p.add_argument("--memorizing-flags", default="--knn-param-scale 10",
+                   help="extra fairseq-train flags of the Memorizing Transformer")
+    p.add_argument("--memorizing-sizes", default=None,
+                   help="memory sizes at which the Memorizing Transformer is evaluated (one fairseq-eval-lm "
+                        "pass each; default: --memory-sizes)")
+    p.add_argument("--test-from", choices=("eval-lm", "sweep"), default="eval-lm",
+                   help="Figure 3 test ppl of TRIME / cache models: one fairseq-eval-lm run per memory size, or "
+                        "one trime-tune pass over test (equal numbers, tested) read at the settings chosen "
+                        "on valid, with fairseq-eval-lm confirming the largest size")
+    p.add_argument("--parallel", type=int, default=1, help="models trained / evaluations run at once")
+    p.add_argument("--figure3", default=None,
+                   help="write Figure 3 to PREFIX.json/.md/.png: valid and test ppl against memory size, "
+                        "τ (λ, θ) chosen per size on valid, test from fairseq-eval-lm")
     return p.parse_args(argv)
+
+
+def run_parallel(jobs: Dict[str, Callable[[], dict]], workers: int) -> Dict[str, dict]:
+    """Run independent steps (each a fairseq command) ``workers`` at a time."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = {k: pool.submit(f) for k, f in jobs.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
+def cached_eval(data: Path, ckpt: Path, args: Sequence, out: Path, log: Path) -> dict:
+    """``fairseq-eval-lm`` result, kept in ``out`` with its arguments (reused if they match)."""
+    key = [str(x) for x in (ckpt, *args)]
+    if out.exists():
+        old = json.loads(out.read_text())
+        if old.get("argv") == key and old.get("checkpoint_mtime") == ckpt.stat().st_mtime:
+            return old
+    r = ex.eval_lm(data, ckpt, list(args), log)
+    r.update(argv=key, checkpoint_mtime=ckpt.stat().st_mtime)
+    ex.atomic_write(out, json.dumps(r))
+    return r
+
+
+def corpus_statistics(data: Path) -> Dict[str, dict]:
+    """Documents and tokens per document (as the model reads them: lines end in ``</s>``)."""
+    import numpy as np
+    from fairseq.data import Dictionary, data_utils
+
+    from trime_fairseq.data.stream import TokenStream
+
+    d = Dictionary.load(str(data / "dict.txt"))
+    stats = {}
+    for split in ("train", "valid", "test"):
+        stream = TokenStream.from_lines(data_utils.load_indexed_dataset(str(data / split), d), d.eos())
+        sizes = np.diff(np.concatenate([stream.doc_starts, [len(stream)]])).tolist()
+        stats[split] = {"documents": len(sizes), "tokens": int(sum(sizes)),
+                        "mean_tokens_per_document": round(statistics.mean(sizes), 1),
+                        "median_tokens_per_document": float(statistics.median(sizes)),
+                        "min_tokens_per_document": int(min(sizes)), "max_tokens_per_document": int(max(sizes))}
+    return stats
+
+
+def gate_values(ckpt: Path) -> List[float]:
+    """The Memorizing Transformer's per-head gates σ(b) in a checkpoint."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    scale = float(getattr(state["cfg"]["model"], "knn_param_scale", 1.0) or 1.0)
+    gate = next(v for k, v in state["model"].items() if k.endswith("mem_gate"))
+    return [round(float(x), 3) for x in torch.sigmoid(scale * gate.float())]
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    run, logs, data, common, warm = ex.start_run(a)
+    prepare = [*(["--source", a.source] if a.source else []),
+               *(["--valid-frac", a.split_frac, "--test-frac", a.split_frac] if a.split_frac else [])]
+    run, logs, data, common, warm = ex.start_run(a, prepare_args=prepare)
     common = [*common, "--batch-size", a.batch_size]
     warm = ["--ce-warmup-updates", warm]
     models = {
@@ -53,19 +138,24 @@ def main(argv=None) -> dict:
         "trime_long": [*common, "--criterion", "trime_loss", *warm,
                        "--consecutive-segments", a.consecutive_segments],
     }
-    trained = {k: ex.train(data, run / "ckpt" / k, v, logs / f"train_{k}.log") for k, v in models.items()}
+    if a.memorizing:
+        models["memorizing"] = [*common, "--arch", a.arch.replace("transformer_lm_trime", "memorizing_transformer_lm"),
+                                "--criterion", "cross_entropy", "--stream-batching",
+                                "--knn-memory-size", a.train_memory, *shlex.split(a.memorizing_flags)]
+    trained = run_parallel({k: (lambda k=k, v=v: ex.train(data, run / "ckpt" / k, v, logs / f"train_{k}.log"))
+                            for k, v in models.items()}, a.parallel)
     ckpt = {k: run / "ckpt" / k / "checkpoint_last.pt" for k in models}
     ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
     max_size = max(int(s) for s in a.memory_sizes.split(","))
     sweep_args = [*ev, "--gen-subset", "valid", "--memory-sizes", a.memory_sizes]
-    sweeps = {
-        "vanilla": ex.tune(data, ckpt["vanilla"], "cache", [f"lambda={a.cache_lambda_grid}", f"theta={a.cache_theta_grid}"],
-                           sweep_args, run / "sweep_vanilla_cache.json", logs / "sweep_vanilla_cache.log"),
-        "trime": ex.tune(data, ckpt["trime"], "trime", [f"tau={a.tau_grid}"], sweep_args,
-                         run / "sweep_trime.json", logs / "sweep_trime.log"),
-        "trime_long": ex.tune(data, ckpt["trime_long"], "trime", [f"tau={a.tau_grid}"], sweep_args,
-                              run / "sweep_trime_long.json", logs / "sweep_trime_long.log"),
-    }
+    sweeps = run_parallel({
+        "vanilla": lambda: ex.tune(data, ckpt["vanilla"], "cache", [f"lambda={a.cache_lambda_grid}", f"theta={a.cache_theta_grid}"],
+                                   sweep_args, run / "sweep_vanilla_cache.json", logs / "sweep_vanilla_cache.log"),
+        "trime": lambda: ex.tune(data, ckpt["trime"], "trime", [f"tau={a.tau_grid}"], sweep_args,
+                                 run / "sweep_trime.json", logs / "sweep_trime.log"),
+        "trime_long": lambda: ex.tune(data, ckpt["trime_long"], "trime", [f"tau={a.tau_grid}"], sweep_args,
+                                      run / "sweep_trime_long.json", logs / "sweep_trime_long.log"),
+    }, a.parallel)
 
     def best(name, local_only=False):
         rows = [r for r in sweeps[name]["rows"][1:] if not local_only or r["memory_size"] == 0]
@@ -107,10 +197,15 @@ def main(argv=None) -> dict:
         ("TRIMELM_long (local)", "trime_long", *chosen("trime_long", local_only=True)),
         ("TRIMELM_long (+long)", "trime_long", *chosen("trime_long")),
     ]
+    def tag_of(name):
+        return name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "p").replace("*", "")
+
+    tests = run_parallel({name: (lambda name=name, model=model, fl=fl: cached_eval(
+        data, ckpt[model], [*ev, *fl, "--gen-subset", "test"], run / "evals" / f"{tag_of(name)}_test.json",
+        logs / f"eval_{tag_of(name)}_test.log")) for name, model, fl, _ in configs}, a.parallel)
     rows = []
     for name, model, fl, valid_ppl in configs:
-        tag = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "p").replace("*", "")
-        r = ex.eval_lm(data, ckpt[model], [*ev, *fl, "--gen-subset", "test"], logs / f"eval_{tag}_test.log")
+        r = tests[name]
         row = {"system": name, "flags": " ".join(map(str, fl)), "train_tokens_per_s": trained[model]["train_tokens_per_s"],
                "valid_ppl": valid_ppl, "test_ppl": r["ppl"], "test_eval_tokens_per_s": r["tokens_per_s"]}
         rows.append(row)
@@ -128,7 +223,122 @@ def main(argv=None) -> dict:
     ex.write_results(run / "results.json", result, header + table)
     ex.bar_plot(rows, run / "results.png", "Long-term memory")
     logger.info("\n%s%s", header, table)
+    if a.figure3:
+        figure3(a, run, logs, data, ckpt, ev, sweeps, trained, flags)
     return result
+
+
+FIG3_SYSTEMS = (("trimelm_long", "TRIMELM_long", "trime_long"), ("trimelm", "TRIMELM", "trime"),
+                ("cache_long", "vanilla + continuous cache*", "vanilla"))
+
+
+def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: List, sweeps: Dict[str, dict],
+            trained: Dict[str, dict], flags) -> dict:
+    """Valid (chosen per size on valid) and test (fairseq-eval-lm) ppl against memory size."""
+    sizes = sorted({int(s) for s in a.memory_sizes.split(",")})
+    mem_sizes = sorted({int(s) for s in (a.memorizing_sizes or a.memory_sizes).split(",")})
+    jobs, plan = {}, {}
+    for key, _, model in FIG3_SYSTEMS:
+        for size in sizes:
+            best = min((r for r in sweeps[model]["rows"][1:] if r["memory_size"] == size), key=lambda r: r["ppl"])
+            fl = flags(model, best)
+            plan[key, size] = (best, fl)
+            if a.test_from == "eval-lm" or size == sizes[-1]:
+                jobs[key, size, "test"] = (lambda model=model, fl=fl, key=key, size=size: cached_eval(
+                    data, ckpt[model], [*ev, *fl, "--gen-subset", "test"], run / "evals" / f"fig3_{key}_{size}_test.json",
+                    logs / f"eval_fig3_{key}_{size}_test.log"))
+    if a.test_from == "sweep":  # one pass over test per model, the same grid as on valid
+        grids = {"vanilla": ("cache", [f"lambda={a.cache_lambda_grid}", f"theta={a.cache_theta_grid}"]),
+                 "trime": ("trime", [f"tau={a.tau_grid}"]), "trime_long": ("trime", [f"tau={a.tau_grid}"])}
+        for model, (combiner, grid) in grids.items():
+            jobs[model, "sweep", "test"] = (lambda model=model, combiner=combiner, grid=grid: ex.tune(
+                data, ckpt[model], combiner, grid, [*ev, "--gen-subset", "test", "--memory-sizes", a.memory_sizes],
+                run / f"sweep_{model}_test.json", logs / f"sweep_{model}_test.log"))
+    if "memorizing" in ckpt:
+        for size in mem_sizes:
+            for subset in ("valid", "test"):
+                jobs["memorizing", size, subset] = (lambda size=size, subset=subset: cached_eval(
+                    data, ckpt["memorizing"], [*ev, "--gen-subset", subset, "--model-overrides",
+                                               f"{{'knn_memory_size': {size}}}"],
+                    run / "evals" / f"fig3_memorizing_{size}_{subset}.json",
+                    logs / f"eval_fig3_memorizing_{size}_{subset}.log"))
+    done = run_parallel(jobs, a.parallel)
+
+    def test_ppl(key: str, model: str, size: int) -> float:
+        if a.test_from == "eval-lm":
+            return done[key, size, "test"]["ppl"]
+        chosen = plan[key, size][0]["params"]
+        return next(r["ppl"] for r in done[model, "sweep", "test"]["rows"][1:] if r["params"] == chosen)
+
+    rows, confirm = [], {}
+    for key, label, model in FIG3_SYSTEMS:
+        if a.test_from == "sweep":  # the one fairseq-eval-lm run per model, beside the sweep's number
+            confirm[key] = {"memory_tokens": sizes[-1], "fairseq_eval_lm": done[key, sizes[-1], "test"]["ppl"],
+                            "trime_tune": test_ppl(key, model, sizes[-1])}
+        rows.append({"system": key, "label": label, "memory_tokens": sizes,
+                     "valid_ppl": [plan[key, s][0]["ppl"] for s in sizes],
+                     "test_ppl": [test_ppl(key, model, s) for s in sizes],
+                     "flags": [" ".join(map(str, plan[key, s][1])) for s in sizes],
+                     "no_memory_valid_ppl": sweeps[model]["rows"][0]["ppl"],
+                     "train_tokens_per_s": trained[model]["train_tokens_per_s"]})
+    if "memorizing" in ckpt:
+        rows.append({"system": "memorizing", "label": f"Memorizing Transformer (trained with {a.train_memory})",
+                     "memory_tokens": mem_sizes,
+                     "valid_ppl": [done["memorizing", s, "valid"]["ppl"] for s in mem_sizes],
+                     "test_ppl": [done["memorizing", s, "test"]["ppl"] for s in mem_sizes],
+                     "flags": [f"--model-overrides \"{{'knn_memory_size': {s}}}\"" for s in mem_sizes],
+                     "train_memory": a.train_memory, "train_flags": a.memorizing_flags,
+                     "gates": gate_values(ckpt["memorizing"]),
+                     "train_tokens_per_s": trained["memorizing"]["train_tokens_per_s"]})
+    corpus = corpus_statistics(data)
+    budget = (f"`{a.arch}`-sized models, L={a.tokens_per_sample}, {a.batch_size} segments per update, "
+              f"{a.max_update} updates, lr {a.lr}; TRIMELM_long m={a.consecutive_segments}; eval blocks of "
+              f"{a.eval_tokens_per_sample} with a {a.context_window}-token context window")
+    result = {"rows": rows, "corpus": corpus, "corpus_path": str(data), "budget": budget,
+              "memory_tokens": sizes, "test_from": a.test_from, "test_confirmed_by_fairseq_eval_lm": confirm,
+              "args": vars(a)}
+    prefix = Path(a.figure3)
+    plot_figure3(rows, prefix.with_suffix(".png"))
+    ex.write_results(prefix.with_suffix(".json"), result, figure3_markdown(result))
+    return result
+
+
+def figure3_markdown(result: dict) -> str:
+    sizes = result["memory_tokens"]
+    lines = ["| model | split | " + " | ".join(f"M={s}" for s in sizes) + " |",
+             "|---|---|" + "---:|" * len(sizes)]
+    for r in result["rows"]:
+        for split in ("valid", "test"):
+            vals = dict(zip(r["memory_tokens"], r[f"{split}_ppl"]))
+            best = min(vals.values())
+            cells = [("" if s not in vals else f"**{vals[s]:.2f}**" if vals[s] == best else f"{vals[s]:.2f}")
+                     for s in sizes]
+            lines.append(f"| {r['label']} | {split} | " + " | ".join(cells) + " |")
+    corpus = ["| split | documents | tokens | mean tokens/doc | median tokens/doc |", "|---|---:|---:|---:|---:|"]
+    for split, c in result["corpus"].items():
+        corpus.append(f"| {split} | {c['documents']} | {c['tokens']:,} | {c['mean_tokens_per_document']:,.0f} | "
+                      f"{c['median_tokens_per_document']:,.0f} |")
+    return ("# Figure 3: perplexity against memory size (long documents)\n\n"
+            f"Corpus `{result['corpus_path']}`; {result['budget']}.\n\n" + "\n".join(corpus) + "\n\n"
+            + "\n".join(lines) + "\n\n![figure 3](figure3.png)\n")
+
+
+def plot_figure3(rows: List[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, split in zip(axes, ("valid", "test")):
+        for r in rows:
+            ax.plot(r["memory_tokens"], r[f"{split}_ppl"], marker="o", label=r["label"])
+        ax.set_xlabel("memory (tokens)")
+        ax.set_ylabel(f"{split} perplexity")
+        ax.set_title(split, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    ex.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -344,3 +344,56 @@ def test_cli_dedup_is_off_by_default_and_recorded_when_on(tmp_path):
     assert dedup["config"]["dedup_jaccard"] == 0.9
     with pytest.raises(SystemExit, match="dedup-jaccard"):
         main(base + ["--out", str(tmp_path / "bad"), "--dedup-jaccard", "1.5"])
+
+
+# --------------------------------------------------------------------------- linux-doc (long documents)
+
+
+def test_group_chapters_splits_large_folders_and_drops_small_chapters():
+    files = [("a/x.rst.txt", 40), ("a/y.rst.txt", 50),            # a: 90 words, one chapter
+             ("b/one.rst.txt", 70), ("b/two.rst.txt", 70), ("b/three.rst.txt", 30),
+             ("b/sub/p.rst.txt", 60), ("b/sub/q.rst.txt", 20),    # b: 250 > 100: split
+             ("c/tiny.rst.txt", 5), ("top.rst.txt", 500)]
+    chapters = dict(C.group_chapters(files, max_words=100, min_words=10))
+    assert chapters == {
+        "a": ["a/x.rst.txt", "a/y.rst.txt"],
+        "b/*": ["b/one.rst.txt", "b/three.rst.txt"],     # b's own files, in path order, <= 100 words
+        "b/*2": ["b/two.rst.txt"],
+        "b/sub": ["b/sub/p.rst.txt", "b/sub/q.rst.txt"],
+        "*": ["top.rst.txt"],                           # one file larger than max stays whole
+    }  # c (5 words) is dropped
+    everything = {p for _, ps in C.group_chapters(files, 100, 0) for p in ps}
+    assert everything == {p for p, _ in files}  # without a minimum every file is in one chapter
+
+
+def test_linux_doc_source_from_unpacked_package(tmp_path, monkeypatch):
+    root = tmp_path / "pkg" / C.LINUX_DOC.sources_dir
+    body = "\n".join(f"word{i} " * 10 for i in range(300))  # 3000 words per file
+    for rel in ("admin/a.rst.txt", "admin/b.rst.txt", "net/c.rst.txt", "net/d.rst.txt", "net/e.rst.txt",
+                "mm/f.rst.txt", "mm/g.rst.txt", "mm/h.rst.txt", "mm/i.rst.txt",
+                "translations/zh/j.rst.txt", "small/k.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f"Title {rel}\n=====\n\n{body}\n")
+    monkeypatch.setattr(C, "LINUX_DOC", C.DebianChapters("linux-doc-6.1", C.LINUX_DOC.sources_dir,
+                                                         exclude=("translations",), max_words=10_000,
+                                                         min_words=2_500))
+
+    def no_apt(*args, **kwargs):
+        raise AssertionError("apt-get must not run when --input is given")
+
+    monkeypatch.setattr(C.subprocess, "run", no_apt)
+    docs = dict(C.iter_chapters(root, C.LINUX_DOC))
+    assert set(docs) == {"admin", "net", "mm/*", "mm/*2"}  # mm (12k words) split into parts
+    assert docs["admin"].startswith("Title admin/a.rst.txt") and "Title admin/b.rst.txt" in docs["admin"]
+    assert not any("=====" in t for t in docs.values())  # reST adornments cleaned
+    out = tmp_path / "out"
+    assert main(["--source", "linux-doc", "--input", str(tmp_path / "pkg"), "--out", str(out),
+                 "--tokenizer", "none", "--no-binarize", "--valid-frac", "0.25", "--test-frac", "0.25"]) == 0
+    manifest = json.loads((out / "corpus.json").read_text())
+    assert [manifest["splits"][s]["docs"] for s in C.SPLITS] == [2, 1, 1]
+    assert manifest["config"]["source"] == "linux-doc"
+
+
+def test_clean_rest_long_adornment_like_line_is_fast():
+    line = "   " + "-" * 200 + " | " + "-" * 200  # not an adornment: kept, without backtracking
+    assert C.text_to_lines(C.clean_rest(line)) == [line.strip()]

@@ -50,6 +50,36 @@ def test_long_memory_example(corpus, tmp_path):
     assert float(out.stderr.split("Perplexity: ")[-1].split()[0]) == pytest.approx(row["valid_ppl"], rel=1e-3)
 
 
+@pytest.mark.slow
+def test_long_memory_example_writes_figure3(corpus, tmp_path):
+    fig = tmp_path / "figure3"
+    run_example("long_memory", "--run-dir", str(tmp_path), "--data", str(corpus), *TINY, "--batch-size", "8",
+                "--consecutive-segments", "4", "--memory-sizes", "0,50,100", "--tau-grid", "1,2",
+                "--cache-lambda-grid", "0.1", "--cache-theta-grid", "0.1", "--memorizing", "--train-memory", "64",
+                "--memorizing-sizes", "0,100", "--test-from", "sweep", "--parallel", "2", "--figure3", str(fig))
+    result = json.loads(fig.with_suffix(".json").read_text())
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"trimelm_long", "trimelm", "cache_long", "memorizing"}
+    for r in rows.values():
+        assert r["memory_tokens"][0] == 0
+        assert len(r["memory_tokens"]) == len(r["valid_ppl"]) == len(r["test_ppl"])
+        assert all(p > 1 for p in r["valid_ppl"] + r["test_ppl"])
+    assert rows["trimelm"]["memory_tokens"] == [0, 50, 100] and rows["memorizing"]["memory_tokens"] == [0, 100]
+    assert len(rows["memorizing"]["gates"]) == 2 and all(0 < g < 1 for g in rows["memorizing"]["gates"])
+    # valid ppl at each size is the best over the grid at that size in the valid sweep
+    sweep = json.loads((tmp_path / "sweep_trime.json").read_text())
+    for size, ppl in zip(rows["trimelm"]["memory_tokens"], rows["trimelm"]["valid_ppl"]):
+        assert ppl == min(r["ppl"] for r in sweep["rows"][1:] if r["memory_size"] == size)
+    # test numbers read from the test sweep equal fairseq-eval-lm's at the largest size
+    for key, check in result["test_confirmed_by_fairseq_eval_lm"].items():
+        assert check["trime_tune"] == pytest.approx(check["fairseq_eval_lm"], rel=2e-3), key
+        assert rows[key]["test_ppl"][-1] == check["trime_tune"]
+    assert result["corpus"]["valid"]["documents"] == 16 and result["corpus"]["train"]["documents"] == 24
+    stats = result["corpus"]["test"]
+    assert stats["min_tokens_per_document"] <= stats["median_tokens_per_document"] <= stats["max_tokens_per_document"]
+    assert fig.with_suffix(".png").stat().st_size > 1000 and "| TRIMELM_long | test |" in fig.with_suffix(".md").read_text()
+
+
 def test_tune_is_reused_only_for_the_same_arguments(tmp_path, monkeypatch):
     from trime_fairseq.cli import experiment as ex
 

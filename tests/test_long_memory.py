@@ -84,15 +84,19 @@ def test_segments_stay_inside_documents_and_runs_are_consecutive():
     assert batch["trime_memory"]["mode"] == "long" and batch["trime_memory"]["segments_per_group"] == 3
 
 
-def test_long_memory_loss_equals_brute_force():
+@pytest.mark.parametrize("across", [False, True])
+def test_long_memory_loss_equals_brute_force(across):
     d = make_dictionary(30)
     model = make_model(d).double()
     s = make_stream(d, [30, 6, 25], seed=2)
     seg = DocumentSegments(s, length=7, pad=d.pad(), group=3)
+    seg.across_documents = across
     idx = np.concatenate(seg.groups()[:3])
     sample = seg.collater([seg[i] for i in idx])
-    docs = sample["trime_memory"]["row_doc"]
-    assert len(set(docs.tolist())) > 1  # a run mixes documents: they must not see each other
+    # the true documents of the rows: a run mixes documents, which see each other only across
+    docs = torch.LongTensor([seg[i]["doc"] for i in idx])
+    assert len(set(docs.tolist())) > 1
+    same_doc = (lambda a, b: True) if across else (lambda a, b: a == b)
     crit = criterion_for(d)
     loss, _, _ = crit(model, sample)
 
@@ -110,7 +114,7 @@ def test_long_memory_loss_equals_brute_force():
         flat_t = torch.cat([target[r] for r in rows])
         flat_doc = torch.cat([docs[r].repeat(L) for r in rows])
         lp = brute_force_log_prob(
-            flat_logits, flat_g, flat_t, lambda i, j: j < i and flat_doc[i] == flat_doc[j], d.pad())
+            flat_logits, flat_g, flat_t, lambda i, j: j < i and same_doc(flat_doc[i], flat_doc[j]), d.pad())
         ref -= lp[flat_t.ne(d.pad())].sum().item()
     assert loss.item() == pytest.approx(ref, rel=1e-9)
     local_only, _, _ = crit(model, {k: v for k, v in sample.items() if k != "trime_memory"})
@@ -131,8 +135,8 @@ def eval_rows(wrapper, blocks, batch_size):
     return out
 
 
-@pytest.mark.parametrize("size", [5, 1000])
-def test_eval_with_long_memory_equals_brute_force(size):
+@pytest.mark.parametrize("size,across", [(5, False), (1000, False), (5, True), (1000, True)])
+def test_eval_with_long_memory_equals_brute_force(size, across):
     d = make_dictionary(30)
     model = make_model(d).double()
     s = make_stream(d, [37, 8, 29], seed=4)
@@ -164,8 +168,8 @@ def test_eval_with_long_memory_equals_brute_force(size):
             for j in range(t):  # local: the window and the block so far (this block's g)
                 label = int(tgt[j]) if tgt[j] != d.pad() else int(src[j + 1])
                 terms.append((g[t] @ g[j], label))
-            older = [q for q in range(ctx_start) if s.docs[q] == int(docs[t]) and q in g_scored]
-            for q in older[-size:]:  # long: same document, before the window, newest `size`
+            older = [q for q in range(ctx_start) if (across or s.docs[q] == int(docs[t])) and q in g_scored]
+            for q in older[-size:]:  # long: same document (any: across), before the window, newest `size`
                 terms.append((g[t] @ g_scored[q], int(s.tokens[q + 1])))
             for sim, label in terms:
                 e = math.exp(sim.item() / math.sqrt(g.size(-1)) / tau)
@@ -173,11 +177,17 @@ def test_eval_with_long_memory_equals_brute_force(size):
                 num += e if label == int(tgt[t]) else 0.0
             ref[p] = math.log(num / den)
     for bsz in (1, 3):
-        wrapper = MemoryEvalModel(model, TrimeCombiner(tau), d.pad(), long_memory_size=size)
+        wrapper = MemoryEvalModel(model, TrimeCombiner(tau), d.pad(), long_memory_size=size,
+                                  across_documents=across)
         got = eval_rows(wrapper, blocks, bsz)
         assert set(got) == set(ref)
         for p in ref:
             assert got[p] == pytest.approx(ref[p], abs=1e-9), p
+    if across:  # the first block of the second document sees the first document
+        start = int(s.doc_starts[1])
+        per_doc = eval_rows(MemoryEvalModel(model, TrimeCombiner(tau), d.pad(), long_memory_size=size), blocks, 1)
+        later = [p for p in ref if p >= start + 12]
+        assert any(per_doc[p] != pytest.approx(ref[p], abs=1e-9) for p in later)
 
 
 def test_long_memory_resets_at_document_boundaries_and_checks_order():
@@ -191,6 +201,10 @@ def test_long_memory_resets_at_document_boundaries_and_checks_order():
         mem.append(keys, torch.tensor([1, 2, 3, 4]), torch.ones(4, dtype=torch.long), torch.arange(10, 14))
     mem.append(keys, torch.tensor([1, 2, 3, 4]), torch.zeros(4, dtype=torch.long), torch.arange(4))  # restart
     assert mem.window(4, doc=0).labels.tolist() == [1, 2, 3, 4]
+    stream = LongTermMemory(size=100, context=0, across_documents=True)
+    stream.append(keys, torch.tensor([5, 6, 7, 8]), torch.tensor([0, 0, 1, 1]), torch.arange(4))
+    assert stream.window(4, doc=1).labels.tolist() == [5, 6, 7, 8]  # doc 0 kept
+    assert stream.window(3, doc=7).labels.tolist() == [5, 6, 7]
     small = LongTermMemory(size=2, context=1)
     small.append(keys, torch.tensor([5, 6, 7, 8]), torch.zeros(4, dtype=torch.long), torch.arange(4))
     assert small.window(3, doc=0).labels.tolist() == [6, 7]

@@ -12,7 +12,7 @@ from conftest import USER_DIR
 from helpers import make_dictionary, make_model, random_tokens, run_cli
 from trime_fairseq.memory.index import set_nprobe
 from trime_fairseq.memory.knn_memory import KnnMemory, search_recall
-from trime_fairseq.models.memorizing import MemorizingTransformerLanguageModel, memorizing_tiny
+from trime_fairseq.models.memorizing import KnnAugmentedAttention, MemorizingTransformerLanguageModel, memorizing_tiny
 
 
 def make_memorizing(d, memory_size=64, topk=4, seed=0):
@@ -91,6 +91,28 @@ def test_gate_interpolates():
     torch.testing.assert_close(out[0, 0, 0], 0.5 * memory[0, 0, 0] + 0.5 * local[0, 0, 0])
     torch.testing.assert_close(out[0, 1, 1], g * memory[0, 1, 1] + (1 - g) * local[0, 1, 1])
     torch.testing.assert_close(out[0, :, 2], local[0, :, 2])  # no memory found: local only
+
+
+def test_gate_and_scale_init_and_param_scale_speed_up_adam():
+    d = make_dictionary(20)
+    args = argparse.Namespace(tokens_per_sample=128, knn_memory_size=16, knn_memory_topk=4, knn_layer=-1,
+                              knn_gate_init=0.2, knn_scale_init=12.0, knn_param_scale=10.0)
+    memorizing_tiny(args)
+    task = SimpleNamespace(source_dictionary=d, target_dictionary=d)
+    layer = MemorizingTransformerLanguageModel.build_model(args, task).knn_attention
+    torch.testing.assert_close(layer.gate(), torch.full((2,), 0.2))
+    torch.testing.assert_close(layer.memory_scale(), torch.full((2,), 12.0))
+    # one Adam step of lr 1e-3 moves the gate's logit b by ~10 x 1e-3, not 1e-3
+    before = torch.logit(layer.gate()).detach()
+    opt = torch.optim.Adam([layer.mem_gate], lr=1e-3)
+    layer.gate().sum().backward()
+    opt.step()
+    moved = (torch.logit(layer.gate()).detach() - before).abs()
+    torch.testing.assert_close(moved, torch.full((2,), 1e-2), rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="--knn-gate-init"):
+        KnnAugmentedAttention(16, 2, 8, 2, gate_init=1.0)
+    with pytest.raises(ValueError, match="--knn-param-scale"):
+        KnnAugmentedAttention(16, 2, 8, 2, param_scale=0.0)
 
 
 def test_memory_resets_per_document_and_rows_never_mix():

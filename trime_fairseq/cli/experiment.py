@@ -186,9 +186,10 @@ def add_common_args(p, run_dir: str, tokens_per_sample: int, max_update: int = 3
     p.add_argument("--seed", type=int, default=1, help="training seed")
 
 
-def start_run(a, warmup_updates: int = 0):
+def start_run(a, warmup_updates: int = 0, prepare_args: Sequence = ()):
     """Common start of every example: logging, run/logs directories, the corpus (reused from
-    ``a.reuse`` when given), the shared fairseq-train flags and the CE warm-up updates.
+    ``a.reuse`` when given; built with ``trime-prepare-lm prepare_args`` otherwise), the
+    shared fairseq-train flags and the CE warm-up updates.
 
     Returns ``(run, logs, data, train_flags, ce_warmup_updates)``.
     """
@@ -196,20 +197,21 @@ def start_run(a, warmup_updates: int = 0):
     run = Path(a.run_dir)
     logs = run / "logs"
     src = Path(a.reuse) if getattr(a, "reuse", None) else run
-    data = ensure_corpus(src, a.data, logs)
+    data = ensure_corpus(src, a.data, logs, prepare_args)
     flags = train_flags(a.arch, a.tokens_per_sample, a.max_update, a.lr, a.seed,
                         warmup_updates or max(1, a.max_update // 8))
     return run, logs, data, flags, max(1, int(a.ce_warmup_frac * a.max_update))
 
 
-def ensure_corpus(run: Path, data: Optional[str], logs: Path) -> Path:
-    """``data`` (a fairseq-preprocess output) or the default corpus built in ``run/corpus``."""
+def ensure_corpus(run: Path, data: Optional[str], logs: Path, prepare_args: Sequence = ()) -> Path:
+    """``data`` (a fairseq-preprocess output) or the corpus built in ``run/corpus`` by
+    ``trime-prepare-lm prepare_args`` (default: the default corpus)."""
     if data:
         path = Path(data)
     else:
         path = run / "corpus" / "bin"
         if not (path / "dict.txt").exists():
-            run_logged("trime_fairseq.cli.prepare_lm", ["--out", run / "corpus"], logs / "prepare.log")
+            run_logged("trime_fairseq.cli.prepare_lm", ["--out", run / "corpus", *prepare_args], logs / "prepare.log")
     if not (path / "dict.txt").exists():
         raise SystemExit(f"error: --data {path} has no dict.txt (not a fairseq-preprocess output)")
     return path

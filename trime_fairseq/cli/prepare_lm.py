@@ -52,17 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--source", choices=SOURCES, default="django-sqlalchemy",
                         help=f"where documents come from: django-sqlalchemy = reST docs of the PyPI "
-                        f"sdists ({pins}); folder = every *.txt/*.md/*.rst file under --input; "
+                        f"sdists ({pins}); linux-doc = long documents: the Linux 6.1 kernel documentation "
+                        "(Debian linux-doc-6.1, fetched with apt-get download, or the unpacked package "
+                        "as --input), one document per chapter folder of 10k-30k words; folder = every *.txt/*.md/*.rst file under --input; "
                         "textfile = blank-line-separated blocks of --input; wikitext103 = "
                         "wiki.{train,valid,test}.tokens in --input, split into articles at "
                         "' = Title = ' headings, official splits kept")
     parser.add_argument("--input", type=Path, default=None,
-                        help="input directory (folder, wikitext103) or file (textfile); "
-                        "not used by django-sqlalchemy")
+                        help="input directory (folder, wikitext103, optional for linux-doc) or file "
+                        "(textfile); not used by django-sqlalchemy")
     parser.add_argument("--out", type=Path, required=True,
                         help="output directory (written atomically via a temporary sibling)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
-                        help="where downloaded sdists are cached (in a 'sdists' subfolder)")
+                        help="where downloaded sdists and .debs are cached ('sdists', 'debs' subfolders)")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="sentencepiece",
                         help="sentencepiece: train a model on the train split and encode all "
                         "splits to pieces; none: text is already tokenised, split on whitespace")

@@ -109,7 +109,8 @@ def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool
     wrapped = MemoryEvalModel(model, NoMemory(), pad).eval()
     long_memory = None
     if long_memory_size > 0:
-        long_memory = LongTermMemory(long_memory_size, context=task.args.tokens_per_sample + cfg.eval_lm.context_window)
+        long_memory = LongTermMemory(long_memory_size, context=task.args.tokens_per_sample + cfg.eval_lm.context_window,
+                                     across_documents=bool(getattr(task.args, "memory_across_documents", False)))
     retriever = None
     if external:
         retriever = task.build_retriever(model, combiners)

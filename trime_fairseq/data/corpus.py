@@ -54,7 +54,7 @@ from trime_fairseq.errors import TrimeUserError
 logger = logging.getLogger(__name__)
 
 SPLITS: Tuple[str, ...] = ("train", "valid", "test")
-SOURCES: Tuple[str, ...] = ("django-sqlalchemy", "folder", "textfile", "wikitext103")
+SOURCES: Tuple[str, ...] = ("django-sqlalchemy", "linux-doc", "folder", "textfile", "wikitext103")
 TOKENIZERS: Tuple[str, ...] = ("sentencepiece", "none")
 SPM_MODEL_TYPES: Tuple[str, ...] = ("unigram", "bpe")
 FOLDER_SUFFIXES: Tuple[str, ...] = (".txt", ".md", ".rst")
@@ -99,7 +99,9 @@ def text_to_lines(text: str) -> List[str]:
 # Heading adornments / simple-table borders: runs (>= 3) of one adornment
 # character, optionally several separated by spaces ("=====  =====").  Quote and
 # dot characters are excluded on purpose: '"""' and '...' are common code lines.
-_ADORNMENT_RE = re.compile(r"(?:([=\-~^*#+])\1{2,}\s*)+")
+# Possessive quantifiers: a long run that fails to match ("------ | ---") must not
+# be retried as every split into sub-runs (exponential backtracking).
+_ADORNMENT_RE = re.compile(r"(?:([=\-~^*#+])\1{2,}+\s*+)++")
 # Grid-table borders: +-----+=====+
 _GRID_BORDER_RE = re.compile(r"\+(?:[-=]+\+)+")
 # Hyperlink targets / labels: ".. _foo:" and ".. _foo: https://...".
@@ -394,6 +396,140 @@ def iter_django_sqlalchemy(cache_dir: Path, python: str = sys.executable) -> Ite
         )
 
 
+@dataclass(frozen=True)
+class DebianChapters:
+    """A long-document source: the reST sources of a Debian documentation package,
+    joined into one document per chapter (see :func:`group_chapters`)."""
+
+    package: str  #: Debian package name for ``apt-get download``
+    sources_dir: str  #: folder of ``*.rst.txt`` reST sources inside the unpacked package
+    exclude: Tuple[str, ...] = ()  #: top-level folders (under ``sources_dir``) to skip
+    max_words: int = 30_000  #: a folder with more words is split into its sub-folders
+    min_words: int = 10_000  #: chapters with fewer words are dropped
+
+
+#: ``--source linux-doc``: Linux 6.1 kernel documentation (Debian ``linux-doc-6.1``), one
+#: document per chapter of at least 10k and at most ~30k words (~17k-50k sentencepiece tokens).
+LINUX_DOC = DebianChapters(
+    "linux-doc-6.1", "usr/share/doc/linux-doc-6.1/html/_sources", exclude=("translations",)
+)
+
+
+def group_chapters(
+    files: Sequence[Tuple[str, int]], max_words: int, min_words: int
+) -> List[Tuple[str, List[str]]]:
+    """Group ``(relative path, word count)`` files into chapters; return ``(name, paths)``.
+
+    A folder holding at most ``max_words`` words (all its files, recursively) is one
+    chapter, named after the folder.  A larger folder is split: each sub-folder is
+    grouped recursively, and the files directly inside it are cut, in path order and at
+    file boundaries, into consecutive parts of at most ``max_words`` words (named
+    ``folder/*``, ``folder/*2`` ...; one file larger than ``max_words`` stays whole).
+    Chapters with fewer than ``min_words`` words are dropped.  Paths keep their sorted
+    order inside a chapter.
+    """
+    if max_words < 1 or min_words < 0:
+        raise CorpusError(f"chapter sizes must be positive (max {max_words}, min {min_words})")
+    ordered = sorted(files)
+
+    def words(items: Sequence[Tuple[str, int]]) -> int:
+        return sum(w for _, w in items)
+
+    chapters: List[Tuple[str, List[str]]] = []
+
+    def visit(folder: str, items: List[Tuple[str, int]]) -> None:
+        prefix = f"{folder}/" if folder else ""
+        if folder and words(items) <= max_words:
+            chapters.append((folder, [p for p, _ in items]))
+            return
+        own = [(p, w) for p, w in items if "/" not in p[len(prefix):]]
+        subs: Dict[str, List[Tuple[str, int]]] = {}
+        for p, w in items:
+            rest = p[len(prefix):]
+            if "/" in rest:
+                subs.setdefault(prefix + rest.split("/", 1)[0], []).append((p, w))
+        part: List[Tuple[str, int]] = []
+        parts: List[List[Tuple[str, int]]] = []
+        for item in own:
+            if part and words(part) + item[1] > max_words:
+                parts.append(part)
+                part = []
+            part.append(item)
+        if part:
+            parts.append(part)
+        for i, chunk in enumerate(parts):
+            chapters.append((f"{prefix}*{i + 1 if i else ''}", [p for p, _ in chunk]))
+        for sub in sorted(subs):
+            visit(sub, subs[sub])
+
+    visit("", ordered)
+    sizes = dict(ordered)
+    return [(name, paths) for name, paths in chapters
+            if sum(sizes[p] for p in paths) >= min_words]
+
+
+def read_chapter_sources(root: Path, spec: DebianChapters) -> Dict[str, str]:
+    """``{relative path: cleaned text}`` of every ``*.rst.txt`` under ``root``, skipping
+    ``spec.exclude`` top-level folders (cleaned with :func:`clean_rest`)."""
+    root = Path(root)
+    texts: Dict[str, str] = {}
+    for path in sorted(root.rglob("*.rst.txt")):
+        rel = path.relative_to(root).as_posix()
+        if rel.split("/", 1)[0] in spec.exclude or not path.is_file():
+            continue
+        texts[rel] = clean_rest(path.read_text(encoding="utf-8", errors="replace"))
+    return texts
+
+
+def iter_chapters(root: Path, spec: DebianChapters) -> Iterator[NamedText]:
+    """Yield one ``(chapter name, text)`` per chapter of the reST sources under ``root``."""
+    texts = read_chapter_sources(root, spec)
+    if not texts:
+        raise CorpusError(f"no *.rst.txt files under {root} (--input: the unpacked {spec.package} "
+                          f"package or its {spec.sources_dir} folder)")
+    grouped = group_chapters([(p, len(t.split())) for p, t in texts.items()],
+                             spec.max_words, spec.min_words)
+    logger.info("%d files -> %d chapters of %d-%d words", len(texts), len(grouped),
+                spec.min_words, spec.max_words)
+    for name, paths in grouped:
+        yield name, "\n".join(texts[p] for p in paths)
+
+
+def ensure_deb_unpacked(spec: DebianChapters, cache_dir: Path) -> Tuple[Path, Path]:
+    """Return ``(unpacked sources folder, .deb file)``, running ``apt-get download`` and
+    ``dpkg-deb -x`` into ``cache_dir`` when no unpacked copy is cached."""
+    cache_dir = Path(cache_dir).expanduser()
+    debs = sorted(cache_dir.glob(f"{spec.package}_*.deb")) if cache_dir.is_dir() else []
+    if not debs:
+        if shutil.which("apt-get") is None:
+            raise CorpusError(f"--source linux-doc needs apt-get (Debian) to download {spec.package}; "
+                              "or pass --input with the unpacked package")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
+            os.chmod(tmp, 0o777)  # apt's sandbox user writes here
+            logger.info("apt-get download %s into %s", spec.package, cache_dir)
+            proc = subprocess.run(["apt-get", "download", spec.package], cwd=tmp,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            got = sorted(Path(tmp).glob(f"{spec.package}_*.deb"))
+            if proc.returncode != 0 or not got:
+                tail = proc.stdout.strip().splitlines()[-1:] or ["(no output)"]
+                raise CorpusError(f"apt-get download {spec.package} failed (run apt-get update, "
+                                  f"or pass --input with the unpacked package): {tail[0]}")
+            os.replace(got[0], cache_dir / got[0].name)
+        debs = sorted(cache_dir.glob(f"{spec.package}_*.deb"))
+    deb = debs[-1]
+    unpacked = cache_dir / deb.name[:-len(".deb")]
+    if not unpacked.is_dir():
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".unpack-") as tmp:
+            proc = subprocess.run(["dpkg-deb", "-x", str(deb), tmp],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if proc.returncode != 0:
+                raise CorpusError(f"dpkg-deb -x {deb} failed: {proc.stdout.strip()[-200:]}")
+            os.rename(tmp, unpacked)
+            os.mkdir(tmp)  # let TemporaryDirectory clean up
+    return unpacked / spec.sources_dir, deb
+
+
 # --------------------------------------------------------------------------- #
 # Splitting
 # --------------------------------------------------------------------------- #
@@ -673,6 +809,10 @@ class CorpusConfig:
         if self.source == "django-sqlalchemy":
             if self.input is not None:
                 raise CorpusError("--input is not used with --source django-sqlalchemy (see --cache-dir)")
+        elif self.source == "linux-doc":
+            if self.input is not None and not Path(self.input).expanduser().is_dir():
+                raise CorpusError(f"--input {self.input} is not a directory (--source linux-doc takes "
+                                  "the unpacked linux-doc-6.1 package, or none to download it)")
         else:
             kind = "a file" if self.source == "textfile" else "a directory"
             if self.input is None:
@@ -764,6 +904,8 @@ def _versions(cfg: CorpusConfig) -> Dict[str, Optional[str]]:
         "fairseq": fairseq_version() if cfg.binarize else None,
         "sentencepiece": version("sentencepiece") if cfg.tokenizer == "sentencepiece" else None,
     }
+    if cfg.source == "linux-doc":
+        versions["linux-doc"] = LINUX_DOC.package
     if cfg.source == "django-sqlalchemy":
         versions.update({spec.project: spec.version for spec in DJANGO_SQLALCHEMY})
     return versions
@@ -788,6 +930,14 @@ def _collect_splits(cfg: CorpusConfig) -> Tuple[Dict[str, Iterable[Document]], L
         tarballs = ensure_sdists(DJANGO_SQLALCHEMY, cache)
         source_files = [{"name": p.name, "sha256": _sha256(p)} for p in tarballs.values()]
         pairs: Iterable[NamedText] = iter_django_sqlalchemy(cache)
+    elif cfg.source == "linux-doc":
+        if cfg.input is not None:
+            given = Path(cfg.input).expanduser()
+            root = given / LINUX_DOC.sources_dir if (given / LINUX_DOC.sources_dir).is_dir() else given
+        else:
+            root, deb = ensure_deb_unpacked(LINUX_DOC, Path(cfg.cache_dir).expanduser() / "debs")
+            source_files = [{"name": deb.name, "sha256": _sha256(deb)}]
+        pairs = iter_chapters(root, LINUX_DOC)
     elif cfg.source == "folder":
         pairs = iter_folder(Path(cfg.input).expanduser())
     else:  # textfile

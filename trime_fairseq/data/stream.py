@@ -128,7 +128,8 @@ class DocumentSegments(_InOrder):
         stream: the split.
         length: L, the segment length.
         group: m; collated batches carry ``sample["trime_memory"]`` for
-            ``trime_loss`` (``long`` memory over groups of ``m`` consecutive rows).
+            ``trime_loss`` (``long`` memory over groups of ``m`` consecutive rows, within a
+            document unless ``across_documents`` is set after construction).
         external: collated batches ask for ``external`` memory (all other segments of
             the batch; the batches themselves come from BM25 batching).
     """
@@ -140,6 +141,7 @@ class DocumentSegments(_InOrder):
         self.external = external  # batches of BM25-similar segments (TRIMELM_ext)
         self.stream_rows = False  # batches continue each row's stream (Memorizing Transformer)
         self.with_positions = False  # add mem_docs / mem_positions to net_input
+        self.across_documents = False  # long runs: memory crosses document boundaries
         starts: List[np.ndarray] = []
         lens: List[np.ndarray] = []
         if len(stream):
@@ -175,10 +177,13 @@ class DocumentSegments(_InOrder):
         if self.external:
             batch["trime_memory"] = {"mode": "external"}
         elif self.group > 1:
+            # across documents, every row of a run counts as one document: its memory is
+            # all earlier tokens of the run (the stream), not only those of its document
+            row_doc = [0 if self.across_documents else s["doc"] for s in samples]
             batch["trime_memory"] = {
                 "mode": "long",
                 "segments_per_group": self.group,
-                "row_doc": torch.LongTensor([s["doc"] for s in samples]),
+                "row_doc": torch.LongTensor(row_doc),
             }
         return batch
 

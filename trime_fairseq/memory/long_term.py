@@ -7,6 +7,10 @@ block may use: the same document, strictly before the block's context window (th
 itself is local memory, so no token is counted twice), at most ``size`` of them (the
 most recent). Only the current document is kept, in a preallocated buffer that is
 compacted when full, so appends cost O(tokens appended) and windows are views.
+
+With ``across_documents`` (``--memory-across-documents``) the memory is the stream's: it
+is not reset at document boundaries, and a block reads the ``size`` most recent tokens
+before its window whatever their document (as the reference evaluates WikiText-103).
 """
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -38,10 +42,11 @@ class MemoryWindow:
 class LongTermMemory:
     """The last ``size`` (+ ``context``) tokens of the current document (see module doc)."""
 
-    def __init__(self, size: int, context: int = 0) -> None:
+    def __init__(self, size: int, context: int = 0, across_documents: bool = False) -> None:
         if size < 0:
             raise TrimeUserError(f"--long-memory-size must be >= 0, got {size}")
         self.size, self.context = size, context
+        self.across_documents = across_documents
         self.capacity = 2 * (size + context) + 1
         self.reset()
 
@@ -59,8 +64,11 @@ class LongTermMemory:
         return None if self.end == self.start else int(self._pos[self.end - 1]) + 1
 
     def window(self, context_start: int, doc: int) -> Optional[MemoryWindow]:
-        """Entries of document ``doc`` before stream position ``context_start``, newest last."""
-        if self.end == self.start or int(self._docs[self.start]) != doc or self.size == 0:
+        """Entries of document ``doc`` (any document with ``across_documents``) before stream
+        position ``context_start``, newest last."""
+        if self.end == self.start or self.size == 0:
+            return None
+        if not self.across_documents and int(self._docs[self.start]) != doc:
             return None
         pos = self._pos[self.start:self.end]
         at = torch.tensor(context_start, dtype=pos.dtype, device=pos.device)
@@ -94,10 +102,12 @@ class LongTermMemory:
                 )
         # only the last document of these tokens can matter later, and only its newest
         # size + context tokens
-        new_doc = (docs != docs[-1]).nonzero(as_tuple=True)[0]
-        cut = int(new_doc[-1]) + 1 if new_doc.numel() else 0
-        if cut > 0 or (self.end > self.start and int(self._docs[self.end - 1]) != int(docs[-1])):
-            self.start = self.end = 0  # a new document: drop the old one
+        cut = 0
+        if not self.across_documents:
+            new_doc = (docs != docs[-1]).nonzero(as_tuple=True)[0]
+            cut = int(new_doc[-1]) + 1 if new_doc.numel() else 0
+            if cut > 0 or (self.end > self.start and int(self._docs[self.end - 1]) != int(docs[-1])):
+                self.start = self.end = 0  # a new document: drop the old one
         keep = self.size + self.context
         cut = max(cut, n - keep)
         keys = {k: v[cut:].detach() for k, v in keys.items()}

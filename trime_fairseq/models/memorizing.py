@@ -6,7 +6,8 @@ keeps the (key, value) pairs it computed on earlier segments of the same documen
 no gradient), retrieves each query's top-k keys by inner product of L2-normalised
 queries and keys, attends over them with its own softmax (a learned per-head scale), and
 mixes that with ordinary local attention through a learned per-head gate:
-``out = σ(b)·memory + (1-σ(b))·local``.
+``out = σ(b)·memory + (1-σ(b))·local``. The gate's start (``--knn-gate-init``), the scale's
+start (``--knn-scale-init``) and how fast Adam moves both (``--knn-param-scale``) are flags.
 
 The memory needs to know, for every token, its document and stream position; the
 ``trime_lm`` task adds them to ``net_input`` (``mem_docs``, ``mem_positions``) for this
@@ -39,10 +40,19 @@ class KnnAugmentedAttention(MultiheadAttention):
     """Self-attention plus attention over retrieved memory, mixed by a per-head gate."""
 
     def __init__(self, embed_dim: int, num_heads: int, memory_size: int, topk: int,
-                 memory_options: Optional[Dict[str, Any]] = None, **kwargs) -> None:
+                 memory_options: Optional[Dict[str, Any]] = None, gate_init: float = 0.5,
+                 scale_init: float = 0.0, param_scale: float = 1.0, **kwargs) -> None:
         super().__init__(embed_dim, num_heads, self_attention=True, **kwargs)
-        self.mem_gate = nn.Parameter(torch.zeros(num_heads))  # σ(0) = 0.5
-        self.mem_log_scale = nn.Parameter(torch.full((num_heads,), math.log(math.sqrt(self.head_dim))))
+        if not 0.0 < gate_init < 1.0:
+            raise ValueError(f"--knn-gate-init must be in (0, 1), got {gate_init}")
+        if scale_init < 0 or param_scale <= 0:
+            raise ValueError(f"--knn-scale-init must be >= 0 and --knn-param-scale > 0, got {scale_init}, {param_scale}")
+        # gate b = s·mem_gate and scale = exp(s·mem_log_scale): Adam moves each parameter by
+        # about lr per step whatever its gradient, so s multiplies their learning rate
+        self.param_scale = param_scale
+        scale = scale_init or math.sqrt(self.head_dim)
+        self.mem_gate = nn.Parameter(torch.full((num_heads,), math.log(gate_init / (1 - gate_init)) / param_scale))
+        self.mem_log_scale = nn.Parameter(torch.full((num_heads,), math.log(scale) / param_scale))
         self.memory = KnnMemory(memory_size, topk, **(memory_options or {}))
         self.stream: Optional[Dict[str, Tensor]] = None  # set by the model for each forward
 
@@ -89,7 +99,7 @@ class KnnAugmentedAttention(MultiheadAttention):
         scores, values, found = self.memory.topk(q, before=s["before"], query_docs=s["docs"])
         if scores.size(-1) == 0 or not bool(found.any()):
             return None
-        scale = self.mem_log_scale.exp()[None, :, None, None]
+        scale = self.memory_scale()[None, :, None, None]
         # zero the missing scores before scaling: -inf * scale has a NaN gradient in scale
         logits = (scores.masked_fill(~found, 0.0) * scale).masked_fill(~found, float("-inf"))
         has = found.any(-1, keepdim=True)
@@ -98,8 +108,16 @@ class KnnAugmentedAttention(MultiheadAttention):
 
     def mix(self, local: Tensor, memory: Tensor, has: Tensor) -> Tensor:
         """``σ(b)·memory + (1-σ(b))·local`` where a query found memory, else ``local``."""
-        gate = torch.sigmoid(self.mem_gate)[None, :, None, None]
+        gate = self.gate()[None, :, None, None]
         return torch.where(has, gate * memory + (1 - gate) * local, local)
+
+    def gate(self) -> Tensor:
+        """σ(b) per head, the weight of the memory result."""
+        return torch.sigmoid(self.param_scale * self.mem_gate)
+
+    def memory_scale(self) -> Tensor:
+        """Per-head factor of the normalised q·k scores before the memory softmax."""
+        return (self.param_scale * self.mem_log_scale).exp()
 
 
 @dataclass
@@ -113,6 +131,19 @@ class MemorizingTransformerConfig(TransformerLanguageModelConfig):
                           "0 disables the memory (a plain transformer_lm)"},
     )
     knn_memory_topk: int = field(default=32, metadata={"help": "memory entries retrieved per query and head"})
+    knn_gate_init: float = field(
+        default=0.5, metadata={"help": "initial gate σ(b) of every head (the weight of the memory result)"}
+    )
+    knn_scale_init: float = field(
+        default=0.0,
+        metadata={"help": "initial factor of the normalised q·k (in [-1, 1]) before the memory softmax; "
+                          "0: sqrt(head dim)"},
+    )
+    knn_param_scale: float = field(
+        default=1.0,
+        metadata={"help": "the gate and the log-scale are stored divided by this factor, so that Adam "
+                          "(steps of about --lr per parameter) moves them this many times faster"},
+    )
     knn_search: ChoiceEnum(SEARCH_CHOICES) = field(
         default="auto",
         metadata={"help": "memory search: exact torch matmul + top-k, a faiss index per (row, head), or auto "
@@ -158,6 +189,9 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
                 faiss_nprobe=safe_getattr(args, "knn_faiss_nprobe", 32),
                 faiss_train_size=safe_getattr(args, "knn_faiss_train_size", 0),
             ),
+            gate_init=safe_getattr(args, "knn_gate_init", 0.5),
+            scale_init=safe_getattr(args, "knn_scale_init", 0.0),
+            param_scale=safe_getattr(args, "knn_param_scale", 1.0),
             dropout=old.dropout_module.p, bias=old.k_proj.bias is not None,
         )
         new.load_state_dict(old.state_dict(), strict=False)
@@ -210,6 +244,9 @@ def _memorizing_base(args) -> None:
     args.knn_layer = safe_getattr(args, "knn_layer", -1)
     args.knn_memory_size = safe_getattr(args, "knn_memory_size", 8192)
     args.knn_memory_topk = safe_getattr(args, "knn_memory_topk", 32)
+    args.knn_gate_init = safe_getattr(args, "knn_gate_init", 0.5)
+    args.knn_scale_init = safe_getattr(args, "knn_scale_init", 0.0)
+    args.knn_param_scale = safe_getattr(args, "knn_param_scale", 1.0)
     args.knn_search = safe_getattr(args, "knn_search", "auto")
     args.knn_faiss_min_size = safe_getattr(args, "knn_faiss_min_size", 65536)
     args.knn_faiss_factory = safe_getattr(args, "knn_faiss_factory", "auto")

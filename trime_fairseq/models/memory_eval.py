@@ -9,7 +9,8 @@
   of the row, *including the ``--context-window`` tokens*, labelled with its next token
   (for context tokens, the next input token: their targets are padding).
 * Long-term memory (Eq. 3): the ``g``/``f`` of up to ``M`` earlier scored tokens of the same
-  document that lie before the row's context window (so no token is in memory twice),
+  document (of the stream with ``across_documents``) that lie before the row's context
+  window (so no token is in memory twice),
   kept in a :class:`~trime_fairseq.memory.long_term.LongTermMemory` across batches. Rows
   are scored one after another, in reading order.
 * External memory (Eq. 4): the K nearest datastore entries of each scored query, found
@@ -109,7 +110,10 @@ def scored_rows(
             continue
         window = long_memory.window(int(pos[0]), int(docs[s]))
         if window is not None:
-            allowed = docs[s:].unsqueeze(1) == window.docs.unsqueeze(0)
+            if long_memory.across_documents:
+                allowed = torch.ones(docs.numel() - s, len(window), dtype=torch.bool, device=docs.device)
+            else:
+                allowed = docs[s:].unsqueeze(1) == window.docs.unsqueeze(0)
             keys = {k: (window.keys[k].unsqueeze(0) if k in window.keys else None) for k in ("g", "f")}
             row = row.with_long_memory(keys["g"], keys["f"], window.labels.unsqueeze(0), allowed.unsqueeze(0))
         yield i, s, row
@@ -128,8 +132,9 @@ class MemoryEvalModel(BaseFairseqModel):
     """
 
     def __init__(self, model: BaseFairseqModel, combiner: Combiner, pad: int, long_memory_size: int = 0,
-                 retriever: Optional[Retriever] = None) -> None:
+                 retriever: Optional[Retriever] = None, across_documents: bool = False) -> None:
         super().__init__()
+        self.across_documents = across_documents
         self.retriever = retriever
         self.inner = model
         self.combiner = combiner
@@ -157,7 +162,8 @@ class MemoryEvalModel(BaseFairseqModel):
         x = scoring_inputs(self.inner, net_output, sample, self.pad)
         if self.long_memory_size > 0 and self.long_memory is None:
             context = int(max(sample.get("start_indices") or [0]))
-            self.long_memory = LongTermMemory(self.long_memory_size, context=max(context, x.target.size(1)))
+            self.long_memory = LongTermMemory(self.long_memory_size, context=max(context, x.target.size(1)),
+                                              across_documents=self.across_documents)
         # a fresh tensor of this call; a row is overwritten only after it was scored
         lprobs = x.tok_log_probs()
         for i, s, row in scored_rows(x, sample, self.pad, self.long_memory, self.retriever,

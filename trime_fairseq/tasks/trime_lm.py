@@ -85,7 +85,17 @@ class TrimeLMConfig(LanguageModelingConfig, RetrievalConfig, BM25BatchingConfig)
         metadata={
             "help": "tokens of long-term memory at test time (with --eval-memory local+long): "
             "the most recent ones of the current document before the context window; reset "
-            "at document boundaries"
+            "at document boundaries (unless --memory-across-documents)"
+        },
+    )
+    memory_across_documents: bool = field(
+        default=False,
+        metadata={
+            "help": "long-term memory over the stream instead of the document: no reset at "
+            "document boundaries, at test time (--eval-memory local+long reads the "
+            "--long-memory-size most recent tokens whatever their document, as the reference "
+            "evaluates WikiText-103) and in training (--consecutive-segments: a token's memory "
+            "is every earlier token of its run, documents included)"
         },
     )
     consecutive_segments: int = field(
@@ -248,7 +258,8 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
                     self.combiner.describe(), memory, long_size,
                     f", {retriever.k} neighbours from {self.args.datastore}" if retriever else "")
         return MemoryEvalModel(model, self.combiner, self.source_dictionary.pad(),
-                               long_memory_size=long_size, retriever=retriever)
+                               long_memory_size=long_size, retriever=retriever,
+                               across_documents=bool(self.args.memory_across_documents))
 
     def build_retriever(self, model, combiners=None):
         """Open ``--datastore`` and check that it belongs to this model and dictionary (and
@@ -306,6 +317,7 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         elif m > 1:
             ds = DocumentSegments(self.stream(split), self.args.tokens_per_sample, self.dictionary.pad(), group=m)
             ds.with_positions = self.with_positions
+            ds.across_documents = bool(self.args.memory_across_documents)
             ds.shuffle = split.startswith("train")
             self.datasets[split] = ds
             logger.info("%s: %d segments of <= %d tokens from %d documents, in runs of %d",
