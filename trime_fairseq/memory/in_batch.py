@@ -21,14 +21,14 @@ is ``O(G · chunk · T)`` rather than ``O((G·T)^2)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from trime_fairseq.memory.joint import joint_target_log_prob, scaled_similarity
+from trime_fairseq.memory.joint import joint_target_log_prob, scaled_similarity, top_k_mask
 
 MODES = ("local", "long", "external")
 
@@ -99,10 +99,12 @@ def _chunk_log_prob(
     tok_lse: Tensor,
     target: Tensor,
     temperature: float,
-) -> Tensor:
+    top_k: int = 0,
+) -> Tuple[Tensor, Tensor]:
     scores = scaled_similarity(q, keys, temperature)
     return joint_target_log_prob(
-        tok_target, tok_lse, scores, key_labels.unsqueeze(1), mask, target
+        tok_target, tok_lse, scores, key_labels.unsqueeze(1), top_k_mask(scores, mask, top_k), target,
+        with_log_partition=True,
     )
 
 
@@ -116,7 +118,9 @@ def in_batch_log_prob(
     temperature: float = 1.0,
     chunk_size: int = 512,
     checkpoint_above: int = 1 << 26,
-) -> Tensor:
+    top_k: int = 0,
+    with_log_partition: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """``log P(target)`` of Eq. 5 for every token of the batch, memory taken in-batch.
 
     Args:
@@ -131,6 +135,9 @@ def in_batch_log_prob(
         checkpoint_above: when the chunks hold more similarity entries than this in
             total, each chunk is recomputed in the backward pass (activation
             checkpointing), so memory stays at one chunk.
+        top_k: keep only each query's ``top_k`` highest memory scores (0: all), as the
+            reference TRIME-MT does with 8 (:func:`~trime_fairseq.memory.joint.top_k_mask`).
+        with_log_partition: also return each token's joint log-partition ``[G, T]``.
     Returns:
         ``[G, T]`` log-probabilities (meaningless at padding targets).
     """
@@ -156,12 +163,16 @@ def in_batch_log_prob(
             tok_lse[:, q0:q1],
             target[:, q0:q1],
             temperature,
+            top_k,
         )
         if use_ckpt:
             out.append(checkpoint(_chunk_log_prob, *args, use_reentrant=False))
         else:
             out.append(_chunk_log_prob(*args))
-    return torch.cat(out, dim=1)
+    lprob = torch.cat([o[0] for o in out], dim=1)
+    if with_log_partition:
+        return lprob, torch.cat([o[1] for o in out], dim=1)
+    return lprob
 
 
 def group_batch(

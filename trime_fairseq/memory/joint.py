@@ -6,9 +6,10 @@ scoring, tuning sweeps, the continuous-cache and kNN baselines) is computed here
 Notation used throughout:
 
 * ``tok_scores`` ``[..., V]``: token scores. With a full softmax these are the raw logits
-  ``E_w . f(c)`` and ``tok_lse = logsumexp(tok_scores)``. With an adaptive softmax there are
-  no single-softmax logits; the normalised log-probabilities play their role and
-  ``tok_lse = 0`` (Eq. 5 then reads ``P(w) ∝ p_AS(w) + Σ exp(sim)``).
+  ``E_w . f(c)`` and ``tok_lse = logsumexp(tok_scores)``. With an adaptive softmax they are
+  ``log p_AS(w) + log Z_head`` and ``tok_lse = log Z_head`` (the head's unnormalised mass,
+  :mod:`trime_fairseq.models.output_layer`), or, for the ``normalised`` ablation, the
+  normalised log-probabilities and ``tok_lse = 0`` (``P(w) ∝ p_AS(w) + Σ exp(sim)``).
 * ``mem_scores`` ``[..., K]``: ``sim(g(c), g(c_j)) / τ`` for K memory candidates.
 * ``mem_labels`` ``[..., K]``: the next token ``x_j`` of each candidate.
 * ``mem_mask`` ``[..., K]``: which candidates are in the memory of this query. Masked
@@ -54,6 +55,18 @@ def masked_logsumexp(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     return torch.logsumexp(scores.masked_fill(~mask, NEG_INF), dim=dim)
 
 
+def top_k_mask(mem_scores: Tensor, mem_mask: Tensor, k: int) -> Tensor:
+    """``mem_mask`` restricted to each row's ``k`` highest-scoring allowed entries (the
+    reference TRIME-MT keeps the top-8 in-batch memory logits per query); ``k <= 0``: the
+    mask unchanged. Ties at the k-th score are broken by position (``torch.topk``)."""
+    if k <= 0 or mem_scores.size(-1) <= k:
+        return mem_mask
+    scores = mem_scores.detach().masked_fill(~mem_mask, NEG_INF)
+    idx = scores.topk(k, dim=-1).indices
+    keep = torch.zeros_like(mem_mask).scatter_(-1, idx, True)
+    return keep & mem_mask
+
+
 def joint_target_log_prob(
     tok_target: Tensor,
     tok_lse: Tensor,
@@ -61,7 +74,8 @@ def joint_target_log_prob(
     mem_labels: Tensor,
     mem_mask: Tensor,
     target: Tensor,
-) -> Tensor:
+    with_log_partition: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """``log P(target | c)`` under Eq. 5 (training) / Eq. 6 (testing, scores already / τ).
 
     ``P(w|c) = [exp(s_w) + Σ_{j∈M, x_j=w} exp(m_j)] / [Σ_v exp(s_v) + Σ_{j∈M} exp(m_j)]``
@@ -71,8 +85,10 @@ def joint_target_log_prob(
         tok_lse: ``[N]`` ``log Σ_v exp(s_v)`` (0 for normalised scores).
         mem_scores, mem_labels, mem_mask: ``[N, K]``.
         target: ``[N]``.
+        with_log_partition: also return the log of the denominator (the joint
+            log-partition), e.g. for label smoothing over the vocabulary entries.
     Returns:
-        ``[N]`` log-probabilities.
+        ``[N]`` log-probabilities (and ``[N]`` log-partitions).
     """
     positive = mem_mask & mem_labels.eq(target.unsqueeze(-1))
     # one exponential pass serves both sums: shift by the (detached) largest allowed score
@@ -82,7 +98,7 @@ def joint_target_log_prob(
     weights = torch.exp(scores - shift)  # masked -> 0
     num = torch.logaddexp(tok_target, _log_or_neg_inf(weights.mul(positive).sum(-1)) + shift.squeeze(-1))
     den = torch.logaddexp(tok_lse, _log_or_neg_inf(weights.sum(-1)) + shift.squeeze(-1))
-    return num - den
+    return (num - den, den) if with_log_partition else num - den
 
 
 def _log_or_neg_inf(x: Tensor) -> Tensor:

@@ -26,6 +26,8 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 from trime_fairseq.data.stream import DocumentSegments, StreamBlocks, TokenStream, shard_rows
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
 from trime_fairseq.models.memory_eval import MemoryEvalModel
+from trime_fairseq.models.output_layer import (
+    ADAPTIVE_TOKEN_MASS_HELP, ADAPTIVE_TOKEN_MASSES, DEFAULT_ADAPTIVE_TOKEN_MASS, check_adaptive_token_mass)
 from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, RetrievalConfig, build_retriever, cached_bm25_batches
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 EVAL_COMBINERS = ChoiceEnum(["none", "trime", "cache", "knn"])
 EVAL_MEMORIES = ChoiceEnum(["local", "local+long", "local+ext", "local+long+ext"])
 CACHE_REPRESENTATIONS = ChoiceEnum(["f", "g"])
+ADAPTIVE_TOKEN_MASS = ChoiceEnum(list(ADAPTIVE_TOKEN_MASSES))
 
 
 @dataclass
@@ -88,6 +91,10 @@ class TrimeLMConfig(LanguageModelingConfig, RetrievalConfig, BM25BatchingConfig)
             "document, and memory never crosses documents"
         },
     )
+    adaptive_token_mass: ADAPTIVE_TOKEN_MASS = field(
+        default=DEFAULT_ADAPTIVE_TOKEN_MASS,
+        metadata={"help": "scoring with memory: " + ADAPTIVE_TOKEN_MASS_HELP},
+    )
     cache_lambda: Optional[float] = field(
         default=None,
         metadata={"help": "continuous cache: interpolation weight lambda of P_cache (0..1)"},
@@ -118,6 +125,7 @@ def check_memory_flags(cfg) -> None:
         raise ValueError("external memory (--eval-memory ...+ext or --eval-combiner knn) needs --datastore")
     if getattr(cfg, "knn_k", 1) < 1:
         raise ValueError(f"--knn-k must be >= 1, got {cfg.knn_k}")
+    check_adaptive_token_mass(getattr(cfg, "adaptive_token_mass", DEFAULT_ADAPTIVE_TOKEN_MASS))
 
 
 def build_combiner(cfg) -> Combiner:
@@ -171,7 +179,8 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
                     self.combiner.describe(), memory, long_size,
                     f", {retriever.k} neighbours from {self.args.datastore}" if retriever else "")
         return MemoryEvalModel(model, self.combiner, self.source_dictionary.pad(),
-                               long_memory_size=long_size, retriever=retriever)
+                               long_memory_size=long_size, retriever=retriever,
+                               adaptive_mass=str(self.args.adaptive_token_mass))
 
     def build_retriever(self, model):
         """Open ``--datastore`` and check that it belongs to this model and dictionary."""
