@@ -179,3 +179,16 @@ def test_memory_flags_without_parameters_are_refused():
         build_combiner(cfg)
     with pytest.raises(ValueError, match="--cache-lambda"):
         CacheCombiner(1.5, 0.1)
+
+
+def test_adaptive_token_mass_flag_is_checked():
+    from types import SimpleNamespace
+
+    from trime_fairseq.tasks.trime_lm import check_memory_flags
+
+    cfg = SimpleNamespace(long_memory_size=0, eval_memory="local", consecutive_segments=1, eval_combiner="trime",
+                          adaptive_token_mass="raw")
+    with pytest.raises(ValueError, match="--adaptive-token-mass"):
+        check_memory_flags(cfg)
+    cfg.adaptive_token_mass = "normalised"
+    check_memory_flags(cfg)
