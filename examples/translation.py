@@ -77,6 +77,22 @@ def common_train_flags(a: argparse.Namespace, max_update: int, validate_every: i
     ]
 
 
+def train_tokens_per_update(log_path: Path) -> float:
+    """Mean target tokens per update (fairseq's ``wpb``) of a fairseq-train JSON log: the
+    last epoch summary, else the mean of the progress lines; NaN if none."""
+    summaries, inner = [], []
+    for line in log_path.read_text().splitlines():
+        if "{" not in line:
+            continue
+        if "| train |" in line:
+            summaries.append(float(json.loads(line[line.index("{"):]).get("train_wpb", "nan")))
+        elif "| train_inner |" in line:
+            inner.append(float(json.loads(line[line.index("{"):]).get("wpb", "nan")))
+    if summaries:
+        return summaries[-1]
+    return sum(inner) / len(inner) if inner else float("nan")
+
+
 def valid_curve(log_path: Path) -> list:
     """``[{"updates", "valid_bleu", "valid_nll", ...}]`` from a fairseq-train JSON log:
     every validation pass (BLEU greedy on the validation set; NLL in nats/token of the

@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from translation import add_recipe_args, common_train_flags, trime_flags, valid_curve  # noqa: E402
+from translation import (  # noqa: E402
+    add_recipe_args, common_train_flags, train_tokens_per_update, trime_flags, valid_curve)
 from trime_fairseq.cli import experiment as ex  # noqa: E402
 
 logger = logging.getLogger("translation_ablation")
@@ -82,11 +83,13 @@ def main(argv=None) -> dict:
         curves[name] = valid_curve(logs / f"train_{name}.log")
         last = curves[name][-1]
         rows.append({"system": name, "description": desc, **last,
+                     "train_tokens_per_update": train_tokens_per_update(logs / f"train_{name}.log"),
                      "train_tokens_per_s": trained["train_tokens_per_s"]})
         logger.info("%s: %s", name, rows[-1])
-    table = ex.markdown_table(rows, ["system", "description", "updates", "valid_bleu", "valid_nll", "valid_trime_nll"],
-                              ["variant", "change", "updates", "valid BLEU (greedy)", "valid NLL, model alone",
-                               "valid NLL, Eq. 5 in-batch memory"])
+    table = ex.markdown_table(rows, ["system", "description", "updates", "train_tokens_per_update", "valid_bleu",
+                                     "valid_nll", "valid_trime_nll"],
+                              ["variant", "change", "updates", "target tokens / update", "valid BLEU (greedy)",
+                               "valid NLL, model alone", "valid NLL, Eq. 5 in-batch memory"])
     header = (f"# TRIME-MT recipe ablation (validation set)\n\n`{a.arch}`, {a.max_update} updates of {a.max_tokens} "
               f"tokens, seed {a.seed}, corpus `{a.corpus}`. NLL in nats/token. Recipe: train temperature "
               f"{a.trime_temperature}, top-{a.memory_top_k} memory logits, label smoothing {a.trime_label_smoothing}, "

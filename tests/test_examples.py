@@ -114,6 +114,14 @@ def test_valid_curve_reads_bleu_and_nll_of_each_validation(tmp_path):
     assert points[1]["valid_nll"] == pytest.approx(7.0 * math.log(2))
     assert points[1]["valid_trime_nll"] == pytest.approx(6.0 * math.log(2))
 
+    from translation import train_tokens_per_update
+
+    inner = '2026 | INFO | train_inner | {"wpb": "%s", "num_updates": "%d"}\n'
+    log.write_text(inner % ("100", 50) + inner % ("300", 100))
+    assert train_tokens_per_update(log) == 200.0  # mean of the progress lines
+    log.write_text(log.read_text() + '2026 | INFO | train | {"train_wpb": "250.5", "train_num_updates": "100"}\n')
+    assert train_tokens_per_update(log) == 250.5  # the epoch summary wins
+
 
 @pytest.mark.slow
 def test_translation_ablation_example(tmp_path):
@@ -130,4 +138,5 @@ def test_translation_ablation_example(tmp_path):
     assert set(rows) == {"base", "recipe"}
     assert all(r["updates"] == 4 and r["valid_nll"] > 0 and r["valid_bleu"] >= 0 for r in rows.values())
     assert rows["recipe"]["valid_trime_nll"] > 0 and "valid_trime_nll" not in rows["base"]
+    assert all(r["train_tokens_per_update"] > 0 for r in rows.values())
     assert "| variant |" in (tmp_path / "run" / "ablation.md").read_text()
