@@ -7,6 +7,9 @@ the local memory under both token masses.
 
     python examples/adaptive_softmax_ablation.py --data runs/main/corpus/bin --run-dir runs/asm_ablation
 
+``--valid-lines N`` scores only the first N lines of the corpus's ``valid.txt`` (binarised
+with the corpus dictionary into ``RUN/data``; training data unchanged), for short runs.
+
 Writes ``RUN/results.{json,md}`` and ``--results`` (``docs/results/adaptive_softmax_ablation``).
 """
 import argparse
@@ -32,14 +35,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens per update")
     p.add_argument("--warmup-updates", type=int, default=40, help="learning-rate warm-up updates")
     p.add_argument("--eval-temperature", type=float, default=1.0, help="tau of Eq. 6 at evaluation")
+    p.add_argument("--valid-lines", type=int, default=0,
+                   help="score only the first N lines of DATA/../valid.txt (0: the whole validation set)")
     p.add_argument("--results", default="docs/results/adaptive_softmax_ablation",
                    help="also write RESULTS.json/.md ('none': only in --run-dir)")
     return p.parse_args(argv)
 
 
+def valid_subset(data: Path, lines: int, out: Path, logs: Path) -> Path:
+    """``out``: ``data``'s dictionary and training split (links) with a validation split of
+    the first ``lines`` lines of ``data/../valid.txt``."""
+    if (out / "valid.idx").exists():
+        return out
+    text = data.parent / "valid.txt"
+    if not text.exists():
+        raise SystemExit(f"error: --valid-lines needs {text} (the corpus text beside --data)")
+    out.mkdir(parents=True, exist_ok=True)
+    head = out / "valid_subset.txt"
+    with open(text) as src:
+        ex.atomic_write(head, "".join(line for _, line in zip(range(lines), src)))
+    for name in ("train.bin", "train.idx"):
+        if not (out / name).exists():
+            (out / name).symlink_to((data / name).resolve())
+    ex.run_logged("fairseq_cli.preprocess", ["--only-source", "--srcdict", data / "dict.txt", "--validpref", head,
+                                             "--destdir", out, "--workers", 1], logs / "valid_subset.log")
+    return out
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     run, logs, data, common, warm = ex.start_run(a, a.warmup_updates)
+    if a.valid_lines > 0:
+        data = valid_subset(data, a.valid_lines, run / f"data_valid{a.valid_lines}", logs)
     common = [*common, "--max-tokens", a.max_tokens, "--adaptive-softmax-cutoff", a.cutoff,
               "--adaptive-input-cutoff", a.cutoff]
     ev = [*ex.eval_flags(a.eval_tokens_per_sample, a.context_window), "--gen-subset", "valid"]
@@ -66,7 +93,8 @@ def main(argv=None) -> dict:
     header = (f"# Adaptive softmax token mass (validation set)\n\n`{a.arch}` with cut-offs {a.cutoff}, local "
               f"memory, {a.max_update} updates of {a.max_tokens} tokens (L={a.tokens_per_sample}, CE warm-up "
               f"{warm}), seed {a.seed}; eval blocks {a.eval_tokens_per_sample} with context {a.context_window}, "
-              f"tau {a.eval_temperature}. Corpus `{data}`.\n\n")
+              f"tau {a.eval_temperature}. Corpus `{data}`"
+              + (f" (validation: its first {a.valid_lines} lines)" if a.valid_lines > 0 else "") + ".\n\n")
     result = {"args": vars(a), "rows": rows}
     outs = [run / "results.json"] + ([Path(a.results + ".json")] if a.results != "none" else [])
     for out in outs:

@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (inverse_sqrt)")
     p.add_argument("--ce-warmup-frac", type=float, default=0.3, help="TRIME-MT: share of updates with plain CE first")
     p.add_argument("--seed", type=int, default=1, help="training seed")
+    p.add_argument("--valid-pairs", type=int, default=0,
+                   help="validate on the first N pairs of the validation set only (binarised into RUN/data "
+                        "with the corpus dictionary; 0: all), for short runs")
     p.add_argument("--curve-points", type=int, default=4,
                    help="base and recipe: validate this many times during training (BLEU against updates)")
     p.add_argument("--variants", default=",".join(["base", *VARIANTS]),
@@ -59,11 +62,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def valid_subset(corpus: Path, pairs: int, out: Path, logs: Path) -> Path:
+    """``out``: the corpus's dictionaries and training split (links) with a validation
+    split of the first ``pairs`` pairs of ``corpus/valid.{de,en}`` (sentencepiece text)."""
+    if (out / "valid.de-en.en.idx").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for lang in ("de", "en"):
+        with open(corpus / f"valid.{lang}") as src:
+            ex.atomic_write(out / f"valid_subset.{lang}", "".join(l for _, l in zip(range(pairs), src)))
+        for ext in ("bin", "idx"):
+            link = out / f"train.de-en.{lang}.{ext}"
+            if not link.exists():
+                link.symlink_to((corpus / "bin" / f"train.de-en.{lang}.{ext}").resolve())
+    ex.run_logged("fairseq_cli.preprocess", [
+        "--source-lang", "de", "--target-lang", "en", "--srcdict", corpus / "bin" / "dict.de.txt",
+        "--tgtdict", corpus / "bin" / "dict.en.txt", "--validpref", out / "valid_subset", "--destdir", out,
+        "--workers", 1], logs / "valid_subset.log")
+    return out
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     ex.setup_logging()
     run, data = Path(a.run_dir), Path(a.corpus) / "bin"
     logs = run / "logs"
+    if a.valid_pairs > 0:
+        data = valid_subset(Path(a.corpus), a.valid_pairs, run / f"data_valid{a.valid_pairs}", logs)
     wanted = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = [v for v in wanted if v != "base" and v not in VARIANTS]
     if unknown:
@@ -91,7 +116,8 @@ def main(argv=None) -> dict:
                               ["variant", "change", "updates", "target tokens / update", "valid BLEU (greedy)",
                                "valid NLL, model alone", "valid NLL, Eq. 5 in-batch memory"])
     header = (f"# TRIME-MT recipe ablation (validation set)\n\n`{a.arch}`, {a.max_update} updates of {a.max_tokens} "
-              f"tokens, seed {a.seed}, corpus `{a.corpus}`. NLL in nats/token. Recipe: train temperature "
+              f"tokens, seed {a.seed}, corpus `{a.corpus}`"
+              + (f" (validation: its first {a.valid_pairs} pairs)" if a.valid_pairs > 0 else "") + ". NLL in nats/token. Recipe: train temperature "
               f"{a.trime_temperature}, top-{a.memory_top_k} memory logits, label smoothing {a.trime_label_smoothing}, "
               f"BM25 groups {a.bm25_grouping}; each other row changes what it names.\n\n")
     curve_rows = [dict(p, system=n) for n, c in curves.items() if len(c) > 1 for p in c]

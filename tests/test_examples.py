@@ -140,3 +140,20 @@ def test_translation_ablation_example(tmp_path):
     assert rows["recipe"]["valid_trime_nll"] > 0 and "valid_trime_nll" not in rows["base"]
     assert all(r["train_tokens_per_update"] > 0 for r in rows.values())
     assert "| variant |" in (tmp_path / "run" / "ablation.md").read_text()
+
+
+@pytest.mark.slow
+def test_adaptive_softmax_ablation_example(corpus, tmp_path):
+    """Both training token masses, each scored without memory and with Eq. 6 under both
+    masses on a validation subset; the eval flag reaches the scorer (the masses differ)."""
+    run_example("adaptive_softmax_ablation", "--run-dir", str(tmp_path), "--data", str(corpus), "--results", "none",
+                "--arch", "transformer_lm_trime_wt103_7m", "--cutoff", "10,20", "--max-update", "2",
+                "--tokens-per-sample", "32", "--eval-tokens-per-sample", "32", "--context-window", "16",
+                "--max-tokens", "256", "--warmup-updates", "1", "--valid-lines", "12")
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["train_mass"]: r for r in result["rows"]}
+    assert set(rows) == {"head", "normalised"}
+    for r in rows.values():
+        assert r["valid_ppl_nomem"] > 1 and r["valid_ppl_head"] > 1 and r["valid_ppl_normalised"] > 1
+        assert r["valid_ppl_head"] != pytest.approx(r["valid_ppl_normalised"], rel=1e-6)
+    assert (tmp_path / "data_valid12" / "valid.idx").exists()
