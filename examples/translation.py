@@ -1,18 +1,28 @@
 """Translation with memory (cf. TRIME Table 5): base, kNN-MT, adaptive kNN-MT and TRIME-MT.
 
-On the real de->en corpus of ``trime-prepare-mt`` (gettext catalogs of PyPI projects; one
-group of catalogs, by default ``gramps``, is held out as a second domain):
+On the real de->en corpus of ``trime-prepare-mt`` (by default gettext catalogs of PyPI
+projects, Debian package descriptions (DDTP) and Debian base-system ``.mo`` catalogs; the
+``gramps`` catalogs are held out as a second domain):
 
-1. base: ``transformer_mt_trime_small`` with label-smoothed cross entropy;
-   TRIME-MT: the same model and budget with ``trime_loss`` (memory = the other target
-   sentences of the batch), BM25 batches of similar target sentences and a CE warm-up.
+1. base: ``transformer_mt_trime_small`` with label-smoothed cross entropy; its BLEU on the
+   validation set (greedy, ``--eval-bleu``) is logged ``--curve-points`` times during
+   training (BLEU against updates). TRIME-MT: the same model and budget with ``trime_loss``
+   (memory = the other target sentences of the batch) in the reference TRIME-MT recipe:
+   memory logits q·k/√d divided by ``--trime-temperature`` (10), only the
+   ``--memory-top-k`` (8) largest memory logits per token, no label smoothing, BM25 groups
+   kept whole in the order they were grown (``--bm25-grouping whole``), and a CE warm-up.
 2. datastores of every training target token: L2 for the base model (kNN-MT), inner
    product for TRIME-MT; for the domain-adaptation rows, over the held-out domain's
    training pairs instead (the models never saw that domain).
-3. kNN-MT's λ and T and TRIME-MT's τ are chosen by validation NLL with ``trime-tune-mt``
+3. kNN-MT's λ and T and TRIME-MT's τ (a grid around its training temperature) are chosen
+   by validation NLL with ``trime-tune-mt``
    (one retrieval pass per model); Meta-k (adaptive kNN-MT) is trained on the validation
    set with ``trime-train-metak``.
 4. ``fairseq-generate`` (beam 5) on the test sets, detokenised, scored with sacrebleu.
+
+Results go to ``RUN/results.{json,md,png}`` and to ``--results`` (``docs/results/translation``
+by default: ``.json`` rows keyed ``base``, ``knnmt``, ``adaptive_knnmt``, ``trime_mt``,
+``trime_mt_nomem``, each with ``domain`` and ``bleu``).
 
     python examples/translation.py --run-dir runs/mt
 """
@@ -28,16 +38,97 @@ from trime_fairseq.cli import experiment as ex  # noqa: E402
 
 logger = logging.getLogger("translation")
 
+DEFAULT_SOURCES = "pypi,debian-ddtp,debian-mo"
+#: ``docs/results/translation.json`` row keys
+ROW_KEYS = {"base": "base", "kNN-MT": "knnmt", "adaptive kNN-MT": "adaptive_knnmt", "TRIME-MT": "trime_mt",
+            "TRIME-MT (no memory)": "trime_mt_nomem"}
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """The TRIME-MT recipe (reference IWSLT'14 settings); also used by translation_ablation.py."""
+    p.add_argument("--trime-temperature", type=float, default=10.0,
+                   help="TRIME-MT: --train-temperature (memory logits q.k/sqrt(d) divided by it)")
+    p.add_argument("--memory-top-k", type=int, default=8, help="TRIME-MT: memory logits kept per token (0: all)")
+    p.add_argument("--trime-label-smoothing", type=float, default=0.0,
+                   help="TRIME-MT: label smoothing of the token term (the base model uses 0.1)")
+    p.add_argument("--bm25-grouping", choices=["whole", "length"], default="whole",
+                   help="TRIME-MT: BM25 groups kept whole in chain order, or re-split by length")
+
+
+def trime_flags(a: argparse.Namespace, max_update: int) -> list:
+    """fairseq-train flags of TRIME-MT under the recipe arguments ``a``."""
+    return ["--criterion", "trime_loss", "--ce-warmup-updates", max(1, int(a.ce_warmup_frac * max_update)),
+            "--train-temperature", a.trime_temperature, "--memory-top-k", a.memory_top_k,
+            "--label-smoothing", a.trime_label_smoothing, "--bm25-batching", "--bm25-grouping", a.bm25_grouping]
+
+
+def common_train_flags(a: argparse.Namespace, max_update: int, validate_every: int) -> list:
+    """fairseq-train flags both MT models share; validation every ``validate_every`` updates
+    reports greedy BLEU on the validation set (``valid_bleu``)."""
+    return [
+        "--task", "trime_translation", "--arch", a.arch, "--max-tokens", a.max_tokens, "--max-update", max_update,
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", a.lr, "--lr-scheduler", "inverse_sqrt",
+        "--warmup-updates", max(1, max_update // 10), "--warmup-init-lr", "1e-7", "--clip-norm", "1.0",
+        "--seed", a.seed, "--log-interval", "50", "--validate-interval-updates", validate_every,
+        "--validate-interval", 1000000, "--save-interval-updates", validate_every, "--keep-interval-updates", 1,
+        "--cpu", "--num-workers", "0", "--share-all-embeddings",
+        "--eval-bleu", "--eval-bleu-args", '{"beam": 1, "max_len_a": 1.2, "max_len_b": 10}',
+        "--eval-bleu-remove-bpe", "sentencepiece", "--best-checkpoint-metric", "loss",
+    ]
+
+
+def train_tokens_per_update(log_path: Path) -> float:
+    """Mean target tokens per update (fairseq's ``wpb``) of a fairseq-train JSON log: the
+    last epoch summary, else the mean of the progress lines; NaN if none."""
+    summaries, inner = [], []
+    for line in log_path.read_text().splitlines():
+        if "{" not in line:
+            continue
+        if "| train |" in line:
+            summaries.append(float(json.loads(line[line.index("{"):]).get("train_wpb", "nan")))
+        elif "| train_inner |" in line:
+            inner.append(float(json.loads(line[line.index("{"):]).get("wpb", "nan")))
+    if summaries:
+        return summaries[-1]
+    return sum(inner) / len(inner) if inner else float("nan")
+
+
+def valid_curve(log_path: Path) -> list:
+    """``[{"updates", "valid_bleu", "valid_nll", ...}]`` from a fairseq-train JSON log:
+    every validation pass (BLEU greedy on the validation set; NLL in nats/token of the
+    model alone: ``ce_loss`` for trime_loss, ``nll_loss`` for label-smoothed CE)."""
+    import math
+
+    points = []
+    for line in log_path.read_text().splitlines():
+        if "| valid |" not in line or "{" not in line:
+            continue
+        stats = json.loads(line[line.index("{"):])
+        nll = stats.get("valid_ce_loss", stats.get("valid_nll_loss"))
+        point = {"updates": int(stats["valid_num_updates"]), "valid_bleu": float(stats.get("valid_bleu", "nan")),
+                 "valid_nll": float(nll) * math.log(2) if nll is not None else float("nan")}
+        if "valid_ce_loss" in stats:  # trime_loss: also the TRIME loss with in-batch memory
+            point["valid_trime_nll"] = float(stats.get("valid_nll_loss", stats["valid_loss"])) * math.log(2)
+        points.append(point)
+    return points
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/mt", help="where data, checkpoints and results go")
     p.add_argument("--corpus", default=None, help="a trime-prepare-mt output directory (default: build one)")
+    p.add_argument("--sources", default=DEFAULT_SOURCES,
+                   help="trime-prepare-mt --sources when the corpus is built here")
+    p.add_argument("--results", default="docs/results/translation",
+                   help="also write the results as RESULTS.json/.md/.png ('none': only in --run-dir)")
     p.add_argument("--arch", default="transformer_mt_trime_small", help="architecture of both models")
-    p.add_argument("--max-update", type=int, default=400, help="updates per model (the same for both)")
+    p.add_argument("--max-update", type=int, default=3000, help="updates per model (the same for both)")
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (inverse_sqrt)")
+    p.add_argument("--curve-points", type=int, default=6,
+                   help="base model: validation BLEU (greedy) this many times during training")
     p.add_argument("--ce-warmup-frac", type=float, default=0.3, help="TRIME-MT: share of updates with plain CE first")
+    add_recipe_args(p)
     p.add_argument("--knn-k", type=int, default=16, help="neighbours retrieved per decoding step")
     p.add_argument("--beam", type=int, default=5, help="beam size")
     p.add_argument("--gen-batch-size", type=int, default=64, help="sentences per generation batch")
@@ -52,27 +143,23 @@ def main(argv=None) -> dict:
     logs = run / "logs"
     corpus = Path(a.corpus) if a.corpus else run / "corpus"
     if not (corpus / "corpus.json").exists():
-        ex.run_logged("trime_fairseq.cli.prepare_mt", ["--out", corpus], logs / "prepare.log")
+        ex.run_logged("trime_fairseq.cli.prepare_mt", ["--out", corpus, "--sources", a.sources], logs / "prepare.log")
     data = corpus / "bin"
     manifest = json.loads((corpus / "corpus.json").read_text())
     domain_splits = (data / "indomain_test.de-en.de.idx").exists()
 
-    common = [
-        "--task", "trime_translation", "--arch", a.arch, "--max-tokens", a.max_tokens, "--max-update", a.max_update,
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", a.lr, "--lr-scheduler", "inverse_sqrt",
-        "--warmup-updates", max(1, a.max_update // 10), "--warmup-init-lr", "1e-7", "--clip-norm", "1.0",
-        "--seed", a.seed, "--log-interval", "50", "--validate-interval-updates", a.max_update, "--cpu",
-        "--num-workers", "0", "--share-all-embeddings",
-    ]
+    every = max(1, a.max_update // max(1, a.curve_points))
     specs = {
-        "base": [*common, "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
-        "trime": [*common, "--criterion", "trime_loss", "--ce-warmup-updates", max(1, int(a.ce_warmup_frac * a.max_update)),
-                  "--bm25-batching", "--bm25-cache-dir", run],
+        "base": [*common_train_flags(a, a.max_update, every), "--criterion", "label_smoothed_cross_entropy",
+                 "--label-smoothing", "0.1"],
+        "trime": [*common_train_flags(a, a.max_update, a.max_update), *trime_flags(a, a.max_update),
+                  "--bm25-cache-dir", run],
     }
-    ckpt, trained = {}, {}
+    ckpt, trained, curves = {}, {}, {}
     for name, args in specs.items():
         trained[name] = ex.train(data, run / "ckpt" / name, args, logs / f"train_{name}.log")
         ckpt[name] = run / "ckpt" / name / "checkpoint_last.pt"
+        curves[name] = valid_curve(logs / f"train_{name}.log")
 
     run_flags = ["--task", "trime_translation", "--cpu", "--max-tokens", 8192, "--num-workers", "0"]
     domains = {"general": ("train", "valid", "test")}
@@ -94,8 +181,9 @@ def main(argv=None) -> dict:
                           [data, "--path", ckpt["base"], "--combiner", "knn", "--grid", "lambda=0.1,0.2,0.3,0.5,0.7",
                            "temperature=1,10,100", "--out", run / f"tune_knn_{domain}.json", *ds["base"], *valid],
                           run / f"tune_knn_{domain}.json", logs / f"tune_knn_{domain}.log")
+        taus = ",".join(f"{a.trime_temperature * f:g}" for f in (0.25, 0.5, 1, 2, 4))
         trime = ex.run_tool("trime_fairseq.cli.tune_mt",
-                            [data, "--path", ckpt["trime"], "--combiner", "trime", "--grid", "tau=0.25,0.5,1,2,4",
+                            [data, "--path", ckpt["trime"], "--combiner", "trime", "--grid", f"tau={taus}",
                              "--out", run / f"tune_trime_{domain}.json", *ds["trime"], *valid],
                             run / f"tune_trime_{domain}.json", logs / f"tune_trime_{domain}.log")
         metak = run / f"metak_{domain}.pt"
@@ -121,7 +209,7 @@ def main(argv=None) -> dict:
                                                   "--post-process", "sentencepiece", "--cpu",
                                                   "--num-workers", "0"], logs / f"generate_{tag}.log")
             score = ex.bleu(gen["hyps"][: len(refs)], refs)
-            rows.append({"domain": domain, "system": system, "bleu": score["bleu"],
+            rows.append({"key": ROW_KEYS[system], "domain": domain, "system": system, "bleu": score["bleu"],
                          "sentences_per_s": gen["sentences_per_s"], "flags": " ".join(map(str, flags)),
                          "signature": score["signature"]})
             logger.info("%s / %s: BLEU %.2f (%.1f sentences/s)", domain, system, score["bleu"], gen["sentences_per_s"])
@@ -132,16 +220,24 @@ def main(argv=None) -> dict:
     table = ex.markdown_table(rows, ["domain", "system", "bleu", "sentences_per_s", "speed_vs_base"],
                               ["test set", "system", "BLEU", "sentences/s", "÷ base"])
     sizes = ", ".join(f"{k} {v['pairs']:,} pairs" for k, v in manifest.get("splits", {}).items())
-    header = (f"# Translation with memory (cf. TRIME Table 5)\n\nde→en gettext catalogs (`trime-prepare-mt`; "
-              f"{sizes}). Models: `{a.arch}`, {a.max_update} updates of {a.max_tokens} tokens each. Beam "
+    header = (f"# Translation with memory (cf. TRIME Table 5)\n\nde→en (`trime-prepare-mt --sources {a.sources}`; "
+              f"{sizes}). Models: `{a.arch}`, {a.max_update} updates of {a.max_tokens} tokens each; TRIME-MT: "
+              f"train temperature {a.trime_temperature}, top-{a.memory_top_k} memory, label smoothing "
+              f"{a.trime_label_smoothing}, BM25 groups {a.bm25_grouping}. Beam "
               f"{a.beam} (outputs of at most 1.2 x source + 10 tokens), batch {a.gen_batch_size}, K={a.knn_k}. sacrebleu: `{rows[0]['signature']}`.\n\n"
               "Memory parameters chosen by validation NLL (`trime-tune-mt`): "
               + "; ".join(f"{d}: kNN-MT {v['knn']['params']}, TRIME-MT {v['trime']['params']}" for d, v in tuned.items())
               + "\n\n")
-    result = {"args": vars(a), "rows": rows, "tuned": tuned, "index": index_info, "train": trained}
-    ex.write_results(run / "results.json", result, header + table)
-    ex.bar_plot([dict(r, system=f"{r['system']} ({r['domain']})") for r in rows], run / "results.png",
-                "Translation with memory", keys=("bleu",), ylabel="BLEU (higher is better)")
+    curve = ex.markdown_table(curves["base"], ["updates", "valid_bleu", "valid_nll"],
+                              ["updates", "valid BLEU (greedy)", "valid NLL (nats/token)"])
+    header_curve = "\n\nBase model against updates (validation set):\n\n" + curve
+    result = {"args": vars(a), "rows": rows, "tuned": tuned, "index": index_info, "train": trained,
+              "valid_curves": curves}
+    outs = [run / "results.json"] + ([Path(a.results + ".json")] if a.results != "none" else [])
+    for out in outs:
+        ex.write_results(out, result, header + table + header_curve)
+        ex.bar_plot([dict(r, system=f"{r['system']} ({r['domain']})") for r in rows], out.with_suffix(".png"),
+                    "Translation with memory", keys=("bleu",), ylabel="BLEU (higher is better)")
     logger.info("\n%s%s", header, table)
     return result
 

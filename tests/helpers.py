@@ -80,3 +80,22 @@ def write_tiny_parallel(root: Path, n_train: int = 120, seed: int = 0) -> Path:
          "--destdir", str(root / "bin"), "--workers", "1"]
     )
     return root / "bin"
+
+
+def adaptive_log_masses(asm, features: torch.Tensor) -> torch.Tensor:
+    """Brute-force ``log exp(E_w · f)`` ``[..., V]`` of a fairseq ``AdaptiveSoftmax`` (eval
+    mode), word by word: a head word's head logit; a tail word of cluster ``c`` the
+    cluster's head logit plus its log-probability within the cluster."""
+    x = features.reshape(-1, features.size(-1))
+    head = asm.head(x)
+    cutoff = asm.cutoff
+    out = torch.empty(x.size(0), asm.vocab_size, dtype=head.dtype)
+    for n in range(x.size(0)):
+        for w in range(asm.vocab_size):
+            if w < cutoff[0]:
+                out[n, w] = head[n, w]
+                continue
+            c = next(i for i in range(len(cutoff) - 1) if cutoff[i] <= w < cutoff[i + 1])
+            tail = torch.log_softmax(asm.tail[c](x[n:n + 1]), -1)[0]
+            out[n, w] = head[n, cutoff[0] + c] + tail[w - cutoff[c]]
+    return out.view(*features.shape[:-1], asm.vocab_size)

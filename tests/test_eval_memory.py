@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_dictionary, make_model, random_tokens
+from helpers import adaptive_log_masses, make_dictionary, make_model, random_tokens
 from trime_fairseq.memory.combiners import CacheCombiner, NoMemory, TrimeCombiner
 from trime_fairseq.memory.joint import interpolate, memory_log_probs
 from trime_fairseq.models.memory_eval import MemoryEvalModel, memory_labels
@@ -49,9 +49,13 @@ def brute_force(model, sample, pad, combine):
     return out
 
 
-def test_trime_scorer_equals_brute_force():
+@pytest.mark.parametrize("softmax", ["full", "adaptive-head", "adaptive-normalised"])
+def test_trime_scorer_equals_brute_force(softmax):
+    """Eq. 6 with the token term exp(E_w · f): for an adaptive softmax the head's
+    unnormalised mass (exact), or p_AS(w) with --adaptive-token-mass normalised."""
     d = make_dictionary(30)
-    model = make_model(d).double()
+    model = make_model(d, adaptive_cutoff="10,20" if softmax != "full" else None).double()
+    mass = softmax.split("-")[1] if softmax != "full" else "head"
     g_store = {}
     fc1 = model.decoder.layers[-1].fc1
     handle = fc1.register_forward_pre_hook(lambda m, inp: g_store.__setitem__("g", inp[0].transpose(0, 1)))
@@ -62,6 +66,10 @@ def test_trime_scorer_equals_brute_force():
     def combine(b, t, tgt, logits, feats, mem):
         g = g_store["g"][b]
         dim = g.size(-1)
+        if softmax != "full":  # logits are the decoder features here
+            logits = adaptive_log_masses(model.decoder.adaptive_softmax, logits)
+            if mass == "normalised":
+                logits = logits - torch.logsumexp(logits, 0)
         num = math.exp(logits[tgt].item())
         den = torch.logsumexp(logits, 0).exp().item()
         for j, label in mem:
@@ -72,12 +80,37 @@ def test_trime_scorer_equals_brute_force():
 
     ref = brute_force(model, sample, pad, combine)
     handle.remove()
-    wrapped = MemoryEvalModel(model, TrimeCombiner(tau), pad)
+    wrapped = MemoryEvalModel(model, TrimeCombiner(tau), pad, adaptive_mass=mass)
     lprobs = wrapped.get_normalized_probs(wrapped(**sample["net_input"]), True, sample)
     for (b, t), value in ref.items():
         assert lprobs[b, t, sample["target"][b, t]].item() == pytest.approx(value, abs=1e-9)
+    if softmax != "full":  # fairseq's adaptive log-probs are only valid at the targets
+        return
     # a proper distribution over the vocabulary at every position
     torch.testing.assert_close(lprobs.exp().sum(-1), torch.ones(lprobs.shape[:2], dtype=lprobs.dtype))
+
+
+def test_adaptive_token_masses_differ_and_are_exact_at_head_words():
+    """Exact token scores: the raw head logits at head words, cluster logit + within-cluster
+    log-probability at tail words, log-partition log Z_head; normalised: log p_AS, 0."""
+    from trime_fairseq.models.output_layer import full_token_scores
+
+    d = make_dictionary(30)
+    model = make_model(d, adaptive_cutoff="10,20").double()
+    sample = context_window_sample(d, seed=2)
+    net_output = model(**sample["net_input"])
+    asm = model.decoder.adaptive_softmax
+    scores, lse, lprobs = full_token_scores(model, net_output, None, "head")  # no sample: every entry
+    ref = adaptive_log_masses(asm, net_output[0])
+    torch.testing.assert_close(scores, ref)
+    torch.testing.assert_close(scores[..., :10], asm.head(net_output[0])[..., :10])
+    torch.testing.assert_close(lse, torch.logsumexp(ref, -1))
+    torch.testing.assert_close(lprobs, scores - lse.unsqueeze(-1))
+    n_scores, n_lse, _ = full_token_scores(model, net_output, None, "normalised")
+    torch.testing.assert_close(n_scores, lprobs)
+    assert torch.count_nonzero(n_lse) == 0 and lse.abs().min() > 1e-3
+    with pytest.raises(ValueError, match="--adaptive-token-mass"):
+        full_token_scores(model, net_output, None, "raw")
 
 
 def test_cache_scorer_equals_brute_force():
@@ -146,3 +179,16 @@ def test_memory_flags_without_parameters_are_refused():
         build_combiner(cfg)
     with pytest.raises(ValueError, match="--cache-lambda"):
         CacheCombiner(1.5, 0.1)
+
+
+def test_adaptive_token_mass_flag_is_checked():
+    from types import SimpleNamespace
+
+    from trime_fairseq.tasks.trime_lm import check_memory_flags
+
+    cfg = SimpleNamespace(long_memory_size=0, eval_memory="local", consecutive_segments=1, eval_combiner="trime",
+                          adaptive_token_mass="raw")
+    with pytest.raises(ValueError, match="--adaptive-token-mass"):
+        check_memory_flags(cfg)
+    cfg.adaptive_token_mass = "normalised"
+    check_memory_flags(cfg)

@@ -146,3 +146,71 @@ def test_memorizing_vs_trime_example(corpus, tmp_path):
     models = {(r["model"], r["subset"], r["memory_size"]) for r in result["rows"]}
     assert ("Memorizing Transformer", "test", 64) in models and ("TRIMELM_long", "valid", 0) in models
     assert (tmp_path / "memory_sweep.png").exists()
+
+
+def test_valid_curve_reads_bleu_and_nll_of_each_validation(tmp_path):
+    """examples/translation.py's BLEU-against-updates parser: fairseq-train JSON lines of
+    label-smoothed CE (nll_loss) and trime_loss (ce_loss = model alone, nll_loss = Eq. 5)."""
+    import math
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from translation import valid_curve
+
+    log = tmp_path / "train.log"
+    log.write_text(
+        '2026 | INFO | train_inner | {"epoch": 1, "loss": "9.1", "num_updates": "50"}\n'
+        '2026 | INFO | valid | {"epoch": 1, "valid_loss": "8.5", "valid_nll_loss": "8.0", "valid_bleu": "1.25", '
+        '"valid_num_updates": "100"}\n'
+        '2026 | INFO | valid | {"epoch": 2, "valid_loss": "6.5", "valid_nll_loss": "6.0", "valid_ce_loss": "7.0", '
+        '"valid_bleu": "4.5", "valid_num_updates": "200"}\n')
+    points = valid_curve(log)
+    assert [p["updates"] for p in points] == [100, 200]
+    assert points[0]["valid_bleu"] == 1.25 and points[0]["valid_nll"] == pytest.approx(8.0 * math.log(2))
+    assert "valid_trime_nll" not in points[0]
+    assert points[1]["valid_nll"] == pytest.approx(7.0 * math.log(2))
+    assert points[1]["valid_trime_nll"] == pytest.approx(6.0 * math.log(2))
+
+    from translation import train_tokens_per_update
+
+    inner = '2026 | INFO | train_inner | {"wpb": "%s", "num_updates": "%d"}\n'
+    log.write_text(inner % ("100", 50) + inner % ("300", 100))
+    assert train_tokens_per_update(log) == 200.0  # mean of the progress lines
+    log.write_text(log.read_text() + '2026 | INFO | train | {"train_wpb": "250.5", "train_num_updates": "100"}\n')
+    assert train_tokens_per_update(log) == 250.5  # the epoch summary wins
+
+
+@pytest.mark.slow
+def test_translation_ablation_example(tmp_path):
+    """Two variants at toy size: every row has validation BLEU and NLL, and the TRIME-MT
+    row also the Eq. 5 NLL with in-batch memory."""
+    from helpers import write_tiny_parallel
+
+    data = write_tiny_parallel(tmp_path / "corpus")
+    run_example("translation_ablation", "--corpus", str(data.parent), "--run-dir", str(tmp_path / "run"),
+                "--results", "none", "--arch", "transformer_mt_trime_tiny", "--max-update", "4",
+                "--max-tokens", "400", "--variants", "base,recipe")
+    result = json.loads((tmp_path / "run" / "ablation.json").read_text())
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"base", "recipe"}
+    assert all(r["updates"] == 4 and r["valid_nll"] > 0 and r["valid_bleu"] >= 0 for r in rows.values())
+    assert rows["recipe"]["valid_trime_nll"] > 0 and "valid_trime_nll" not in rows["base"]
+    assert all(r["train_tokens_per_update"] > 0 for r in rows.values())
+    assert "| variant |" in (tmp_path / "run" / "ablation.md").read_text()
+
+
+@pytest.mark.slow
+def test_adaptive_softmax_ablation_example(corpus, tmp_path):
+    """Both training token masses, each scored without memory and with Eq. 6 under both
+    masses on a validation subset; the eval flag reaches the scorer (the masses differ)."""
+    run_example("adaptive_softmax_ablation", "--run-dir", str(tmp_path), "--data", str(corpus), "--results", "none",
+                "--arch", "transformer_lm_trime_wt103_7m", "--cutoff", "10,20", "--max-update", "2",
+                "--tokens-per-sample", "32", "--eval-tokens-per-sample", "32", "--context-window", "16",
+                "--max-tokens", "256", "--warmup-updates", "1", "--valid-lines", "12")
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["train_mass"]: r for r in result["rows"]}
+    assert set(rows) == {"head", "normalised"}
+    for r in rows.values():
+        assert r["valid_ppl_nomem"] > 1 and r["valid_ppl_head"] > 1 and r["valid_ppl_normalised"] > 1
+        assert r["valid_ppl_head"] != pytest.approx(r["valid_ppl_normalised"], rel=1e-6)
+    assert (tmp_path / "data_valid12" / "valid.idx").exists()

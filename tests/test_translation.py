@@ -219,3 +219,48 @@ def test_tune_mt_on_cached_neighbours_equals_decoder_distribution(tiny_mt, combi
             total -= float(lp.gather(-1, sample["target"].unsqueeze(-1)).squeeze(-1)[keep].sum())
             count += int(keep.sum())
     assert tuned == pytest.approx(total / count, rel=1e-4)
+
+
+def test_split_in_order_keeps_chain_order_and_fits():
+    from trime_fairseq.tasks.trime_translation import _split_by_tokens, _split_in_order
+
+    sizes = np.array([5, 9, 2, 7, 3, 8])
+    batch = np.array([3, 0, 5, 2, 1, 4])
+    parts = list(_split_in_order(batch, sizes, 16))
+    assert [p.tolist() for p in parts] == [[3, 0], [5, 2], [1], [4]]  # consecutive runs, order kept
+    by_len = list(_split_by_tokens(batch, sizes, 16))
+    assert [p.tolist() for p in by_len] == [[2, 4, 0], [3, 5], [1]]  # shortest first
+    for ps in (parts, by_len):
+        assert sorted(np.concatenate(ps).tolist()) == sorted(batch.tolist())
+        assert all(len(p) * sizes[p].max() <= 16 for p in ps)
+
+
+@pytest.mark.parametrize("grouping", ["whole", "length"])
+def test_bm25_grouping_batches(tiny_mt, tmp_path, grouping):
+    """--bm25-grouping whole: every batch is a consecutive run of one BM25 group in the order
+    the group was grown; length: groups of two batches re-split shortest first."""
+    from trime_fairseq.tasks.memory_flags import cached_bm25_batches
+
+    data, ckpt, _ = tiny_mt
+    max_tokens = 60
+    cfg, _model, task = load(data, ckpt, "--bm25-batching", "--bm25-grouping", grouping,
+                             "--bm25-cache-dir", str(tmp_path), "--max-tokens", str(max_tokens))
+    task.load_dataset("train")
+    ds = task.dataset("train")
+    itr = task.get_batch_iterator(ds, max_tokens=max_tokens, seed=1)
+    batches = [np.asarray(b) for b in itr.frozen_batches]
+    sizes = np.maximum(ds.src_sizes, ds.tgt_sizes)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(ds)))
+    assert all(len(b) * sizes[b].max() <= max_tokens for b in batches)
+    bsz = max(2, int((1 if grouping == "whole" else 2) * max_tokens // float(sizes.mean())))
+    groups = cached_bm25_batches(task.cfg, [ds.tgt[i].numpy() for i in range(len(ds))], bsz, 1, str(tmp_path),
+                                 "train_de-en")
+    owner = {int(i): g for g, b in enumerate(groups) for i in b}
+    position = {int(i): p for b in groups for p, i in enumerate(b)}
+    for b in batches:
+        assert len({owner[int(i)] for i in b}) == 1  # never mixes groups
+        if grouping == "whole":
+            pos = [position[int(i)] for i in b]
+            assert pos == list(range(pos[0], pos[0] + len(b)))
+        else:
+            assert np.all(np.diff(sizes[b]) >= 0)

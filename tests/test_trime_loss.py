@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_dictionary, make_model, random_tokens
+from helpers import adaptive_log_masses, make_dictionary, make_model, random_tokens
 from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig
 from trime_fairseq.memory.in_batch import InBatchMemory, group_batch, in_batch_log_prob
 from trime_fairseq.memory.joint import joint_target_log_prob
@@ -14,23 +14,35 @@ from trime_fairseq.models.capture import get_capture
 from trime_fairseq.models.output_layer import adaptive_target_log_prob
 
 
-def brute_force_log_prob(token_log_scores, g, target, allowed, pad, temperature=1.0):
+def brute_force_log_prob(token_log_scores, g, target, allowed, pad, temperature=1.0, top_k=0,
+                         smoothing=0.0):
     """Eq. 5 with explicit loops: token_log_scores [N, V] = log exp(E_w f) (any offset
     common to a row cancels only if it is in both terms, so pass raw logits or
-    normalised log-probs as the model defines them)."""
+    normalised log-probs as the model defines them). ``top_k``: only the k largest memory
+    scores of each query count. ``smoothing`` eps: returns minus the label-smoothed loss
+    (1-eps-eps/(V-1)) (-log P(y)) + eps/(V-1) sum_w -log(exp(s_w) / den) instead."""
     n, d = g.shape
+    vocab = token_log_scores.size(1)
     out = torch.empty(n, dtype=torch.float64)
     for i in range(n):
         num = math.exp(token_log_scores[i, target[i]].item())
         den = sum(math.exp(s.item()) for s in token_log_scores[i])
+        mem = []
         for j in range(n):
             if not allowed(i, j) or target[j].item() == pad:
                 continue
-            e = math.exp((g[i] @ g[j]).item() / math.sqrt(d) / temperature)
-            den += e
-            if target[j].item() == target[i].item():
-                num += e
+            mem.append(((g[i] @ g[j]).item() / math.sqrt(d) / temperature, target[j].item()))
+        if top_k:
+            mem = sorted(mem, key=lambda m: -m[0])[:top_k]
+        for score, label in mem:
+            den += math.exp(score)
+            if label == target[i].item():
+                num += math.exp(score)
         out[i] = math.log(num) - math.log(den)
+        if smoothing:
+            eps_i = smoothing / (vocab - 1)
+            smooth = sum(-(s.item() - math.log(den)) for s in token_log_scores[i])
+            out[i] = -((1 - smoothing - eps_i) * -out[i] + eps_i * smooth)
     return out
 
 
@@ -52,33 +64,115 @@ def make_sample(tokens, pad):
     }
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_criterion_equals_brute_force_local(adaptive):
+@pytest.mark.parametrize("softmax,options", [
+    ("full", {}),
+    ("full", {"memory_top_k": 3}),
+    ("full", {"label_smoothing": 0.1}),
+    ("full", {"memory_top_k": 2, "label_smoothing": 0.2, "train_temperature": 10.0}),
+    ("adaptive-head", {}),
+    ("adaptive-head", {"memory_top_k": 3}),
+    ("adaptive-normalised", {}),
+])
+def test_criterion_equals_brute_force_local(softmax, options):
+    """Eq. 5 exactly: the token term is exp(E_w · f) (for an adaptive softmax the head's
+    unnormalised mass, or p_AS with --adaptive-token-mass normalised), with the
+    --memory-top-k, --label-smoothing and --train-temperature options."""
     d = make_dictionary(40)
+    adaptive = softmax != "full"
+    mass = softmax.split("-")[1] if adaptive else "head"
     model = make_model(d, adaptive_cutoff="12,30" if adaptive else None).double()
     tokens = random_tokens(d, 3, 11, seed=1)
     tokens[2, 8:] = d.pad()  # padding must be neither query nor memory
     sample = make_sample(tokens, d.pad())
-    crit = criterion_for(d)
+    crit = criterion_for(d, adaptive_token_mass=mass, **options)
     loss, _, log = crit(model, sample)
 
     net_output = model(**sample["net_input"])
     g = get_capture(model).take()
     target = sample["target"]
     if adaptive:
-        scores = model.decoder.adaptive_softmax.get_log_prob(net_output[0], None)
+        scores = adaptive_log_masses(model.decoder.adaptive_softmax, net_output[0])
+        if mass == "normalised":
+            scores = scores - torch.logsumexp(scores, -1, keepdim=True)
     else:
         scores = net_output[0]
     ref = 0.0
     ref_ce = 0.0
+    ref_nll = 0.0
     for b in range(target.size(0)):
-        lp = brute_force_log_prob(scores[b], g[b], target[b], lambda i, j: j < i, d.pad())
+        lp = brute_force_log_prob(scores[b], g[b], target[b], lambda i, j: j < i, d.pad(),
+                                  temperature=options.get("train_temperature", 1.0),
+                                  top_k=options.get("memory_top_k", 0),
+                                  smoothing=options.get("label_smoothing", 0.0))
+        nll = brute_force_log_prob(scores[b], g[b], target[b], lambda i, j: j < i, d.pad(),
+                                   temperature=options.get("train_temperature", 1.0),
+                                   top_k=options.get("memory_top_k", 0))
         keep = target[b].ne(d.pad())
         ref -= lp[keep].sum().item()
+        ref_nll -= nll[keep].sum().item()
         ref_ce -= F.log_softmax(scores[b], -1).gather(1, target[b:b + 1].T).squeeze(1)[keep].sum().item()
     assert loss.item() == pytest.approx(ref, rel=1e-9)
+    assert log["nll_loss"].item() == pytest.approx(ref_nll, rel=1e-9)
     assert log["ce_loss"].item() == pytest.approx(ref_ce, rel=1e-9)
-    assert loss.item() != pytest.approx(ref_ce, rel=1e-6)  # memory really changed the loss
+    assert log["nll_loss"].item() != pytest.approx(ref_ce, rel=1e-6)  # memory really changed the loss
+
+
+def test_adaptive_token_mass_changes_the_loss():
+    """The two adaptive token masses give the same CE but different TRIME losses (the
+    memory competes with Z_head rather than with 1)."""
+    d = make_dictionary(40)
+    model = make_model(d, adaptive_cutoff="12,30").double()
+    sample = make_sample(random_tokens(d, 3, 11, seed=4), d.pad())
+    logs = {m: criterion_for(d, adaptive_token_mass=m)(model, sample)[2] for m in ("head", "normalised")}
+    assert logs["head"]["ce_loss"].item() == pytest.approx(logs["normalised"]["ce_loss"].item(), rel=1e-12)
+    assert logs["head"]["loss"].item() != pytest.approx(logs["normalised"]["loss"].item(), rel=1e-6)
+
+
+def test_label_smoothing_without_memory_is_fairseqs():
+    """During the CE warm-up, --label-smoothing eps is fairseq's label_smoothed_nll_loss."""
+    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+    d = make_dictionary(40)
+    model = make_model(d).double()
+    sample = make_sample(random_tokens(d, 2, 9, seed=5, vocab=40), d.pad())
+    model.train()  # the warm-up only applies to training
+    torch.manual_seed(0)
+    loss, _, log = criterion_for(d, ce_warmup_updates=10, label_smoothing=0.1)(model, sample)
+    assert log["ce_warmup"] == 1
+    torch.manual_seed(0)
+    lprobs = F.log_softmax(model(**sample["net_input"])[0], -1)
+    ref, ref_nll = label_smoothed_nll_loss(lprobs.view(-1, lprobs.size(-1)), sample["target"].view(-1), 0.1,
+                                           ignore_index=d.pad())
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-9)
+    assert log["nll_loss"].item() == pytest.approx(ref_nll.item(), rel=1e-9)
+
+
+def test_top_k_mask_keeps_the_k_best_allowed():
+    from trime_fairseq.memory.joint import top_k_mask
+
+    scores = torch.tensor([[5.0, 1.0, 4.0, 3.0, 2.0], [0.0, 9.0, 1.0, 2.0, 3.0]])
+    mask = torch.tensor([[False, True, True, True, True], [True, False, True, False, False]])
+    got = top_k_mask(scores, mask, 2)
+    assert got.tolist() == [[False, False, True, True, False], [True, False, True, False, False]]
+    assert torch.equal(top_k_mask(scores, mask, 0), mask)
+    assert torch.equal(top_k_mask(scores, mask, 5), mask)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"memory_top_k": -1}, "--memory-top-k"),
+    ({"label_smoothing": 1.0}, "--label-smoothing"),
+])
+def test_bad_options_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        criterion_for(make_dictionary(10), **options)
+
+
+def test_label_smoothing_with_adaptive_softmax_is_refused():
+    d = make_dictionary(40)
+    model = make_model(d, adaptive_cutoff="12,30")
+    sample = make_sample(random_tokens(d, 2, 9, seed=5), d.pad())
+    with pytest.raises(ValueError, match="--label-smoothing"):
+        criterion_for(d, label_smoothing=0.1)(model, sample)
 
 
 def test_adaptive_target_log_prob_matches_fairseq():
@@ -155,6 +249,34 @@ def test_chunking_does_not_change_the_result():
         torch.testing.assert_close(
             in_batch_log_prob(tt, tl, reps, target, InBatchMemory("local"), 1, chunk_size=chunk), full
         )
+
+
+@pytest.mark.parametrize("chunk,ckpt", [(3, 0), (3, 1 << 30), (100, 0)])
+def test_top_k_external_equals_brute_force(chunk, ckpt):
+    """TRIME-MT's memory (the other sentences of the batch) with the top-k memory scores
+    per query, chunked and checkpointed alike, against explicit loops; gradients flow."""
+    torch.manual_seed(2)
+    B, L, dim, pad, k = 3, 6, 4, 1, 4
+    target = torch.randint(2, 6, (B, L))
+    target[2, 4:] = pad
+    reps = torch.randn(B, L, dim, dtype=torch.float64, requires_grad=True)
+    tt, tl = torch.randn(B, L, dtype=torch.float64), torch.randn(B, L, dtype=torch.float64) + 2
+    spec = {"mode": "external", "keep_local": torch.zeros(B, dtype=torch.bool)}
+    (a, b, r, t), mem = group_batch((tt, tl, reps, target), spec, target)
+    got = in_batch_log_prob(a, b, r, t, mem, pad, temperature=10.0, chunk_size=chunk, checkpoint_above=ckpt,
+                            top_k=k).view(B, L)
+    for i in range(B):
+        for p in range(L):
+            if target[i, p] == pad:
+                continue
+            mem_scores = [(float(reps[i, p] @ reps[j, q]) / math.sqrt(dim) / 10.0, int(target[j, q]))
+                          for j in range(B) if j != i for q in range(L) if target[j, q] != pad]
+            mem_scores = sorted(mem_scores, key=lambda m: -m[0])[:k]
+            num = math.exp(tt[i, p]) + sum(math.exp(s) for s, y in mem_scores if y == int(target[i, p]))
+            den = math.exp(tl[i, p]) + sum(math.exp(s) for s, _ in mem_scores)
+            assert float(got[i, p]) == pytest.approx(math.log(num / den), rel=1e-10)
+    (got * target.ne(pad)).sum().backward()
+    assert reps.grad.abs().sum() > 0
 
 
 def test_future_tokens_never_change_earlier_losses():

@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     except FileNotFoundError as e:
         p.error(str(e))
     if a.out:
-        lines = [f"| split | segments | " + " | ".join(f"J ≥ {t:g}" for t in thresholds) + " |",
+        lines = ["| split | segments | " + " | ".join(f"J ≥ {t:g}" for t in thresholds) + " |",
                  "|---|---:|" + "---:|" * len(thresholds)]
         for split, s in result["splits"].items():
             lines.append(f"| {split} | {s['segments']} | " + " | ".join(

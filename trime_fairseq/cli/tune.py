@@ -104,9 +104,11 @@ def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool
     from trime_fairseq.memory.long_term import LongTermMemory
     from trime_fairseq.models.capture import to_model_device
     from trime_fairseq.models.memory_eval import MemoryEvalModel, scored_rows, scoring_inputs
+    from trime_fairseq.models.output_layer import DEFAULT_ADAPTIVE_TOKEN_MASS
 
     pad = task.source_dictionary.pad()
     wrapped = MemoryEvalModel(model, NoMemory(), pad).eval()
+    mass = str(getattr(task.args, "adaptive_token_mass", DEFAULT_ADAPTIVE_TOKEN_MASS))
     long_memory = None
     if long_memory_size > 0:
         long_memory = LongTermMemory(long_memory_size, context=task.args.tokens_per_sample + cfg.eval_lm.context_window,
@@ -131,7 +133,7 @@ def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool
             if "net_input" not in sample:
                 continue
             sample = to_model_device(sample, model)
-            x = scoring_inputs(model, wrapped(**sample["net_input"]), sample, pad)
+            x = scoring_inputs(model, wrapped(**sample["net_input"]), sample, pad, mass)
             for _, _, row in scored_rows(x, sample, pad, long_memory, retriever, representations):
                 yield row
 

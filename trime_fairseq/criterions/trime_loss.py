@@ -25,10 +25,13 @@ from omegaconf import II
 from trime_fairseq.memory.in_batch import (
     external_memory_across_workers, group_batch, in_batch_log_prob, segment_uniform)
 from trime_fairseq.models.capture import get_capture
-from trime_fairseq.models.output_layer import at_least_float32, target_token_terms
+from trime_fairseq.models.output_layer import (
+    ADAPTIVE_TOKEN_MASS_HELP, ADAPTIVE_TOKEN_MASSES, DEFAULT_ADAPTIVE_TOKEN_MASS, at_least_float32,
+    target_token_terms, token_score_sum)
 from trime_fairseq.errors import TrimeUserError
 
 ON_OFF = ChoiceEnum(["on", "off"])
+ADAPTIVE_TOKEN_MASS = ChoiceEnum(list(ADAPTIVE_TOKEN_MASSES))
 
 
 @dataclass
@@ -42,7 +45,24 @@ class TrimeLossConfig(FairseqDataclass):
     )
     train_temperature: float = field(
         default=1.0,
-        metadata={"help": "divide the memory similarity q.k/sqrt(d) by this during training"},
+        metadata={"help": "divide the memory similarity q.k/sqrt(d) by this during training "
+                          "(the reference TRIME-MT recipe uses 10)"},
+    )
+    memory_top_k: int = field(
+        default=0,
+        metadata={"help": "keep only each token's k highest in-batch memory scores in Eq. 5 "
+                          "(0: all; the reference TRIME-MT recipe uses 8)"},
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "label smoothing of the token term: the loss is (1-eps-eps_i) * "
+                          "(-log P(target)) + eps_i * sum_w -log P(vocabulary entry w) with "
+                          "eps_i = eps/(V-1) and P the joint softmax of Eq. 5 (memory entries get "
+                          "no smoothing mass); without memory it is fairseq's "
+                          "label_smoothed_cross_entropy. Needs a full softmax"},
+    )
+    adaptive_token_mass: ADAPTIVE_TOKEN_MASS = field(
+        default=DEFAULT_ADAPTIVE_TOKEN_MASS, metadata={"help": ADAPTIVE_TOKEN_MASS_HELP},
     )
     similarity_chunk_size: int = field(
         default=512,
@@ -93,6 +113,10 @@ class TrimeLoss(FairseqCriterion):
             raise TrimeUserError(
                 f"--similarity-chunk-size must be >= 1, got {cfg.similarity_chunk_size}"
             )
+        if cfg.memory_top_k < 0:
+            raise ValueError(f"--memory-top-k must be >= 0 (0: all), got {cfg.memory_top_k}")
+        if not 0.0 <= cfg.label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
         if not 0.0 <= cfg.drop_local_prob <= 1.0:
             raise TrimeUserError(f"--drop-local-prob must be in [0, 1], got {cfg.drop_local_prob}")
         self.cfg = cfg
@@ -127,9 +151,10 @@ class TrimeLoss(FairseqCriterion):
         net_output = model(**sample["net_input"])
         g = capture.take()
         target = model.get_targets(sample, net_output)
-        tok_target, tok_lse = target_token_terms(model, net_output, target)
+        tok_target, tok_lse = target_token_terms(model, net_output, target, str(self.cfg.adaptive_token_mass))
         nonpad = target.ne(self.padding_idx)
         ce_lprob = tok_target - tok_lse
+        log_partition = tok_lse
 
         if with_memory:
             if drop_key is not None:  # one draw per segment, wherever it sits
@@ -141,21 +166,29 @@ class TrimeLoss(FairseqCriterion):
             )
             if external and self.cfg.memory_across_workers == "on":
                 memory = external_memory_across_workers(memory, reps, tgt, share=not spec.get("placeholder"))
-            lprob = in_batch_log_prob(
+            lprob, log_partition = in_batch_log_prob(
                 tt, tl, reps, tgt, memory, self.padding_idx,
                 temperature=self.cfg.train_temperature,
                 chunk_size=self.cfg.similarity_chunk_size,
                 checkpoint_above=self.cfg.checkpoint_similarity_above,
-            ).view_as(target)
+                top_k=self.cfg.memory_top_k,
+                with_log_partition=True,
+            )
+            lprob, log_partition = lprob.view_as(target), log_partition.view_as(target)
         else:
             lprob = ce_lprob
 
-        loss = -(lprob * nonpad).sum()
+        nll_loss = -(lprob * nonpad).sum()
+        loss = nll_loss
+        if self.cfg.label_smoothing > 0:
+            loss = self.smoothed_loss(lprob, log_partition, token_score_sum(model, net_output), nonpad,
+                                      net_output[0].size(-1))
         ce_loss = -(ce_lprob * nonpad).sum()
         ntokens = sample["ntokens"]
         sample_size = sample["target"].size(0) if self.cfg.sentence_avg else ntokens
         logging_output = {
             "loss": loss.data,
+            "nll_loss": nll_loss.data,
             "ce_loss": ce_loss.data,
             "ntokens": ntokens,
             "nsentences": sample["target"].size(0),
@@ -163,6 +196,15 @@ class TrimeLoss(FairseqCriterion):
             "ce_warmup": 0 if with_memory else 1,
         }
         return loss, sample_size, logging_output
+
+    def smoothed_loss(self, lprob, log_partition, score_sum, nonpad, vocab_size: int):
+        """Label smoothing over the vocabulary entries of the joint softmax (see
+        ``--label-smoothing``): ``log P(entry w) = s_w - log Z`` with ``Z`` Eq. 5's
+        denominator, so ``Σ_w -log P(entry w) = V log Z - Σ_w s_w``."""
+        eps = self.cfg.label_smoothing
+        eps_i = eps / (vocab_size - 1)
+        smooth = vocab_size * log_partition - score_sum
+        return ((1.0 - eps - eps_i) * -lprob + eps_i * smooth).mul(nonpad).sum()
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -172,9 +214,12 @@ class TrimeLoss(FairseqCriterion):
         sample_size = total("sample_size")
         ntokens = total("ntokens")
         metrics.log_scalar("loss", total("loss") / sample_size / math.log(2), sample_size, round=3)
+        # the TRIME NLL without label smoothing (equal to loss when --label-smoothing is 0)
+        nll = total("nll_loss") if any("nll_loss" in log for log in logging_outputs) else total("loss")
+        metrics.log_scalar("nll_loss", nll / ntokens / math.log(2), ntokens, round=3)
         metrics.log_scalar("ce_loss", total("ce_loss") / ntokens / math.log(2), ntokens, round=3)
         metrics.log_scalar("ce_warmup", total("ce_warmup") / max(len(logging_outputs), 1), round=2)
-        metrics.log_derived("ppl", lambda m: utils.get_perplexity(m["loss"].avg))
+        metrics.log_derived("ppl", lambda m: utils.get_perplexity(m["nll_loss"].avg))
         metrics.log_derived("ce_ppl", lambda m: utils.get_perplexity(m["ce_loss"].avg))
 
     @staticmethod

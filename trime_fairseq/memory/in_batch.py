@@ -22,7 +22,7 @@ query rows, in the forward pass and again in the hand-written backward
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -100,7 +100,9 @@ def in_batch_log_prob(
     temperature: float = 1.0,
     chunk_size: int = 512,
     checkpoint_above: int = 1 << 26,
-) -> Tensor:
+    top_k: int = 0,
+    with_log_partition: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """``log P(target)`` of Eq. 5 for every token of the batch, memory taken in-batch.
 
     Args:
@@ -115,6 +117,9 @@ def in_batch_log_prob(
         checkpoint_above: when the chunks hold more similarity entries than this in
             total, the backward recomputes each chunk's similarities instead of keeping
             them (:func:`chunked_joint_target_log_prob`), so memory stays at one chunk.
+        top_k: keep only each query's ``top_k`` highest memory scores (0: all), as the
+            reference TRIME-MT does with 8 (:func:`~trime_fairseq.memory.joint.top_k_mask`).
+        with_log_partition: also return each token's joint log-partition ``[G, T]``.
     Returns:
         ``[G, T]`` log-probabilities (meaningless at padding targets).
     """
@@ -126,10 +131,11 @@ def in_batch_log_prob(
     key_valid = key_labels.ne(padding_idx)
     chunks = [(q0, min(q0 + chunk_size, total), memory.key_end(min(q0 + chunk_size, total), keys.size(1)))
               for q0 in range(0, total, chunk_size)]
-    return chunked_joint_target_log_prob(
+    lprob, log_partition = chunked_joint_target_log_prob(
         tok_target, tok_lse, reps, keys, key_labels, target,
-        lambda q0, q1, k_end: memory.mask(q0, q1, k_end, key_valid), chunks, temperature, checkpoint_above,
+        lambda q0, q1, k_end: memory.mask(q0, q1, k_end, key_valid), chunks, temperature, checkpoint_above, top_k,
     )
+    return (lprob, log_partition) if with_log_partition else lprob
 
 
 def group_batch(

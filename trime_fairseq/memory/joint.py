@@ -6,9 +6,10 @@ scoring, tuning sweeps, the continuous-cache and kNN baselines) is computed here
 Notation used throughout:
 
 * ``tok_scores`` ``[..., V]``: token scores. With a full softmax these are the raw logits
-  ``E_w . f(c)`` and ``tok_lse = logsumexp(tok_scores)``. With an adaptive softmax there are
-  no single-softmax logits; the normalised log-probabilities play their role and
-  ``tok_lse = 0`` (Eq. 5 then reads ``P(w) ∝ p_AS(w) + Σ exp(sim)``).
+  ``E_w . f(c)`` and ``tok_lse = logsumexp(tok_scores)``. With an adaptive softmax they are
+  ``log p_AS(w) + log Z_head`` and ``tok_lse = log Z_head`` (the head's unnormalised mass,
+  :mod:`trime_fairseq.models.output_layer`), or, for the ``normalised`` ablation, the
+  normalised log-probabilities and ``tok_lse = 0`` (``P(w) ∝ p_AS(w) + Σ exp(sim)``).
 * ``mem_scores`` ``[..., K]``: ``sim(g(c), g(c_j)) / τ`` for K memory candidates.
 * ``mem_labels`` ``[..., K]``: the next token ``x_j`` of each candidate.
 * ``mem_mask`` ``[..., K]``: which candidates are in the memory of this query. Masked
@@ -54,6 +55,18 @@ def masked_logsumexp(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     return torch.logsumexp(scores.masked_fill(~mask, NEG_INF), dim=dim)
 
 
+def top_k_mask(mem_scores: Tensor, mem_mask: Tensor, k: int) -> Tensor:
+    """``mem_mask`` restricted to each row's ``k`` highest-scoring allowed entries (the
+    reference TRIME-MT keeps the top-8 in-batch memory logits per query); ``k <= 0``: the
+    mask unchanged. Ties at the k-th score are broken by position (``torch.topk``)."""
+    if k <= 0 or mem_scores.size(-1) <= k:
+        return mem_mask
+    scores = mem_scores.detach().masked_fill(~mem_mask, NEG_INF)
+    idx = scores.topk(k, dim=-1).indices
+    keep = torch.zeros_like(mem_mask).scatter_(-1, idx, True)
+    return keep & mem_mask
+
+
 def _joint_num_den(tok_target: Tensor, tok_lse: Tensor, scores: Tensor, positive: Tensor) -> Tuple[Tensor, Tensor]:
     """Numerator and denominator of Eq. 5 in log space, ``[N]`` each:
     ``log(exp(s_target) + Σ_{j∈M, x_j=target} exp(m_j))`` and ``log(Σ_v exp(s_v) + Σ_{j∈M} exp(m_j))``,
@@ -74,7 +87,8 @@ def joint_target_log_prob(
     mem_labels: Tensor,
     mem_mask: Tensor,
     target: Tensor,
-) -> Tensor:
+    with_log_partition: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """``log P(target | c)`` under Eq. 5 (training) / Eq. 6 (testing, scores already / τ).
 
     ``P(w|c) = [exp(s_w) + Σ_{j∈M, x_j=w} exp(m_j)] / [Σ_v exp(s_v) + Σ_{j∈M} exp(m_j)]``
@@ -84,12 +98,14 @@ def joint_target_log_prob(
         tok_lse: ``[N]`` ``log Σ_v exp(s_v)`` (0 for normalised scores).
         mem_scores, mem_labels, mem_mask: ``[N, K]``.
         target: ``[N]``.
+        with_log_partition: also return the log of the denominator (the joint
+            log-partition), e.g. for label smoothing over the vocabulary entries.
     Returns:
-        ``[N]`` log-probabilities.
+        ``[N]`` log-probabilities (and ``[N]`` log-partitions).
     """
     positive = mem_mask & mem_labels.eq(target.unsqueeze(-1))
     num, den = _joint_num_den(tok_target, tok_lse, mem_scores.masked_fill(~mem_mask, NEG_INF), positive)
-    return num - den
+    return (num - den, den) if with_log_partition else num - den
 
 
 #: ``mask_fn(q0, q1, k_end) -> [G, q1-q0, k_end]`` bool: which keys are each query's memory
@@ -103,16 +119,18 @@ class _ChunkedJointLogProb(torch.autograd.Function):
     backward (one float and one bool per entry) when ``keep_scores``; otherwise the backward
     recomputes them chunk by chunk, and no similarity-sized tensor outlives a chunk.
 
-    With ``N``/``D`` the log numerator/denominator of Eq. 5 (:func:`_joint_num_den`) and
-    ``m_j`` the scores: ``∂ log P/∂m_j = [x_j = target]·exp(m_j - N) - exp(m_j - D)``,
-    ``∂/∂s_target = exp(s_target - N)``, ``∂/∂ log Z = -exp(log Z - D)``.
+    Outputs ``log P(target)`` and the log-partition ``D``. With ``N``/``D`` the log numerator/
+    denominator of Eq. 5 (:func:`_joint_num_den`) and ``m_j`` the scores:
+    ``∂ log P/∂m_j = [x_j = target]·exp(m_j - N) - exp(m_j - D)``, ``∂D/∂m_j = exp(m_j - D)``,
+    ``∂ log P/∂s_target = exp(s_target - N)``, ``∂ log P/∂ log Z = -∂D/∂ log Z = -exp(log Z - D)``.
     """
 
     @staticmethod
-    def forward(ctx, tok_target, tok_lse, queries, keys, key_labels, target, scale, chunks, mask_fn, keep_scores):
+    def forward(ctx, tok_target, tok_lse, queries, keys, key_labels, target, scale, chunks, mask_fn, top_k,
+                keep_scores):
         nums, dens, kept = [], [], []
         for q0, q1, k_end in chunks:
-            scores, positive = _chunk_scores(queries, keys, key_labels, target, scale, mask_fn, q0, q1, k_end)
+            scores, positive = _chunk_scores(queries, keys, key_labels, target, scale, mask_fn, top_k, q0, q1, k_end)
             num, den = _joint_num_den(tok_target[:, q0:q1], tok_lse[:, q0:q1], scores, positive)
             nums.append(num)
             dens.append(den)
@@ -120,16 +138,16 @@ class _ChunkedJointLogProb(torch.autograd.Function):
                 kept.append((scores, positive))
         num, den = torch.cat(nums, 1), torch.cat(dens, 1)
         ctx.save_for_backward(tok_target, tok_lse, queries, keys, key_labels, target, num, den)
-        ctx.scale, ctx.chunks, ctx.mask_fn, ctx.kept = scale, chunks, mask_fn, kept
-        return num - den
+        ctx.scale, ctx.chunks, ctx.mask_fn, ctx.top_k, ctx.kept = scale, chunks, mask_fn, top_k, kept
+        return num - den, den
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_den):
         tok_target, tok_lse, queries, keys, key_labels, target, num, den = ctx.saved_tensors
-        grad = grad.to(num.dtype)
+        grad, grad_den = grad.to(num.dtype), grad_den.to(num.dtype)
         need_tok_t, need_tok_l, need_q, need_k = ctx.needs_input_grad[:4]
         g_tt = (grad * torch.exp(tok_target.to(num.dtype) - num)).to(tok_target.dtype) if need_tok_t else None
-        g_tl = (-grad * torch.exp(tok_lse.to(den.dtype) - den)).to(tok_lse.dtype) if need_tok_l else None
+        g_tl = ((grad_den - grad) * torch.exp(tok_lse.to(den.dtype) - den)).to(tok_lse.dtype) if need_tok_l else None
         g_q = torch.zeros_like(queries, dtype=num.dtype) if need_q else None
         g_k = torch.zeros_like(keys, dtype=num.dtype) if need_k else None
         if need_q or need_k:
@@ -139,25 +157,29 @@ class _ChunkedJointLogProb(torch.autograd.Function):
                     scores, positive = ctx.kept[i]
                 else:
                     scores, positive = _chunk_scores(queries, keys, key_labels, target, ctx.scale, ctx.mask_fn,
-                                                     q0, q1, k_end)
-                # exp(m - N)·[pos] - exp(m - D) = exp(m - D)·([pos]·exp(D - N) - 1): one exponential
-                ratio = torch.exp(den[:, q0:q1, None] - num[:, q0:q1, None])
+                                                     ctx.top_k, q0, q1, k_end)
+                # g·(exp(m - N)·[pos] - exp(m - D)) + g_D·exp(m - D)
+                #   = exp(m - D)·([pos]·g·exp(D - N) - g + g_D): one exponential per entry
+                g, gd = grad[:, q0:q1, None], grad_den[:, q0:q1, None]
+                ratio = torch.exp(den[:, q0:q1, None] - num[:, q0:q1, None]) * g
                 coef = torch.exp(scores - den[:, q0:q1, None])
-                coef.mul_(positive.to(coef.dtype).mul_(ratio).sub_(1)).mul_(grad[:, q0:q1, None] * ctx.scale)
+                coef.mul_(positive.to(coef.dtype).mul_(ratio).add_(gd - g)).mul_(ctx.scale)
                 if need_q:
                     g_q[:, q0:q1] = torch.matmul(coef, kf[:, :k_end])
                 if need_k:
                     g_k[:, :k_end] += torch.matmul(coef.transpose(1, 2), qf[:, q0:q1])
         g_q = g_q.to(queries.dtype) if g_q is not None else None
         g_k = g_k.to(keys.dtype) if g_k is not None else None
-        return g_tt, g_tl, g_q, g_k, None, None, None, None, None, None
+        return g_tt, g_tl, g_q, g_k, None, None, None, None, None, None, None
 
 
-def _chunk_scores(queries, keys, key_labels, target, scale, mask_fn, q0, q1, k_end):
-    """Masked scores ``[G, q1-q0, k_end]`` (``-inf`` outside memory) and the positives (memory
-    entries labelled with the query's target)."""
+def _chunk_scores(queries, keys, key_labels, target, scale, mask_fn, top_k, q0, q1, k_end):
+    """Masked scores ``[G, q1-q0, k_end]`` (``-inf`` outside memory, and outside each query's
+    ``top_k`` best entries when ``top_k > 0``) and the positives (memory entries labelled with
+    the query's target)."""
     mask = mask_fn(q0, q1, k_end)
     scores = at_least_float32(torch.matmul(queries[:, q0:q1] * scale, keys[:, :k_end].transpose(1, 2)))
+    mask = top_k_mask(scores, mask, top_k)
     scores = scores.masked_fill_(~mask, NEG_INF)
     positive = mask.logical_and_(key_labels[:, None, :k_end].eq(target[:, q0:q1, None]))
     return scores, positive
@@ -174,9 +196,10 @@ def chunked_joint_target_log_prob(
     chunks: Sequence[Tuple[int, int, int]],
     temperature: float = 1.0,
     recompute_above: int = 1 << 26,
-) -> Tensor:
-    """``log P(target)`` of Eq. 5 for ``[G, T]`` queries against ``[G, K]`` memory keys whose
-    scores are ``sim(q, k)/τ`` (:func:`scaled_similarity`), computed per chunk.
+    top_k: int = 0,
+) -> Tuple[Tensor, Tensor]:
+    """``log P(target)`` of Eq. 5 and its log-partition for ``[G, T]`` queries against ``[G, K]``
+    memory keys whose scores are ``sim(q, k)/τ`` (:func:`scaled_similarity`), per chunk.
 
     Args:
         tok_target, tok_lse, target: ``[G, T]``; queries ``[G, T, d]``; keys ``[G, K, d]``;
@@ -186,14 +209,16 @@ def chunked_joint_target_log_prob(
             outside every memory of that chunk.
         recompute_above: when the chunks hold more similarity entries than this, the
             backward recomputes them chunk by chunk instead of keeping them (memory: one chunk).
+        top_k: keep only each query's ``top_k`` highest-scoring memory entries (0: all;
+            :func:`top_k_mask`).
     Returns:
-        ``[G, T]``; gradients reach token terms, queries and keys.
+        ``([G, T], [G, T])``; gradients reach token terms, queries and keys.
     """
     scale = 1.0 / (math.sqrt(queries.size(-1)) * temperature)
     entries = queries.size(0) * sum((q1 - q0) * k_end for q0, q1, k_end in chunks)
     keep = torch.is_grad_enabled() and entries <= recompute_above
     return _ChunkedJointLogProb.apply(tok_target, tok_lse, queries, keys, key_labels, target, scale,
-                                      tuple(chunks), mask_fn, keep)
+                                      tuple(chunks), mask_fn, int(top_k), keep)
 
 
 def _log_or_neg_inf(x: Tensor) -> Tensor:

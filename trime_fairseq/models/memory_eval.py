@@ -28,7 +28,7 @@ from trime_fairseq.memory.combiners import Combiner, ScoringInputs
 from trime_fairseq.memory.long_term import LongTermMemory
 from trime_fairseq.memory.retriever import Retriever
 from trime_fairseq.models.capture import get_capture
-from trime_fairseq.models.output_layer import at_least_float32, full_token_scores
+from trime_fairseq.models.output_layer import DEFAULT_ADAPTIVE_TOKEN_MASS, at_least_float32, full_token_scores
 from trime_fairseq.errors import TrimeUserError
 
 
@@ -47,8 +47,11 @@ def local_mask(labels: Tensor, pad: int) -> Tensor:
     return causal.unsqueeze(0) & labels.ne(pad).unsqueeze(1)
 
 
-def scoring_inputs(model, net_output, sample, pad: int) -> ScoringInputs:
-    """Assemble :class:`ScoringInputs` with local memory from a forward of a wrapped model."""
+def scoring_inputs(model, net_output, sample, pad: int,
+                   adaptive_mass: str = DEFAULT_ADAPTIVE_TOKEN_MASS) -> ScoringInputs:
+    """Assemble :class:`ScoringInputs` with local memory from a forward of a wrapped model
+    (``adaptive_mass``: the adaptive-softmax token term, see
+    :mod:`trime_fairseq.models.output_layer`)."""
     extra = net_output[1]
     target = sample["target"]
     if net_output[0].shape[:2] != target.shape:
@@ -56,7 +59,7 @@ def scoring_inputs(model, net_output, sample, pad: int) -> ScoringInputs:
             "--softmax-batch splits the batch, which memory scoring cannot follow; "
             "leave --softmax-batch at its default or lower --max-tokens instead"
         )
-    tok_scores, tok_lse, tok_lprobs = full_token_scores(model, net_output, sample)
+    tok_scores, tok_lse, tok_lprobs = full_token_scores(model, net_output, sample, adaptive_mass)
     labels = memory_labels(sample["net_input"]["src_tokens"], target, pad)
     g, f = at_least_float32(extra["trime_g"]), at_least_float32(extra["trime_f"])
     return ScoringInputs(
@@ -132,9 +135,11 @@ class MemoryEvalModel(BaseFairseqModel):
     """
 
     def __init__(self, model: BaseFairseqModel, combiner: Combiner, pad: int, long_memory_size: int = 0,
-                 retriever: Optional[Retriever] = None, across_documents: bool = False) -> None:
+                 retriever: Optional[Retriever] = None, across_documents: bool = False,
+                 adaptive_mass: str = DEFAULT_ADAPTIVE_TOKEN_MASS) -> None:
         super().__init__()
         self.across_documents = across_documents
+        self.adaptive_mass = adaptive_mass
         self.retriever = retriever
         self.inner = model
         self.combiner = combiner
@@ -159,7 +164,7 @@ class MemoryEvalModel(BaseFairseqModel):
             raise TrimeUserError("memory scoring needs the sample's targets (fairseq-eval-lm)")
         if self.retriever is not None:
             self.retriever.check_model(self.inner)
-        x = scoring_inputs(self.inner, net_output, sample, self.pad)
+        x = scoring_inputs(self.inner, net_output, sample, self.pad, self.adaptive_mass)
         if self.long_memory_size > 0 and self.long_memory is None:
             context = int(max(sample.get("start_indices") or [0]))
             self.long_memory = LongTermMemory(self.long_memory_size, context=max(context, x.target.size(1)),

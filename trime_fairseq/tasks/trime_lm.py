@@ -27,6 +27,8 @@ from trime_fairseq.data.stream import DocumentSegments, StreamBlocks, TokenStrea
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
 from trime_fairseq.memory.joint import DEFAULT_PPRIME, PPRIME_KINDS
 from trime_fairseq.models.memory_eval import MemoryEvalModel
+from trime_fairseq.models.output_layer import (
+    ADAPTIVE_TOKEN_MASS_HELP, ADAPTIVE_TOKEN_MASSES, DEFAULT_ADAPTIVE_TOKEN_MASS, check_adaptive_token_mass)
 from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, RetrievalConfig, build_retriever, cached_bm25_batches
 from trime_fairseq.errors import TrimeUserError
 
@@ -36,6 +38,7 @@ EVAL_COMBINERS = ChoiceEnum(["none", "trime", "cache", "knn"])
 EVAL_MEMORIES = ChoiceEnum(["local", "local+long", "local+ext", "local+long+ext"])
 CACHE_REPRESENTATIONS = ChoiceEnum(["f", "g"])
 PPRIME_CHOICES = ChoiceEnum(list(PPRIME_KINDS))
+ADAPTIVE_TOKEN_MASS = ChoiceEnum(list(ADAPTIVE_TOKEN_MASSES))
 
 
 @dataclass
@@ -108,6 +111,10 @@ class TrimeLMConfig(LanguageModelingConfig, RetrievalConfig, BM25BatchingConfig)
             "document, and memory never crosses documents"
         },
     )
+    adaptive_token_mass: ADAPTIVE_TOKEN_MASS = field(
+        default=DEFAULT_ADAPTIVE_TOKEN_MASS,
+        metadata={"help": "scoring with memory: " + ADAPTIVE_TOKEN_MASS_HELP},
+    )
     cache_lambda: Optional[float] = field(
         default=None,
         metadata={"help": "continuous cache: interpolation weight lambda of P_cache (0..1)"},
@@ -154,6 +161,7 @@ def check_memory_flags(cfg) -> None:
                          "(or use --memory-distribution all-scaled)")
     if getattr(cfg, "knn_k", 1) < 1:
         raise TrimeUserError(f"--knn-k must be >= 1, got {cfg.knn_k}")
+    check_adaptive_token_mass(getattr(cfg, "adaptive_token_mass", DEFAULT_ADAPTIVE_TOKEN_MASS))
 
 
 def build_combiner(cfg) -> Combiner:
@@ -259,7 +267,8 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
                     f", {retriever.k} neighbours from {self.args.datastore}" if retriever else "")
         return MemoryEvalModel(model, self.combiner, self.source_dictionary.pad(),
                                long_memory_size=long_size, retriever=retriever,
-                               across_documents=bool(self.args.memory_across_documents))
+                               across_documents=bool(self.args.memory_across_documents),
+                               adaptive_mass=str(self.args.adaptive_token_mass))
 
     def build_retriever(self, model, combiners=None):
         """Open ``--datastore`` and check that it belongs to this model and dictionary (and

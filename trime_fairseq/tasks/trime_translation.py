@@ -39,6 +39,7 @@ from trime_fairseq.errors import TrimeUserError
 logger = logging.getLogger(__name__)
 
 MT_COMBINERS = ChoiceEnum(["none", "knn", "adaptive", "trime"])
+BM25_GROUPINGS = ChoiceEnum(["whole", "length"])
 
 
 @dataclass
@@ -56,6 +57,15 @@ class TrimeTranslationConfig(TranslationConfig, RetrievalConfig, BM25BatchingCon
     )
     metak_path: Optional[str] = field(
         default=None, metadata={"help": "adaptive kNN-MT: Meta-k network saved by trime-train-metak"}
+    )
+    bm25_grouping: BM25_GROUPINGS = field(
+        default="whole",
+        metadata={"help": "--bm25-batching: whole = a BM25 group of about one batch (--max-tokens) "
+                          "is one batch, its sentences in the order the group was grown (the "
+                          "reference TRIME-MT), cut into consecutive runs only where padding would "
+                          "exceed --max-tokens; length = groups of about two batches, each re-split "
+                          "into length-sorted parts (less padding, but similar targets can land in "
+                          "different batches)"},
     )
     mt_local_memory: bool = field(
         default=False,
@@ -172,14 +182,17 @@ class TrimeTranslationTask(TranslationTask):
                 shard_id=shard_id, num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
                 disable_iterator_cache=disable_iterator_cache, **kwargs)
         sizes = np.maximum(dataset.src_sizes, dataset.tgt_sizes)
-        # a group holds about two batches' worth of sentences: cut into length-sorted parts
-        # of at most --max-tokens, the parts come out about as full as fairseq's batches
-        bsz = max_sentences or max(2, int(2 * (max_tokens or 4096) // max(float(sizes.mean()), 1.0)))
+        whole = str(self.cfg.bm25_grouping) == "whole"
+        # whole: a group is about one batch; length: about two batches' worth, cut into
+        # length-sorted parts of at most --max-tokens (about as full as fairseq's batches)
+        per_batch = 1 if whole else 2
+        bsz = max_sentences or max(2, int(per_batch * (max_tokens or 4096) // max(float(sizes.mean()), 1.0)))
         targets = [dataset.tgt[i].numpy() for i in range(len(dataset))]
         batches = cached_bm25_batches(self.cfg, targets, bsz, seed, utils.split_paths(self.cfg.data)[0],
                                       f"{self.cfg.train_subset}_{self.cfg.source_lang}-{self.cfg.target_lang}")
         if max_tokens:  # BM25 groups can hold long sentences: split groups that overflow
-            batches = [part for b in batches for part in _split_by_tokens(b, sizes, max_tokens)]
+            split = _split_in_order if whole else _split_by_tokens
+            batches = [part for b in batches for part in split(b, sizes, max_tokens)]
         return iterators.EpochBatchIterator(
             dataset=dataset, collate_fn=dataset.collater, batch_sampler=batches, seed=seed,
             num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
@@ -225,12 +238,11 @@ class TrimeTranslationTask(TranslationTask):
                     return
 
 
-def _split_by_tokens(batch: np.ndarray, sizes: np.ndarray, max_tokens: int):
-    """Cut a batch into parts whose padded size (rows x longest) fits ``max_tokens``; the
-    members are taken shortest first, so parts waste as little padding as fairseq's own
-    length-sorted batches."""
+def _split_in_order(batch: np.ndarray, sizes: np.ndarray, max_tokens: int):
+    """Cut a batch, in its own order, into consecutive runs whose padded size (rows x
+    longest) fits ``max_tokens`` (``--bm25-grouping whole``: neighbours stay together)."""
     part, longest = [], 0
-    for i in batch[np.argsort(sizes[batch], kind="stable")]:
+    for i in batch:
         n = int(sizes[i])
         if part and max(longest, n) * (len(part) + 1) > max_tokens:
             yield np.array(part, dtype=np.int64)
@@ -239,3 +251,10 @@ def _split_by_tokens(batch: np.ndarray, sizes: np.ndarray, max_tokens: int):
         longest = max(longest, n)
     if part:
         yield np.array(part, dtype=np.int64)
+
+
+def _split_by_tokens(batch: np.ndarray, sizes: np.ndarray, max_tokens: int):
+    """Cut a batch into parts whose padded size (rows x longest) fits ``max_tokens``; the
+    members are taken shortest first, so parts waste as little padding as fairseq's own
+    length-sorted batches (``--bm25-grouping length``)."""
+    return _split_in_order(batch[np.argsort(sizes[batch], kind="stable")], sizes, max_tokens)
