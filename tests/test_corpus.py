@@ -1,4 +1,4 @@
-"""Tests of the LM corpus builder (trime_fairseq.data.corpus, trime_fairseq.cli.prepare_lm)."""
+"""Tests of the LM corpus builder (trime_fairseq.prepare.lm, trime_fairseq.cli.prepare_lm)."""
 
 import importlib.util
 import io
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from trime_fairseq.cli.prepare_lm import main
-from trime_fairseq.data import corpus as C
+from trime_fairseq.prepare import lm as C
 
 HAS_FAIRSEQ = importlib.util.find_spec("fairseq_cli") is not None
 

