@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
         logger.info("ext_eval: %s", result["ext_eval"])
     print(json.dumps(result, indent=2))
     if ours.out:
-        from trime_fairseq.cli.experiment import atomic_write
+        from trime_fairseq.results import atomic_write
 
         atomic_write(Path(ours.out), json.dumps(result, indent=2))
     return result

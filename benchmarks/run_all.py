@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.suite.report import write_report  # noqa: E402
 from benchmarks.suite.runner import Suite, run_suite  # noqa: E402,F401  (Suite: used by tests)
 from benchmarks.suite.sizes import BENCHMARKS, SIZES  # noqa: E402
-from trime_fairseq.cli import experiment as ex  # noqa: E402
+from examples import harness as ex  # noqa: E402
 
 logger = logging.getLogger("benchmarks.run_all")
 

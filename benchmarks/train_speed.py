@@ -227,7 +227,7 @@ def main(argv=None) -> dict:
     table = "\n".join(lines)
     logger.info("\n%s", table)
     if ours.out:
-        from trime_fairseq.cli.experiment import write_results
+        from trime_fairseq.results import write_results
 
         write_results(Path(ours.out), result, table)
     return result

@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trime_fairseq.cli import experiment as ex  # noqa: E402
+from examples import harness as ex  # noqa: E402
 from trime_fairseq.cli.tune import plot_memory_sweep  # noqa: E402
 
 logger = logging.getLogger("long_memory")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trime_fairseq.cli import experiment as ex  # noqa: E402
+from examples import harness as ex  # noqa: E402
 
 logger = logging.getLogger("memorizing_ablation")
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from translation import (  # noqa: E402
     add_recipe_args, common_train_flags, train_tokens_per_update, trime_flags, valid_curve)
-from trime_fairseq.cli import experiment as ex  # noqa: E402
+from examples import harness as ex  # noqa: E402
 
 logger = logging.getLogger("translation_ablation")
 

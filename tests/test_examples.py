@@ -81,7 +81,7 @@ def test_long_memory_example_writes_figure3(corpus, tmp_path):
 
 
 def test_tune_is_reused_only_for_the_same_arguments(tmp_path, monkeypatch):
-    from trime_fairseq.cli import experiment as ex
+    from examples import harness as ex
 
     calls = []
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from benchmarks.suite.sizes import ONE_SAVE
-from trime_fairseq.cli import experiment as ex
+from examples import harness as ex
 from trime_fairseq.data.synthetic import write_lm_text, write_parallel_text
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from typing import Callable, List, Sequence
 
 from benchmarks.suite.runner import REPO, Suite
 from benchmarks.suite.sizes import PREPARATION
-from trime_fairseq.cli import experiment as ex
+from examples import harness as ex
 
 # ----------------------------------------------------------------------------- figures
 

@@ -9,7 +9,7 @@ from typing import Callable, Dict, Optional, Sequence, Set
 
 from benchmarks.suite import prepare
 from benchmarks.suite.sizes import SIZES, Size
-from trime_fairseq.cli import experiment as ex
+from examples import harness as ex
 
 REPO = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("benchmarks.run_all")

@@ -104,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     md = "\n".join(lines)
     logger.info("%s\n%s", combiner.describe(), md)
     if ours.out:
-        from trime_fairseq.cli.experiment import write_results
+        from trime_fairseq.results import write_results
 
         write_results(Path(ours.out), result, md)
     return result

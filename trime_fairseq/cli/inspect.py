@@ -610,7 +610,7 @@ def _finite(v):
 
 def write_outputs(data: dict, out: str) -> Tuple[Path, Path]:
     """The HTML page and ``.json`` beside it, atomically."""
-    from trime_fairseq.cli.experiment import atomic_write
+    from trime_fairseq.results import atomic_write
     from trime_fairseq.cli.inspect_page import render_page
 
     html = Path(out)

@@ -188,7 +188,7 @@ def plot_memory_sweep(rows: List[dict], path: str, title: str = "") -> None:
     ax.set_title(title or "perplexity vs. memory size", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    from trime_fairseq.cli.experiment import save_figure
+    from trime_fairseq.results import save_figure
 
     save_figure(fig, path)
 

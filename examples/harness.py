@@ -1,4 +1,4 @@
-"""Building blocks for experiment scripts: run fairseq's own commands, parse, tabulate, plot.
+"""The harness of the examples and the benchmark suite: run fairseq's own commands, parse, tabulate, plot.
 
 Every number an example reports comes from ``fairseq-train`` / ``fairseq-eval-lm`` /
 ``trime-tune`` output parsed here, so anyone can rerun the same commands by hand (each
@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from trime_fairseq.cli import LOG_FORMAT
+from trime_fairseq.results import atomic_write, save_figure, write_results  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("trime_fairseq.experiment")
 
-REPO_PKG = str(Path(__file__).resolve().parents[1])  # the trime_fairseq folder (--user-dir)
+REPO_PKG = str(Path(__file__).resolve().parents[1] / "trime_fairseq")  # the plugin folder (--user-dir)
 _SHOW = re.compile(r"train_inner|\| valid \||Perplexity|Evaluated|<- best|error|Error")
 
 
@@ -235,19 +236,6 @@ def eval_flags(tokens_per_sample: int, context_window: int) -> List:
             "--max-tokens", 4096, "--cpu", "--num-workers", "0"]
 
 
-def write_results(path_json: Path, result: dict, markdown: str) -> None:
-    """``result`` as JSON and ``markdown`` beside it (``.md``), atomically."""
-    atomic_write(path_json, json.dumps(result, indent=2, default=str))
-    atomic_write(path_json.with_suffix(".md"), markdown + "\n")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def markdown_table(rows: List[Dict], columns: List[str], headers: Optional[List[str]] = None) -> str:
     headers = headers or columns
 
@@ -285,19 +273,6 @@ def bar_plot(rows: List[Dict], path: Path, title: str, keys=("valid_ppl", "test_
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     save_figure(fig, path)
-
-
-def save_figure(fig, path, dpi: int = 120) -> None:
-    """Write a matplotlib figure atomically (temporary file, then rename) and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def setup_logging() -> None:
