@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from trime_fairseq.tasks.memory_flags import EvalMemory
 from trime_fairseq.cli import setup_cli_logging
 from trime_fairseq.errors import TrimeUserError, cli_entry
 
@@ -67,8 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     model.eval()
     combiner = task.combiner
     external = task.args.datastore is not None
-    memory = str(task.args.eval_memory)
-    long_size = task.args.long_memory_size if "long" in memory else 0
+    memory = EvalMemory.from_args(task.args)
+    long_size = memory.long_size
     pad = task.dictionary.pad()
     targets, lprobs, hits = [], [], {k: [] for k in ks}
     for row in iter_scored_rows(model, task, cfg, long_size, external, max(ks) if external else None,
@@ -93,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         table8.append({"bucket": name, "tokens": int(sel.sum()),
                        "ppl": float(math.exp(-lp[sel].mean())) if sel.any() else float("nan")})
     table8.append({"bucket": "all", "tokens": len(lp), "ppl": float(math.exp(-lp.mean()))})
-    result = {"combiner": combiner.describe(), "memory": memory, "subset": cfg.dataset.gen_subset,
+    result = {"combiner": combiner.describe(), "memory": str(task.args.eval_memory), "subset": cfg.dataset.gen_subset,
               "ppl_by_frequency": table8}
     lines = ["| target frequency | tokens | ppl |", "|---|---:|---:|"]
     lines += [f"| {r['bucket']} | {r['tokens']} | {r['ppl']:.2f} |" for r in table8]

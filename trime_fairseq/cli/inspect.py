@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from trime_fairseq.tasks.memory_flags import EvalMemory
 from trime_fairseq.cli import setup_cli_logging
 
 logger = logging.getLogger("trime_fairseq.inspect")
@@ -512,7 +513,7 @@ def inspect(ours, rest) -> dict:
     from trime_fairseq.cli.build_datastore import batch_blocks
     from trime_fairseq.cli.tune import load
     from trime_fairseq.data.stream import TokenStream
-    from trime_fairseq.memory.combiners import KnnCombiner, NoMemory
+    from trime_fairseq.memory.combiners import NoMemory
     from trime_fairseq.models.memory_eval import MemoryEvalModel
 
     bounds = sorted((int(b) for b in ours.buckets.split(",") if b), reverse=True)
@@ -520,11 +521,11 @@ def inspect(ours, rest) -> dict:
     model.eval()
     inner = model.inner if isinstance(model, MemoryEvalModel) else model
     combiner = task.combiner
-    memory = str(task.args.eval_memory)
+    memory = EvalMemory.from_args(task.args)
     uses_memory = not isinstance(combiner, NoMemory)
-    long_size = task.args.long_memory_size if uses_memory and "long" in memory else 0
+    long_size = memory.long_size if uses_memory else 0
     retriever = None
-    if uses_memory and ("ext" in memory or isinstance(combiner, KnnCombiner)):
+    if uses_memory and memory.ext:
         retriever = getattr(model, "retriever", None) or task.build_retriever(inner)
         retriever.check_model(inner)
     subset = cfg.dataset.gen_subset

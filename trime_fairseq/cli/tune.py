@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
+from trime_fairseq.tasks.memory_flags import EvalMemory
 from trime_fairseq.cli import setup_cli_logging
 from trime_fairseq.errors import TrimeUserError, cli_entry
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
@@ -152,7 +153,7 @@ def score_grid(
     model, task = models_and_task
     pad = task.source_dictionary.pad()
     neighbours = list(neighbours or [0] * len(combiners))
-    external = "ext" in str(task.args.eval_memory) or any(isinstance(c, KnnCombiner) for c in combiners)
+    external = EvalMemory.from_args(task.args).ext or any(isinstance(c, KnnCombiner) for c in combiners)
     k = max(neighbours) or None
     sums = [[0.0] * len(memory_sizes) for _ in combiners]
     counts = [[0] * len(memory_sizes) for _ in combiners]
@@ -262,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     combiners = [make_combiner(ours.combiner, p, ours.cache_representation) for p in grid]
     cfg, model, task = load(rest)
     ks = [0] + [int(p.get("k", 0)) for p in grid]
-    if any(ks) and not ("ext" in str(task.args.eval_memory) or ours.combiner == "knn"):
+    if any(ks) and not (EvalMemory.from_args(task.args).ext or ours.combiner == "knn"):
         raise TrimeUserError("--grid k=... needs external memory (--eval-memory ...+ext or --combiner knn)")
     sums, counts = score_grid((model, task), cfg, [NoMemory(), *combiners], sizes, ks)
     total = counts[0][0]  # the model alone scores every token

@@ -28,6 +28,51 @@ DEFAULT_BM25_EXCLUDE_SAME_DOC = "off"
 DEFAULT_BM25_MAX_JACCARD: Optional[float] = None
 
 
+#: the values of ``--eval-memory``
+EVAL_MEMORY_CHOICES = ("local", "local+long", "local+ext", "local+long+ext")
+
+
+@dataclass(frozen=True)
+class EvalMemory:
+    """The memories a test-time combiner reads, parsed once from ``--eval-memory`` (local
+    memory is always there; ``--eval-combiner knn`` implies external memory), with every
+    check of the memory flags that depends on it.
+
+    Attributes:
+        long: long-term memory of the current document (``+long``), ``long_size`` tokens.
+        ext: external memory: the nearest entries of ``--datastore``.
+    """
+
+    long: bool = False
+    ext: bool = False
+    long_size: int = 0
+
+    @classmethod
+    def from_args(cls, args) -> "EvalMemory":
+        value = str(getattr(args, "eval_memory", "local"))
+        if value not in EVAL_MEMORY_CHOICES:
+            raise TrimeUserError(f"--eval-memory {value}: choose from {', '.join(EVAL_MEMORY_CHOICES)}")
+        long = "+long" in value
+        ext = "+ext" in value or str(getattr(args, "eval_combiner", "none")) == "knn"
+        size = int(getattr(args, "long_memory_size", 0))
+        if size < 0:
+            raise TrimeUserError(f"--long-memory-size must be >= 0, got {size}")
+        if long and size == 0:
+            raise TrimeUserError(f"--eval-memory {value} needs --long-memory-size > 0 (tokens of long-term memory)")
+        if ext and not getattr(args, "datastore", None):
+            raise TrimeUserError("external memory (--eval-memory ...+ext or --eval-combiner knn) needs --datastore")
+        return cls(long=long, ext=ext, long_size=size if long else 0)
+
+    def check_processes(self, num_shards: int) -> None:
+        """Long-term memory reads each document in order, in one process."""
+        if num_shards > 1 and self.long:
+            raise TrimeUserError("long-term memory (--eval-memory ...+long) reads each document in order: "
+                                 "evaluate in one process")
+
+    def describe(self) -> str:
+        return "+".join(["local"] + (["long"] if self.long else []) + (["ext"] if self.ext else []))
+
+
 @dataclass
 class RetrievalConfig(FairseqDataclass):
     datastore: Optional[str] = field(

@@ -29,13 +29,14 @@ from trime_fairseq.memory.joint import DEFAULT_PPRIME, PPRIME_KINDS
 from trime_fairseq.models.memory_eval import MemoryEvalModel
 from trime_fairseq.models.output_layer import (
     ADAPTIVE_TOKEN_MASS_HELP, ADAPTIVE_TOKEN_MASSES, DEFAULT_ADAPTIVE_TOKEN_MASS, check_adaptive_token_mass)
-from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, RetrievalConfig, build_retriever, cached_bm25_batches
+from trime_fairseq.tasks.memory_flags import (
+    EVAL_MEMORY_CHOICES, BM25BatchingConfig, EvalMemory, RetrievalConfig, build_retriever, cached_bm25_batches)
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
 
 EVAL_COMBINERS = ChoiceEnum(["none", "trime", "cache", "knn"])
-EVAL_MEMORIES = ChoiceEnum(["local", "local+long", "local+ext", "local+long+ext"])
+EVAL_MEMORIES = ChoiceEnum(list(EVAL_MEMORY_CHOICES))
 CACHE_REPRESENTATIONS = ChoiceEnum(["f", "g"])
 PPRIME_CHOICES = ChoiceEnum(list(PPRIME_KINDS))
 ADAPTIVE_TOKEN_MASS = ChoiceEnum(list(ADAPTIVE_TOKEN_MASSES))
@@ -146,17 +147,11 @@ def check_memory_flags(cfg) -> None:
         raise TrimeUserError(
             f"--context-window must be smaller than --tokens-per-sample (the block scored is "
             f"--tokens-per-sample minus --context-window = {cfg.tokens_per_sample} tokens)")
-    if cfg.long_memory_size < 0:
-        raise TrimeUserError(f"--long-memory-size must be >= 0, got {cfg.long_memory_size}")
-    if str(cfg.eval_memory) == "local+long" and cfg.long_memory_size == 0:
-        raise TrimeUserError("--eval-memory local+long needs --long-memory-size > 0")
+    memory = EvalMemory.from_args(cfg)
     if cfg.consecutive_segments < 1:
         raise TrimeUserError(f"--consecutive-segments must be >= 1, got {cfg.consecutive_segments}")
-    uses_ext = "ext" in str(getattr(cfg, "eval_memory", "local")) or str(cfg.eval_combiner) == "knn"
-    if uses_ext and not getattr(cfg, "datastore", None):
-        raise TrimeUserError("external memory (--eval-memory ...+ext or --eval-combiner knn) needs --datastore")
-    if (str(cfg.eval_combiner) == "trime" and getattr(cfg, "memory_lambda", 0.0) > 0 and str(getattr(cfg, "memory_distribution", DEFAULT_PPRIME))
-            == "ext-raw" and "ext" not in str(getattr(cfg, "eval_memory", "local"))):
+    if (str(cfg.eval_combiner) == "trime" and getattr(cfg, "memory_lambda", 0.0) > 0
+            and str(getattr(cfg, "memory_distribution", DEFAULT_PPRIME)) == "ext-raw" and not memory.ext):
         raise TrimeUserError("--memory-lambda with --memory-distribution ext-raw needs --eval-memory ...+ext "
                          "(or use --memory-distribution all-scaled)")
     if getattr(cfg, "knn_k", 1) < 1:
@@ -257,16 +252,13 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
             check_lm_checkpoint(model, args)
         if not from_checkpoint or isinstance(self.combiner, NoMemory):
             return model
-        memory = str(self.args.eval_memory)
-        long_size = self.args.long_memory_size if "long" in memory else 0
-        retriever = None
-        if "ext" in memory or isinstance(self.combiner, KnnCombiner):
-            retriever = self.build_retriever(model)
+        memory = EvalMemory.from_args(self.args)
+        retriever = self.build_retriever(model) if memory.ext else None
         logger.info("scoring with memory: %s over %s memory (long-term size %d%s)",
-                    self.combiner.describe(), memory, long_size,
+                    self.combiner.describe(), memory.describe(), memory.long_size,
                     f", {retriever.k} neighbours from {self.args.datastore}" if retriever else "")
         return MemoryEvalModel(model, self.combiner, self.source_dictionary.pad(),
-                               long_memory_size=long_size, retriever=retriever,
+                               long_memory_size=memory.long_size, retriever=retriever,
                                across_documents=bool(self.args.memory_across_documents),
                                adaptive_mass=str(self.args.adaptive_token_mass))
 
@@ -408,8 +400,7 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         split = next((k for k, v in self.datasets.items() if v is dataset), None)
         if split is None:
             raise TrimeUserError("eval_lm_dataloader: the dataset was not loaded by this task")
-        if num_shards > 1 and str(self.args.eval_memory) == "local+long":
-            raise TrimeUserError("--eval-memory local+long reads each document in order: use one process")
+        EvalMemory.from_args(self.args).check_processes(num_shards)
         if len(self.stream(split)) < 2:
             raise TrimeUserError(f"--gen-subset {split}: the split has no token to score (is {split}.bin empty?)")
         self.check_datastore_split(split)
