@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     ours, rest = p.parse_known_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg, base, task = load([*rest, "--task", "trime_translation"])
-    _, knn, _ = load([*rest, "--task", "trime_translation", "--mt-combiner", "knn", "--knn-lambda", "0.5"])
+    _, knn, _ = load([*rest, "--task", "trime_translation", "--eval-combiner", "knn", "--knn-lambda", "0.5"])
     split = cfg.dataset.gen_subset
     task.load_dataset(split)
     ds = task.dataset(split)

@@ -195,11 +195,11 @@ def main(argv=None) -> dict:
         kp, tp = knn["best"]["params"], trime["best"]["params"]
         systems = [
             ("base", "base", []),
-            ("kNN-MT", "base", ["--mt-combiner", "knn", "--knn-lambda", kp["lambda"], "--knn-temperature",
+            ("kNN-MT", "base", ["--eval-combiner", "knn", "--knn-lambda", kp["lambda"], "--knn-temperature",
                                 kp["temperature"], *ds["base"]]),
-            ("adaptive kNN-MT", "base", ["--mt-combiner", "adaptive", "--metak-path", metak, *ds["base"]]),
+            ("adaptive kNN-MT", "base", ["--eval-combiner", "adaptive", "--metak-path", metak, *ds["base"]]),
             *([("TRIME-MT (no memory)", "trime", [])] if domain == "general" else []),
-            ("TRIME-MT", "trime", ["--mt-combiner", "trime", "--eval-temperature", tp["tau"], *ds["trime"]]),
+            ("TRIME-MT", "trime", ["--eval-combiner", "trime", "--eval-temperature", tp["tau"], *ds["trime"]]),
         ]
         refs = (corpus / "raw" / f"{te}.en").read_text().splitlines()
         for system, model, flags in systems:

@@ -86,14 +86,14 @@ class MemoryGenerationModel(BaseFairseqModel):
         return self.inner.state_dict(*args, **kwargs)
 
 
-def load_metak(path: Optional[str]):
+def load_metak(path: Optional[str], flag: str = "--eval-combiner"):
     """A Meta-k network saved by ``trime-train-metak`` (adaptive kNN-MT)."""
     import torch
 
     from trime_fairseq.memory.adaptive import MetaK
 
     if not path:
-        raise TrimeUserError("--mt-combiner adaptive needs --metak-path (train it with trime-train-metak)")
+        raise TrimeUserError(f"{flag} adaptive needs --metak-path (train it with trime-train-metak)")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -17,6 +17,9 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from trime_fairseq.data.bm25 import GROW_MODES
 
 from trime_fairseq.errors import TrimeUserError
+from trime_fairseq.memory.combiners import (
+    AdaptiveKnnCombiner, CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner)
+from trime_fairseq.memory.joint import DEFAULT_PPRIME
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,49 @@ ON_OFF = ChoiceEnum(["on", "off"])
 DEFAULT_BM25_GROW = "heap"
 DEFAULT_BM25_EXCLUDE_SAME_DOC = "off"
 DEFAULT_BM25_MAX_JACCARD: Optional[float] = None
+
+
+#: every test-time combiner; each task offers those that apply to it (``--eval-combiner``)
+COMBINER_KINDS = ("none", "trime", "cache", "knn", "adaptive")
+
+
+def build_combiner(cfg, kind: Optional[str] = None, flag: str = "--eval-combiner") -> Combiner:
+    """The one combiner registry of ``fairseq-eval-lm`` and ``fairseq-generate``: the
+    combiner ``kind`` (default ``cfg.eval_combiner``) with its settings from ``cfg``; a
+    missing setting is a one-line error naming ``flag``.
+
+    ``none``: the model alone; ``trime``: Eq. 6 (+ Appendix F with ``--memory-lambda``);
+    ``cache``: continuous cache; ``knn``: kNN-LM / kNN-MT (+ a cache with ``--cache-*``);
+    ``adaptive``: adaptive kNN-MT with a Meta-k network (``--metak-path``).
+    """
+    kind = str(kind or cfg.eval_combiner)
+    if kind == "none":
+        return NoMemory()
+    if kind == "trime":
+        return TrimeCombiner(cfg.eval_temperature, getattr(cfg, "memory_lambda", 0.0),
+                             getattr(cfg, "memory_temperature", None),
+                             str(getattr(cfg, "memory_distribution", DEFAULT_PPRIME)))
+    if kind == "adaptive":
+        from trime_fairseq.models.memory_generate import load_metak
+
+        metak = load_metak(getattr(cfg, "metak_path", None), flag)
+        if metak.max_k != cfg.knn_k:
+            raise TrimeUserError(f"--metak-path {cfg.metak_path} was trained with --knn-k {metak.max_k}, "
+                                 f"not {cfg.knn_k}")
+        return AdaptiveKnnCombiner(metak, cfg.knn_temperature)
+    if kind not in ("cache", "knn"):
+        raise TrimeUserError(f"{flag} {kind}: choose from {', '.join(COMBINER_KINDS)}")
+    cache = None
+    lam, theta = getattr(cfg, "cache_lambda", None), getattr(cfg, "cache_theta", None)
+    if lam is not None or theta is not None or kind == "cache":
+        if lam is None or theta is None:
+            raise TrimeUserError(f"{flag} {kind} with a cache needs both --cache-lambda and --cache-theta")
+        cache = CacheCombiner(lam, theta, str(getattr(cfg, "cache_representation", "f")))
+    if kind == "cache":
+        return cache
+    if cfg.knn_lambda is None:
+        raise TrimeUserError(f"{flag} knn needs --knn-lambda (weight of P_kNN, e.g. 0.5)")
+    return KnnCombiner(cfg.knn_lambda, cfg.knn_temperature, cache)
 
 
 #: the values of ``--eval-memory``

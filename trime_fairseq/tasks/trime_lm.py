@@ -24,13 +24,14 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
 from trime_fairseq.data.stream import DocumentSegments, StreamBlocks, TokenStream, shard_rows
-from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
+from trime_fairseq.memory.combiners import NoMemory
 from trime_fairseq.memory.joint import DEFAULT_PPRIME, PPRIME_KINDS
 from trime_fairseq.models.memory_eval import MemoryEvalModel
 from trime_fairseq.models.output_layer import (
     ADAPTIVE_TOKEN_MASS_HELP, ADAPTIVE_TOKEN_MASSES, DEFAULT_ADAPTIVE_TOKEN_MASS, check_adaptive_token_mass)
-from trime_fairseq.tasks.memory_flags import (
-    EVAL_MEMORY_CHOICES, BM25BatchingConfig, EvalMemory, RetrievalConfig, build_retriever, cached_bm25_batches)
+from trime_fairseq.tasks.memory_flags import (  # noqa: F401  (build_combiner: the task's registry)
+    EVAL_MEMORY_CHOICES, BM25BatchingConfig, EvalMemory, RetrievalConfig, build_combiner, build_retriever,
+    cached_bm25_batches)
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -157,27 +158,6 @@ def check_memory_flags(cfg) -> None:
     if getattr(cfg, "knn_k", 1) < 1:
         raise TrimeUserError(f"--knn-k must be >= 1, got {cfg.knn_k}")
     check_adaptive_token_mass(getattr(cfg, "adaptive_token_mass", DEFAULT_ADAPTIVE_TOKEN_MASS))
-
-
-def build_combiner(cfg) -> Combiner:
-    """The combiner that the ``--eval-*`` / ``--cache-*`` flags ask for (clear errors)."""
-    kind = str(cfg.eval_combiner)
-    if kind == "none":
-        return NoMemory()
-    if kind == "trime":
-        return TrimeCombiner(cfg.eval_temperature, getattr(cfg, "memory_lambda", 0.0),
-                             getattr(cfg, "memory_temperature", None),
-                             str(getattr(cfg, "memory_distribution", DEFAULT_PPRIME)))
-    cache = None
-    if cfg.cache_lambda is not None or cfg.cache_theta is not None or kind == "cache":
-        if cfg.cache_lambda is None or cfg.cache_theta is None:
-            raise TrimeUserError(f"--eval-combiner {kind} with a cache needs both --cache-lambda and --cache-theta")
-        cache = CacheCombiner(cfg.cache_lambda, cfg.cache_theta, str(cfg.cache_representation))
-    if kind == "cache":
-        return cache
-    if cfg.knn_lambda is None:
-        raise TrimeUserError("--eval-combiner knn needs --knn-lambda")
-    return KnnCombiner(cfg.knn_lambda, cfg.knn_temperature, cache)
 
 
 def check_lm_checkpoint(model, args) -> None:

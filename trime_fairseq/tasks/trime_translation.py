@@ -7,7 +7,7 @@ memory is every target token of the *other* sentences of the batch (its key the 
 BM25-similar target sentences (computed once per corpus, cached). Other criteria (e.g.
 ``label_smoothed_cross_entropy``) ignore the memory.
 
-Decoding (``fairseq-generate``): ``--mt-combiner`` picks how the ``--datastore`` of
+Decoding (``fairseq-generate``): ``--eval-combiner`` picks how the ``--datastore`` of
 (decoder ``g``, target token) pairs is used:
 
 * ``knn``: kNN-MT (Khandelwal et al., 2021), ``(1-λ) P_MT + λ P_kNN``, ``P_kNN ∝ exp(s/T)``
@@ -32,8 +32,9 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from trime_fairseq.memory.combiners import AdaptiveKnnCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
-from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, RetrievalConfig, build_retriever, cached_bm25_batches
+from trime_fairseq.memory.combiners import Combiner, NoMemory
+from trime_fairseq.tasks.memory_flags import (
+    BM25BatchingConfig, RetrievalConfig, build_combiner, build_retriever, cached_bm25_batches)
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,16 @@ BM25_GROUPINGS = ChoiceEnum(["whole", "length"])
 
 @dataclass
 class TrimeTranslationConfig(TranslationConfig, RetrievalConfig, BM25BatchingConfig):
-    mt_combiner: MT_COMBINERS = field(
+    eval_combiner: MT_COMBINERS = field(
         default="none",
         metadata={"help": "how fairseq-generate uses --datastore: none (the MT model), knn "
                           "(kNN-MT, needs --knn-lambda), adaptive (adaptive kNN-MT, needs "
                           "--metak-path) or trime (Eq. 6 over the retrieved neighbours, "
                           "temperature --eval-temperature)"},
+    )
+    mt_combiner: Optional[MT_COMBINERS] = field(
+        default=None,
+        metadata={"help": "old name of --eval-combiner (kept for one release)"},
     )
     knn_k: int = field(default=16, metadata={"help": "neighbours retrieved from the datastore per decoding step"})
     knn_temperature: float = field(
@@ -75,27 +80,15 @@ class TrimeTranslationConfig(TranslationConfig, RetrievalConfig, BM25BatchingCon
 
 
 def build_mt_combiner(cfg) -> Combiner:
-    """The decoding-time :class:`Combiner` named by ``--mt-combiner``."""
-    name = str(cfg.mt_combiner)
+    """The decoding-time :class:`Combiner` named by ``--eval-combiner`` (or its old name
+    ``--mt-combiner``), from the registry the LM task uses too."""
+    flag, name = ("--mt-combiner", str(cfg.mt_combiner)) if cfg.mt_combiner is not None else \
+        ("--eval-combiner", str(cfg.eval_combiner))
     if name != "none" and not cfg.datastore:
-        raise TrimeUserError(f"--mt-combiner {name} needs --datastore (built with trime-build-datastore)")
+        raise TrimeUserError(f"{flag} {name} needs --datastore (built with trime-build-datastore)")
     if cfg.knn_k < 1:
         raise TrimeUserError(f"--knn-k must be >= 1, got {cfg.knn_k}")
-    if name == "knn":
-        if cfg.knn_lambda is None:
-            raise TrimeUserError("--mt-combiner knn needs --knn-lambda (weight of P_kNN, e.g. 0.5)")
-        return KnnCombiner(cfg.knn_lambda, cfg.knn_temperature)
-    if name == "adaptive":
-        from trime_fairseq.models.memory_generate import load_metak
-
-        metak = load_metak(cfg.metak_path)
-        if metak.max_k != cfg.knn_k:
-            raise TrimeUserError(f"--metak-path {cfg.metak_path} was trained with --knn-k {metak.max_k}, "
-                             f"not {cfg.knn_k}")
-        return AdaptiveKnnCombiner(metak, cfg.knn_temperature)
-    if name == "trime":
-        return TrimeCombiner(cfg.eval_temperature)
-    return NoMemory()
+    return build_combiner(cfg, name, flag)
 
 
 @register_task("trime_translation", dataclass=TrimeTranslationConfig)
