@@ -27,7 +27,7 @@ from torch import Tensor
 from trime_fairseq.memory.combiners import Combiner, ScoringInputs
 from trime_fairseq.memory.long_term import LongTermMemory
 from trime_fairseq.memory.retriever import Retriever
-from trime_fairseq.models.capture import get_capture
+from trime_fairseq.models.wrapper import MemoryModelWrapper
 from trime_fairseq.models.output_layer import DEFAULT_ADAPTIVE_TOKEN_MASS, at_least_float32, full_token_scores
 from trime_fairseq.errors import TrimeUserError
 
@@ -127,7 +127,7 @@ def scored_rows(
         )
 
 
-class MemoryEvalModel(BaseFairseqModel):
+class MemoryEvalModel(MemoryModelWrapper):
     """Wraps a trained fairseq LM; scores with a memory :class:`Combiner`.
 
     Parameters and checkpoints are the inner model's: loading, ``state_dict`` and
@@ -137,20 +137,13 @@ class MemoryEvalModel(BaseFairseqModel):
     def __init__(self, model: BaseFairseqModel, combiner: Combiner, pad: int, long_memory_size: int = 0,
                  retriever: Optional[Retriever] = None, across_documents: bool = False,
                  adaptive_mass: str = DEFAULT_ADAPTIVE_TOKEN_MASS) -> None:
-        super().__init__()
+        super().__init__(model, combiner)
         self.across_documents = across_documents
         self.adaptive_mass = adaptive_mass
         self.retriever = retriever
-        self.inner = model
-        self.combiner = combiner
         self.pad = pad
-        self.capture = get_capture(model)
         self.long_memory_size = long_memory_size
         self.long_memory: Optional[LongTermMemory] = None
-
-    @property
-    def decoder(self):
-        return self.inner.decoder
 
     def forward(self, src_tokens: Tensor, src_lengths: Optional[Tensor] = None, **kwargs):
         out = self.inner(src_tokens, src_lengths=src_lengths, **kwargs)
@@ -175,15 +168,3 @@ class MemoryEvalModel(BaseFairseqModel):
                                      self.combiner.representations):
             lprobs[i, s:] = self.combiner.log_probs(row)[0]
         return lprobs if log_probs else lprobs.exp()
-
-    def get_targets(self, sample, net_output):
-        return self.inner.get_targets(sample, net_output)
-
-    def max_positions(self):
-        return self.inner.max_positions()
-
-    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        return self.inner.load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
-
-    def state_dict(self, *args, **kwargs):
-        return self.inner.state_dict(*args, **kwargs)

@@ -17,12 +17,12 @@ from torch import Tensor
 
 from trime_fairseq.memory.combiners import Combiner, ScoringInputs
 from trime_fairseq.memory.retriever import Retriever
-from trime_fairseq.models.capture import get_capture
+from trime_fairseq.models.wrapper import MemoryModelWrapper
 from trime_fairseq.models.output_layer import at_least_float32
 from trime_fairseq.errors import TrimeUserError
 
 
-class MemoryGenerationModel(BaseFairseqModel):
+class MemoryGenerationModel(MemoryModelWrapper):
     """Wraps a trained fairseq encoder-decoder; decodes with a datastore and a combiner.
 
     Parameters, checkpoints and the encoder/decoder are the inner model's. ``timings``
@@ -30,20 +30,9 @@ class MemoryGenerationModel(BaseFairseqModel):
     """
 
     def __init__(self, model: BaseFairseqModel, combiner: Combiner, retriever: Retriever) -> None:
-        super().__init__()
-        self.inner = model
-        self.combiner = combiner
+        super().__init__(model, combiner)
         self.retriever = retriever
-        self.capture = get_capture(model)
         self.timings: Dict[str, float] = {"search": 0.0, "combine": 0.0}
-
-    @property
-    def encoder(self):
-        return self.inner.encoder
-
-    @property
-    def decoder(self):
-        return self.inner.decoder
 
     def forward(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor, **kwargs):
         return self.inner(src_tokens, src_lengths, prev_output_tokens, **kwargs)
@@ -70,20 +59,6 @@ class MemoryGenerationModel(BaseFairseqModel):
         self.timings["combine"] += time.perf_counter() - t1
         return lprobs if log_probs else lprobs.exp()
 
-    def get_targets(self, sample, net_output):
-        return self.inner.get_targets(sample, net_output)
-
-    def max_positions(self):
-        return self.inner.max_positions()
-
-    def max_decoder_positions(self):
-        return self.inner.max_decoder_positions()
-
-    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        return self.inner.load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
-
-    def state_dict(self, *args, **kwargs):
-        return self.inner.state_dict(*args, **kwargs)
 
 
 def load_metak(path: Optional[str], flag: str = "--eval-combiner"):
