@@ -72,3 +72,67 @@ def test_one_combiner_registry_for_lm_and_mt():
         build_mt_combiner(SimpleNamespace(eval_combiner="knn", mt_combiner=None, **no_lambda))
     with pytest.raises(TrimeUserError, match="--eval-combiner adaptive needs --metak-path"):
         build_combiner(SimpleNamespace(eval_combiner="adaptive", **base))
+
+
+class _Recorder:
+    """A criterion that records the memory spec of the batch it is given."""
+
+    def __init__(self):
+        self.specs = []
+
+    def __call__(self, model, sample):
+        import torch
+
+        self.specs.append(sample.get("trime_memory"))
+        return torch.zeros((), requires_grad=True) * 1.0, 1, {}
+
+
+class _Model:
+    def train(self):
+        return self
+
+    def set_num_updates(self, n):
+        pass
+
+
+class _Optimizer:
+    def backward(self, loss):
+        loss.backward()
+
+
+@pytest.mark.parametrize("task_name", ["lm", "mt"])
+def test_placeholder_batches_are_marked_for_lm_and_mt(task_name):
+    """fairseq's dummy batch (``ignore_grad``) on a worker without data must never enter the
+    memory other workers gather: both tasks mark its spec, and the criterion then keeps it
+    out (``external_memory_across_workers(share=False)``, tested in test_distributed)."""
+    import torch
+
+    from trime_fairseq.memory.in_batch import MemorySpec
+    from trime_fairseq.tasks.trime_lm import TrimeLanguageModelingTask
+    from trime_fairseq.tasks.trime_translation import TrimeTranslationTask
+
+    cls = TrimeLanguageModelingTask if task_name == "lm" else TrimeTranslationTask
+    task = object.__new__(cls)
+    task.cfg = task.args = SimpleNamespace(mt_local_memory=False)
+    target = torch.ones(3, 4, dtype=torch.long)
+    for ignore_grad in (False, True):
+        sample = {"target": target, "trime_memory": MemorySpec.external().to_sample()}
+        crit = _Recorder()
+        task.train_step(sample, _Model(), crit, _Optimizer(), 0, ignore_grad=ignore_grad)
+        spec = MemorySpec.from_sample(crit.specs[-1])
+        assert spec.mode == "external" and spec.placeholder is ignore_grad
+
+
+def test_memory_spec_round_trips_through_the_sample():
+    import torch
+
+    from trime_fairseq.memory.in_batch import MemorySpec
+
+    long = MemorySpec.long(3, torch.tensor([0, 0, 1]))
+    back = MemorySpec.from_sample(long.to_sample())
+    assert back.mode == "long" and back.segments_per_group == 3 and torch.equal(back.row_doc, long.row_doc)
+    assert MemorySpec.from_sample(None).mode == "local"
+    with pytest.raises(ValueError, match="unknown in-batch memory mode"):
+        MemorySpec.from_sample({"mode": "global"})
+    with pytest.raises(ValueError, match="row_doc"):
+        MemorySpec("long", segments_per_group=2)

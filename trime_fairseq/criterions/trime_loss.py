@@ -14,7 +14,7 @@ segments give the loss and gradients of 1 worker × ``W·B``.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from fairseq import metrics, utils
@@ -23,7 +23,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
 from trime_fairseq.memory.in_batch import (
-    external_memory_across_workers, group_batch, in_batch_log_prob, segment_uniform)
+    MemorySpec, external_memory_across_workers, group_batch, in_batch_log_prob, segment_uniform)
 from trime_fairseq.models.capture import get_capture
 from trime_fairseq.models.output_layer import (
     ADAPTIVE_TOKEN_MASS_HELP, ADAPTIVE_TOKEN_MASSES, DEFAULT_ADAPTIVE_TOKEN_MASS, at_least_float32,
@@ -143,8 +143,8 @@ class TrimeLoss(FairseqCriterion):
         if self.set_num_updates not in capture.on_num_updates:
             capture.on_num_updates.append(self.set_num_updates)
         with_memory = self.uses_memory(model.training)
-        spec = sample.get("trime_memory") if with_memory else None
-        external = spec is not None and spec.get("mode") == "external" and model.training
+        spec = MemorySpec.from_sample(sample.get("trime_memory") if with_memory else None)
+        external = spec.mode == "external" and model.training
         drop_key = None
         if external and self.cfg.drop_local_prob > 0:
             drop_key = self.drop_key()
@@ -160,12 +160,12 @@ class TrimeLoss(FairseqCriterion):
             if drop_key is not None:  # one draw per segment, wherever it sits
                 draw = (segment_uniform(sample["id"], drop_key) if "id" in sample
                         else torch.rand(target.size(0), dtype=torch.float64))
-                spec = dict(spec, keep_local=draw.to(target.device) >= self.cfg.drop_local_prob)
+                spec = replace(spec, keep_local=draw.to(target.device) >= self.cfg.drop_local_prob)
             (tt, tl, reps, tgt), memory = group_batch(
                 (tok_target, tok_lse, at_least_float32(g), target), spec, target
             )
             if external and self.cfg.memory_across_workers == "on":
-                memory = external_memory_across_workers(memory, reps, tgt, share=not spec.get("placeholder"))
+                memory = external_memory_across_workers(memory, reps, tgt, share=not spec.placeholder)
             lprob, log_partition = in_batch_log_prob(
                 tt, tl, reps, tgt, memory, self.padding_idx,
                 temperature=self.cfg.train_temperature,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset, data_utils
 
+from trime_fairseq.memory.in_batch import MemorySpec
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -175,16 +176,12 @@ class DocumentSegments(_InOrder):
             batch["net_input"]["mem_positions"] = pos
             batch["net_input"]["mem_docs"] = torch.LongTensor([s["doc"] for s in samples]).unsqueeze(1).expand_as(pos)
         if self.external:
-            batch["trime_memory"] = {"mode": "external"}
+            batch["trime_memory"] = MemorySpec.external().to_sample()
         elif self.group > 1:
             # across documents, every row of a run counts as one document: its memory is
             # all earlier tokens of the run (the stream), not only those of its document
             row_doc = [0 if self.across_documents else s["doc"] for s in samples]
-            batch["trime_memory"] = {
-                "mode": "long",
-                "segments_per_group": self.group,
-                "row_doc": torch.LongTensor(row_doc),
-            }
+            batch["trime_memory"] = MemorySpec.long(self.group, torch.LongTensor(row_doc)).to_sample()
         return batch
 
     def groups(self) -> List[np.ndarray]:

@@ -21,7 +21,7 @@ query rows, in the forward pass and again in the hand-written backward
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -138,29 +138,92 @@ def in_batch_log_prob(
     return (lprob, log_partition) if with_log_partition else lprob
 
 
+@dataclass(frozen=True)
+class MemorySpec:
+    """How the rows of a training batch form in-batch memory: what a batching task puts in
+    ``sample["trime_memory"]`` (as :meth:`to_sample`'s dict, whose tensors fairseq moves
+    between devices with the batch) and the criterion reads back (:meth:`from_sample`).
+
+    Attributes:
+        mode: ``local`` (each segment alone), ``long`` (runs of ``segments_per_group``
+            consecutive segments, ``row_doc`` their documents) or ``external`` (the whole
+            batch; ``keep_local`` ``[B]``: False where a row's local memory is dropped).
+        placeholder: fairseq's dummy batch on a data-parallel worker without data: its rows
+            never enter the memory the other workers gather.
+    """
+
+    mode: str = "local"
+    segments_per_group: int = 1
+    row_doc: Optional[Tensor] = None
+    keep_local: Optional[Tensor] = None
+    placeholder: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown in-batch memory mode {self.mode!r}; choose from {MODES}")
+        if self.mode == "long" and (self.row_doc is None or self.segments_per_group < 1):
+            raise ValueError("'long' in-batch memory needs segments_per_group >= 1 and row_doc")
+
+    @classmethod
+    def long(cls, segments_per_group: int, row_doc: Tensor) -> "MemorySpec":
+        return cls("long", segments_per_group=segments_per_group, row_doc=row_doc)
+
+    @classmethod
+    def external(cls, keep_local: Optional[Tensor] = None) -> "MemorySpec":
+        return cls("external", keep_local=keep_local)
+
+    @classmethod
+    def from_sample(cls, spec) -> "MemorySpec":
+        """From ``sample.get("trime_memory")`` (``None``: local memory)."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, MemorySpec):
+            return spec
+        return cls(**spec)
+
+    def to_sample(self) -> dict:
+        """The dict carried in ``sample["trime_memory"]`` (only the fields that are set)."""
+        out = {"mode": self.mode}
+        if self.mode == "long":
+            out.update(segments_per_group=self.segments_per_group, row_doc=self.row_doc)
+        if self.keep_local is not None:
+            out["keep_local"] = self.keep_local
+        if self.placeholder:
+            out["placeholder"] = True
+        return out
+
+
+def mark_placeholder(sample, ignore_grad: bool):
+    """``sample`` with its memory spec marked as fairseq's placeholder batch when the step is
+    one (``ignore_grad``): shared by the LM and MT tasks' ``train_step``."""
+    if ignore_grad and isinstance(sample, dict) and sample.get("trime_memory") is not None:
+        spec = replace(MemorySpec.from_sample(sample["trime_memory"]), placeholder=True)
+        sample = dict(sample, trime_memory=spec.to_sample())
+    return sample
+
+
 def group_batch(
-    tensors: Tuple[Tensor, ...], spec: Optional[dict], padding_target: Tensor
+    tensors: Tuple[Tensor, ...], spec, padding_target: Tensor
 ) -> Tuple[Tuple[Tensor, ...], InBatchMemory]:
-    """Lay out ``[B, L, ...]`` batch tensors as the ``[G, T, ...]`` groups of ``spec``.
+    """Lay out ``[B, L, ...]`` batch tensors as the ``[G, T, ...]`` groups of ``spec`` (a
+    :class:`MemorySpec` or its ``sample["trime_memory"]`` dict; ``None``: local):
 
-    ``spec`` is the ``sample["trime_memory"]`` dict a batching task adds (absent: local):
-
-    * ``{"mode": "local"}``
-    * ``{"mode": "long", "segments_per_group": m, "row_doc": LongTensor[B]}``: rows
-      ``k·m .. k·m+m-1`` are consecutive segments, in order; ``row_doc`` their documents.
-    * ``{"mode": "external", "keep_local": BoolTensor[B]}``: one group for the batch.
+    * ``local``: one group per row.
+    * ``long``: rows ``k·m .. k·m+m-1`` are consecutive segments, in order, one group;
+      ``row_doc`` their documents.
+    * ``external``: one group for the batch.
 
     Args:
         tensors: batch tensors with leading ``[B, L]`` dims, reshaped alike.
         padding_target: ``[B, L]`` targets (for shape).
     """
-    spec = spec or {"mode": "local"}
-    mode = spec.get("mode", "local")
+    spec = MemorySpec.from_sample(spec)
+    mode = spec.mode
     bsz, seq_len = padding_target.shape[:2]
     if mode == "local":
         return tensors, InBatchMemory("local")
     if mode == "long":
-        m = int(spec["segments_per_group"])
+        m = int(spec.segments_per_group)
         if m < 1 or bsz % m != 0:
             raise ValueError(
                 f"batch of {bsz} segments cannot be split into groups of {m} consecutive segments"
@@ -170,7 +233,7 @@ def group_batch(
         def regroup(t: Tensor) -> Tensor:
             return t.reshape(groups, m * seq_len, *t.shape[2:])
 
-        row_doc = spec["row_doc"].to(padding_target.device)
+        row_doc = spec.row_doc.to(padding_target.device)
         doc_id = row_doc.view(bsz, 1).expand(bsz, seq_len)
         return tuple(regroup(t) for t in tensors), InBatchMemory("long", doc_id=regroup(doc_id))
     if mode == "external":
@@ -179,7 +242,7 @@ def group_batch(
             return t.reshape(1, bsz * seq_len, *t.shape[2:])
 
         rows = torch.arange(bsz, device=padding_target.device).view(bsz, 1).expand(bsz, seq_len)
-        keep = spec.get("keep_local")
+        keep = spec.keep_local
         keep_t = None
         if keep is not None:
             keep_t = flat(keep.to(padding_target.device).view(bsz, 1).expand(bsz, seq_len))

@@ -23,6 +23,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
+from trime_fairseq.memory.in_batch import mark_placeholder
 from trime_fairseq.data.stream import DocumentSegments, StreamBlocks, TokenStream, shard_rows
 from trime_fairseq.memory.combiners import NoMemory
 from trime_fairseq.memory.joint import DEFAULT_PPRIME, PPRIME_KINDS
@@ -395,8 +396,7 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if hasattr(criterion, "set_num_updates"):
             criterion.set_num_updates(update_num)
-        if ignore_grad and isinstance(sample, dict) and isinstance(sample.get("trime_memory"), dict):
-            # fairseq's placeholder batch on a worker without data: keep it out of the
-            # memory that other workers gather
-            sample = dict(sample, trime_memory=dict(sample["trime_memory"], placeholder=True))
+        # fairseq's placeholder batch on a worker without data stays out of the memory that
+        # other workers gather
+        sample = mark_placeholder(sample, ignore_grad)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)

@@ -32,6 +32,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from trime_fairseq.memory.in_batch import MemorySpec, mark_placeholder
 from trime_fairseq.memory.combiners import Combiner, NoMemory
 from trime_fairseq.tasks.memory_flags import (
     BM25BatchingConfig, RetrievalConfig, build_combiner, build_retriever, cached_bm25_batches)
@@ -150,12 +151,15 @@ class TrimeTranslationTask(TranslationTask):
         the other sentences (plus the sentence's own prefix with ``--mt-local-memory``)."""
         bsz = sample["target"].size(0)
         keep = torch.full((bsz,), bool(self.cfg.mt_local_memory), dtype=torch.bool)
-        return {"mode": "external", "keep_local": keep}
+        return MemorySpec.external(keep).to_sample()
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if hasattr(criterion, "set_num_updates"):
             criterion.set_num_updates(update_num)
         sample["trime_memory"] = self.memory_spec(sample)
+        # fairseq's placeholder batch on a worker without data stays out of the memory that
+        # other workers gather
+        sample = mark_placeholder(sample, ignore_grad)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
