@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau-grid", default="0.75,0.9,1,1.1,1.25,1.5", help="TRIME temperatures tried on valid")
     p.add_argument("--cache-lambda-grid", default="0.1,0.2,0.3,0.4,0.5", help="cache λ values tried on valid")
     p.add_argument("--cache-theta-grid", default="0.05,0.1,0.2,0.3,0.5", help="cache θ values tried on valid")
-    p.add_argument("--inspect-doc", type=int, default=0,
+    p.add_argument("--inspect-doc", type=int, default=4,
                    help="valid document shown by trime-inspect for the TRIMELM (-1: none)")
     return p.parse_args(argv)
 

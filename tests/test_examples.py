@@ -28,9 +28,9 @@ def test_main_job_writes_table_json_and_plot(corpus, tmp_path):
     assert all(r["valid_ppl"] > 1 and r["test_ppl"] > 1 for r in result["rows"])
     assert (tmp_path / "results.png").stat().st_size > 1000
     assert "| model |" in (tmp_path / "results.md").read_text()
-    page = json.loads((tmp_path / "inspect" / "trime_valid_doc0.json").read_text())
+    page = json.loads((tmp_path / "inspect" / "trime_valid_doc4.json").read_text())
     assert page["meta"]["combiner"].startswith("trime(") and page["summary"]["tokens"] > 0
-    assert (tmp_path / "inspect" / "trime_valid_doc0.html").exists()
+    assert (tmp_path / "inspect" / "trime_valid_doc4.html").exists()
 
 
 def test_long_memory_example(corpus, tmp_path):

@@ -565,6 +565,9 @@ def inspect(ours, rest) -> dict:
     if retriever is not None:
         ext_stream, ext_note = datastore_stream(retriever.datastore, task)
     detok = Detokenizer(task.dictionary)
+    heading = detok.text(stream.ids(first, min(first + 48, end))).split("\n")[0].strip()
+    if heading:
+        where += f" ({heading[:60]})"
     memorizing = getattr(inner, "needs_stream_positions", False)
     meta = {
         "title": ours.title or f"{Path(cfg.common_eval.path).parent.name}/{Path(cfg.common_eval.path).name} — {where}",

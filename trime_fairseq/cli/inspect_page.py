@@ -77,6 +77,7 @@ const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s).replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
 const vis = (s) => s.replace(/\n/g, '¶').replace(/^ /, '\u2423');
 const f = (x, d=2) => (x === null || x === undefined) ? '–' : Number(x).toFixed(d);
+const prob = (x) => x < 1e-3 ? x.toExponential(1) : x.toFixed(4);
 const pct = (x) => (x === null || x === undefined) ? '–' : (100 * x).toFixed(1) + '%';
 const KC = {local:'--local', long:'--long', ext:'--ext', datastore:'--datastore', cache:'--cache',
             'cache-long':'--cache-long', 'knn-memory':'--knn-memory', model:'--model'};
@@ -123,12 +124,17 @@ function summary() {
 
 function text() {
   const frag = document.createDocumentFragment();
+  let lineStart = true;
   for (const t of T) {
     const s = document.createElement('span');
     s.id = 't' + t.i;
     s.className = 't' + (t.scored ? '' : ' u');
     let txt = t.text;
-    if (txt.length > 1 && txt[0] === ' ') { frag.appendChild(document.createTextNode(' ')); txt = txt.slice(1); }
+    if (txt.length > 1 && txt[0] === ' ') {  // the space goes outside the coloured token (none at a line start)
+      if (!lineStart) frag.appendChild(document.createTextNode(' '));
+      txt = txt.slice(1);
+    }
+    lineStart = txt === '\n';
     if (txt === '\n') { s.innerHTML = '<span class="nl">¶</span>\n'; }
     else s.textContent = txt;
     if (t.scored) {
@@ -160,8 +166,8 @@ function show(i) {
   const g = t.gain_bits;
   let h = `<div><span class="tok">${esc(vis(t.text))}</span>
     <span class="hint"> token ${t.i} · stream position ${t.pos} · frequency ${t.freq}</span></div>
-    <div style="margin-top:6px">p(target) <b>${f(Math.exp(t.lp_without), 4)}</b> without memory →
-    <b>${f(Math.exp(t.lp_with), 4)}</b> with · <span class="${g >= 0 ? 'good' : 'bad'}"><b>${g >= 0 ? '+' : ''}${f(g, 2)} bits</b></span></div>`;
+    <div style="margin-top:6px">p(target) <b>${prob(Math.exp(t.lp_without))}</b> without memory →
+    <b>${prob(Math.exp(t.lp_with))}</b> with · <span class="${g >= 0 ? 'good' : 'bad'}"><b>${g >= 0 ? '+' : ''}${f(g, 2)} bits</b></span></div>`;
   const sh = t.shares || {};
   if (Object.keys(sh).length) {
     h += `<h3>Share of p(target)</h3><div class="bar">`;

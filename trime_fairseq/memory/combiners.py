@@ -12,6 +12,9 @@ the full distribution (for ``fairseq-eval-lm``) or the target's log-probability 
 * :class:`KnnCombiner`: kNN-LM (Khandelwal et al., 2020): ``(1-λ) P_LM + λ P_kNN`` over the
   retrieved external entries, optionally followed by a continuous cache.
 
+For inspection (``trime-inspect``), :meth:`Combiner.contributions` gives the mass each memory
+entry adds to the final distribution.
+
 External entries (retrieved per query from a datastore) come as ``ext_scores`` (``q·k``
 or ``-‖q-k‖²``) and ``ext_labels``, ``[B, T, K]``; TRIME scales inner products like any
 other memory entry (Eq. 6) and can add Appendix F's separate memory distribution.
