@@ -118,6 +118,19 @@ def fairseq_available() -> bool:
     return importlib.util.find_spec("fairseq_cli") is not None
 
 
+def run_preprocess(flags: Sequence[str], destdir: Path, python: str = sys.executable) -> Path:
+    """``fairseq-preprocess FLAGS --destdir DESTDIR`` in a subprocess; a failure is a
+    :class:`CorpusError` with the last lines of its output."""
+    cmd = [python, "-m", "fairseq_cli.preprocess", *map(str, flags), "--destdir", str(destdir)]
+    logger.info("binarising with fairseq-preprocess into %s", destdir)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stdout.strip().splitlines()[-3:])
+        raise CorpusError(f"fairseq preprocess failed (exit {proc.returncode}): {tail}")
+    logger.debug("fairseq preprocess output:\n%s", proc.stdout)
+    return Path(destdir)
+
+
 def binarize(
     split_files: Mapping[str, Path],
     destdir: Path,
@@ -125,21 +138,12 @@ def binarize(
     threshold_tokens: int = 0,
     python: str = sys.executable,
 ) -> Path:
-    """Run ``fairseq_cli.preprocess --only-source`` on the split files into ``destdir``."""
-    cmd = [python, "-m", "fairseq_cli.preprocess", "--only-source",
-           "--trainpref", str(split_files["train"]),
-           "--validpref", str(split_files["valid"]),
-           "--testpref", str(split_files["test"]),
-           "--destdir", str(destdir), "--workers", str(workers)]
+    """``fairseq-preprocess --only-source`` on the split files into ``destdir``."""
+    flags = ["--only-source", "--trainpref", split_files["train"], "--validpref", split_files["valid"],
+             "--testpref", split_files["test"], "--workers", workers]
     if threshold_tokens > 0:
-        cmd += ["--thresholdtokens", str(threshold_tokens)]
-    logger.info("binarising with fairseq-preprocess into %s", destdir)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
-        raise CorpusError(f"fairseq preprocess failed (exit {proc.returncode}):\n{tail}")
-    logger.debug("fairseq preprocess output:\n%s", proc.stdout)
-    return Path(destdir)
+        flags += ["--thresholdtokens", threshold_tokens]
+    return run_preprocess(flags, destdir, python)
 
 
 def count_lines(path: Path) -> int:

@@ -87,6 +87,7 @@ from trime_fairseq.prepare.common import (
     SentencePieceTokenizer,
     WhitespaceTokenizer,
     build_atomically,
+    run_preprocess,
     collapse_whitespace,
     count_lines,
     file_sha256,
@@ -900,18 +901,12 @@ def binarize_pair(
     ``prefixes`` maps ``train``/``valid``/``test`` to file prefixes (``PREFIX.de``,
     ``PREFIX.en``); with ``srcdict`` that dictionary is reused instead of built.
     """
-    cmd = [python, "-m", "fairseq_cli.preprocess", "--source-lang", SRC_LANG,
-           "--target-lang", TGT_LANG, "--joined-dictionary",
-           "--trainpref", str(prefixes["train"]), "--validpref", str(prefixes["valid"]),
-           "--testpref", str(prefixes["test"]), "--destdir", str(destdir), "--workers", str(workers)]
+    flags = ["--source-lang", SRC_LANG, "--target-lang", TGT_LANG, "--joined-dictionary",
+             "--trainpref", prefixes["train"], "--validpref", prefixes["valid"], "--testpref", prefixes["test"],
+             "--workers", workers]
     if srcdict is not None:
-        cmd += ["--srcdict", str(srcdict)]
-    logger.info("binarising with fairseq-preprocess into %s", destdir)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        tail = " | ".join(proc.stdout.strip().splitlines()[-3:])
-        raise CorpusError(f"fairseq preprocess failed (exit {proc.returncode}): {tail}")
-    return Path(destdir)
+        flags += ["--srcdict", srcdict]
+    return run_preprocess(flags, destdir, python)
 
 
 def add_indomain_splits(work: Path, workers: int = 2) -> None:
