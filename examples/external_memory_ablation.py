@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-ext-eval", action="store_true",
                    help="train and score the models alone and with local memory only (no datastore); "
                    "a later run without this flag adds the external-memory scores")
+    p.add_argument("--report", action="store_true",
+                   help="only write the table from what earlier runs finished (trains and scores nothing)")
     p.add_argument("--only", default=None, help="comma-separated models to run (default: all, then the table)")
     p.add_argument("--out", default=None, help="also copy the results to OUT.json (e.g. docs/results/external_memory_ablation)")
     return p.parse_args(argv)
@@ -176,6 +178,9 @@ def main(argv=None) -> dict:
         batches = cached_bm25_batches(ns, segs, bsz, a.seed, str(run), f"train_L{length}", docs=docs)
         return batch_composition(batches, docs, ngram_sets(segs, 5))
 
+    if a.report:
+        return report(a, run, var, finished(run, logs, models, composition), hygiene(a, run))
+
     results: Dict[str, dict] = {}
     for name in only:
         info = {"train": train(name)}
@@ -209,7 +214,42 @@ def main(argv=None) -> dict:
                     first["best"]["ppl"], f"{info['ext']['best']['ppl']:.2f}" if "ext" in info else "not run")
     if a.only:
         return results
-    return report(a, run, var, results)
+    return report(a, run, var, results, hygiene(a, run))
+
+
+def hygiene(a, run: Path) -> dict:
+    """Valid/test segments (L = --tokens-per-sample) with a near-duplicate in train, on the
+    whole corpus (``trime-near-dups``); per-segment lists dropped."""
+    from trime_fairseq.cli.near_dups import main as near_dups
+
+    data = a.data or str(run / "corpus" / "bin")
+    out = near_dups([data, "--tokens-per-sample", str(a.tokens_per_sample), "--thresholds", "0.1,0.3,0.5,0.8",
+                     "--out", str(run / "near_dups.json")])
+    for s in out["splits"].values():
+        s.pop("best"), s.pop("best_train_segment")
+    return out
+
+
+def finished(run: Path, logs: Path, models: List[str], composition) -> Dict[str, dict]:
+    """What earlier runs left in ``run``: per model whose training and first scoring finished,
+    the same record as a run computes."""
+    out: Dict[str, dict] = {}
+    for name in models:
+        done = run / "ckpt" / name / "train_done.json"
+        first = run / (f"tune_{name}_cache.json" if name == "vanilla" else
+                       f"tune_{name}.json" if name == "trime" else f"tune_{name}_local.json")
+        if not (done.exists() and first.exists()):
+            logger.info("%s: not finished, left out of the table", name)
+            continue
+        info = {"train": dict(json.loads(done.read_text()), **last_train_stats(logs / f"train_{name}.log"))}
+        info["cache" if name == "vanilla" else "local"] = json.loads(first.read_text())
+        ext = run / f"tune_{name}.json"
+        if name != "trime" and ext.exists():
+            info["ext"] = json.loads(ext.read_text())
+        if name.startswith("ext_"):
+            info["composition"] = composition(name)
+        out[name] = info
+    return out
 
 
 def best_where(rows: List[dict], **fixed) -> dict:
@@ -217,9 +257,10 @@ def best_where(rows: List[dict], **fixed) -> dict:
     return min(rows, key=lambda r: r["ppl"])
 
 
-def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict]) -> dict:
+def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict], near: dict) -> dict:
     rows = []
-    v, t = results["vanilla"], results["trime"]
+    missing = {"cache": {"rows": [None], "best": None}, "local": {"rows": [None], "best": None}, "train": {}}
+    v, t = results.get("vanilla", missing), results.get("trime", missing)
 
     def ext_best(info: dict, **fixed):
         return best_where(info["ext"]["rows"], **fixed) if "ext" in info else None
@@ -234,6 +275,8 @@ def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict]) -> dic
         ("trimelm", "TRIMELM (local memory)", t["local"]["best"], t["train"]),
     ]
     for key, system, best, tr in refs:
+        if best is None:
+            continue
         rows.append({"key": key, "system": system, "valid_ppl": best["ppl"] if best else None,
                      "params": best["params"] if best else None,
                      "train_ppl": tr.get("ppl"), "train_ce_ppl": tr.get("ce_ppl")})
@@ -272,7 +315,13 @@ def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict]) -> dic
     md = (f"Budget: {a.max_update} updates of {16 * a.tokens_per_sample} tokens per model; valid = "
           f"{'the first %d documents of valid' % a.valid_docs if a.valid_docs else 'all of valid'}; datastores of "
           f"1/{a.datastore_fraction} of train; K={a.knn_k}; valid ppl from trime-tune.\n\n{table_ref}\n\n{table_ext}\n")
-    result = {"args": vars(a), "rows": rows, "results": results}
+    lines = ["| split | segments | " + " | ".join(f"J ≥ {t}" for t in near["splits"]["valid"]["thresholds"]) + " |",
+             "|---|---:|" + "---:|" * len(near["splits"]["valid"]["thresholds"])]
+    for split, st in near["splits"].items():
+        lines.append(f"| {split} | {st['segments']} | " + " | ".join(
+            f"{v['segments']} ({100 * v['fraction']:.1f}%)" for v in st["thresholds"].values()) + " |")
+    md += "\nValid/test segments with a near-duplicate in train (token 5-gram Jaccard):\n\n" + "\n".join(lines) + "\n"
+    result = {"args": vars(a), "rows": rows, "near_duplicates": near, "results": results}
     ex.write_results(run / "ablation.json", result, md)
     if a.out:  # the JSON beside a results page (the page itself is written by hand around the tables)
         shutil.copyfile(run / "ablation.json", a.out + ".json")
