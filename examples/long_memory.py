@@ -69,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Figure 3 test ppl of TRIME / cache models: one fairseq-eval-lm run per memory size, or "
                         "one trime-tune pass over test (equal numbers, tested) read at the settings chosen "
                         "on valid, with fairseq-eval-lm confirming the largest size")
+    p.add_argument("--eval-docs", type=int, default=0,
+                   help="Figure 3 on a budget: evaluate on the N shortest valid and test documents holding at "
+                        "least twice the largest memory size (binarised with the corpus dictionary into "
+                        "RUN/eval_docs); 0: the whole splits")
     p.add_argument("--parallel", type=int, default=1, help="models trained / evaluations run at once")
     p.add_argument("--figure3", default=None,
                    help="write Figure 3 to PREFIX.json/.md/.png: valid and test ppl against memory size, "
@@ -96,6 +100,28 @@ def cached_eval(data: Path, ckpt: Path, args: Sequence, out: Path, log: Path) ->
     return r
 
 
+def eval_documents(corpus: Path, out: Path, n: int, min_tokens: int, logs: Path) -> Path:
+    """``out/bin``: the ``n`` shortest documents of valid and test with at least ``min_tokens``
+    tokens (lines end in ``</s>``), in corpus order, binarised with the corpus dictionary."""
+    from trime_fairseq.data.corpus import read_fairseq_documents
+
+    if (out / "bin" / "test.idx").exists():
+        return out / "bin"
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("valid", "test"):
+        docs = read_fairseq_documents(corpus / f"{split}.txt")
+        sizes = [sum(len(line.split()) + 1 for line in d) for d in docs]
+        long_enough = sorted((s, i) for i, s in enumerate(sizes) if s >= min_tokens)[:n]
+        if not long_enough:
+            raise SystemExit(f"error: no {split} document has {min_tokens} tokens (--eval-docs)")
+        keep = sorted(i for _, i in long_enough)
+        ex.atomic_write(out / f"{split}.txt", "\n\n".join("\n".join(docs[i]) for i in keep) + "\n")
+    ex.run_logged("fairseq_cli.preprocess", ["--only-source", "--srcdict", corpus / "bin" / "dict.txt",
+                                             "--validpref", out / "valid.txt", "--testpref", out / "test.txt",
+                                             "--destdir", out / "bin", "--workers", 1], logs / "eval_docs.log")
+    return out / "bin"
+
+
 def corpus_statistics(data: Path) -> Dict[str, dict]:
     """Documents and tokens per document (as the model reads them: lines end in ``</s>``)."""
     import numpy as np
@@ -106,6 +132,8 @@ def corpus_statistics(data: Path) -> Dict[str, dict]:
     d = Dictionary.load(str(data / "dict.txt"))
     stats = {}
     for split in ("train", "valid", "test"):
+        if not (data / f"{split}.idx").exists():
+            continue
         stream = TokenStream.from_lines(data_utils.load_indexed_dataset(str(data / split), d), d.eos())
         sizes = np.diff(np.concatenate([stream.doc_starts, [len(stream)]])).tolist()
         stats[split] = {"documents": len(sizes), "tokens": int(sum(sizes)),
@@ -147,15 +175,11 @@ def main(argv=None) -> dict:
     ckpt = {k: run / "ckpt" / k / "checkpoint_last.pt" for k in models}
     ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
     max_size = max(int(s) for s in a.memory_sizes.split(","))
-    sweep_args = [*ev, "--gen-subset", "valid", "--memory-sizes", a.memory_sizes]
-    sweeps = run_parallel({
-        "vanilla": lambda: ex.tune(data, ckpt["vanilla"], "cache", [f"lambda={a.cache_lambda_grid}", f"theta={a.cache_theta_grid}"],
-                                   sweep_args, run / "sweep_vanilla_cache.json", logs / "sweep_vanilla_cache.log"),
-        "trime": lambda: ex.tune(data, ckpt["trime"], "trime", [f"tau={a.tau_grid}"], sweep_args,
-                                 run / "sweep_trime.json", logs / "sweep_trime.log"),
-        "trime_long": lambda: ex.tune(data, ckpt["trime_long"], "trime", [f"tau={a.tau_grid}"], sweep_args,
-                                      run / "sweep_trime_long.json", logs / "sweep_trime_long.log"),
-    }, a.parallel)
+    if a.figure3:  # its own evaluations only (no table of test runs below)
+        return figure3(a, run, logs, data, ckpt, ev, trained)
+    if a.eval_docs:
+        raise SystemExit("error: --eval-docs is for --figure3")
+    sweeps = run_parallel(sweep_jobs(a, run, logs, data, ckpt, ev, "valid"), a.parallel)
 
     def best(name, local_only=False):
         rows = [r for r in sweeps[name]["rows"][1:] if not local_only or r["memory_size"] == 0]
@@ -176,13 +200,6 @@ def main(argv=None) -> dict:
     curve_rows = best_curve("vanilla", "vanilla + cache") + best_curve("trime", "TRIMELM") + \
         best_curve("trime_long", "TRIMELM_long")
     plot_memory_sweep(curve_rows, str(run / "memory_sweep.png"), "valid perplexity vs. long-term memory size")
-
-    def flags(name, row):
-        p = row["params"]
-        mem = ["--eval-memory", "local+long", "--long-memory-size", p["memory_size"]] if p["memory_size"] > 0 else []
-        if name == "vanilla":
-            return ["--eval-combiner", "cache", "--cache-lambda", p["lambda"], "--cache-theta", p["theta"], *mem]
-        return ["--eval-combiner", "trime", "--eval-temperature", p["tau"], *mem]
 
     def chosen(name, local_only=False):
         row = best(name, local_only)
@@ -223,20 +240,61 @@ def main(argv=None) -> dict:
     ex.write_results(run / "results.json", result, header + table)
     ex.bar_plot(rows, run / "results.png", "Long-term memory")
     logger.info("\n%s%s", header, table)
-    if a.figure3:
-        figure3(a, run, logs, data, ckpt, ev, sweeps, trained, flags)
     return result
+
+
+def sweep_jobs(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: List, subset: str):
+    """One trime-tune pass per model over ``subset`` (all grid points and memory sizes)."""
+    args = [*ev, "--gen-subset", subset, "--memory-sizes", a.memory_sizes]
+    suffix = "" if subset == "valid" else f"_{subset}"
+    return {
+        "vanilla": lambda: ex.tune(data, ckpt["vanilla"], "cache", [f"lambda={a.cache_lambda_grid}", f"theta={a.cache_theta_grid}"],
+                                   args, run / f"sweep_vanilla_cache{suffix}.json", logs / f"sweep_vanilla_cache{suffix}.log"),
+        "trime": lambda: ex.tune(data, ckpt["trime"], "trime", [f"tau={a.tau_grid}"], args,
+                                 run / f"sweep_trime{suffix}.json", logs / f"sweep_trime{suffix}.log"),
+        "trime_long": lambda: ex.tune(data, ckpt["trime_long"], "trime", [f"tau={a.tau_grid}"], args,
+                                      run / f"sweep_trime_long{suffix}.json", logs / f"sweep_trime_long{suffix}.log"),
+    }
+
+
+def flags(name: str, row: dict) -> List:
+    """fairseq-eval-lm flags of a sweep row (memory size, τ or λ/θ)."""
+    p = row["params"]
+    mem = ["--eval-memory", "local+long", "--long-memory-size", p["memory_size"]] if p["memory_size"] > 0 else []
+    if name == "vanilla":
+        return ["--eval-combiner", "cache", "--cache-lambda", p["lambda"], "--cache-theta", p["theta"], *mem]
+    return ["--eval-combiner", "trime", "--eval-temperature", p["tau"], *mem]
 
 
 FIG3_SYSTEMS = (("trimelm_long", "TRIMELM_long", "trime_long"), ("trimelm", "TRIMELM", "trime"),
                 ("cache_long", "vanilla + continuous cache*", "vanilla"))
 
 
-def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: List, sweeps: Dict[str, dict],
-            trained: Dict[str, dict], flags) -> dict:
-    """Valid (chosen per size on valid) and test (fairseq-eval-lm) ppl against memory size."""
+def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: List, trained: Dict[str, dict]) -> dict:
+    """Valid (chosen per size on valid) and test (fairseq-eval-lm) ppl against memory size.
+
+    The independent passes (valid sweeps, test sweeps with ``--test-from sweep``, the
+    Memorizing Transformer's runs) go at once, ``--parallel`` at a time; then the test runs
+    that need the settings chosen on valid."""
     sizes = sorted({int(s) for s in a.memory_sizes.split(",")})
     mem_sizes = sorted({int(s) for s in (a.memorizing_sizes or a.memory_sizes).split(",")})
+    corpus, evaluated = corpus_statistics(data), None
+    if a.eval_docs:
+        data = eval_documents(data.parent, run / "eval_docs", a.eval_docs, 2 * max(sizes + mem_sizes), logs)
+        evaluated = corpus_statistics(data)
+    first = {("valid_sweep", k): f for k, f in sweep_jobs(a, run, logs, data, ckpt, ev, "valid").items()}
+    if a.test_from == "sweep":
+        first.update({(k, "sweep", "test"): f for k, f in sweep_jobs(a, run, logs, data, ckpt, ev, "test").items()})
+    if "memorizing" in ckpt:
+        for size in mem_sizes:
+            for subset in ("valid", "test"):
+                first["memorizing", size, subset] = (lambda size=size, subset=subset: cached_eval(
+                    data, ckpt["memorizing"], [*ev, "--gen-subset", subset, "--model-overrides",
+                                               f"{{'knn_memory_size': {size}}}"],
+                    run / "evals" / f"fig3_memorizing_{size}_{subset}.json",
+                    logs / f"eval_fig3_memorizing_{size}_{subset}.log"))
+    done = run_parallel(first, a.parallel)
+    sweeps = {k[1]: v for k, v in done.items() if k[0] == "valid_sweep"}
     jobs, plan = {}, {}
     for key, _, model in FIG3_SYSTEMS:
         for size in sizes:
@@ -247,22 +305,7 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
                 jobs[key, size, "test"] = (lambda model=model, fl=fl, key=key, size=size: cached_eval(
                     data, ckpt[model], [*ev, *fl, "--gen-subset", "test"], run / "evals" / f"fig3_{key}_{size}_test.json",
                     logs / f"eval_fig3_{key}_{size}_test.log"))
-    if a.test_from == "sweep":  # one pass over test per model, the same grid as on valid
-        grids = {"vanilla": ("cache", [f"lambda={a.cache_lambda_grid}", f"theta={a.cache_theta_grid}"]),
-                 "trime": ("trime", [f"tau={a.tau_grid}"]), "trime_long": ("trime", [f"tau={a.tau_grid}"])}
-        for model, (combiner, grid) in grids.items():
-            jobs[model, "sweep", "test"] = (lambda model=model, combiner=combiner, grid=grid: ex.tune(
-                data, ckpt[model], combiner, grid, [*ev, "--gen-subset", "test", "--memory-sizes", a.memory_sizes],
-                run / f"sweep_{model}_test.json", logs / f"sweep_{model}_test.log"))
-    if "memorizing" in ckpt:
-        for size in mem_sizes:
-            for subset in ("valid", "test"):
-                jobs["memorizing", size, subset] = (lambda size=size, subset=subset: cached_eval(
-                    data, ckpt["memorizing"], [*ev, "--gen-subset", subset, "--model-overrides",
-                                               f"{{'knn_memory_size': {size}}}"],
-                    run / "evals" / f"fig3_memorizing_{size}_{subset}.json",
-                    logs / f"eval_fig3_memorizing_{size}_{subset}.log"))
-    done = run_parallel(jobs, a.parallel)
+    done.update(run_parallel(jobs, a.parallel))
 
     def test_ppl(key: str, model: str, size: int) -> float:
         if a.test_from == "eval-lm":
@@ -290,11 +333,10 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
                      "train_memory": a.train_memory, "train_flags": a.memorizing_flags,
                      "gates": gate_values(ckpt["memorizing"]),
                      "train_tokens_per_s": trained["memorizing"]["train_tokens_per_s"]})
-    corpus = corpus_statistics(data)
     budget = (f"`{a.arch}`-sized models, L={a.tokens_per_sample}, {a.batch_size} segments per update, "
               f"{a.max_update} updates, lr {a.lr}; TRIMELM_long m={a.consecutive_segments}; eval blocks of "
               f"{a.eval_tokens_per_sample} with a {a.context_window}-token context window")
-    result = {"rows": rows, "corpus": corpus, "corpus_path": str(data), "budget": budget,
+    result = {"rows": rows, "corpus": corpus, "evaluated_documents": evaluated, "corpus_path": str(data), "budget": budget,
               "memory_tokens": sizes, "test_from": a.test_from, "test_confirmed_by_fairseq_eval_lm": confirm,
               "args": vars(a)}
     prefix = Path(a.figure3)
@@ -314,10 +356,12 @@ def figure3_markdown(result: dict) -> str:
             cells = [("" if s not in vals else f"**{vals[s]:.2f}**" if vals[s] == best else f"{vals[s]:.2f}")
                      for s in sizes]
             lines.append(f"| {r['label']} | {split} | " + " | ".join(cells) + " |")
-    corpus = ["| split | documents | tokens | mean tokens/doc | median tokens/doc |", "|---|---:|---:|---:|---:|"]
-    for split, c in result["corpus"].items():
-        corpus.append(f"| {split} | {c['documents']} | {c['tokens']:,} | {c['mean_tokens_per_document']:,.0f} | "
-                      f"{c['median_tokens_per_document']:,.0f} |")
+    corpus = ["| data | split | documents | tokens | mean tokens/doc | median tokens/doc |",
+              "|---|---|---:|---:|---:|---:|"]
+    for name, splits in (("corpus", result["corpus"]), ("evaluated", result.get("evaluated_documents") or {})):
+        for split, c in splits.items():
+            corpus.append(f"| {name} | {split} | {c['documents']} | {c['tokens']:,} | "
+                          f"{c['mean_tokens_per_document']:,.0f} | {c['median_tokens_per_document']:,.0f} |")
     return ("# Figure 3: perplexity against memory size (long documents)\n\n"
             f"Corpus `{result['corpus_path']}`; {result['budget']}.\n\n" + "\n".join(corpus) + "\n\n"
             + "\n".join(lines) + "\n\n![figure 3](figure3.png)\n")

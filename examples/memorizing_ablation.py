@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-memory", type=int, default=2048, help="memory while training (tokens per row)")
     p.add_argument("--memory-sizes", default="0,2000,8000", help="memory sizes evaluated on valid")
     p.add_argument("--variants", default=VARIANTS, help="name=extra fairseq-train flags, separated by ';'")
+    p.add_argument("--eval-data", default=None,
+                   help="binarised data evaluated (same dictionary; e.g. examples/long_memory.py's RUN/eval_docs/bin); "
+                        "default: the training corpus")
     p.add_argument("--parallel", type=int, default=3, help="runs at once")
     p.add_argument("--out", default=None, help="also write PREFIX.json/.md (default: RUN/results.*)")
     return p.parse_args(argv)
@@ -68,9 +71,10 @@ def main(argv=None) -> dict:
                                                          logs / f"train_{tag[n]}.log")) for n, f in variants.items()},
                            a.parallel)
     ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
+    eval_data = Path(a.eval_data) if a.eval_data else data
     sizes = [int(s) for s in a.memory_sizes.split(",")]
     jobs = {(n, s): (lambda n=n, s=s: cached_eval(
-        data, run / "ckpt" / tag[n] / "checkpoint_last.pt",
+        eval_data, run / "ckpt" / tag[n] / "checkpoint_last.pt",
         [*ev, "--gen-subset", "valid", "--model-overrides", f"{{'knn_memory_size': {s}}}"],
         run / "evals" / f"{tag[n]}_{s}.json", logs / f"eval_{tag[n]}_{s}.log")) for n in variants for s in sizes}
     done = run_parallel(jobs, a.parallel)
@@ -87,11 +91,11 @@ def main(argv=None) -> dict:
         cols.append(f"| {r['system']} | `{r['train_flags'] or '(defaults)'}` | "
                     + " | ".join(f"{p:.2f}" for p in r["valid_ppl"])
                     + f" | {r['gain_pct'][-1]:.2f}% | {', '.join(map(str, r['gate']))} | {', '.join(map(str, r['scale']))} |")
-    md = (f"# Memorizing Transformer: what makes it use its memory\n\nCorpus `{data}`; `{arch}`, L={a.tokens_per_sample}, "
+    md = (f"# Memorizing Transformer: what makes it use its memory\n\nCorpus `{data}` (evaluated: `{eval_data}`); `{arch}`, L={a.tokens_per_sample}, "
           f"{a.batch_size} rows, {a.max_update} updates, lr {a.lr}, trained with a {a.train_memory}-token memory; "
           f"valid ppl from fairseq-eval-lm (blocks of {a.eval_tokens_per_sample}, {a.context_window}-token context).\n\n"
           + "\n".join(cols) + "\n")
-    result = {"rows": rows, "args": vars(a), "corpus_path": str(data)}
+    result = {"rows": rows, "args": vars(a), "corpus_path": str(data), "eval_data": str(eval_data)}
     ex.write_results(run / "results.json", result, md)
     if a.out:
         ex.write_results(Path(a.out).with_suffix(".json"), result, md)
