@@ -192,3 +192,19 @@ def test_adaptive_token_mass_flag_is_checked():
         check_memory_flags(cfg)
     cfg.adaptive_token_mass = "normalised"
     check_memory_flags(cfg)
+
+
+def test_head_log_partition_with_tied_adaptive_head_and_strided_features():
+    """fairseq's tied head (adaptive input weights) views its input: features straight from
+    the decoder (time-major, transposed) must work and give the same result."""
+    from trime_fairseq.models.output_layer import adaptive_head_log_partition
+
+    d = make_dictionary(30)
+    model = make_model(d, adaptive_cutoff="10,20", adaptive_input=True, tie_adaptive_weights=True,
+                       adaptive_input_cutoff="10,20", adaptive_input_factor=4, adaptive_softmax_factor=4).double()
+    asm = model.decoder.adaptive_softmax
+    x = torch.randn(7, 3, model.decoder.output_embed_dim, dtype=torch.float64).transpose(0, 1)  # strided
+    assert not x.is_contiguous()
+    got = adaptive_head_log_partition(asm, x)
+    assert got.shape == (3, 7)
+    torch.testing.assert_close(got, torch.logsumexp(asm.head(x.contiguous().view(-1, x.size(-1))), -1).view(3, 7))

@@ -64,7 +64,8 @@ def adaptive_target_log_prob(asm: nn.Module, features: Tensor, target: Tensor) -
 def adaptive_head_log_partition(asm: nn.Module, features: Tensor) -> Tensor:
     """``log Z_head = logsumexp(head logits)`` ``[...]`` of an ``AdaptiveSoftmax`` (no
     dropout: the scoring path, where fairseq's ``get_log_prob`` applies none either)."""
-    return torch.logsumexp(at_least_float32(asm.head(features)), dim=-1)
+    flat = features.reshape(-1, features.size(-1))  # fairseq's tied head needs contiguous rows
+    return torch.logsumexp(at_least_float32(asm.head(flat)), dim=-1).view(features.shape[:-1])
 
 
 def adaptive_target_terms(asm: nn.Module, features: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
