@@ -103,7 +103,7 @@ def cached_eval(data: Path, ckpt: Path, args: Sequence, out: Path, log: Path) ->
 def eval_documents(corpus: Path, out: Path, n: int, min_tokens: int, logs: Path) -> Path:
     """``out/bin``: the ``n`` shortest documents of valid and test with at least ``min_tokens``
     tokens (lines end in ``</s>``), in corpus order, binarised with the corpus dictionary."""
-    from trime_fairseq.data.corpus import read_fairseq_documents
+    from trime_fairseq.prepare.lm import read_fairseq_documents
 
     if (out / "bin" / "test.idx").exists():
         return out / "bin"
