@@ -125,13 +125,13 @@ def test_refine_index_returns_exact_scores_and_keeps_its_k_factor(tmp_path):
     """The auto index for large N (fast-scan PQ + exact re-ranking): scores of the ids it
     returns are the exact ones, a larger k_factor never lowers recall, and the tuned
     k_factor is saved in index.json and set again on load."""
-    from trime_fairseq.memory.index import (IndexConfig, default_factory, load_index, save_index,
+    from trime_fairseq.memory.index import (IndexConfig, datastore_index_factory, load_index, save_index,
                                             set_k_factor)
 
-    assert default_factory(100_000, 128) == "Flat"
-    assert default_factory(2_200_000, 128) == "IVF8192,PQ64x4fs,RFlat"
-    assert default_factory(2_200_000, 1024) == "IVF8192,PQ256x4fs,RFlat"
-    assert default_factory(2_200_000, 127) == "IVF8192,Flat"
+    assert datastore_index_factory(100_000, 128) == "Flat"
+    assert datastore_index_factory(2_200_000, 128) == "IVF8192,PQ64x4fs,RFlat"
+    assert datastore_index_factory(2_200_000, 1024) == "IVF8192,PQ256x4fs,RFlat"
+    assert datastore_index_factory(2_200_000, 127) == "IVF8192,Flat"
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((4000, 16)).astype(np.float32)
     queries = rng.standard_normal((50, 16)).astype(np.float32)

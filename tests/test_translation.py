@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import REPO, run_cli
-from trime_fairseq.memory.adaptive import MetaK, adaptive_target_log_prob, k_choices, neighbour_log_weights
+from trime_fairseq.memory.adaptive import MetaK, metak_target_log_prob, k_choices, neighbour_log_weights
 from trime_fairseq.memory.combiners import AdaptiveKnnCombiner, ScoringInputs
 from trime_fairseq.models.capture import get_capture
 
@@ -124,7 +124,7 @@ def test_adaptive_weights_equal_explicit_mixture():
             p = torch.zeros(vocab)
             p.scatter_add_(0, values[r, :kk][ok], torch.softmax(s[ok] / temp, 0))
             expect[r] += log_w[r, c].exp() * (p if ok.any() else tok[r].exp())
-    got_t = adaptive_target_log_prob(tok.gather(1, target[:, None]).squeeze(1), log_w, scores, values, target,
+    got_t = metak_target_log_prob(tok.gather(1, target[:, None]).squeeze(1), log_w, scores, values, target,
                                      k_choices(k), temp)
     assert torch.allclose(got_t, expect.log().gather(1, target[:, None]).squeeze(1), atol=1e-5)
 

@@ -11,7 +11,7 @@ from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig
 from trime_fairseq.memory.in_batch import InBatchMemory, group_batch, in_batch_log_prob
 from trime_fairseq.memory.joint import joint_target_log_prob
 from trime_fairseq.models.capture import get_capture
-from trime_fairseq.models.output_layer import adaptive_target_log_prob
+from trime_fairseq.models.output_layer import adaptive_softmax_target_log_prob
 
 
 def brute_force_log_prob(token_log_scores, g, target, allowed, pad, temperature=1.0, top_k=0,
@@ -182,7 +182,7 @@ def test_adaptive_target_log_prob_matches_fairseq():
     target = random_tokens(d, 2, 7, vocab=40)
     asm = model.decoder.adaptive_softmax
     full = asm.get_log_prob(x, None)
-    ours = adaptive_target_log_prob(asm, x, target)
+    ours = adaptive_softmax_target_log_prob(asm, x, target)
     torch.testing.assert_close(ours, full.gather(-1, target.unsqueeze(-1)).squeeze(-1))
 
 

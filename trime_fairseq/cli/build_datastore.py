@@ -167,10 +167,10 @@ def build_keys(ours, cfg, model, task, ckpt_path: str) -> None:
 
 def build_index_for(ours, cfg, model, task) -> dict:
     from trime_fairseq.memory.datastore import Datastore
-    from trime_fairseq.memory.index import IndexConfig, build_index, default_factory, save_index, tune_search
+    from trime_fairseq.memory.index import IndexConfig, build_index, datastore_index_factory, save_index, tune_search
 
     ds = Datastore(ours.out)
-    factory = default_factory(len(ds), ds.meta.dim) if ours.index_factory == "auto" else ours.index_factory
+    factory = datastore_index_factory(len(ds), ds.meta.dim) if ours.index_factory == "auto" else ours.index_factory
     t0 = time.perf_counter()
     logger.info("building index %s (%s) over %d keys", factory, ours.metric, len(ds))
     index = build_index(ds.keys, factory, ours.metric, ours.index_train_size,

@@ -31,7 +31,7 @@ logger = logging.getLogger("trime_fairseq.train_metak")
 def train(scores, values, target, lprob, k: int, temperature: float, epochs: int, lr: float,
           hidden: int, dropout: float, batch: int, seed: int):
     """Fit Meta-k; returns ``(net, report)`` with held-out NLLs (nats per token)."""
-    from trime_fairseq.memory.adaptive import MetaK, adaptive_target_log_prob
+    from trime_fairseq.memory.adaptive import MetaK, metak_target_log_prob
 
     torch.manual_seed(seed)
     n = len(target)
@@ -42,7 +42,7 @@ def train(scores, values, target, lprob, k: int, temperature: float, epochs: int
     def nll(rows) -> float:
         net.eval()
         with torch.no_grad():
-            lp = adaptive_target_log_prob(lprob[rows], net(scores[rows], values[rows]), scores[rows],
+            lp = metak_target_log_prob(lprob[rows], net(scores[rows], values[rows]), scores[rows],
                                           values[rows], target[rows], net.ks, temperature)
         return float(-lp.mean())
 
@@ -51,7 +51,7 @@ def train(scores, values, target, lprob, k: int, temperature: float, epochs: int
     for epoch in range(1, epochs + 1):
         net.train()
         for rows in torch.randperm(cut).split(batch):
-            lp = adaptive_target_log_prob(lprob[rows], net(scores[rows], values[rows]), scores[rows],
+            lp = metak_target_log_prob(lprob[rows], net(scores[rows], values[rows]), scores[rows],
                                           values[rows], target[rows], net.ks, temperature)
             loss = -lp.mean()
             opt.zero_grad()

@@ -87,7 +87,7 @@ def neighbour_log_weights(log_w: Tensor, scores: Tensor, ks: List[int], temperat
     return log_a, torch.logsumexp(log_wk, -1)
 
 
-def adaptive_target_log_prob(
+def metak_target_log_prob(
     tok_target_lprob: Tensor, log_w: Tensor, scores: Tensor, values: Tensor, target: Tensor,
     ks: List[int], temperature: float,
 ) -> Tensor:

@@ -463,11 +463,11 @@ class AdaptiveKnnCombiner(Combiner):
         return interpolate_at(x.tok_log_probs(), mem, log_lam.exp(), found.any(-1))
 
     def target_log_prob(self, x: ScoringInputs) -> Tensor:
-        from trime_fairseq.memory.adaptive import adaptive_target_log_prob
+        from trime_fairseq.memory.adaptive import metak_target_log_prob
 
         log_w, s, v = self._weights(x)
         shape = x.target.shape
-        out = adaptive_target_log_prob(
+        out = metak_target_log_prob(
             x.tok_target_log_prob().reshape(-1), log_w.reshape(-1, log_w.size(-1)), s.reshape(-1, s.size(-1)),
             v.reshape(-1, v.size(-1)), x.target.reshape(-1), self.metak.ks, self.temperature)
         return out.view(shape)

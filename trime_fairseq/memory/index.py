@@ -1,7 +1,7 @@
 """FAISS indexes over datastore keys, with their config beside them, and recall checks.
 
 ``index.faiss`` + ``index.json`` live in the datastore directory. Any
-``faiss.index_factory`` string works; :func:`default_factory` picks one from the size.
+``faiss.index_factory`` string works; :func:`datastore_index_factory` picks one from the size.
 Indexes with a refinement stage (``...,RFlat`` or ``Refine(...)``) re-rank
 ``k_factor·K`` candidates with the exact keys; ``k_factor`` is saved in ``index.json``.
 faiss-gpu is used only when it is installed *and* sees a GPU (:func:`gpu_available`);
@@ -60,7 +60,7 @@ def ivf_lists(n: int) -> int:
     return int(2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))
 
 
-def default_factory(n: int, dim: int) -> str:
+def datastore_index_factory(n: int, dim: int) -> str:
     """Exact search up to 200k keys; beyond, an inverted file (4·√N lists) whose 4-bit
     fast-scan PQ codes (2 dims per code up to d=256, 4 beyond) rank the candidates and whose
     exact keys (``RFlat``) re-rank the best ``k_factor·K``: the scores returned are exact.

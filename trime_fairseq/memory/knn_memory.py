@@ -45,7 +45,7 @@ SEARCH_CHOICES = ("auto", "torch", "faiss")
 SIM_CHUNK = 1 << 22  # similarities computed at once by the torch search (16 MiB in fp32)
 
 
-def default_factory(size: int) -> str:
+def memory_index_factory(size: int) -> str:
     """``--knn-faiss-factory auto``: an inverted file with about 4·√size lists and flat codes,
     or exact ``Flat`` where the memory cannot hold 39 keys per list (faiss's training minimum)."""
     from trime_fairseq.memory.index import ivf_lists
@@ -262,7 +262,7 @@ class KnnMemory:
 
         factory = self.faiss_factory
         if factory == "auto":
-            factory = default_factory(self.size)
+            factory = memory_index_factory(self.size)
         self._indexes = [[faiss_index.empty_index(dim, factory, "ip", flag="--knn-faiss-factory")
                           for _ in range(heads)] for _ in range(rows)]
         first = self._indexes[0][0]

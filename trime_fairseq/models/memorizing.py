@@ -20,7 +20,7 @@ test time with ``--model-overrides "{'knn_memory_size': 32768}"``; large memorie
 through faiss (``--knn-search``, ``--knn-faiss-*``; see :mod:`trime_fairseq.memory.knn_memory`).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -183,11 +183,11 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
         new = KnnAugmentedAttention(
             old.embed_dim, old.num_heads, args.knn_memory_size, args.knn_memory_topk,
             memory_options=dict(
-                search=safe_getattr(args, "knn_search", "auto"),
-                faiss_factory=safe_getattr(args, "knn_faiss_factory", "auto"),
-                faiss_min_size=safe_getattr(args, "knn_faiss_min_size", 65536),
-                faiss_nprobe=safe_getattr(args, "knn_faiss_nprobe", 32),
-                faiss_train_size=safe_getattr(args, "knn_faiss_train_size", 0),
+                search=safe_getattr(args, "knn_search", KNN_DEFAULTS["knn_search"]),
+                faiss_factory=safe_getattr(args, "knn_faiss_factory", KNN_DEFAULTS["knn_faiss_factory"]),
+                faiss_min_size=safe_getattr(args, "knn_faiss_min_size", KNN_DEFAULTS["knn_faiss_min_size"]),
+                faiss_nprobe=safe_getattr(args, "knn_faiss_nprobe", KNN_DEFAULTS["knn_faiss_nprobe"]),
+                faiss_train_size=safe_getattr(args, "knn_faiss_train_size", KNN_DEFAULTS["knn_faiss_train_size"]),
             ),
             gate_init=safe_getattr(args, "knn_gate_init", 0.5),
             scale_init=safe_getattr(args, "knn_scale_init", 0.0),
@@ -240,18 +240,13 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
             self.knn_attention.stream = None
 
 
+#: every Memorizing flag's default, from its dataclass field (the one source)
+KNN_DEFAULTS = {f.name: f.default for f in fields(MemorizingTransformerConfig) if f.name.startswith("knn_")}
+
+
 def _memorizing_base(args) -> None:
-    args.knn_layer = safe_getattr(args, "knn_layer", -1)
-    args.knn_memory_size = safe_getattr(args, "knn_memory_size", 8192)
-    args.knn_memory_topk = safe_getattr(args, "knn_memory_topk", 32)
-    args.knn_gate_init = safe_getattr(args, "knn_gate_init", 0.5)
-    args.knn_scale_init = safe_getattr(args, "knn_scale_init", 0.0)
-    args.knn_param_scale = safe_getattr(args, "knn_param_scale", 1.0)
-    args.knn_search = safe_getattr(args, "knn_search", "auto")
-    args.knn_faiss_min_size = safe_getattr(args, "knn_faiss_min_size", 65536)
-    args.knn_faiss_factory = safe_getattr(args, "knn_faiss_factory", "auto")
-    args.knn_faiss_nprobe = safe_getattr(args, "knn_faiss_nprobe", 32)
-    args.knn_faiss_train_size = safe_getattr(args, "knn_faiss_train_size", 0)
+    for name, default in KNN_DEFAULTS.items():
+        setattr(args, name, safe_getattr(args, name, default))
 
 
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_tiny")

@@ -51,7 +51,7 @@ def adaptive_softmax_of(model: nn.Module):
     return getattr(getattr(model, "decoder", None), "adaptive_softmax", None)
 
 
-def adaptive_target_log_prob(asm: nn.Module, features: Tensor, target: Tensor) -> Tensor:
+def adaptive_softmax_target_log_prob(asm: nn.Module, features: Tensor, target: Tensor) -> Tensor:
     """``log p_AS(target)`` of a fairseq ``AdaptiveSoftmax`` without full-vocabulary logits.
 
     Args:
