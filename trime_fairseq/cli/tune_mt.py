@@ -17,14 +17,14 @@ import argparse
 import itertools
 import json
 import logging
-import math
 import os
 import sys
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from trime_fairseq.memory.joint import interpolate, joint_target_log_prob, memory_target_log_prob
+from trime_fairseq.memory.combiners import Combiner, ScoringInputs
 from trime_fairseq.cli import setup_cli_logging
 from trime_fairseq.errors import TrimeUserError, cli_entry
 
@@ -53,18 +53,21 @@ def collect(model, task, split: str, max_tokens: int, batch_size: Optional[int],
     return out
 
 
-def knn_target_log_prob(c: Dict[str, torch.Tensor], lam: float, temperature: float) -> torch.Tensor:
-    """kNN-MT: ``log((1-λ) P_MT + λ P_kNN)`` at the reference tokens."""
-    found = torch.isfinite(c["scores"])
-    mem = memory_target_log_prob(c["scores"] / temperature, c["values"], found, c["target"])
-    return interpolate(c["tok_target"] - c["tok_lse"], mem, lam, found.any(-1))
+def grid_combiner(combiner: str, params: Dict[str, float]) -> Combiner:
+    """The decoder's combiner for one grid point, from the same registry as
+    ``fairseq-generate --eval-combiner`` (:func:`~trime_fairseq.tasks.memory_flags.build_combiner`)."""
+    from trime_fairseq.tasks.memory_flags import build_combiner
+
+    cfg = SimpleNamespace(eval_combiner=combiner, knn_lambda=params.get("lambda"),
+                          knn_temperature=params.get("temperature", 1.0), eval_temperature=params.get("tau", 1.0))
+    return build_combiner(cfg, flag="--combiner")
 
 
-def trime_target_log_prob(c: Dict[str, torch.Tensor], tau: float) -> torch.Tensor:
-    """TRIME-MT: Eq. 6 over vocabulary and retrieved neighbours (``q·k / (√d τ)``)."""
-    found = torch.isfinite(c["scores"])
-    scores = c["scores"] / (math.sqrt(float(c["dim"])) * tau)
-    return joint_target_log_prob(c["tok_target"], c["tok_lse"], scores, c["values"], found, c["target"])
+def target_log_prob(c: Dict[str, torch.Tensor], combiner: Combiner) -> torch.Tensor:
+    """``log P(reference token)`` under ``combiner`` on the cached neighbours ``[N]``."""
+    x = ScoringInputs.targets_only(c["tok_target"], c["tok_lse"], int(c["dim"]), c["scores"], c["values"],
+                                   c["target"])
+    return combiner.target_log_prob(x)[0]
 
 
 def score_grid(c: Dict[str, torch.Tensor], combiner: str, grid: Dict[str, List[float]]) -> List[dict]:
@@ -73,9 +76,7 @@ def score_grid(c: Dict[str, torch.Tensor], combiner: str, grid: Dict[str, List[f
     names = list(GRID_AXES[combiner])
     for combo in itertools.product(*(grid[k] for k in names)):
         p = dict(zip(names, combo))
-        lp = knn_target_log_prob(c, p["lambda"], p["temperature"]) if combiner == "knn" \
-            else trime_target_log_prob(c, p["tau"])
-        rows.append({"params": p, "nll": float(-lp.mean())})
+        rows.append({"params": p, "nll": float(-target_log_prob(c, grid_combiner(combiner, p)).mean())})
     return rows
 
 

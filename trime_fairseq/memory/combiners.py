@@ -62,6 +62,8 @@ class ScoringInputs:
         tok_lprobs: optional ``[B, T, V]`` normalised token log-probabilities (saves a pass).
         key_rank: ``[B, K]`` age rank of long-term entries (0 = newest), -1 for local
             keys; lets a sweep restrict the long-term memory without recomputing.
+        tok_target_scores: optional ``[B, T]`` token score of the target, for inputs that
+            carry no vocabulary scores (:meth:`targets_only`; ``target_log_prob`` only).
     """
 
     tok_scores: Tensor
@@ -77,9 +79,10 @@ class ScoringInputs:
     ext_scores: Optional[Tensor] = None
     ext_labels: Optional[Tensor] = None
     tok_lprobs: Optional[Tensor] = None  # tok_scores - tok_lse, when already computed
+    tok_target_scores: Optional[Tensor] = None
 
     _PER_QUERY = ("tok_scores", "tok_lse", "target", "query_g", "query_f", "mask", "ext_scores", "ext_labels",
-                  "tok_lprobs")
+                  "tok_lprobs", "tok_target_scores")
 
     def __post_init__(self) -> None:
         # fp16/bf16 inputs (a half-precision model, autocast) are scored in float32
@@ -104,6 +107,17 @@ class ScoringInputs:
             mask=torch.zeros(b, t, 0, dtype=torch.bool, device=query_g.device),
             ext_scores=ext_scores, ext_labels=ext_labels, tok_lprobs=tok_lprobs,
         )
+
+    @classmethod
+    def targets_only(cls, tok_target: Tensor, tok_lse: Tensor, dim: int, ext_scores: Tensor, ext_labels: Tensor,
+                     target: Tensor) -> "ScoringInputs":
+        """Inputs for :meth:`Combiner.target_log_prob` from cached per-target values ``[N]``
+        and retrieved neighbours ``[N, K]`` (one row of ``N`` queries of key size ``dim``; no
+        vocabulary scores, no local memory): how ``trime-tune-mt`` scores a grid."""
+        n = target.numel()
+        x = cls.external_only(tok_target.new_zeros(1, n, 1), tok_lse.view(1, n), tok_target.new_zeros(1, n, dim),
+                              ext_scores.view(1, n, -1), ext_labels.view(1, n, -1), target=target.view(1, n))
+        return replace(x, tok_target_scores=tok_target.view(1, n))
 
     def rows(self, start: int, end: int) -> "ScoringInputs":
         """The same inputs for batch rows ``start:end`` (views, no copies)."""
@@ -161,8 +175,14 @@ class ScoringInputs:
             return self.tok_lprobs
         return self.tok_scores - self.tok_lse.unsqueeze(-1)
 
+    def target_token_score(self) -> Tensor:
+        """``s_target`` ``[B, T]``."""
+        if self.tok_target_scores is not None:
+            return self.tok_target_scores
+        return self.tok_scores.gather(-1, self.target.unsqueeze(-1)).squeeze(-1)
+
     def tok_target_log_prob(self) -> Tensor:
-        return self.tok_scores.gather(-1, self.target.unsqueeze(-1)).squeeze(-1) - self.tok_lse
+        return self.target_token_score() - self.tok_lse
 
 
 @dataclass
@@ -298,8 +318,7 @@ class TrimeCombiner(Combiner):
 
     def target_log_prob(self, x: ScoringInputs) -> Tensor:
         scores, labels, mask = memory_entries(x, self.temperature)
-        tok_target = x.tok_scores.gather(-1, x.target.unsqueeze(-1)).squeeze(-1)
-        lp = joint_target_log_prob(tok_target, x.tok_lse, scores, labels, mask, x.target)
+        lp = joint_target_log_prob(x.target_token_score(), x.tok_lse, scores, labels, mask, x.target)
         if self.lam > 0 and self._has_pprime(x):
             s2, l2, m2 = self._pprime(x, scores, labels, mask)
             lp = interpolate(lp, memory_target_log_prob(s2, l2, m2, x.target), self.lam, m2.any(-1))
