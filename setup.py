@@ -25,7 +25,7 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "rank-bm25"]},
+    extras_require={"test": ["pytest", "rank-bm25", "ruff"]},
     entry_points={
         "console_scripts": [
             "trime-prepare-lm = trime_fairseq.cli.prepare_lm:main",

@@ -336,3 +336,29 @@ def test_logit_terms_gradient():
     tt, lse = _LogitTerms.apply(x, t)
     torch.testing.assert_close(lse, torch.logsumexp(x, -1))
     torch.testing.assert_close(tt, x.gather(-1, t.unsqueeze(-1)).squeeze(-1))
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+@pytest.mark.parametrize("keep", [True, False])
+def test_chunked_joint_gradients_of_both_outputs(top_k, keep):
+    """The hand-written backward of the chunked Eq. 5 (log-prob and log-partition outputs,
+    with and without top-k memory, similarities kept or recomputed) against finite differences."""
+    from trime_fairseq.memory.joint import chunked_joint_target_log_prob
+
+    torch.manual_seed(3)
+    G, T, K, d = 2, 5, 6, 3
+    q = torch.randn(G, T, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(G, K, d, dtype=torch.float64, requires_grad=True)
+    tt = torch.randn(G, T, dtype=torch.float64, requires_grad=True)
+    tl = (tt.detach() + 1.0).requires_grad_(True)
+    labels = torch.randint(0, 3, (G, K))
+    target = torch.randint(0, 3, (G, T))
+    mask = torch.rand(G, T, K) > 0.3
+
+    def fn(tt, tl, q, k):
+        lp, den = chunked_joint_target_log_prob(
+            tt, tl, q, k, labels, target, lambda q0, q1, e: mask[:, q0:q1, :e].clone(),
+            [(0, 2, K), (2, 5, K)], temperature=0.7, recompute_above=10**9 if keep else 0, top_k=top_k)
+        return (lp * torch.linspace(0.5, 1.5, T)).sum() + 0.3 * den.sum()
+
+    assert torch.autograd.gradcheck(fn, (tt, tl, q, k), eps=1e-6, atol=1e-6)
