@@ -44,9 +44,10 @@ def scoring_batch(seed=0):
 
 
 @pytest.mark.parametrize("combiner", [
-    TrimeCombiner(0.8), TrimeCombiner(1.2, lam=0.3, memory_temperature=2.0), CacheCombiner(0.3, 0.05, "f"),
+    TrimeCombiner(0.8), TrimeCombiner(1.2, lam=0.3, memory_temperature=2.0),
+    TrimeCombiner(1.2, lam=0.3, memory_temperature=2.0, memory_distribution="all-scaled"), CacheCombiner(0.3, 0.05, "f"),
     CacheCombiner(0.2, 0.1, "g"), KnnCombiner(0.4, 2.0), KnnCombiner(0.3, 1.0, CacheCombiner(0.2, 0.05, "f")),
-], ids=["trime", "trime_appF", "cache_f", "cache_g", "knn", "knn_cache"])
+], ids=["trime", "trime_appF", "trime_appF_all", "cache_f", "cache_g", "knn", "knn_cache"])
 def test_contributions_rebuild_the_combiners_distribution(combiner):
     """P(w) = (1 - Σ_j c_j) P_LM(w) + Σ_{label_j = w} c_j, for every word and query."""
     x, d = scoring_batch()

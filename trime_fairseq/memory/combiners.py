@@ -326,11 +326,14 @@ class TrimeCombiner(Combiner):
 
     def contributions(self, x: ScoringInputs) -> Contributions:
         """``c_j = exp(sim_j/τ) / Z`` (Eq. 6); with Appendix F, ``(1-λ) c_j + λ c'_j`` (Eq. 7-8)."""
-        scores, _, mask = memory_entries(x, self.temperature)
+        scores, labels, mask = memory_entries(x, self.temperature)
         w = joint_entry_log_weights(x.tok_lse, scores, mask)
-        if self.lam > 0:
-            s2 = scores * (self.temperature / self.memory_temperature)
-            w = interpolate(w, memory_entry_log_weights(s2, mask), self.lam, mask.any(-1))
+        if self.lam > 0 and self._has_pprime(x):
+            s2, _, m2 = self._pprime(x, scores, labels, mask)
+            w2 = memory_entry_log_weights(s2, m2)
+            if w2.size(-1) < w.size(-1):  # P' over the external entries only: the last columns
+                w2 = torch.cat([w2.new_full(w2.shape[:-1] + (w.size(-1) - w2.size(-1),), float("-inf")), w2], -1)
+            w = interpolate(w, w2, self.lam, m2.any(-1))
         return Contributions(w, entry_layout(x), scores * self.temperature, x.key_labels.size(-1))
 
     def describe(self) -> str:
