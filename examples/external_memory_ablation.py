@@ -179,7 +179,8 @@ def main(argv=None) -> dict:
         return batch_composition(batches, docs, ngram_sets(segs, 5))
 
     if a.report:
-        return report(a, run, var, finished(run, logs, models, composition), hygiene(a, run))
+        return report(a, run, var, finished(run, logs, models, composition), hygiene(a, run),
+                      {name: composition(name) for name in var})
 
     results: Dict[str, dict] = {}
     for name in only:
@@ -214,7 +215,7 @@ def main(argv=None) -> dict:
                     first["best"]["ppl"], f"{info['ext']['best']['ppl']:.2f}" if "ext" in info else "not run")
     if a.only:
         return results
-    return report(a, run, var, results, hygiene(a, run))
+    return report(a, run, var, results, hygiene(a, run), {name: composition(name) for name in var})
 
 
 def hygiene(a, run: Path) -> dict:
@@ -257,7 +258,7 @@ def best_where(rows: List[dict], **fixed) -> dict:
     return min(rows, key=lambda r: r["ppl"])
 
 
-def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict], near: dict) -> dict:
+def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict], near: dict, batches: Dict[str, dict]) -> dict:
     rows = []
     missing = {"cache": {"rows": [None], "best": None}, "local": {"rows": [None], "best": None}, "train": {}}
     v, t = results.get("vanilla", missing), results.get("trime", missing)
@@ -321,7 +322,15 @@ def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict], near: 
         lines.append(f"| {split} | {st['segments']} | " + " | ".join(
             f"{v['segments']} ({100 * v['fraction']:.1f}%)" for v in st["thresholds"].values()) + " |")
     md += "\nValid/test segments with a near-duplicate in train (token 5-gram Jaccard):\n\n" + "\n".join(lines) + "\n"
-    result = {"args": vars(a), "rows": rows, "near_duplicates": near, "results": results}
+    comp_rows = [{"system": var[n][0], "segments": f"{var[n][3]} x {var[n][2]}", "same": c["with_same_doc_mate"],
+                  **{f"j{t}": v for t, v in c["with_near_dup_mate"].items()}, "mean": c["mean_best_jaccard"]}
+                 for n, c in batches.items()]
+    md += "\nWhat the training batches hold (share of segments with such a batch mate; all of train):\n\n" + \
+        ex.markdown_table(comp_rows, ["system", "segments", "same", "j0.3", "j0.5", "j0.8", "mean"],
+                          ["batching", "batch", "same document", "J ≥ 0.3", "J ≥ 0.5", "J ≥ 0.8",
+                           "mean best J"]) + "\n"
+    result = {"args": vars(a), "rows": rows, "near_duplicates": near, "batch_composition": batches,
+              "results": results}
     ex.write_results(run / "ablation.json", result, md)
     if a.out:  # the JSON beside a results page (the page itself is written by hand around the tables)
         shutil.copyfile(run / "ablation.json", a.out + ".json")
