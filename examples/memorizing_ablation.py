@@ -14,6 +14,7 @@ The learned gates σ(b) and scales per head are read from each checkpoint.
 """
 import argparse
 import json
+import math
 import logging
 import shlex
 import sys
@@ -43,6 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=3, help="runs at once")
     p.add_argument("--out", default=None, help="also write PREFIX.json/.md (default: RUN/results.*)")
     return p.parse_args(argv)
+
+
+def adam_reach(lr: float, max_update: int, warmup: int, init_lr: float = 1e-7) -> float:
+    """Σ_t lr_t of fairseq's inverse_sqrt schedule: how far Adam (steps of about lr_t each,
+    whatever the gradient's size) can move one parameter in ``max_update`` updates."""
+    total = 0.0
+    for t in range(1, max_update + 1):
+        total += init_lr + (lr - init_lr) * t / warmup if t < warmup else lr * (warmup / t) ** 0.5
+    return total
 
 
 def learned_memory_params(ckpt: Path) -> dict:
@@ -78,11 +88,14 @@ def main(argv=None) -> dict:
         [*ev, "--gen-subset", "valid", "--model-overrides", f"{{'knn_memory_size': {s}}}"],
         run / "evals" / f"{tag[n]}_{s}.json", logs / f"eval_{tag[n]}_{s}.log")) for n in variants for s in sizes}
     done = run_parallel(jobs, a.parallel)
+    reach = adam_reach(a.lr, a.max_update, max(1, a.max_update // 8))
     rows = []
     for n, f in variants.items():
         ppl = [done[n, s]["ppl"] for s in sizes]
+        s = float(shlex.split(f)[shlex.split(f).index("--knn-param-scale") + 1]) if "--knn-param-scale" in f else 1.0
         rows.append({"system": n, "train_flags": f, "memory_tokens": sizes, "valid_ppl": ppl,
                      "gain_pct": [round(100 * (ppl[0] - p) / ppl[0], 2) for p in ppl],
+                     "gate_logit_reach": round(s * reach, 3),
                      **learned_memory_params(run / "ckpt" / tag[n] / "checkpoint_last.pt"),
                      "train_tokens_per_s": trained[n]["train_tokens_per_s"]})
     cols = ["| variant | train flags | " + " | ".join(f"valid ppl M={s}" for s in sizes)
@@ -94,7 +107,11 @@ def main(argv=None) -> dict:
     md = (f"# Memorizing Transformer: what makes it use its memory\n\nCorpus `{data}` (evaluated: `{eval_data}`); `{arch}`, L={a.tokens_per_sample}, "
           f"{a.batch_size} rows, {a.max_update} updates, lr {a.lr}, trained with a {a.train_memory}-token memory; "
           f"valid ppl from fairseq-eval-lm (blocks of {a.eval_tokens_per_sample}, {a.context_window}-token context).\n\n"
-          + "\n".join(cols) + "\n")
+          + "\n".join(cols) + "\n\n"
+          f"Adam moves a parameter by about lr per update: over this schedule Σ lr_t = {reach:.3f}, so the gate "
+          f"logit b can move at most ≈ s·{reach:.3f} from its start (s = --knn-param-scale), i.e. σ(b) stays in "
+          + ", ".join(f"[{1 / (1 + math.exp(r['gate_logit_reach'])):.2f}, {1 / (1 + math.exp(-r['gate_logit_reach'])):.2f}] "
+                      f"({r['system']})" for r in rows) + ".\n")
     result = {"rows": rows, "args": vars(a), "corpus_path": str(data), "eval_data": str(eval_data)}
     ex.write_results(run / "results.json", result, md)
     if a.out:
