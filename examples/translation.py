@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results", default="docs/results/translation",
                    help="also write the results as RESULTS.json/.md/.png ('none': only in --run-dir)")
     p.add_argument("--arch", default="transformer_mt_trime_small", help="architecture of both models")
-    p.add_argument("--max-update", type=int, default=3000, help="updates per model (the same for both)")
+    p.add_argument("--max-update", type=int, default=1500, help="updates per model (the same for both)")
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (inverse_sqrt)")
     p.add_argument("--curve-points", type=int, default=6,
