@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(["base", *VARIANTS]),
                    help=f"comma-separated subset of base,{','.join(VARIANTS)}")
     add_recipe_args(p)
+    p.set_defaults(bm25_grouping="whole")  # the ablation starts from the full reference recipe
     return p.parse_args(argv)
 
 
