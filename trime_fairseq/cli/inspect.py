@@ -572,7 +572,7 @@ def inspect(ours, rest) -> dict:
     meta = {
         "title": ours.title or f"{Path(cfg.common_eval.path).parent.name}/{Path(cfg.common_eval.path).name} — {where}",
         "checkpoint": str(cfg.common_eval.path), "data": str(data), "where": where,
-        "combiner": combiner.describe(), "memory": memory if uses_memory else "none",
+        "combiner": combiner.describe(), "memory": memory.describe() if uses_memory else "none",
         "long_memory_size": long_size, "datastore": str(retriever.datastore.path) if retriever else None,
         "datastore_layout": ext_note, "knn_k": retriever.k if retriever else None,
         "memorizing": memorizing, "tokens_per_sample": task.args.tokens_per_sample + context,
