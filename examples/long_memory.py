@@ -148,7 +148,9 @@ def gate_values(ckpt: Path) -> List[float]:
     import torch
 
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    scale = float(getattr(state["cfg"]["model"], "knn_param_scale", 1.0) or 1.0)
+    model_cfg = state["cfg"]["model"]  # a dict or a Namespace, depending on how it was saved
+    scale = float((model_cfg.get("knn_param_scale") if isinstance(model_cfg, dict)
+                  else getattr(model_cfg, "knn_param_scale", None)) or 1.0)
     gate = next(v for k, v in state["model"].items() if k.endswith("mem_gate"))
     return [round(float(x), 3) for x in torch.sigmoid(scale * gate.float())]
 
