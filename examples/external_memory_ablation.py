@@ -18,7 +18,6 @@ Writes ``RUN/ablation.json`` and ``RUN/ablation.md`` (``--out X`` copies the JSO
 import argparse
 import json
 import logging
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -85,7 +84,7 @@ def valid_subset(data: Path, docs: int, out: Path, logs: Path) -> Path:
     if docs >= stream.num_docs:
         raise SystemExit(f"error: --valid-docs {docs}: valid has only {stream.num_docs} documents")
     end = int(stream.doc_starts[docs])
-    lines, text = [], []
+    text = []
     for tok in np.split(stream.ids(0, end), np.flatnonzero(stream.ids(0, end) == d.eos()) + 1):
         if len(tok):
             text.append(d.string(tok[:-1]))  # a document break is an empty line

@@ -13,7 +13,6 @@ The learned gates σ(b) and scales per head are read from each checkpoint.
         --max-update 120 --out docs/results/memorizing_ablation
 """
 import argparse
-import json
 import math
 import logging
 import shlex

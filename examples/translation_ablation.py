@@ -13,7 +13,6 @@ sentences of each validation batch as memory.
 Writes ``RUN/ablation.{json,md}`` and ``--results`` (``docs/results/translation_ablation``).
 """
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
