@@ -1,4 +1,4 @@
-"""Bad input (issue 16): every mistake is a one-line error, never a silent wrong number.
+"""Bad input: every mistake is a one-line error, never a silent wrong number.
 
 One table of cases. Each case names the command, builds its arguments (and the broken file
 it needs) from one tiny corpus, checkpoint and datastore built once for the module, and

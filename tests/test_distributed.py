@@ -1,4 +1,4 @@
-"""Data-parallel training with memory (issue 7): W workers x B segments == 1 worker x W*B.
+"""Data-parallel training with memory: W workers x B segments == 1 worker x W*B.
 
 Two gloo CPU processes each run the real criterion on their rows of a fixed global batch
 (split by the task's own ``shard_rows``), sum their gradients (what fairseq's all-reduce

@@ -1,4 +1,4 @@
-"""``trime-inspect`` (issue 17): per-entry contributions, agreement with fairseq-eval-lm, and
+"""``trime-inspect``: per-entry contributions, agreement with fairseq-eval-lm, and
 that every memory entry it shows points at a real position whose next token is its label."""
 import json
 import math

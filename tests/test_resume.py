@@ -1,4 +1,4 @@
-"""Faults (issue 16): a fairseq-train run stopped mid-epoch resumes from checkpoint_last.pt to
+"""Faults: a fairseq-train run stopped mid-epoch resumes from checkpoint_last.pt to
 the same losses and weights as an uninterrupted run with the same seed, for every kind of
 TRIME memory (local; long = --consecutive-segments; external = --bm25-batching with
 --drop-local-prob) and for the Memorizing Transformer (--stream-batching, whose kNN memory
