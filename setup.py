@@ -20,12 +20,12 @@ setup(
         "omegaconf==2.3.0",
         "faiss-cpu",
         "scipy",
-        "sacrebleu",
         "sentencepiece",
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "rank-bm25", "ruff"]},
+    # examples/ score BLEU with sacrebleu; the tests run the examples
+    extras_require={"examples": ["sacrebleu"], "test": ["pytest", "rank-bm25", "ruff", "sacrebleu"]},
     entry_points={
         "console_scripts": [
             "trime-prepare-lm = trime_fairseq.cli.prepare_lm:main",
