@@ -25,7 +25,7 @@ setup(
         "matplotlib",
     ],
     # examples/ score BLEU with sacrebleu; the tests run the examples
-    extras_require={"examples": ["sacrebleu"], "test": ["pytest", "rank-bm25", "ruff", "sacrebleu"]},
+    extras_require={"examples": ["sacrebleu"], "test": ["pytest", "pytest-xdist", "rank-bm25", "ruff", "sacrebleu"]},
     entry_points={
         "console_scripts": [
             "trime-prepare-lm = trime_fairseq.cli.prepare_lm:main",

@@ -30,6 +30,8 @@ from examples import harness as ex  # noqa: E402
 logger = logging.getLogger("external_memory_ablation")
 
 OFF = ["--bm25-grow", "heap", "--bm25-exclude-same-doc", "off", "--bm25-max-jaccard", "2"]
+MODEL_ALONE = ["--model-alone-weight", "1"]
+BM25_FLAGS = ("--bm25-",)  # the variant flags that shape the batches (the rest are loss flags)
 
 
 def variants(jaccard: float) -> Dict[str, dict]:
@@ -46,7 +48,25 @@ def variants(jaccard: float) -> Dict[str, dict]:
                     512, 16),
         "ext_xdoc_dedup": ("heap + same-document + near-duplicate exclusion",
                            [*OFF, "--bm25-exclude-same-doc", "on", "--bm25-max-jaccard", jaccard], 512, 16),
+        # not batching: the loss (--model-alone-weight of trime_loss) and a cap on memory per query
+        "ext_ce": ("+ model-alone CE in the loss (weight 1)", [*OFF, *MODEL_ALONE], 512, 16),
+        "ext_topk": ("+ top-32 memory entries per query", [*OFF, "--memory-top-k", 32], 512, 16),
+        "ext_xdoc_ce": ("+ same-document exclusion + model-alone CE (weight 1)",
+                        [*OFF, "--bm25-exclude-same-doc", "on", *MODEL_ALONE], 512, 16),
     }
+
+
+def batchings(var: Dict[str, tuple]) -> List[str]:
+    """The variants that batch differently: the first of those with the same BM25 flags,
+    segment length and batch size (loss-only variants share their batches)."""
+    seen, out = set(), []
+    for name, (_, flags, length, bsz) in var.items():
+        key = (tuple(str(f) for pair in zip(flags[::2], flags[1::2]) if str(pair[0]).startswith(BM25_FLAGS)
+                     for f in pair), length, bsz)
+        if key not in seen:
+            seen.add(key)
+            out.append(name)
+    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -167,7 +187,7 @@ def main(argv=None) -> dict:
         from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, cached_bm25_batches
 
         _, flags, length, bsz = var[name]
-        opts = dict(zip([f.lstrip("-").replace("-", "_") for f in flags[::2]], flags[1::2]))
+        opts = {f.lstrip("-").replace("-", "_"): v for f, v in zip(flags[::2], flags[1::2]) if f.startswith(BM25_FLAGS)}
         defaults = BM25BatchingConfig()
         ns = Namespace(**{k: getattr(defaults, k) for k in defaults.__dataclass_fields__})
         ns.bm25_cache_dir = str(run)
@@ -179,7 +199,7 @@ def main(argv=None) -> dict:
 
     if a.report:
         return report(a, run, var, finished(run, logs, models, composition), hygiene(a, run),
-                      {name: composition(name) for name in var})
+                      {name: composition(name) for name in batchings(var)})
 
     results: Dict[str, dict] = {}
     for name in only:
@@ -214,7 +234,7 @@ def main(argv=None) -> dict:
                     first["best"]["ppl"], f"{info['ext']['best']['ppl']:.2f}" if "ext" in info else "not run")
     if a.only:
         return results
-    return report(a, run, var, results, hygiene(a, run), {name: composition(name) for name in var})
+    return report(a, run, var, results, hygiene(a, run), {name: composition(name) for name in batchings(var)})
 
 
 def hygiene(a, run: Path) -> dict:

@@ -10,7 +10,7 @@ case "$DEVICE" in
   cpu|cuda) ;;
   *) echo "error: TRIME_DEVICE=$DEVICE: use cpu (default) or cuda" >&2; exit 2 ;;
 esac
-STAMP="$VENV/.trime-setup-v1-$DEVICE"
+STAMP="$VENV/.trime-setup-v2-$DEVICE"  # bump when the installed set changes
 PY=${PYTHON:-python3}
 if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import fairseq, trime_fairseq" 2>/dev/null; then
   exit 0

@@ -56,9 +56,15 @@ _SLOW_FIXTURES = {"tiny_lm", "tiny_mt"}
 _SLOW_CALLS = ("run_cli(", "subprocess.run(", "subprocess.Popen(", ".spawn(", "ex.main(", "_main(")
 
 
+# The longest tests (examples end to end, minutes each) start first, so that with several
+# workers (scripts/test.sh runs pytest-xdist) none of them is left to run alone at the end.
+LONGEST_FIRST = ("test_examples.py",)
+
+
 def pytest_collection_modifyitems(config, items):
     import inspect
 
+    items.sort(key=lambda item: 0 if item.nodeid.split("::")[0].endswith(LONGEST_FIRST) else 1)
     for item in items:
         if item.get_closest_marker("slow"):
             continue

@@ -18,42 +18,82 @@ def corpus(tiny_lm):
     return tiny_lm[0]
 
 
-def test_main_job_writes_table_json_and_plot(corpus, tmp_path):
-    run_example("main_job", "--run-dir", str(tmp_path), "--data", str(corpus), *TINY, "--max-tokens", "256",
+def test_lm_examples_main_job_then_external_memory_then_its_ablation(corpus, tmp_path):
+    """Three example pipelines end to end in one run directory, each model trained once:
+    the main job; external_memory reusing its vanilla and TRIMELM models; the ablation
+    reusing both and the kNN-LM datastore, in lanes (with and without datastores), then
+    its table from what finished."""
+    run = tmp_path / "lm"
+    run_example("main_job", "--run-dir", str(run), "--data", str(corpus), *TINY, "--max-tokens", "256",
                 "--warmup-updates", "2", "--tau-grid", "1,2", "--cache-lambda-grid", "0.1",
                 "--cache-theta-grid", "0.1")
-    result = json.loads((tmp_path / "results.json").read_text())
+    result = json.loads((run / "results.json").read_text())
     names = [r["system"] for r in result["rows"]]
     assert names[0].startswith("Transformer") and any(n.startswith("TRIMELM (") for n in names)
     assert all(r["valid_ppl"] > 1 and r["test_ppl"] > 1 for r in result["rows"])
-    assert (tmp_path / "results.png").stat().st_size > 1000
-    assert "| model |" in (tmp_path / "results.md").read_text()
-    page = json.loads((tmp_path / "inspect" / "trime_valid_doc4.json").read_text())
+    assert (run / "results.png").stat().st_size > 1000
+    assert "| model |" in (run / "results.md").read_text()
+    page = json.loads((run / "inspect" / "trime_valid_doc4.json").read_text())
     assert page["meta"]["combiner"].startswith("trime(") and page["summary"]["tokens"] > 0
-    assert (tmp_path / "inspect" / "trime_valid_doc4.html").exists()
+    assert (run / "inspect" / "trime_valid_doc4.html").exists()
+
+    trained = {m: (run / "ckpt" / m / "train_done.json").stat().st_mtime_ns for m in ("vanilla", "trime")}
+    run_example("external_memory", "--run-dir", str(run), "--data", str(corpus), *TINY, "--batch-size", "8",
+                "--knn-k", "8", "--long-memory-size", "64", "--ext-flags", "--bm25-exclude-same-doc on",
+                "--out", str(tmp_path / "page"))
+    assert {m: (run / "ckpt" / m / "train_done.json").stat().st_mtime_ns for m in trained} == trained  # reused
+    result = json.loads((run / "results.json").read_text())
+    assert [r["system"] for r in result["rows"]][2] == "kNN-LM"
+    assert [r["key"] for r in result["rows"]] == [
+        "vanilla", "cache", "knnlm", "knnlm_cache", "trimelm_nomem", "trimelm", "trimelm_ext_nomem",
+        "trimelm_ext_nolong", "trimelm_ext"]
+    assert all(r["valid_ppl"] > 1 and r["test_ppl"] > 1 for r in result["rows"])
+    assert result["index"]["vanilla"]["metric"] == "l2" and result["index"]["trime_ext"]["metric"] == "ip"
+    assert json.loads((tmp_path / "page.json").read_text())["rows"] == result["rows"]
+    assert list(run.glob("bm25_train_*_xdoc.npz"))  # the option reached the training run
+
+    args = ["--run-dir", str(run), "--data", str(corpus), *TINY, "--knn-k", "8", "--datastore-fraction", "1",
+            "--out", str(tmp_path / "abl")]
+    run_example("external_memory_ablation", *args, "--only", "vanilla,ext_all")
+    run_example("external_memory_ablation", *args, "--only", "trime,ext_base,ext_xdoc,ext_ce", "--no-ext-eval")
+    run_example("external_memory_ablation", *args, "--report")
+    result = json.loads((tmp_path / "abl.json").read_text())
+    rows = {r["key"]: r for r in result["rows"]}
+    assert set(rows) == {"vanilla", "cache", "knnlm", "knnlm_cache", "trimelm_nomem", "trimelm", "ext_base",
+                         "ext_xdoc", "ext_ce", "ext_all"}
+    for r in rows.values():
+        assert r["valid_ppl"] is None or r["valid_ppl"] > 1
+    assert rows["ext_all"]["model_alone_valid_ppl"] > 1 and rows["ext_all"]["valid_ppl_pprime_published"] > 1
+    assert rows["ext_base"]["valid_ppl"] is None and rows["ext_ce"]["local_valid_ppl"] > 1  # no datastore lane
+    assert "--model-alone-weight" in rows["ext_ce"]["flags"]
+    comp = result["batch_composition"]
+    assert comp["ext_xdoc"]["with_same_doc_mate"] <= comp["ext_base"]["with_same_doc_mate"]
+    assert "ext_ce" not in comp  # a loss-only variant batches as ext_base does
+    assert "| model |" in (run / "ablation.md").read_text()
 
 
-def test_long_memory_example(corpus, tmp_path):
-    run_example("long_memory", "--run-dir", str(tmp_path), "--data", str(corpus), *TINY, "--batch-size", "8",
+@pytest.mark.slow
+def test_long_memory_examples_table_then_figure3_then_memorizing_vs_trime(corpus, tmp_path):
+    """long_memory's table, then its Figure 3 (adding the Memorizing Transformer) and
+    memorizing_vs_trime in the same run directory, each model trained once."""
+    run = tmp_path / "long"
+    run_example("long_memory", "--run-dir", str(run), "--data", str(corpus), *TINY, "--batch-size", "8",
                 "--consecutive-segments", "4", "--memory-sizes", "0,100", "--tau-grid", "1",
                 "--cache-lambda-grid", "0.1", "--cache-theta-grid", "0.1")
-    result = json.loads((tmp_path / "results.json").read_text())
+    result = json.loads((run / "results.json").read_text())
     assert len(result["rows"]) == 7
-    assert (tmp_path / "memory_sweep.png").exists()
+    assert (run / "memory_sweep.png").exists()
     # the valid ppl in the table come from trime-tune's sweep: fairseq-eval-lm gives the same
     row = next(r for r in result["rows"] if r["system"] == "TRIMELM_long (+long)")
     assert "--long-memory-size" in row["flags"]
-    out = run_cli(["fairseq_cli.eval_lm", str(corpus), "--path", str(tmp_path / "ckpt" / "trime_long" / "checkpoint_last.pt"),
+    out = run_cli(["fairseq_cli.eval_lm", str(corpus), "--path", str(run / "ckpt" / "trime_long" / "checkpoint_last.pt"),
                    "--user-dir", str(REPO / "trime_fairseq"), "--task", "trime_lm", "--tokens-per-sample", "32",
                    "--context-window", "16", "--max-tokens", "4096", "--cpu", "--gen-subset", "valid",
                    *row["flags"].split()])
     assert float(out.stderr.split("Perplexity: ")[-1].split()[0]) == pytest.approx(row["valid_ppl"], rel=1e-3)
 
-
-@pytest.mark.slow
-def test_long_memory_example_writes_figure3(corpus, tmp_path):
     fig = tmp_path / "figure3"
-    run_example("long_memory", "--run-dir", str(tmp_path), "--data", str(corpus), *TINY, "--batch-size", "8",
+    run_example("long_memory", "--run-dir", str(run), "--data", str(corpus), *TINY, "--batch-size", "8",
                 "--consecutive-segments", "4", "--memory-sizes", "0,50,100", "--tau-grid", "1,2",
                 "--cache-lambda-grid", "0.1", "--cache-theta-grid", "0.1", "--memorizing", "--train-memory", "64",
                 "--memorizing-sizes", "0,100", "--test-from", "sweep", "--parallel", "2", "--figure3", str(fig))
@@ -67,7 +107,7 @@ def test_long_memory_example_writes_figure3(corpus, tmp_path):
     assert rows["trimelm"]["memory_tokens"] == [0, 50, 100] and rows["memorizing"]["memory_tokens"] == [0, 100]
     assert len(rows["memorizing"]["gates"]) == 2 and all(0 < g < 1 for g in rows["memorizing"]["gates"])
     # valid ppl at each size is the best over the grid at that size in the valid sweep
-    sweep = json.loads((tmp_path / "sweep_trime.json").read_text())
+    sweep = json.loads((run / "sweep_trime.json").read_text())
     for size, ppl in zip(rows["trimelm"]["memory_tokens"], rows["trimelm"]["valid_ppl"]):
         assert ppl == min(r["ppl"] for r in sweep["rows"][1:] if r["memory_size"] == size)
     # test numbers read from the test sweep equal fairseq-eval-lm's at the largest size
@@ -78,6 +118,15 @@ def test_long_memory_example_writes_figure3(corpus, tmp_path):
     stats = result["corpus"]["test"]
     assert stats["min_tokens_per_document"] <= stats["median_tokens_per_document"] <= stats["max_tokens_per_document"]
     assert fig.with_suffix(".png").stat().st_size > 1000 and "| TRIMELM_long | test |" in fig.with_suffix(".md").read_text()
+
+    trained = (run / "ckpt" / "memorizing" / "train_done.json").stat().st_mtime_ns
+    run_example("memorizing_vs_trime", "--run-dir", str(run), "--data", str(corpus), *TINY,
+                "--batch-size", "8", "--consecutive-segments", "4", "--train-memory", "64", "--memory-sizes", "0,64")
+    assert (run / "ckpt" / "memorizing" / "train_done.json").stat().st_mtime_ns == trained  # reused
+    result = json.loads((run / "results.json").read_text())
+    models = {(r["model"], r["subset"], r["memory_size"]) for r in result["rows"]}
+    assert ("Memorizing Transformer", "test", 64) in models and ("TRIMELM_long", "valid", 0) in models
+    assert (run / "memory_sweep.png").exists()
 
 
 def test_tune_is_reused_only_for_the_same_arguments(tmp_path, monkeypatch):
@@ -105,47 +154,6 @@ def test_tune_is_reused_only_for_the_same_arguments(tmp_path, monkeypatch):
     os.utime(ckpt, (1, 1))  # another checkpoint: rerun
     ex.tune(*args, ["tau=2"], ["--gen-subset", "valid"], tmp_path / "sweep.json", tmp_path / "log")
     assert len(calls) == 3
-
-
-def test_external_memory_example(corpus, tmp_path):
-    run_example("external_memory", "--run-dir", str(tmp_path), "--data", str(corpus), *TINY, "--batch-size", "8",
-                "--knn-k", "8", "--long-memory-size", "64", "--ext-flags", "--bm25-exclude-same-doc on",
-                "--out", str(tmp_path / "page"))
-    result = json.loads((tmp_path / "results.json").read_text())
-    assert [r["system"] for r in result["rows"]][2] == "kNN-LM"
-    assert [r["key"] for r in result["rows"]] == [
-        "vanilla", "cache", "knnlm", "knnlm_cache", "trimelm_nomem", "trimelm", "trimelm_ext_nomem",
-        "trimelm_ext_nolong", "trimelm_ext"]
-    assert all(r["valid_ppl"] > 1 and r["test_ppl"] > 1 for r in result["rows"])
-    assert result["index"]["vanilla"]["metric"] == "l2" and result["index"]["trime_ext"]["metric"] == "ip"
-    assert json.loads((tmp_path / "page.json").read_text())["rows"] == result["rows"]
-    assert list(tmp_path.glob("bm25_train_*_xdoc.npz"))  # the option reached the training run
-
-
-def test_external_memory_ablation_example(corpus, tmp_path):
-    args = ["--run-dir", str(tmp_path), "--data", str(corpus), *TINY, "--knn-k", "8", "--datastore-fraction", "1",
-            "--out", str(tmp_path / "abl")]
-    run_example("external_memory_ablation", *args, "--only", "vanilla,ext_all")
-    run_example("external_memory_ablation", *args)
-    result = json.loads((tmp_path / "abl.json").read_text())
-    rows = {r["key"]: r for r in result["rows"]}
-    assert {"vanilla", "knnlm", "trimelm", "ext_base", "ext_xdoc", "ext_dedup", "ext_chain", "ext_long",
-            "ext_all"} <= set(rows)
-    for r in rows.values():
-        assert r["valid_ppl"] > 1
-    assert rows["ext_all"]["model_alone_valid_ppl"] > 1 and rows["ext_all"]["valid_ppl_pprime_published"] > 1
-    comp = result["results"]["ext_xdoc"]["composition"]
-    assert comp["with_same_doc_mate"] <= result["results"]["ext_base"]["composition"]["with_same_doc_mate"]
-    assert "| model |" in (tmp_path / "ablation.md").read_text()
-
-
-def test_memorizing_vs_trime_example(corpus, tmp_path):
-    run_example("memorizing_vs_trime", "--run-dir", str(tmp_path), "--data", str(corpus), *TINY,
-                "--batch-size", "8", "--consecutive-segments", "4", "--train-memory", "64", "--memory-sizes", "0,64")
-    result = json.loads((tmp_path / "results.json").read_text())
-    models = {(r["model"], r["subset"], r["memory_size"]) for r in result["rows"]}
-    assert ("Memorizing Transformer", "test", 64) in models and ("TRIMELM_long", "valid", 0) in models
-    assert (tmp_path / "memory_sweep.png").exists()
 
 
 def test_valid_curve_reads_bleu_and_nll_of_each_validation(tmp_path):

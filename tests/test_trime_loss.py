@@ -158,8 +158,43 @@ def test_top_k_mask_keeps_the_k_best_allowed():
     assert torch.equal(top_k_mask(scores, mask, 5), mask)
 
 
+def test_model_alone_weight_adds_the_model_alone_cross_entropy():
+    """--model-alone-weight w: loss = Eq. 5 NLL + w * CE of the token softmax alone, in value
+    and gradient; the logged NLL stays Eq. 5's, and the CE warm-up is untouched."""
+    d = make_dictionary(40)
+    model = make_model(d).double()
+    sample = make_sample(random_tokens(d, 3, 11, seed=6, vocab=40), d.pad())
+
+    def loss_and_grad(**cfg):
+        model.zero_grad()
+        loss, _, log = criterion_for(d, **cfg)(model, sample)
+        loss.backward()
+        return loss.detach(), log, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    base, log, grad = loss_and_grad()
+    mixed, log_w, grad_w = loss_and_grad(model_alone_weight=0.5)
+    assert log["loss"].item() != pytest.approx(log["ce_loss"].item(), rel=1e-6)  # memory matters here
+    assert mixed.item() == pytest.approx(base.item() + 0.5 * log["ce_loss"].item(), rel=1e-12)
+    assert log_w["nll_loss"].item() == pytest.approx(log["nll_loss"].item(), rel=1e-12)
+    model.zero_grad()
+    lprobs = F.log_softmax(model(**sample["net_input"])[0], -1)
+    F.nll_loss(lprobs.view(-1, lprobs.size(-1)), sample["target"].view(-1), ignore_index=d.pad(),
+               reduction="sum").backward()
+    ce_grad = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    for gw, g, gc in zip(grad_w, grad, ce_grad):
+        torch.testing.assert_close(gw, g + 0.5 * gc, rtol=1e-9, atol=1e-12)
+    model.train()  # the warm-up only applies to training: plain CE, whatever the weight
+    warm = {}
+    for w in (0.0, 0.5):
+        torch.manual_seed(0)
+        warm[w] = criterion_for(d, ce_warmup_updates=10, model_alone_weight=w)(model, sample)[0].item()
+    model.eval()
+    assert warm[0.5] == pytest.approx(warm[0.0], rel=1e-12)
+
+
 @pytest.mark.parametrize("options,message", [
     ({"memory_top_k": -1}, "--memory-top-k"),
+    ({"model_alone_weight": -0.5}, "--model-alone-weight"),
     ({"label_smoothing": 1.0}, "--label-smoothing"),
 ])
 def test_bad_options_are_clear_errors(options, message):

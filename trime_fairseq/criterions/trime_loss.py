@@ -61,6 +61,14 @@ class TrimeLossConfig(FairseqDataclass):
                           "no smoothing mass); without memory it is fairseq's "
                           "label_smoothed_cross_entropy. Needs a full softmax"},
     )
+    model_alone_weight: float = field(
+        default=0.0,
+        metadata={"help": "add this multiple of the model-alone cross entropy (Eq. 1: the token "
+                          "softmax without memory) to the TRIME loss. With a large in-batch memory "
+                          "(BM25 batching) memory entries explain the frequent targets, Eq. 5 then "
+                          "pushes their token scores down and the model alone stops being a language "
+                          "model; a weight of ~1 keeps it one. 0: the paper's loss"},
+    )
     adaptive_token_mass: ADAPTIVE_TOKEN_MASS = field(
         default=DEFAULT_ADAPTIVE_TOKEN_MASS, metadata={"help": ADAPTIVE_TOKEN_MASS_HELP},
     )
@@ -117,6 +125,8 @@ class TrimeLoss(FairseqCriterion):
             raise ValueError(f"--memory-top-k must be >= 0 (0: all), got {cfg.memory_top_k}")
         if not 0.0 <= cfg.label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+        if cfg.model_alone_weight < 0:
+            raise TrimeUserError(f"--model-alone-weight must be >= 0, got {cfg.model_alone_weight}")
         if not 0.0 <= cfg.drop_local_prob <= 1.0:
             raise TrimeUserError(f"--drop-local-prob must be in [0, 1], got {cfg.drop_local_prob}")
         self.cfg = cfg
@@ -184,6 +194,8 @@ class TrimeLoss(FairseqCriterion):
             loss = self.smoothed_loss(lprob, log_partition, token_score_sum(model, net_output), nonpad,
                                       net_output[0].size(-1))
         ce_loss = -(ce_lprob * nonpad).sum()
+        if with_memory and self.cfg.model_alone_weight > 0:
+            loss = loss + self.cfg.model_alone_weight * ce_loss
         ntokens = sample["ntokens"]
         sample_size = sample["target"].size(0) if self.cfg.sentence_avg else ntokens
         logging_output = {
