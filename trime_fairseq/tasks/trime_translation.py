@@ -35,7 +35,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from trime_fairseq.memory.in_batch import MemorySpec, mark_placeholder
 from trime_fairseq.memory.combiners import Combiner, NoMemory
 from trime_fairseq.tasks.memory_flags import (
-    BM25BatchingConfig, RetrievalConfig, build_combiner, build_retriever, cached_bm25_batches)
+    BM25BatchingConfig, RetrievalConfig, build_combiner, build_retriever, cached_bm25_batches, retrieval_skip)
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def build_mt_combiner(cfg) -> Combiner:
         raise TrimeUserError(f"{flag} {name} needs --datastore (built with trime-build-datastore)")
     if cfg.knn_k < 1:
         raise TrimeUserError(f"--knn-k must be >= 1, got {cfg.knn_k}")
+    retrieval_skip(cfg, name != "none")
     return build_combiner(cfg, name, flag)
 
 
