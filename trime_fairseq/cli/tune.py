@@ -18,6 +18,16 @@ Examples::
     trime-tune data-bin/corpus --path ckpt/trime_long.pt --combiner trime --grid tau=1 \\
         --memory-sizes 0,1000,2000,5000,10000 --plot fig3.png ...
 
+Adaptive retrieval (``--retrieval-skip-feature``): ``--grid ... skip_threshold=t1,t2,...``
+scores every setting at every threshold on the same cached neighbours, as if the skipped
+queries had not been searched (exactly what ``fairseq-eval-lm`` then computes), and also
+without skipping. Each row reports the share of searches skipped; per setting, the log (and
+``skip_choice`` in ``--out``) names the threshold that skips the most searches with a
+perplexity at most ``--max-ppl-increase`` (default 1%) above searching every token::
+
+    trime-tune data-bin/corpus --path ckpt/vanilla.pt --combiner knn --datastore ds/train \
+        --grid lambda=0.25 temperature=10 skip_threshold=1,2,3,4,5 --retrieval-skip-feature entropy ...
+
 Any other flag is passed to fairseq's eval-lm parser (``--max-tokens``, ``--gen-subset``...).
 """
 import argparse
