@@ -130,11 +130,14 @@ def test_skipped_rows_get_exactly_the_distribution_without_external_memory(datas
         mask = rule.mask(a.tok_log_probs()[0])
         n_skipped += int(mask.sum())
         assert torch.equal(b.ext_scores[0][mask], torch.full_like(b.ext_scores[0][mask], float("-inf")))
-        assert torch.equal(b.ext_scores[0][~mask], a.ext_scores[0][~mask])
+        # the searched queries find the same neighbours (a smaller batch may round the scores
+        # differently in the last bits)
+        torch.testing.assert_close(b.ext_scores[0][~mask], a.ext_scores[0][~mask], rtol=0, atol=1e-4)
         assert torch.equal(b.ext_labels[0][~mask], a.ext_labels[0][~mask])
         # what trime-tune simulates is what the retriever returns
         sim = a.skip_external(mask.unsqueeze(0))
-        assert torch.equal(sim.ext_scores, b.ext_scores) and torch.equal(sim.ext_labels, b.ext_labels)
+        torch.testing.assert_close(sim.ext_scores, b.ext_scores, rtol=0, atol=1e-4)
+        assert torch.equal(sim.ext_labels, b.ext_labels)
         no_ext = replace(a, ext_scores=None, ext_labels=None)
         for name, comb in combiners().items():
             got, searched = comb.log_probs(b)[0], comb.log_probs(a)[0]
@@ -144,7 +147,7 @@ def test_skipped_rows_get_exactly_the_distribution_without_external_memory(datas
             else:  # TRIME ext without neighbours: TRIME over local memory only (published P': no P')
                 want = comb.log_probs(no_ext)[0]
             torch.testing.assert_close(got[mask], want[mask], rtol=0, atol=1e-6, msg=name)
-            assert torch.equal(got[~mask], searched[~mask]), name
+            torch.testing.assert_close(got[~mask], searched[~mask], rtol=0, atol=1e-5, msg=name)
             tgt = comb.target_log_prob(b)[0]
             torch.testing.assert_close(tgt, got.gather(-1, b.target[0].unsqueeze(-1)).squeeze(-1), rtol=0, atol=1e-5)
     total = sum(r.target.numel() for _, _, r in full)
@@ -257,4 +260,5 @@ def test_knn_mt_skips_through_the_same_retriever(tiny_mt):
     assert counters["skipped"] == int(skipped.sum())
     torch.testing.assert_close(half[skipped], model_lp[skipped], rtol=0, atol=1e-6)
     assert not torch.equal(half[skipped], everywhere[skipped])
-    assert torch.equal(half[~skipped], everywhere[~skipped])
+    # the searched steps: the same neighbours (the search of a smaller batch may round differently)
+    torch.testing.assert_close(half[~skipped], everywhere[~skipped], rtol=0, atol=1e-5)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from trime_fairseq.memory.datastore import Datastore, rebuild_command
-from trime_fairseq.memory.index import GPU_MAX_K, gpu_available, index_to_gpu, load_index
+from trime_fairseq.memory.index import GPU_MAX_K, blas_for_small_batches, gpu_available, index_to_gpu, load_index
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,12 @@ class RetrievalSkip:
         if self.feature == "max-prob":
             return lp.max(-1).values.exp()
         return torch.special.entr(lp.exp()).sum(-1)
+
+    @property
+    def never_skips(self) -> bool:
+        """The threshold skips nothing whatever the distribution (entropy 0, max-prob 1): the
+        retriever then searches exactly as without a rule."""
+        return self.threshold == (0.0 if self.feature == "entropy" else 1.0)
 
     def mask(self, tok_lprobs: Tensor) -> Tensor:
         """``True`` where the query is not searched."""
@@ -176,16 +182,17 @@ class Retriever:
         n = queries.size(0)
         self.num_queries += n
         skipped = None
-        if self.skip is not None and tok_lprobs is not None and n:
+        skipping = self.skip is not None and not self.skip.never_skips and tok_lprobs is not None
+        if skipping and n:
             skipped = self.skip.mask(tok_lprobs.reshape(n, -1)).to(queries.device)
             self.num_skipped += int(skipped.sum())
             if not bool(skipped.any()):
                 skipped = None
         if skipped is None:
-            found = self._search(queries, positions)
+            found = self._search(queries, positions, fast_small=skipping)
         else:
             keep = (~skipped).nonzero(as_tuple=True)[0]
-            kept = self._search(queries[keep], None if positions is None else positions[keep])
+            kept = self._search(queries[keep], None if positions is None else positions[keep], fast_small=True)
             dev = queries.device
             found = Retrieved(torch.full((n, self.k), float("-inf"), device=dev),
                               torch.zeros(n, self.k, dtype=torch.long, device=dev),
@@ -194,8 +201,13 @@ class Retriever:
         self.search_seconds += time.perf_counter() - t0
         return found
 
-    def _search(self, queries: Tensor, positions: Optional[Tensor]) -> Retrieved:
-        """FAISS search of every query (see :meth:`search`)."""
+    def _search(self, queries: Tensor, positions: Optional[Tensor], fast_small: bool = False) -> Retrieved:
+        """FAISS search of every query (see :meth:`search`); ``fast_small``: the batch may be
+        small (adaptive retrieval), so exhaustive search goes through BLAS even then
+        (:func:`~trime_fairseq.memory.index.blas_for_small_batches`)."""
+        if fast_small and not self.on_gpu:
+            with blas_for_small_batches():
+                return self._search(queries, positions)
         if queries.size(0) == 0:
             dev = queries.device
             return Retrieved(torch.zeros(0, self.k, device=dev), torch.zeros(0, self.k, dtype=torch.long, device=dev),
