@@ -50,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--eval-tokens-per-sample", type=int, default=256, help="evaluation block incl. context window")
     p.add_argument("--context-window", type=int, default=128, help="evaluation context window")
-    p.add_argument("--datastore-shards", type=int, default=10, help="the datastore is shard 0 of this many")
+    p.add_argument("--datastore-shards", type=int, default=10,
+                   help="the datastore is shard 0 of this many (contiguous runs of batches of train)")
+    p.add_argument("--datastore-max-tokens", type=int, default=8192, help="tokens per batch of the datastore build")
     p.add_argument("--valid-tokens", type=int, default=12000, help="tokens of the valid slice")
     p.add_argument("--knn-k", type=int, default=1024, help="neighbours retrieved")
     p.add_argument("--lambdas", default="0.3,0.45,0.6", help="kNN-LM lambda grid")
@@ -95,7 +97,7 @@ def ensure_datastore(a, run: Path, data: Path, ckpt: Path, logs: Path) -> Path:
     shard = Path(f"{out}.shard0")
     common = [data, "--path", ckpt, "--user-dir", ex.REPO_PKG, "--task", "trime_lm", "--gen-subset", "train",
               "--tokens-per-sample", a.eval_tokens_per_sample, "--context-window", a.context_window,
-              "--max-tokens", 8192, "--cpu"]
+              "--max-tokens", a.datastore_max_tokens, "--cpu"]
     if not (shard / "meta.json").exists():
         ex.run_logged("trime_fairseq.cli.build_datastore", [*common, "--out", out, "--num-shards", a.datastore_shards,
                                                             "--shard-id", 0], logs / "datastore.log")

@@ -221,7 +221,7 @@ def test_adaptive_retrieval_example(corpus, tmp_path):
     run_example("adaptive_retrieval", "--run-dir", str(tmp_path / "run"), "--data", str(corpus),
                 "--arch", "transformer_lm_trime_tiny", "--max-update", "2", "--tokens-per-sample", "32",
                 "--max-tokens", "256", "--eval-tokens-per-sample", "32", "--context-window", "16",
-                "--datastore-shards", "2", "--valid-tokens", "300", "--knn-k", "8", "--lambdas", "0.3",
+                "--datastore-shards", "2", "--datastore-max-tokens", "256", "--valid-tokens", "300", "--knn-k", "8", "--lambdas", "0.3",
                 "--temperatures", "1", "--skip-shares", "0.2,0.5", "--extra-shares", "0.5", "--out", str(out))
     result = json.loads(out.with_suffix(".json").read_text())
     rows = {r["system"].split(",")[0].split(" (")[0]: r for r in result["rows"]}
