@@ -105,8 +105,11 @@ class RetrievalSkip:
 
     def mask(self, tok_lprobs: Tensor) -> Tensor:
         """``True`` where the query is not searched."""
-        v = self.values(tok_lprobs)
-        return v > self.threshold if self.feature == "max-prob" else v < self.threshold
+        return self.skips(self.values(tok_lprobs))
+
+    def skips(self, values: Tensor) -> Tensor:
+        """``True`` where the feature ``values`` (of :meth:`values`) skip the search."""
+        return values > self.threshold if self.feature == "max-prob" else values < self.threshold
 
     def describe(self) -> str:
         op = ">" if self.feature == "max-prob" else "<"
@@ -167,12 +170,14 @@ class Retriever:
         self.search_seconds = 0.0
 
     def search(self, queries: Tensor, positions: Optional[Tensor] = None,
-               tok_lprobs: Optional[Tensor] = None) -> Retrieved:
+               tok_lprobs: Optional[Tensor] = None, features: Optional[Tensor] = None) -> Retrieved:
         """``queries`` ``[n, d]`` -> :class:`Retrieved` with ``K`` neighbours each.
 
         With :attr:`skip` and ``tok_lprobs`` ``[n, V]`` (the model's next-token
-        log-probabilities at each query), the queries the rule skips are not searched and
-        get an empty row (scores ``-inf``, values 0, ids -1).
+        log-probabilities at each query), or the rule's ``features`` ``[n]`` computed from
+        them (:meth:`RetrievalSkip.values`; saves holding ``[n, V]`` at once), the queries
+        the rule skips are not searched and get an empty row (scores ``-inf``, values 0,
+        ids -1).
 
         With :attr:`exclude_self` and ``positions`` ``[n]`` (the queries' stream positions;
         entry ``i`` of an LM datastore is the token at stream position ``i`` of the split
@@ -182,9 +187,12 @@ class Retriever:
         n = queries.size(0)
         self.num_queries += n
         skipped = None
-        skipping = self.skip is not None and not self.skip.never_skips and tok_lprobs is not None
+        skipping = self.skip is not None and not self.skip.never_skips and \
+            (tok_lprobs is not None or features is not None)
         if skipping and n:
-            skipped = self.skip.mask(tok_lprobs.reshape(n, -1)).to(queries.device)
+            if features is None:
+                features = self.skip.values(tok_lprobs.reshape(n, -1))
+            skipped = self.skip.skips(features.reshape(n)).to(queries.device)
             self.num_skipped += int(skipped.sum())
             if not bool(skipped.any()):
                 skipped = None

@@ -96,11 +96,12 @@ def scored_rows(
                 raise TrimeUserError("--exclude-self-from-datastore needs token positions: evaluate with "
                                      "--task trime_lm (its own data loader)")
             positions = torch.cat([sample["positions"][i, int(starts[i]):] for i in range(x.target.size(0))])
-        lprobs = None
-        if retriever.skip is not None:  # adaptive retrieval: the skip rule reads the model's distribution
+        features = None
+        if retriever.skip is not None and not retriever.skip.never_skips:
+            # adaptive retrieval: the skip rule reads the model's distribution, row by row
             tok = x.tok_log_probs()
-            lprobs = torch.cat([tok[i, int(starts[i]):] for i in range(x.target.size(0))])
-        found = retriever.search(queries, positions, lprobs)
+            features = torch.cat([retriever.skip.values(tok[i, int(starts[i]):]) for i in range(x.target.size(0))])
+        found = retriever.search(queries, positions, features=features)
         external = iter(zip(found.scores.split([t - int(s) for s in starts]),
                             found.values.split([t - int(s) for s in starts])))
     if long_memory is not None and ("doc_ids" not in sample or "positions" not in sample):
