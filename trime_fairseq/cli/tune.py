@@ -20,7 +20,8 @@ Examples::
 
 Adaptive retrieval (``--retrieval-skip-feature``): ``--grid ... skip_threshold=t1,t2,...``
 scores every setting at every threshold on the same cached neighbours, as if the skipped
-queries had not been searched (exactly what ``fairseq-eval-lm`` then computes), and also
+queries had not been searched (what ``fairseq-eval-lm`` then computes, up to the float
+rounding of searching a smaller batch), and also
 without skipping. Each row reports the share of searches skipped; per setting, the log (and
 ``skip_choice`` in ``--out``) names the threshold that skips the most searches with a
 perplexity at most ``--max-ppl-increase`` (default 1%) above searching every token::

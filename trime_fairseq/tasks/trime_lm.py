@@ -217,6 +217,8 @@ class AtEnd:
         return len(self._itr)
 
     def __getattr__(self, name):
+        if name == "_itr" or name.startswith("__"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self._itr, name)
 
 
