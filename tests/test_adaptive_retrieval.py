@@ -262,3 +262,18 @@ def test_knn_mt_skips_through_the_same_retriever(tiny_mt):
     assert not torch.equal(half[skipped], everywhere[skipped])
     # the searched steps: the same neighbours (the search of a smaller batch may round differently)
     torch.testing.assert_close(half[~skipped], everywhere[~skipped], rtol=0, atol=1e-5)
+
+
+def test_fairseq_generate_logs_the_split_and_the_share_skipped(tiny_mt):
+    data, ckpt, stores = tiny_mt
+    proc = run_cli(["fairseq_cli.generate", str(data), "--user-dir", USER_DIR, "--task", "trime_translation",
+                    "--path", str(ckpt), "--gen-subset", "test", "--beam", "2", "--cpu", "--mt-combiner", "knn",
+                    "--datastore", str(stores["l2"]), "--knn-k", "8", "--knn-lambda", "0.4",
+                    "--retrieval-skip-feature", "max-prob", "--retrieval-skip-threshold", "0.3"])
+    out = proc.stdout + proc.stderr
+    assert len(re.findall(r"^H-\d+\t", proc.stdout, flags=re.M)) == 12
+    m = re.search(r"decoding with memory: time split: search [0-9.]+s \([0-9]+%\), combine [0-9.]+s \([0-9]+%\); "
+                  r"datastore searches skipped: ([0-9,]+) of ([0-9,]+) \([0-9.]+%; skip search where max-prob > 0.3\)",
+                  out)
+    assert m, out[-3000:]
+    assert 0 < int(m.group(2).replace(",", ""))

@@ -43,7 +43,8 @@ class MemoryModelWrapper(BaseFairseqModel):
     def describe_summary(self) -> str:
         """One line: time split and, with a datastore, the share of searches skipped."""
         s = self.summary()
-        split = ", ".join(f"{k} {s['time_s'][k]:.1f}s ({s['time_share'][k]:.0%})" for k in ("model", "search", "combine"))
+        parts = [k for k in ("model", "search", "combine") if k != "model" or s["time_s"]["model"] > 0]
+        split = ", ".join(f"{k} {s['time_s'][k]:.1f}s ({s['time_share'][k]:.0%})" for k in parts)
         line = f"time split: {split}"
         if "queries" in s:
             skip = self.retriever.skip.describe() if self.retriever.skip is not None else "every query searched"
