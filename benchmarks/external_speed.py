@@ -6,7 +6,9 @@
    ``peak_rss_ratio_large_vs_small`` ~ 1).
 3. ``ext_eval`` (needs ``--datastore`` with an index): kNN-LM scoring tokens/s ÷ vanilla
    scoring tokens/s over the same valid blocks (target >= 0.5 at recall@K >= 0.9), with
-   the time split into model / search / combine.
+   the time split into model / search / combine and the share of searches skipped; with
+   ``--retrieval-skip-feature`` also adaptive retrieval (``adaptive``: its threshold set
+   so that about ``--skip-share`` of the searches are skipped).
 
     python benchmarks/external_speed.py DATA_BIN --path CKPT --tokens-per-sample 512 \\
         --context-window 256 [--datastore runs/ext/ds/vanilla] --out bench_ext.json
@@ -14,12 +16,14 @@
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -78,11 +82,15 @@ def bench_datastore(cfg, model, task, max_blocks: int) -> dict:
     return result
 
 
-def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, lam: float, temp: float) -> dict:
+def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, lam: float, temp: float,
+                   skip_feature: Optional[str] = None, skip_share: float = 0.0) -> dict:
+    """kNN-LM ÷ vanilla scoring speed with the time split and the share of searches skipped;
+    with ``skip_feature`` also adaptive retrieval, its threshold set on these blocks so that
+    about ``skip_share`` of the searches are skipped."""
     from trime_fairseq.data.stream import StreamBlocks
     from trime_fairseq.memory.combiners import KnnCombiner, NoMemory
     from trime_fairseq.memory.datastore import Datastore
-    from trime_fairseq.memory.retriever import Retriever
+    from trime_fairseq.memory.retriever import RetrievalSkip, Retriever
     from trime_fairseq.models.memory_eval import MemoryEvalModel
 
     pad = task.dictionary.pad()
@@ -90,33 +98,49 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
     bsz = max(1, (cfg.dataset.max_tokens or 4096) // (task.args.tokens_per_sample + cfg.eval_lm.context_window))
     n = min(len(blocks), max_blocks)
     retriever = Retriever(Datastore(datastore), k=k)
+    features = []
 
-    def run(wrapper):
-        tokens, t_model, t0 = 0, 0.0, time.perf_counter()
+    def run(wrapper, collect: bool = False):
+        tokens, nll, t0 = 0, 0.0, time.perf_counter()
         with torch.no_grad():
             for s in range(0, n, bsz):
                 sample = blocks.collater([blocks[i] for i in range(s, min(s + bsz, n))])
-                tm = time.perf_counter()
-                out = wrapper(**sample["net_input"])
-                t_model += time.perf_counter() - tm
-                wrapper.get_normalized_probs(out, True, sample)
+                lp = wrapper.get_normalized_probs(wrapper(**sample["net_input"]), True, sample)
+                tgt = sample["target"]
+                keep = tgt.ne(pad)
+                nll -= float(lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)[keep].sum())
                 tokens += sample["ntokens"]
-        return tokens / (time.perf_counter() - t0), t_model, time.perf_counter() - t0
+                if collect and skip_feature:
+                    features.append(RetrievalSkip(skip_feature, 0.0).values(lp)[keep])
+        return tokens / (time.perf_counter() - t0), math.exp(nll / max(1, tokens))
+
+    def measured(name, wrapper, v_tps):
+        retriever.reset_counters()
+        tps, ppl = run(wrapper)
+        split = dict(wrapper.timings)
+        return {f"{name}_tokens_per_s": tps, f"{name}_ppl": ppl, "ratio": tps / v_tps, "time_split_s": split,
+                "skipped": retriever.counters()["skipped_share"]}
 
     vanilla = MemoryEvalModel(model, NoMemory(), pad)
-    knn = MemoryEvalModel(model, KnnCombiner(lam, temp), pad, retriever=retriever)
-    knn._checked_datastore = True
-    run(vanilla)  # warm-up
-    v_tps, _, _ = run(vanilla)
-    retriever.search_seconds = 0.0
-    k_tps, k_model, k_total = run(knn)
-    return {
-        "vanilla_tokens_per_s": v_tps, "knn_tokens_per_s": k_tps, "ratio": k_tps / v_tps, "target_ratio": 0.5,
+    run(vanilla, collect=True)  # warm-up (and the features of the skip rule)
+    v_tps, v_ppl = run(MemoryEvalModel(model, NoMemory(), pad))
+    knn = measured("knn", MemoryEvalModel(model, KnnCombiner(lam, temp), pad, retriever=retriever), v_tps)
+    out = {
+        "vanilla_tokens_per_s": v_tps, "vanilla_ppl": v_ppl, **knn, "target_ratio": 0.5,
         "k": retriever.k, "keys": len(retriever.datastore), "index": retriever.config.factory,
         "nprobe": retriever.config.nprobe, "recall": retriever.config.recall,
-        "time_split_s": {"model": k_model, "search": retriever.search_seconds,
-                         "combine": k_total - k_model - retriever.search_seconds},
     }
+    if skip_feature:
+        values = torch.cat(features)
+        q = skip_share if skip_feature == "entropy" else 1.0 - skip_share
+        threshold = float(values.quantile(min(max(q, 0.0), 1.0)))
+        retriever.skip = RetrievalSkip(skip_feature, threshold)
+        adaptive = measured("knn", MemoryEvalModel(model, KnnCombiner(lam, temp), pad, retriever=retriever), v_tps)
+        adaptive["rule"] = retriever.skip.describe()
+        adaptive["ratio_vs_knn"] = adaptive["knn_tokens_per_s"] / knn["knn_tokens_per_s"]
+        out["adaptive"] = adaptive
+        retriever.skip = None
+    return out
 
 
 def main(argv=None) -> dict:
@@ -129,6 +153,11 @@ def main(argv=None) -> dict:
     p.add_argument("--knn-k", type=int, default=1024, help="neighbours")
     p.add_argument("--knn-lambda", type=float, default=0.25, help="kNN-LM lambda")
     p.add_argument("--knn-temperature", type=float, default=10.0, help="kNN-LM temperature")
+    p.add_argument("--retrieval-skip-feature", choices=["entropy", "max-prob"], default=None,
+                   help="ext_eval: also time adaptive retrieval with this feature")
+    p.add_argument("--skip-share", type=float, default=0.5,
+                   help="ext_eval with --retrieval-skip-feature: the threshold is set on the timed blocks "
+                   "so that about this share of the searches is skipped")
     p.add_argument("--out", default=None, help="write JSON here")
     ours, rest = p.parse_known_args(argv)
     from trime_fairseq.cli.tune import load
@@ -145,7 +174,8 @@ def main(argv=None) -> dict:
         logger.info("datastore: %s", result["datastore"])
     if "ext_eval" in parts and ours.datastore:
         result["ext_eval"] = bench_ext_eval(cfg, model, task, ours.datastore, ours.knn_k, ours.blocks,
-                                            ours.knn_lambda, ours.knn_temperature)
+                                            ours.knn_lambda, ours.knn_temperature,
+                                            ours.retrieval_skip_feature, ours.skip_share)
         logger.info("ext_eval: %s", result["ext_eval"])
     print(json.dumps(result, indent=2))
     if ours.out:

@@ -69,6 +69,7 @@ def main(argv=None) -> dict:
     for model in (base, knn):  # warm-up (first-call allocations), not timed
         one_pass(task, model.eval(), batches[:1], gen)
     knn.timings.update(search=0.0, combine=0.0)
+    knn.retriever.reset_counters()
     for _ in range(ours.passes):
         for name, model in (("base", base.eval()), ("knn", knn.eval())):
             sent_s, tok_s = one_pass(task, model, batches, gen)
@@ -86,6 +87,7 @@ def main(argv=None) -> dict:
         # the datastore can change output lengths; per output token the comparison is per decoding step
         "token_ratio": statistics.median(token_speeds["knn"]) / statistics.median(token_speeds["base"]),
         "knn_time_split": {k: v / total for k, v in split_s.items()},
+        "skipped": knn.retriever.counters()["skipped_share"],  # adaptive retrieval (0: every step searched)
     }
     print(json.dumps(result, indent=2))
     if ours.out:

@@ -14,7 +14,7 @@ FIGURES = [  # every figure the suite reports, in report order
     "eval_long_memory_full", "eval_long_memory_documents", "ext_eval", "datastore_build",
     "datastore_peak_memory", "bm25_seconds", "knn_mt_generation", "memorizing_train",
 ]
-SCORERS = {"kNN-LM eval", "kNN-MT generation"}
+SCORERS = {"kNN-LM eval", "kNN-LM eval, adaptive retrieval", "kNN-MT generation"}
 
 
 def load_run_all():
@@ -47,6 +47,8 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
         shares = [r[k] for k in ("model", "search", "combine")]
         assert all(0 <= s <= 1 for s in shares) and math.isclose(sum(shares), 1, abs_tol=1e-6), r
         assert r["total_s"] > 0
+        assert 0 <= r["skipped"] <= 1
+        assert (r["skipped"] > 0) == ("adaptive" in r["scorer"]), r  # only the adaptive scorer skips
     assert all(st["status"] == "ok" for st in data["steps"].values()), data["steps"]
     assert {"cpus", "torch", "faiss", "date", "load_average_start"} <= set(data["machine"])
 
@@ -57,7 +59,7 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     for f in data["figures"]:
         assert f["figure"] in md
     assert "## Time split of the memory-augmented scorers" in md
-    assert "| scorer | model | search | combine | total (s) |" in md
+    assert "| scorer | model | search | combine | total (s) | searches skipped |" in md
     assert "FAILED" not in md
     assert report.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -222,3 +222,24 @@ def test_adaptive_softmax_ablation_example(corpus, tmp_path):
         assert r["valid_ppl_nomem"] > 1 and r["valid_ppl_head"] > 1 and r["valid_ppl_normalised"] > 1
         assert r["valid_ppl_head"] != pytest.approx(r["valid_ppl_normalised"], rel=1e-6)
     assert (tmp_path / "data_valid12" / "valid.idx").exists()
+
+
+def test_adaptive_retrieval_example(corpus, tmp_path):
+    out = tmp_path / "result"
+    run_example("adaptive_retrieval", "--run-dir", str(tmp_path / "run"), "--data", str(corpus),
+                "--arch", "transformer_lm_trime_tiny", "--max-update", "2", "--tokens-per-sample", "32",
+                "--max-tokens", "256", "--eval-tokens-per-sample", "32", "--context-window", "16",
+                "--datastore-shards", "2", "--datastore-max-tokens", "256", "--valid-tokens", "300", "--knn-k", "8", "--lambdas", "0.3",
+                "--temperatures", "1", "--skip-shares", "0.2,0.5", "--extra-shares", "0.5", "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["system"].split(",")[0].split(" (")[0]: r for r in result["rows"]}
+    assert {"Transformer", "kNN-LM"} <= set(rows)
+    for r in result["rows"]:
+        assert r["valid_ppl"] > 1 and r["tokens_per_s"] > 0 and 0 <= r["skipped"] <= 1
+    skipping = [r for r in result["rows"] if "feature" in r]
+    assert skipping and any(r["skipped"] > 0 for r in skipping)
+    for r in skipping:  # eval-lm's perplexity and share are trime-tune's for the same threshold
+        assert r["valid_ppl"] == pytest.approx(r["tune_ppl"], rel=1e-3)
+        assert r["skipped"] == pytest.approx(r["tune_skipped"], abs=1e-6)
+        assert set(r["time_split_s"]) == {"model", "search", "combine"}
+    assert "| system | valid ppl | searches skipped |" in out.with_suffix(".md").read_text()

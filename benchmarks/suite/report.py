@@ -125,16 +125,21 @@ def time_splits(suite: Suite) -> List[dict]:
     rows = []
     ext = suite.results.get("ext_eval", {}).get("ext_eval")
     if ext:
-        split = ext["time_split_s"]
-        total = sum(split.values())
-        rows.append({"scorer": f"kNN-LM eval (K={ext['k']}, {ext['keys']:,} keys)", "total_s": total,
-                     **{k: split[k] / total for k in ("model", "search", "combine")}})
+        for name, r in (("kNN-LM eval", ext), ("kNN-LM eval, adaptive retrieval", ext.get("adaptive"))):
+            if not r:
+                continue
+            split = r["time_split_s"]
+            total = sum(split.values())
+            rule = f", {r['rule']}" if r.get("rule") else ""
+            rows.append({"scorer": f"{name} (K={ext['k']}, {ext['keys']:,} keys{rule})", "total_s": total,
+                         **{k: split[k] / total for k in ("model", "search", "combine")},
+                         "skipped": r.get("skipped", 0.0)})
     gen = suite.results.get("generate")
     if gen:
         split = gen["knn_time_split"]
         rows.append({"scorer": f"kNN-MT generation (beam {gen['beam']}, K={gen['knn_k']}, {gen['datastore_size']:,} keys)",
                      "total_s": gen["sentences"] * suite.size.gen_passes / gen["knn_sentences_per_s"],
-                     **{k: split[k] for k in ("model", "search", "combine")}})
+                     **{k: split[k] for k in ("model", "search", "combine")}, "skipped": gen.get("skipped", 0.0)})
     return rows
 
 
@@ -176,7 +181,8 @@ def render(report: dict) -> str:
              f"{r['target']:g}{' s' if r['unit'] == 's' else ''}", "result": mark[r["status"]], "notes": r["notes"]}
             for r in report["figures"]]
     splits = [{"scorer": r["scorer"], "model": f"{r['model']:.0%}", "search": f"{r['search']:.0%}",
-               "combine": f"{r['combine']:.0%}", "total_s": f"{r['total_s']:.1f}"} for r in report["time_split"]]
+               "combine": f"{r['combine']:.0%}", "total_s": f"{r['total_s']:.1f}",
+               "skipped": f"{r.get('skipped', 0.0):.0%}"} for r in report["time_split"]]
     steps = [{"step": k, "status": v["status"], "seconds": f"{v['seconds']:.0f}",
               "log": f"`{v['log']}`" if v["log"] else "", "error": v.get("error", "") or (f"reused from the run of {v['reused']}" if v.get("reused") else "")}
              for k, v in report["steps"].items()]
@@ -199,8 +205,9 @@ def render(report: dict) -> str:
         "",
         "## Time split of the memory-augmented scorers",
         "",
-        ex.markdown_table(splits, ["scorer", "model", "search", "combine", "total_s"],
-                          ["scorer", "model", "search", "combine", "total (s)"]) if splits else "(no scorer ran)",
+        ex.markdown_table(splits, ["scorer", "model", "search", "combine", "total_s", "skipped"],
+                          ["scorer", "model", "search", "combine", "total (s)", "searches skipped"])
+        if splits else "(no scorer ran)",
         "",
         "## Setup",
         "",

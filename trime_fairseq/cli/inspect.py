@@ -50,8 +50,8 @@ class _RecordingRetriever:
     def __init__(self, retriever) -> None:
         self.inner, self.last = retriever, None
 
-    def search(self, queries, positions=None):
-        self.last = self.inner.search(queries, positions)
+    def search(self, queries, positions=None, tok_lprobs=None, features=None):
+        self.last = self.inner.search(queries, positions, tok_lprobs, features)
         return self.last
 
     def __getattr__(self, name):

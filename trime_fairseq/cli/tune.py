@@ -18,6 +18,17 @@ Examples::
     trime-tune data-bin/corpus --path ckpt/trime_long.pt --combiner trime --grid tau=1 \\
         --memory-sizes 0,1000,2000,5000,10000 --plot fig3.png ...
 
+Adaptive retrieval (``--retrieval-skip-feature``): ``--grid ... skip_threshold=t1,t2,...``
+scores every setting at every threshold on the same cached neighbours, as if the skipped
+queries had not been searched (what ``fairseq-eval-lm`` then computes, up to the float
+rounding of searching a smaller batch), and also
+without skipping. Each row reports the share of searches skipped; per setting, the log (and
+``skip_choice`` in ``--out``) names the threshold that skips the most searches with a
+perplexity at most ``--max-ppl-increase`` (default 1%) above searching every token::
+
+    trime-tune data-bin/corpus --path ckpt/vanilla.pt --combiner knn --datastore ds/train \
+        --grid lambda=0.25 temperature=10 skip_threshold=1,2,3,4,5 --retrieval-skip-feature entropy ...
+
 Any other flag is passed to fairseq's eval-lm parser (``--max-tokens``, ``--gen-subset``...).
 """
 import argparse
@@ -37,6 +48,7 @@ from trime_fairseq.cli import setup_cli_logging
 from trime_fairseq.errors import TrimeUserError, cli_entry
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
 from trime_fairseq.memory.joint import DEFAULT_PPRIME, PPRIME_KINDS
+from trime_fairseq.memory.retriever import SKIP_FEATURES, RetrievalSkip
 
 logger = logging.getLogger("trime_fairseq.tune")
 
@@ -52,6 +64,12 @@ GRID_KEYS: Dict[str, Tuple[Tuple[str, ...], Dict[str, float]]] = {
 # interpolation weights: < 1 so that every token keeps a non-zero probability
 LAMBDAS = ("lambda", "memory_lambda", "cache_lambda")
 
+#: adaptive retrieval: the grid axis of --retrieval-skip-threshold (combiners with external memory)
+SKIP_AXIS = "skip_threshold"
+SKIP_COMBINERS = ("trime", "knn")
+#: the largest relative perplexity increase over always-search that the skip choice accepts
+DEFAULT_MAX_PPL_INCREASE = 0.01
+
 
 def parse_grid(combiner: str, items: Sequence[str]) -> List[Dict[str, float]]:
     """``["tau=0.5,1"]`` -> ``[{"tau": 0.5}, {"tau": 1.0}]`` (Cartesian product)."""
@@ -61,8 +79,10 @@ def parse_grid(combiner: str, items: Sequence[str]) -> List[Dict[str, float]]:
         if "=" not in item:
             raise TrimeUserError(f"--grid entries look like name=v1,v2,...; got {item!r}")
         name, values = item.split("=", 1)
-        if name not in required and name not in optional:
-            raise TrimeUserError(f"--grid: {combiner} takes {', '.join([*required, *optional])}; got {name!r}")
+        skip_ok = combiner in SKIP_COMBINERS
+        if name not in required and name not in optional and not (name == SKIP_AXIS and skip_ok):
+            takes = [*required, *optional, *([SKIP_AXIS] if skip_ok else [])]
+            raise TrimeUserError(f"--grid: {combiner} takes {', '.join(takes)}; got {name!r}")
         try:
             axes[name] = [float(v) for v in values.split(",") if v]
         except ValueError:
@@ -141,7 +161,8 @@ def iter_scored_rows(model, task, cfg, long_memory_size: int = 0, external: bool
 
 def score_grid(
     models_and_task, cfg, combiners: List[Combiner], memory_sizes: Sequence[int] = (0,),
-    neighbours: Optional[Sequence[int]] = None,
+    neighbours: Optional[Sequence[int]] = None, skips: Optional[Sequence[Optional[RetrievalSkip]]] = None,
+    searches: Optional[dict] = None,
 ) -> Tuple[List[List[float]], List[List[int]]]:
     """Summed target log-probabilities ``[combiner][memory size]`` over the subset, and the
     number of tokens each sum covers. Tokens are counted as ``fairseq-eval-lm`` counts them:
@@ -149,10 +170,18 @@ def score_grid(
     (fairseq's "skipping tokens with inf scores"), so ``exp(-sum / count)`` is the
     perplexity ``fairseq-eval-lm`` reports for the same flags. ``neighbours[i]`` (0 = all)
     restricts combiner ``i`` to its nearest retrieved entries: retrieval runs once per
-    batch at the largest K and every grid point reuses it (no second search)."""
+    batch at the largest K and every grid point reuses it (no second search).
+
+    ``skips[i]`` (adaptive retrieval) scores combiner ``i`` as if the retriever had skipped
+    the queries its rule picks (:meth:`ScoringInputs.skip_external`: the same inputs as a
+    real skipped search); ``searches``, if given, receives ``queries`` (datastore queries of
+    the subset) and ``skipped`` (per combiner, how many of them its rule skips)."""
     model, task = models_and_task
     pad = task.source_dictionary.pad()
     neighbours = list(neighbours or [0] * len(combiners))
+    skips = list(skips or [None] * len(combiners))
+    rules = {s: i for i, s in enumerate(dict.fromkeys(s for s in skips if s is not None))}
+    n_queries, n_skipped = 0, [0] * len(combiners)
     external = EvalMemory.from_args(task.args).ext or any(isinstance(c, KnnCombiner) for c in combiners)
     k = max(neighbours) or None
     sums = [[0.0] * len(memory_sizes) for _ in combiners]
@@ -160,14 +189,79 @@ def score_grid(
     reps = sorted({r for c in combiners for r in c.representations})
     for row in iter_scored_rows(model, task, cfg, max(memory_sizes), external, k, reps, combiners):
         keep = row.target.ne(pad)
+        masks = [rule.mask(row.tok_log_probs()) for rule in rules]
+        n_queries += row.target.numel()
+        for i, rule in enumerate(skips):
+            if rule is not None:
+                n_skipped[i] += int(masks[rules[rule]].sum())
         for j, size in enumerate(memory_sizes):
             sized = row.restrict_long_memory(size)
             for i, comb in enumerate(combiners):
-                lp = comb.target_log_prob(sized.restrict_external(neighbours[i]) if neighbours[i] else sized)
+                x = sized.restrict_external(neighbours[i]) if neighbours[i] else sized
+                if skips[i] is not None:
+                    x = x.skip_external(masks[rules[skips[i]]])
+                lp = comb.target_log_prob(x)
                 counted = keep & torch.isfinite(lp)
                 sums[i][j] += float(lp[counted].sum())
                 counts[i][j] += int(counted.sum())
+    if searches is not None:
+        searches.update(queries=n_queries, skipped=n_skipped)
     return sums, counts
+
+
+def choose_skip(rows: List[dict], max_increase: float = DEFAULT_MAX_PPL_INCREASE) -> List[dict]:
+    """Adaptive retrieval: per setting (every grid parameter but ``skip_threshold``, and the
+    memory size), the grid point that skips the largest share of searches with a perplexity
+    within ``max_increase`` (relative) of the same setting searching every query. Returns
+    one entry per setting: the always-search perplexity, the chosen point (or ``None``)."""
+    groups: Dict[str, dict] = {}
+    for r in rows:
+        if r["combiner"] == "none":
+            continue
+        key = json.dumps({k: v for k, v in r["params"].items() if k != SKIP_AXIS}, sort_keys=True)
+        g = groups.setdefault(key, {"setting": {k: v for k, v in r["params"].items() if k != SKIP_AXIS},
+                                    "always_search_ppl": None, "points": []})
+        if SKIP_AXIS in r["params"]:
+            g["points"].append(r)
+        else:
+            g["always_search_ppl"] = r["ppl"]
+    out = []
+    for g in groups.values():
+        if not g["points"] or g["always_search_ppl"] is None:
+            continue
+        limit = g["always_search_ppl"] * (1 + max_increase)
+        ok = [r for r in g["points"] if r["ppl"] <= limit]
+        best = max(ok, key=lambda r: (r["skipped"], -r["ppl"]), default=None)
+        out.append({"setting": g["setting"], "always_search_ppl": g["always_search_ppl"],
+                    "max_ppl": limit, "chosen": best})
+    return out
+
+
+def with_always_search(grid: List[Dict[str, float]]) -> List[Dict[str, float]]:
+    """``grid`` plus, for every setting swept over ``skip_threshold``, the same setting
+    without it (searching every query): the reference of :func:`choose_skip`."""
+    out = list(grid)
+    seen = {json.dumps(p, sort_keys=True) for p in grid}
+    for p in grid:
+        if SKIP_AXIS in p:
+            base = {k: v for k, v in p.items() if k != SKIP_AXIS}
+            key = json.dumps(base, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append(base)
+    return out
+
+
+def skip_rules(grid: List[Dict[str, float]], feature: Optional[str], rest: Sequence[str]) -> List[Optional[RetrievalSkip]]:
+    """The skip rule of every grid point (``None``: searches every query), checked."""
+    if any(a == "--retrieval-skip-threshold" or a.startswith("--retrieval-skip-threshold=") for a in rest):
+        raise TrimeUserError(f"trime-tune sweeps --retrieval-skip-threshold: give its values as --grid {SKIP_AXIS}=...")
+    swept = any(SKIP_AXIS in p for p in grid)
+    if swept and feature is None:
+        raise TrimeUserError(f"--grid {SKIP_AXIS}=... needs --retrieval-skip-feature ({' or '.join(SKIP_FEATURES)})")
+    if feature is not None and not swept:
+        raise TrimeUserError(f"--retrieval-skip-feature {feature} needs --grid {SKIP_AXIS}=... (the thresholds to try)")
+    return [RetrievalSkip(feature, p[SKIP_AXIS]) if SKIP_AXIS in p else None for p in grid]
 
 
 def plot_memory_sweep(rows: List[dict], path: str, title: str = "") -> None:
@@ -244,7 +338,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                         + " of --memory-distribution), cache (lambda "
                         "theta) or knn (lambda temperature [k cache_lambda cache_theta])")
     parser.add_argument("--grid", nargs="+", required=True,
-                        help="name=v1,v2,... per parameter; k = neighbours kept of --knn-k retrieved")
+                        help="name=v1,v2,... per parameter; k = neighbours kept of --knn-k retrieved; "
+                        f"{SKIP_AXIS} = --retrieval-skip-threshold values (adaptive retrieval, with "
+                        "--retrieval-skip-feature; every setting is also scored searching every query)")
+    parser.add_argument("--retrieval-skip-feature", choices=SKIP_FEATURES, default=None,
+                        help=f"adaptive retrieval: the feature the --grid {SKIP_AXIS}=... values threshold "
+                        "(as fairseq-eval-lm's flag of the same name)")
+    parser.add_argument("--max-ppl-increase", type=float, default=DEFAULT_MAX_PPL_INCREASE,
+                        help=f"with --grid {SKIP_AXIS}=...: report, per setting, the threshold that skips "
+                        "the most searches with a perplexity at most this much (relative) above searching "
+                        "every query")
     parser.add_argument("--cache-representation", choices=["f", "g"], default="f",
                         help="continuous cache hidden state (f = decoder output)")
     parser.add_argument("--memory-sizes", default="0",
@@ -259,32 +362,54 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         raise TrimeUserError(f"--memory-sizes takes comma-separated integers, got {ours.memory_sizes!r}") from None
     if not sizes or sizes[0] < 0:
         raise TrimeUserError("--memory-sizes must be non-negative integers")
-    grid = parse_grid(ours.combiner, ours.grid)
+    grid = with_always_search(parse_grid(ours.combiner, ours.grid))
+    skips = [None] + skip_rules(grid, ours.retrieval_skip_feature, rest)
+    if ours.max_ppl_increase < 0:
+        raise TrimeUserError(f"--max-ppl-increase must be >= 0, got {ours.max_ppl_increase}")
     combiners = [make_combiner(ours.combiner, p, ours.cache_representation) for p in grid]
     cfg, model, task = load(rest)
     ks = [0] + [int(p.get("k", 0)) for p in grid]
-    if any(ks) and not (EvalMemory.from_args(task.args).ext or ours.combiner == "knn"):
+    external = EvalMemory.from_args(task.args).ext or ours.combiner == "knn"
+    if any(ks) and not external:
         raise TrimeUserError("--grid k=... needs external memory (--eval-memory ...+ext or --combiner knn)")
-    sums, counts = score_grid((model, task), cfg, [NoMemory(), *combiners], sizes, ks)
+    if any(skips) and not external:
+        raise TrimeUserError(f"--grid {SKIP_AXIS}=... skips datastore searches: it needs external memory "
+                             "(--eval-memory ...+ext or --combiner knn)")
+    searches: dict = {}
+    sums, counts = score_grid((model, task), cfg, [NoMemory(), *combiners], sizes, ks, skips, searches)
+    skipped = [n / searches["queries"] if searches.get("queries") else 0.0 for n in searches.get("skipped", [])]
     total = counts[0][0]  # the model alone scores every token
     if total == 0:
         raise TrimeUserError(f"--gen-subset {cfg.dataset.gen_subset}: no token to score")
-    rows = [{"params": {}, "combiner": "none", "memory_size": 0, "ppl": math.exp(-sums[0][0] / total), "tokens": total}]
-    for point, comb, per_size, per_count in zip(grid, combiners, sums[1:], counts[1:]):
+    rows = [{"params": {}, "combiner": "none", "memory_size": 0, "ppl": math.exp(-sums[0][0] / total), "tokens": total,
+             "skipped": 0.0}]
+    for point, comb, per_size, per_count, rule, share in zip(grid, combiners, sums[1:], counts[1:], skips[1:],
+                                                             skipped[1:] or [0.0] * len(grid)):
         for size, s, n in zip(sizes, per_size, per_count):
-            desc = comb.describe() + (f" k={int(point['k'])}" if point.get("k") else "")
+            desc = comb.describe() + (f" k={int(point['k'])}" if point.get("k") else "") + \
+                (f" [{rule.describe()}]" if rule is not None else "")
             if n < total:
                 logger.warning("%s M=%d: %d of %d tokens have probability 0 and are left out, as "
                                "fairseq-eval-lm does", desc, size, total - n, total)
             rows.append({"params": dict(point, memory_size=size), "combiner": desc, "memory_size": size,
-                         "ppl": math.exp(-s / n) if n else float("inf"), "tokens": n})
+                         "ppl": math.exp(-s / n) if n else float("inf"), "tokens": n, "skipped": share})
     # a point that gives some token probability 0 is never "best": its perplexity leaves them out
     best = min((r for r in rows[1:] if r["tokens"] == total), key=lambda r: r["ppl"], default=None) or \
         min(rows[1:], key=lambda r: r["ppl"])
     for r in rows:
-        logger.info("%-40s M=%-6d ppl %.3f%s", r["combiner"], r["memory_size"], r["ppl"],
-                    "  <- best" if r is best else "")
+        logger.info("%-40s M=%-6d ppl %.3f  searches skipped %5.1f%%%s", r["combiner"], r["memory_size"], r["ppl"],
+                    100 * r["skipped"], "  <- best" if r is best else "")
     result = {"subset": cfg.dataset.gen_subset, "tokens": total, "rows": rows, "best": best}
+    if any(skips):
+        result["retrieval_skip_feature"] = ours.retrieval_skip_feature
+        result["skip_choice"] = choose_skip(rows, ours.max_ppl_increase)
+        for c in result["skip_choice"]:
+            r = c["chosen"]
+            logger.info("%s: always-search ppl %.3f; %s", json.dumps(c["setting"]), c["always_search_ppl"],
+                        "no threshold within %.1f%%" % (100 * ours.max_ppl_increase) if r is None else
+                        "--retrieval-skip-feature %s --retrieval-skip-threshold %g skips %.1f%% of searches at ppl "
+                        "%.3f (within %.1f%%)" % (ours.retrieval_skip_feature, r["params"][SKIP_AXIS],
+                                                  100 * r["skipped"], r["ppl"], 100 * ours.max_ppl_increase))
     if ours.plot:
         plot_memory_sweep(rows[1:], ours.plot)
     if ours.out:

@@ -136,6 +136,16 @@ class ScoringInputs:
         """Attach per-query retrieved entries ``[B, T, K]`` (``-inf`` score = none)."""
         return replace(self, ext_scores=scores, ext_labels=labels)
 
+    def skip_external(self, skipped: Tensor) -> "ScoringInputs":
+        """The queries ``skipped`` ``[B, T]`` lose their retrieved entries, exactly as when
+        :meth:`~trime_fairseq.memory.retriever.Retriever.search` skips them (scores ``-inf``,
+        labels 0): every combiner then scores them without external memory."""
+        if self.ext_scores is None:
+            return self
+        s = skipped.unsqueeze(-1)
+        return replace(self, ext_scores=self.ext_scores.masked_fill(s, float("-inf")),
+                       ext_labels=self.ext_labels.masked_fill(s, 0))
+
     def restrict_external(self, k: int) -> "ScoringInputs":
         """Keep only the ``k`` nearest retrieved entries (they come sorted)."""
         if self.ext_scores is None:

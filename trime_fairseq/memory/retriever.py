@@ -9,17 +9,26 @@ The index follows the queries: it is loaded on the CPU and copied to the GPU(s) 
 first search with CUDA queries, if faiss-gpu sees a GPU and ``K`` is within faiss-gpu's
 limit (:data:`~trime_fairseq.memory.index.GPU_MAX_K`); otherwise it is searched on the CPU.
 Results are returned on the queries' device.
+
+Adaptive retrieval ("search less"): with a :class:`RetrievalSkip` in :attr:`Retriever.skip`
+and the model's token log-probabilities of each query, the queries where the model is
+confident (low entropy, or high max-probability) are not searched at all; their rows come
+back empty (``-inf`` scores), which every combiner reads as "no external neighbour", i.e.
+the distribution without external memory. Only the other queries reach FAISS. The
+retriever counts the queries it was given and those it skipped (:meth:`Retriever.counters`).
 """
 import logging
+import math
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from trime_fairseq.memory.datastore import Datastore, rebuild_command
-from trime_fairseq.memory.index import GPU_MAX_K, gpu_available, index_to_gpu, load_index
+from trime_fairseq.memory.index import GPU_MAX_K, blas_for_small_batches, gpu_available, index_to_gpu, load_index
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +44,76 @@ class Retrieved:
 
     def top(self, k: int) -> "Retrieved":
         return Retrieved(self.scores[:, :k], self.values[:, :k], self.ids[:, :k])
+
+
+#: the features a skip decision can read (``--retrieval-skip-feature``)
+SKIP_FEATURES: Tuple[str, ...] = ("entropy", "max-prob")
+
+
+@dataclass(frozen=True)
+class RetrievalSkip:
+    """When to leave a query out of the datastore search (adaptive retrieval).
+
+    * ``entropy``: skip when the entropy (nats) of the model's next-token distribution is
+      below ``threshold`` (``>= 0``; 0 never skips).
+    * ``max-prob``: skip when the model's largest next-token probability is above
+      ``threshold`` (in ``[0, 1]``; 1 never skips).
+    """
+
+    feature: str
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if self.feature not in SKIP_FEATURES:
+            raise TrimeUserError(f"--retrieval-skip-feature must be one of {', '.join(SKIP_FEATURES)}, "
+                                 f"got {self.feature!r}")
+        t = self.threshold
+        if not (isinstance(t, (int, float)) and math.isfinite(t)) or t < 0:
+            raise TrimeUserError(f"--retrieval-skip-threshold must be a number >= 0, got {t}")
+        if self.feature == "max-prob" and t > 1:
+            raise TrimeUserError(f"--retrieval-skip-threshold with --retrieval-skip-feature max-prob is a "
+                                 f"probability in [0, 1], got {t}")
+
+    @classmethod
+    def from_args(cls, args) -> Optional["RetrievalSkip"]:
+        """The skip rule of ``--retrieval-skip-feature``/``--retrieval-skip-threshold``
+        (``None``: search every query); one flag without the other is an error."""
+        feature = getattr(args, "retrieval_skip_feature", None)
+        threshold = getattr(args, "retrieval_skip_threshold", None)
+        feature = None if feature is None or str(feature) in ("", "None") else str(feature)
+        if feature is None and threshold is None:
+            return None
+        if feature is None:
+            raise TrimeUserError(f"--retrieval-skip-threshold {threshold} needs --retrieval-skip-feature "
+                                 f"({' or '.join(SKIP_FEATURES)})")
+        if threshold is None:
+            raise TrimeUserError(f"--retrieval-skip-feature {feature} needs --retrieval-skip-threshold")
+        return cls(feature, float(threshold))
+
+    def values(self, tok_lprobs: Tensor) -> Tensor:
+        """The feature ``[...]`` of token log-probabilities ``[..., V]``."""
+        lp = tok_lprobs.detach().float()
+        if self.feature == "max-prob":
+            return lp.max(-1).values.exp()
+        return torch.special.entr(lp.exp()).sum(-1)
+
+    @property
+    def never_skips(self) -> bool:
+        """The threshold skips nothing whatever the distribution (entropy 0, max-prob 1): the
+        retriever then searches exactly as without a rule."""
+        return self.threshold == (0.0 if self.feature == "entropy" else 1.0)
+
+    def mask(self, tok_lprobs: Tensor) -> Tensor:
+        """``True`` where the query is not searched."""
+        return self.skips(self.values(tok_lprobs))
+
+    def skips(self, values: Tensor) -> Tensor:
+        """``True`` where the feature ``values`` (of :meth:`values`) skip the search."""
+        return values > self.threshold if self.feature == "max-prob" else values < self.threshold
+
+    def describe(self) -> str:
+        op = ">" if self.feature == "max-prob" else "<"
+        return f"skip search where {self.feature} {op} {self.threshold:g}"
 
 
 class Retriever:
@@ -56,6 +135,9 @@ class Retriever:
         self.k = min(k, len(datastore))
         self.exact = exact
         self.search_seconds = 0.0
+        self.skip: Optional[RetrievalSkip] = None  # adaptive retrieval (module doc); None = search all
+        self.num_queries = 0  # queries given to search()
+        self.num_skipped = 0  # of those, not searched (skip rule)
         self._model_checked = False
 
     def check_model(self, model) -> None:
@@ -77,16 +159,67 @@ class Retriever:
             self.index, self.on_gpu = moved, moved is not self.index
         logger.info("datastore index searched on the %s", "GPU" if self.on_gpu else "CPU")
 
-    def search(self, queries: Tensor, positions: Optional[Tensor] = None) -> Retrieved:
+    def counters(self) -> dict:
+        """Queries given, skipped, searched, their share skipped and the search seconds."""
+        n, s = self.num_queries, self.num_skipped
+        return {"queries": n, "skipped": s, "searched": n - s, "skipped_share": s / n if n else 0.0,
+                "search_s": self.search_seconds}
+
+    def reset_counters(self) -> None:
+        self.num_queries = self.num_skipped = 0
+        self.search_seconds = 0.0
+
+    def search(self, queries: Tensor, positions: Optional[Tensor] = None,
+               tok_lprobs: Optional[Tensor] = None, features: Optional[Tensor] = None) -> Retrieved:
         """``queries`` ``[n, d]`` -> :class:`Retrieved` with ``K`` neighbours each.
+
+        With :attr:`skip` and ``tok_lprobs`` ``[n, V]`` (the model's next-token
+        log-probabilities at each query), or the rule's ``features`` ``[n]`` computed from
+        them (:meth:`RetrievalSkip.values`; saves holding ``[n, V]`` at once), the queries
+        the rule skips are not searched and get an empty row (scores ``-inf``, values 0,
+        ids -1).
 
         With :attr:`exclude_self` and ``positions`` ``[n]`` (the queries' stream positions;
         entry ``i`` of an LM datastore is the token at stream position ``i`` of the split
         it was built from), each query's own entry is left out: ``K + 1`` are retrieved and
         the query's own id removed (evaluating the split the datastore was built from)."""
-        import time
-
         t0 = time.perf_counter()
+        n = queries.size(0)
+        self.num_queries += n
+        skipped = None
+        skipping = self.skip is not None and not self.skip.never_skips and \
+            (tok_lprobs is not None or features is not None)
+        if skipping and n:
+            if features is None:
+                features = self.skip.values(tok_lprobs.reshape(n, -1))
+            skipped = self.skip.skips(features.reshape(n)).to(queries.device)
+            self.num_skipped += int(skipped.sum())
+            if not bool(skipped.any()):
+                skipped = None
+        if skipped is None:
+            found = self._search(queries, positions, fast_small=skipping)
+        else:
+            keep = (~skipped).nonzero(as_tuple=True)[0]
+            kept = self._search(queries[keep], None if positions is None else positions[keep], fast_small=True)
+            dev = queries.device
+            found = Retrieved(torch.full((n, self.k), float("-inf"), device=dev),
+                              torch.zeros(n, self.k, dtype=torch.long, device=dev),
+                              torch.full((n, self.k), -1, dtype=torch.long, device=dev))
+            found.scores[keep], found.values[keep], found.ids[keep] = kept.scores, kept.values, kept.ids
+        self.search_seconds += time.perf_counter() - t0
+        return found
+
+    def _search(self, queries: Tensor, positions: Optional[Tensor], fast_small: bool = False) -> Retrieved:
+        """FAISS search of every query (see :meth:`search`); ``fast_small``: the batch may be
+        small (adaptive retrieval), so exhaustive search goes through BLAS even then
+        (:func:`~trime_fairseq.memory.index.blas_for_small_batches`)."""
+        if fast_small and not self.on_gpu:
+            with blas_for_small_batches():
+                return self._search(queries, positions)
+        if queries.size(0) == 0:
+            dev = queries.device
+            return Retrieved(torch.zeros(0, self.k, device=dev), torch.zeros(0, self.k, dtype=torch.long, device=dev),
+                             torch.zeros(0, self.k, dtype=torch.long, device=dev))
         if queries.is_cuda and self.use_gpu and not self.on_gpu:
             self._to_gpu()
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
@@ -117,7 +250,6 @@ class Retriever:
             raise TrimeUserError(f"--datastore {self.datastore.path}: key {key} is not finite (NaN/inf in "
                                  f"keys.npy); {self.datastore.fix}")
         scores = np.where(found, scores, -np.inf).astype(np.float32)
-        self.search_seconds += time.perf_counter() - t0
         dev = queries.device
         return Retrieved(torch.from_numpy(scores).to(dev), torch.from_numpy(values).to(dev),
                          torch.from_numpy(ids).to(dev))

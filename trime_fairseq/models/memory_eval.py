@@ -14,10 +14,16 @@
   kept in a :class:`~trime_fairseq.memory.long_term.LongTermMemory` across batches. Rows
   are scored one after another, in reading order.
 * External memory (Eq. 4): the K nearest datastore entries of each scored query, found
-  by one FAISS search per batch (:class:`~trime_fairseq.memory.retriever.Retriever`).
+  by one FAISS search per batch (:class:`~trime_fairseq.memory.retriever.Retriever`);
+  with ``--retrieval-skip-feature``, the queries where the model is confident are not
+  searched and are scored without external memory (adaptive retrieval).
+
+The wrapper times the model forward, the search and the combining (:attr:`timings`); the
+task logs them with the share of skipped searches at the end of ``fairseq-eval-lm``.
 
 Positions that are not scored (the context window) get the model's own distribution.
 """
+import time
 from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -90,7 +96,12 @@ def scored_rows(
                 raise TrimeUserError("--exclude-self-from-datastore needs token positions: evaluate with "
                                      "--task trime_lm (its own data loader)")
             positions = torch.cat([sample["positions"][i, int(starts[i]):] for i in range(x.target.size(0))])
-        found = retriever.search(queries, positions)
+        features = None
+        if retriever.skip is not None and not retriever.skip.never_skips:
+            # adaptive retrieval: the skip rule reads the model's distribution, row by row
+            tok = x.tok_log_probs()
+            features = torch.cat([retriever.skip.values(tok[i, int(starts[i]):]) for i in range(x.target.size(0))])
+        found = retriever.search(queries, positions, features=features)
         external = iter(zip(found.scores.split([t - int(s) for s in starts]),
                             found.values.split([t - int(s) for s in starts])))
     if long_memory is not None and ("doc_ids" not in sample or "positions" not in sample):
@@ -146,13 +157,24 @@ class MemoryEvalModel(MemoryModelWrapper):
         self.long_memory: Optional[LongTermMemory] = None
 
     def forward(self, src_tokens: Tensor, src_lengths: Optional[Tensor] = None, **kwargs):
+        t0 = time.perf_counter()
         out = self.inner(src_tokens, src_lengths=src_lengths, **kwargs)
         extra = out[1] if len(out) > 1 and isinstance(out[1], dict) else {}
         extra["trime_g"] = self.capture.take()
         extra["trime_f"] = self.capture.take_f(out)
+        self.timings["model"] += time.perf_counter() - t0
         return (out[0], extra) + tuple(out[2:])
 
     def get_normalized_probs(self, net_output, log_probs: bool, sample=None):
+        t0 = time.perf_counter()
+        searched = self.retriever.search_seconds if self.retriever is not None else 0.0
+        out = self._normalized_probs(net_output, log_probs, sample)
+        search = (self.retriever.search_seconds if self.retriever is not None else 0.0) - searched
+        self.timings["search"] += search
+        self.timings["combine"] += time.perf_counter() - t0 - search
+        return out
+
+    def _normalized_probs(self, net_output, log_probs: bool, sample=None):
         if sample is None or sample.get("target") is None:
             raise TrimeUserError("memory scoring needs the sample's targets (fairseq-eval-lm)")
         if self.retriever is not None:

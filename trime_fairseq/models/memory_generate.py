@@ -10,7 +10,7 @@ distribution of the task's :class:`~trime_fairseq.memory.combiners.Combiner`.
 The same path serves ``--score-reference`` (all positions at once).
 """
 import time
-from typing import Dict, Optional
+from typing import Optional
 
 from fairseq.models import BaseFairseqModel
 from torch import Tensor
@@ -26,13 +26,16 @@ class MemoryGenerationModel(MemoryModelWrapper):
     """Wraps a trained fairseq encoder-decoder; decodes with a datastore and a combiner.
 
     Parameters, checkpoints and the encoder/decoder are the inner model's. ``timings``
-    accumulates seconds spent in retrieval and in combining (for benchmarks).
+    accumulates seconds spent in retrieval and in combining (for benchmarks; the generator
+    drives the decoder directly, so ``model`` stays 0 here). With the retriever's skip rule
+    (``--retrieval-skip-feature``), hypotheses where the model is confident are not
+    searched and get the model's own distribution (the same :meth:`Retriever.search` as
+    ``fairseq-eval-lm``).
     """
 
     def __init__(self, model: BaseFairseqModel, combiner: Combiner, retriever: Retriever) -> None:
         super().__init__(model, combiner)
         self.retriever = retriever
-        self.timings: Dict[str, float] = {"search": 0.0, "combine": 0.0}
 
     def forward(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor, **kwargs):
         return self.inner(src_tokens, src_lengths, prev_output_tokens, **kwargs)
@@ -48,7 +51,8 @@ class MemoryGenerationModel(MemoryModelWrapper):
         bsz, steps, dim = g.shape
         t0 = time.perf_counter()
         query = at_least_float32(g)
-        found = self.retriever.search(query.reshape(-1, dim))
+        # adaptive retrieval: the skip rule (if any) reads the model's distribution
+        found = self.retriever.search(query.reshape(-1, dim), None, tok_lprobs.reshape(bsz * steps, -1))
         t1 = time.perf_counter()
         x = ScoringInputs.external_only(
             scores, scores[..., 0] - tok_lprobs[..., 0], query,

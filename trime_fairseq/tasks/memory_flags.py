@@ -20,11 +20,13 @@ from trime_fairseq.errors import TrimeUserError
 from trime_fairseq.memory.combiners import (
     AdaptiveKnnCombiner, CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner)
 from trime_fairseq.memory.joint import DEFAULT_PPRIME
+from trime_fairseq.memory.retriever import SKIP_FEATURES, RetrievalSkip
 
 logger = logging.getLogger(__name__)
 
 BM25_GROW = ChoiceEnum(list(GROW_MODES))
 ON_OFF = ChoiceEnum(["on", "off"])
+SKIP_FEATURE_CHOICES = ChoiceEnum(list(SKIP_FEATURES))
 # defaults of the LM ablation (docs/results/external_memory_ablation.md)
 DEFAULT_BM25_GROW = "heap"
 DEFAULT_BM25_EXCLUDE_SAME_DOC = "off"
@@ -143,6 +145,19 @@ class RetrievalConfig(FairseqDataclass):
         default=1.0,
         metadata={"help": "temperature tau of Eq. 6: memory scores are sim(q, k) / tau"},
     )
+    retrieval_skip_feature: Optional[SKIP_FEATURE_CHOICES] = field(
+        default=None,
+        metadata={"help": "adaptive retrieval: do not search --datastore for tokens where the model is "
+                          "confident, judged by this feature of its next-token distribution (entropy in "
+                          "nats, or max-prob); those tokens are scored without external memory. Needs "
+                          "--retrieval-skip-threshold; unset = search every token"},
+    )
+    retrieval_skip_threshold: Optional[float] = field(
+        default=None,
+        metadata={"help": "adaptive retrieval: skip the search where entropy < X (X >= 0; 0 never skips) "
+                          "or max-prob > X (X in [0, 1]; 1 never skips); pick X with trime-tune "
+                          "--grid ... skip_threshold=..."},
+    )
 
 
 @dataclass
@@ -186,6 +201,17 @@ class BM25BatchingConfig(FairseqDataclass):
     )
 
 
+def retrieval_skip(args, uses_datastore: bool) -> Optional[RetrievalSkip]:
+    """The adaptive-retrieval rule of ``--retrieval-skip-feature/-threshold`` (``None``:
+    search every query), checked: a bad value, one flag without the other, or a skip rule
+    without a datastore to search is a one-line error."""
+    skip = RetrievalSkip.from_args(args)
+    if skip is not None and not uses_datastore:
+        raise TrimeUserError("--retrieval-skip-feature skips datastore searches: it needs external memory "
+                             "(--datastore with --eval-memory ...+ext or --eval-combiner knn)")
+    return skip
+
+
 def build_retriever(args, model, dictionary_path: str, combiners=()):
     """Open ``--datastore`` and check that it belongs to ``model`` (key size) and to the
     dictionary at ``dictionary_path``, and that its index suits ``combiners`` (TRIME's
@@ -203,6 +229,7 @@ def build_retriever(args, model, dictionary_path: str, combiners=()):
         where=f"--datastore {args.datastore}",
     )
     retriever = Retriever(ds, k=args.knn_k, nprobe=args.nprobe, exact=args.exact_distances)
+    retriever.skip = retrieval_skip(args, True)
     check_metric(retriever, combiners)
     return retriever
 

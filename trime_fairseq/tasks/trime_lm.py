@@ -32,7 +32,7 @@ from trime_fairseq.models.output_layer import (
     ADAPTIVE_TOKEN_MASS_HELP, ADAPTIVE_TOKEN_MASSES, DEFAULT_ADAPTIVE_TOKEN_MASS, check_adaptive_token_mass)
 from trime_fairseq.tasks.memory_flags import (  # noqa: F401  (build_combiner: the task's registry)
     EVAL_MEMORY_CHOICES, BM25BatchingConfig, EvalMemory, RetrievalConfig, build_combiner, build_retriever,
-    cached_bm25_batches)
+    cached_bm25_batches, retrieval_skip)
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ def check_memory_flags(cfg) -> None:
                          "(or use --memory-distribution all-scaled)")
     if getattr(cfg, "knn_k", 1) < 1:
         raise TrimeUserError(f"--knn-k must be >= 1, got {cfg.knn_k}")
+    retrieval_skip(cfg, memory.ext)
     check_adaptive_token_mass(getattr(cfg, "adaptive_token_mass", DEFAULT_ADAPTIVE_TOKEN_MASS))
 
 
@@ -201,6 +202,26 @@ class StreamBatchIterator(iterators.EpochBatchIterator):
             logger.info("resumed the kNN memory of the stream (%d rows)", len(state_dict["knn_memory"].get("docs", [])))
 
 
+class AtEnd:
+    """An iterator that calls ``done`` once it is exhausted (how the task logs its summary at
+    the end of ``fairseq-eval-lm``); everything else (``len``, ``n``...) is the wrapped one's."""
+
+    def __init__(self, itr, done) -> None:
+        self._itr, self._done = itr, done
+
+    def __iter__(self):
+        yield from self._itr
+        self._done()
+
+    def __len__(self) -> int:
+        return len(self._itr)
+
+    def __getattr__(self, name):
+        if name == "_itr" or name.startswith("__"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self._itr, name)
+
+
 @register_task("trime_lm", dataclass=TrimeLMConfig)
 class TrimeLanguageModelingTask(LanguageModelingTask):
     """Language modelling with TRIME memories (see module docstring)."""
@@ -212,6 +233,7 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         self._streams: Dict[str, TokenStream] = {}
         self.with_positions = False  # set when the model reads token positions
         self.retriever = None  # the --datastore's, once a model opened it
+        self.eval_models = []  # the memory models built for scoring (their time split is logged)
 
     @classmethod
     def setup_task(cls, args, **kwargs):
@@ -238,10 +260,20 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         logger.info("scoring with memory: %s over %s memory (long-term size %d%s)",
                     self.combiner.describe(), memory.describe(), memory.long_size,
                     f", {retriever.k} neighbours from {self.args.datastore}" if retriever else "")
-        return MemoryEvalModel(model, self.combiner, self.source_dictionary.pad(),
-                               long_memory_size=memory.long_size, retriever=retriever,
-                               across_documents=bool(self.args.memory_across_documents),
-                               adaptive_mass=str(self.args.adaptive_token_mass))
+        wrapped = MemoryEvalModel(model, self.combiner, self.source_dictionary.pad(),
+                                  long_memory_size=memory.long_size, retriever=retriever,
+                                  across_documents=bool(self.args.memory_across_documents),
+                                  adaptive_mass=str(self.args.adaptive_token_mass))
+        self.eval_models.append(wrapped)
+        return wrapped
+
+    def log_eval_summary(self) -> None:
+        """Where the scoring time went (model / search / combine) and the share of datastore
+        searches skipped, per memory model that scored something (end of ``fairseq-eval-lm``)."""
+        for i, m in enumerate(self.eval_models):
+            if sum(m.timings.values()) > 0:
+                logger.info("memory scoring%s: %s", f" (model {i})" if len(self.eval_models) > 1 else "",
+                            m.describe_summary())
 
     def build_retriever(self, model, combiners=None):
         """Open ``--datastore`` and check that it belongs to this model and dictionary (and
@@ -387,11 +419,12 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         self.check_datastore_split(split)
         blocks = StreamBlocks(self.stream(split), self.args.tokens_per_sample, context_window, self.dictionary.pad())
         blocks.with_positions = self.with_positions
-        return self.get_batch_iterator(
+        itr = self.get_batch_iterator(
             dataset=blocks, max_tokens=max_tokens, max_sentences=batch_size,
             max_positions=max_positions, ignore_invalid_inputs=True, num_shards=num_shards,
             shard_id=shard_id, num_workers=num_workers, data_buffer_size=data_buffer_size,
         ).next_epoch_itr(shuffle=False)
+        return AtEnd(itr, self.log_eval_summary)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if hasattr(criterion, "set_num_updates"):

@@ -35,7 +35,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from trime_fairseq.memory.in_batch import MemorySpec, mark_placeholder
 from trime_fairseq.memory.combiners import Combiner, NoMemory
 from trime_fairseq.tasks.memory_flags import (
-    BM25BatchingConfig, RetrievalConfig, build_combiner, build_retriever, cached_bm25_batches)
+    BM25BatchingConfig, RetrievalConfig, build_combiner, build_retriever, cached_bm25_batches, retrieval_skip)
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,29 @@ def build_mt_combiner(cfg) -> Combiner:
         raise TrimeUserError(f"{flag} {name} needs --datastore (built with trime-build-datastore)")
     if cfg.knn_k < 1:
         raise TrimeUserError(f"--knn-k must be >= 1, got {cfg.knn_k}")
+    retrieval_skip(cfg, name != "none")
     return build_combiner(cfg, name, flag)
+
+
+class SummaryAtEnd:
+    """An epoch iterator whose epoch iterator calls ``done`` once exhausted (how the task
+    logs its summary at the end of ``fairseq-generate``); the rest is the wrapped one's."""
+
+    def __init__(self, epoch_itr, done) -> None:
+        self._epoch_itr, self._done = epoch_itr, done
+
+    def next_epoch_itr(self, *args, **kwargs):
+        from trime_fairseq.tasks.trime_lm import AtEnd
+
+        return AtEnd(self._epoch_itr.next_epoch_itr(*args, **kwargs), self._done)
+
+    def __len__(self) -> int:
+        return len(self._epoch_itr)
+
+    def __getattr__(self, name):
+        if name == "_epoch_itr" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._epoch_itr, name)
 
 
 @register_task("trime_translation", dataclass=TrimeTranslationConfig)
@@ -101,6 +123,7 @@ class TrimeTranslationTask(TranslationTask):
         super().__init__(cfg, src_dict, tgt_dict)
         self.combiner = build_mt_combiner(cfg)
         self.retriever = None  # the --datastore's, once a model opened it
+        self.eval_models = []  # the memory models built for decoding (their time split is logged)
 
     # ---- models -------------------------------------------------------------------------
     def build_model(self, cfg, from_checkpoint: bool = False):
@@ -117,9 +140,19 @@ class TrimeTranslationTask(TranslationTask):
         from trime_fairseq.models.memory_generate import MemoryGenerationModel
 
         retriever = self.build_retriever(model)
-        logger.info("decoding with %s, %d neighbours from %s", self.combiner.describe(), retriever.k,
-                    self.cfg.datastore)
-        return MemoryGenerationModel(model, self.combiner, retriever)
+        logger.info("decoding with %s, %d neighbours from %s%s", self.combiner.describe(), retriever.k,
+                    self.cfg.datastore, f" ({retriever.skip.describe()})" if retriever.skip else "")
+        wrapped = MemoryGenerationModel(model, self.combiner, retriever)
+        self.eval_models.append(wrapped)
+        return wrapped
+
+    def log_eval_summary(self) -> None:
+        """At the end of ``fairseq-generate``: search / combine time and the share of datastore
+        searches skipped, per memory model that decoded something."""
+        for i, m in enumerate(self.eval_models):
+            if sum(m.timings.values()) > 0:
+                logger.info("decoding with memory%s: %s", f" (model {i})" if len(self.eval_models) > 1 else "",
+                            m.describe_summary())
 
     def target_dictionary_path(self) -> str:
         return os.path.join(utils.split_paths(self.cfg.data)[0], f"dict.{self.cfg.target_lang}.txt")
@@ -172,6 +205,14 @@ class TrimeTranslationTask(TranslationTask):
                            num_shards=1, shard_id=0, num_workers=0, epoch=1, data_buffer_size=0,
                            disable_iterator_cache=False, **kwargs):
         train = self.datasets.get(self.cfg.train_subset)
+        if self.eval_models and dataset is not train:  # fairseq-generate with a datastore
+            itr = super().get_batch_iterator(
+                dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
+                ignore_invalid_inputs=ignore_invalid_inputs,
+                required_batch_size_multiple=required_batch_size_multiple, seed=seed, num_shards=num_shards,
+                shard_id=shard_id, num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
+                disable_iterator_cache=disable_iterator_cache, **kwargs)
+            return SummaryAtEnd(itr, self.log_eval_summary)
         if not (self.cfg.bm25_batching and dataset is train):
             return super().get_batch_iterator(
                 dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
