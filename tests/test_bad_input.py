@@ -235,7 +235,7 @@ CASES = [
     Case("bm25_with_consecutive", "fairseq-train", lambda w, t: train(w, t, "--criterion", "trime_loss",
          "--bm25-batching", "--consecutive-segments", "2", "--batch-size", "4"), "drop --consecutive-segments"),
     Case("stream_without_batch_size", "fairseq-train", lambda w, t: train(w, t, "--criterion", "cross_entropy",
-         "--stream-batching", "--max-tokens", "8", "--knn-memory-size", "16",
+         "--stream-batching", "--max-tokens", "8", "--memorizing-memory-size", "16",
          arch="memorizing_transformer_lm_tiny"), "--stream-batching needs --batch-size"),
     Case("consecutive_larger_than_batch", "fairseq-train", lambda w, t: train(w, t, "--criterion", "trime_loss",
          "--consecutive-segments", "8", "--batch-size", "4"), "larger than the batch"),

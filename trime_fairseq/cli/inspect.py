@@ -581,8 +581,8 @@ def inspect(ours, rest) -> dict:
         "kinds": list(kind_names(combiner)) if uses_memory else [],
     }
     if memorizing:
-        meta["knn_memory_size"] = inner.knn_attention.memory.size
-        meta["knn_memory_topk"] = inner.knn_attention.memory.k
+        meta["memorizing_memory_size"] = inner.knn_attention.memory.size
+        meta["memorizing_topk"] = inner.knn_attention.memory.k
     return build_page_data(records, stream, first, end, detok, freq, bounds, meta, ext_stream, extras, ours.top_tokens)
 
 
