@@ -91,7 +91,8 @@ def fake_mt_data(root: Path, dictionary: Path) -> Path:
 def make_broken_stores(w) -> Dict[str, Path]:
     import faiss
 
-    from trime_fairseq.memory.index import IndexConfig, build_index, save_index
+    from trime_fairseq.memory.index import IndexConfig
+    from trime_fairseq.memory.search_index import SearchIndex
 
     stores = {}
 
@@ -119,7 +120,7 @@ def make_broken_stores(w) -> Dict[str, Path]:
         keys = np.load(path / "keys.npy")
         cfg = IndexConfig(**json.loads((path / "index.json").read_text()))
         cfg.metric = "l2"
-        save_index(build_index(keys, "Flat", "l2"), cfg, str(path))
+        SearchIndex(SearchIndex.build(keys, "Flat", "l2").index, cfg).save(str(path))
 
     def small_index(path: Path) -> None:
         index = faiss.IndexFlatIP(int(np.load(path / "keys.npy", mmap_mode="r").shape[1]))

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from conftest import USER_DIR
 from helpers import make_dictionary, make_model, random_tokens, run_cli
-from trime_fairseq.memory.index import set_nprobe
 from trime_fairseq.memory.knn_memory import MEMORIZING_DEFAULTS, KnnMemory, search_recall
 from trime_fairseq.models.memorizing import (
     DEPRECATED_NAMES, KnnAugmentedAttention, MemorizingTransformerLanguageModel, memorizing_tiny,
@@ -294,7 +293,7 @@ def test_faiss_ivf_recall_against_exact():
     assert 0.5 <= recall < 1.0  # 4 of 16 lists on random data: about 0.8
     mem.faiss_nprobe = 16
     for index in mem._indexes[0]:
-        set_nprobe(index, 16)
+        index.set_nprobe(16)
     assert search_recall(mem, q, torch.tensor([10**6]), torch.zeros(1, 256, dtype=torch.long)) == 1.0
 
 

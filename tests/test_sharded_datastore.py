@@ -8,7 +8,7 @@ import pytest
 from helpers import run_cli
 from trime_fairseq.cli import build_datastore as bd
 from trime_fairseq.memory.datastore import Datastore, DatastoreError, DatastoreMeta, DatastoreWriter
-from trime_fairseq.memory.index import load_index
+from trime_fairseq.memory.search_index import SearchIndex
 from trime_fairseq.memory.shards import merge_datastores, merged_meta, shard_meta, shard_path, shard_range
 
 EV = ["--tokens-per-sample", "64", "--context-window", "32", "--cpu", "--max-tokens", "192"]  # 2 blocks a batch
@@ -34,7 +34,7 @@ def assert_same_datastore(a: Path, b: Path) -> None:
     ia, ib = (json.loads((d / "index.json").read_text()) for d in (a, b))
     ia.pop("build_seconds"), ib.pop("build_seconds")
     assert ia == ib
-    (xa, _), (xb, _) = load_index(str(a)), load_index(str(b))
+    xa, xb = SearchIndex.load(str(a)), SearchIndex.load(str(b))
     q = np.random.default_rng(0).standard_normal((20, Datastore(str(a)).meta.dim)).astype(np.float32)
     da, ida = xa.search(q, 8)
     db, idb = xb.search(q, 8)

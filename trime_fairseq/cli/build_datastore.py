@@ -122,15 +122,16 @@ def build_keys(ours, cfg, model, task, ckpt_path: str) -> None:
 
 def build_index_for(ours, cfg, model, task) -> dict:
     from trime_fairseq.memory.datastore import Datastore
-    from trime_fairseq.memory.index import IndexConfig, build_index, datastore_index_factory, save_index, tune_search
+    from trime_fairseq.memory.index import datastore_index_factory
+    from trime_fairseq.memory.search_index import SearchIndex
 
     ds = Datastore(ours.out)
     factory = datastore_index_factory(len(ds), ds.meta.dim) if ours.index_factory == "auto" else ours.index_factory
     t0 = time.perf_counter()
     logger.info("building index %s (%s) over %d keys", factory, ours.metric, len(ds))
-    index = build_index(ds.keys, factory, ours.metric, ours.index_train_size,
-                        where=f"--out {ours.out}: {ds.path / 'keys.npy'}", fix=ds.fix)
-    seconds = time.perf_counter() - t0
+    index = SearchIndex.build(ds.keys, factory, ours.metric, ours.index_train_size,
+                              where=f"--out {ours.out}: {ds.path / 'keys.npy'}", fix=ds.fix)
+    index.config.build_seconds = time.perf_counter() - t0
     queries = []
     found = task.iter_datastore_keys(model, ours.recall_subset, cfg.dataset.max_tokens or 8192,
                                      cfg.dataset.batch_size, cfg.eval_lm.context_window,
@@ -143,16 +144,11 @@ def build_index_for(ours, cfg, model, task) -> dict:
     rng = np.random.default_rng(0)
     q = q[rng.permutation(len(q))]
     k = min(ours.recall_k, len(ds))
-    nprobe, k_factor, recall = tune_search(index, ds.keys, q, k, ours.target_recall, ours.metric,
-                                           k_factor=ours.refine_k_factor)
-    config = IndexConfig(factory=factory, metric=ours.metric, dim=ds.meta.dim, size=len(ds),
-                         train_size=min(ours.index_train_size, len(ds)), nprobe=nprobe, recall=recall,
-                         recall_k=k, build_seconds=seconds,
-                         k_factor=k_factor)
-    save_index(index, config, ours.out)
+    recall = index.tune(ds.keys, q, k, ours.target_recall, k_factor=ours.refine_k_factor)
+    index.save(ours.out)
     logger.info("index saved: nprobe %d, k_factor %g give recall@%d %.3f on %d %s queries",
-                nprobe, config.k_factor, k, recall, len(q), ours.recall_subset)
-    return vars(config)
+                index.config.nprobe, index.config.k_factor, k, recall, len(q), ours.recall_subset)
+    return vars(index.config)
 
 
 def check_shard_flags(ours) -> None:

@@ -270,22 +270,22 @@ class KnnMemory:
     # --- faiss -----------------------------------------------------------------------------
 
     def _make_indexes(self, rows: int, heads: int, dim: int) -> None:
-        from trime_fairseq.memory import index as faiss_index
+        from trime_fairseq.memory.search_index import SearchIndex
 
         factory = self.faiss_factory
         if factory == "auto":
             factory = memory_index_factory(self.size)
-        self._indexes = [[faiss_index.empty_index(dim, factory, "ip", flag="--memorizing-faiss-factory")
+        self._indexes = [[SearchIndex.empty(dim, factory, "ip", flag="--memorizing-faiss-factory")
                           for _ in range(heads)] for _ in range(rows)]
         first = self._indexes[0][0]
-        nlist = faiss_index.ivf_nlist(first)
+        nlist = first.nlist
         self._train_at = min(self.size, self.faiss_train_size or (39 * nlist if nlist else 10_000))
         if not first.is_trained and self._train_at < max(nlist, 1):
             raise TrimeUserError(f"--memorizing-faiss-factory {factory!r} needs >= {nlist} keys to train; the memory "
                              f"(--memorizing-memory-size {self.size}) or --memorizing-faiss-train-size is smaller")
         for row in self._indexes:
             for index in row:
-                faiss_index.set_nprobe(index, self.faiss_nprobe)
+                index.set_nprobe(self.faiss_nprobe)
         logger.info("kNN memory: faiss %s per (row, head), %d x %d indexes%s", factory, rows, heads,
                     "" if first.is_trained else f", trained once a row holds {self._train_at} keys")
 
@@ -311,11 +311,9 @@ class KnnMemory:
                     continue
                 index.train(self._row_keys(r, h, slots))
             if len(ids):
-                index.add_with_ids(self._row_keys(r, h, slots), ids)
+                index.add(self._row_keys(r, h, slots), ids)
 
     def _index_add(self, r: int, start: int, n: int) -> None:
-        from trime_fairseq.memory.index import remove_id_range
-
         if not self._index_ready(r):
             if int(self.count[r]) >= self._train_at:
                 self._index_rebuild(r)  # trains, then adds every live entry
@@ -327,12 +325,12 @@ class KnnMemory:
         ids = np.arange(start, start + n, dtype=np.int64)
         slots = torch.from_numpy(ids % self.size).to(self.keys.device)
         for h, index in enumerate(self._indexes[r]):
-            if not remove_id_range(index, lo, hi):
+            if not index.remove_range(lo, hi):
                 logger.warning("kNN memory: this faiss index cannot remove entries; rebuilding it on every update")
                 self._removable = False
                 self._index_rebuild(r)
                 return
-            index.add_with_ids(self._row_keys(r, h, slots), ids)
+            index.add(self._row_keys(r, h, slots), ids)
 
     def _search_faiss(self, r: int, q: Tensor, before: int, top: Tensor, slots: Tensor) -> None:
         n = int(self.count[r])
@@ -342,7 +340,7 @@ class KnnMemory:
         kk = min(slots.size(-1), fetch)
         qs = q.float().cpu().numpy()
         for h, index in enumerate(self._indexes[r]):
-            d, i = index.search(np.ascontiguousarray(qs[h]), fetch)
+            d, i = index.search(qs[h], fetch)
             ids, d = torch.from_numpy(i), torch.from_numpy(d)
             ok = ids >= 0
             slot = torch.where(ok, ids % self.size, torch.zeros_like(ids))
