@@ -48,25 +48,28 @@ def bench_bm25(task, n_segments: int, length: int = 20, batch_size: int = 16) ->
 
 
 def bench_datastore(cfg, model, task, max_blocks: int) -> dict:
-    from trime_fairseq.cli.build_datastore import iter_keys
     from trime_fairseq.memory.datastore import DatastoreMeta, DatastoreWriter
 
     context = cfg.eval_lm.context_window
     max_tokens = cfg.dataset.max_tokens or 8192
+
+    def iter_keys(blocks: int):  # the first ``blocks`` blocks of the split, as trime-build-datastore reads them
+        return task.iter_datastore_keys(model, "train", max_tokens, None, context,
+                                        end_key=blocks * task.args.tokens_per_sample)
     t0 = time.perf_counter()  # baseline: the same forward passes, nothing stored
-    n_fwd = sum(len(v) for _, v, _ in iter_keys(model, task, "train", context, max_tokens, None, max_blocks=max_blocks))
+    n_fwd = sum(len(b.values) for b in iter_keys(max_blocks))
     forward_tps = n_fwd / (time.perf_counter() - t0)
     result = {"forward_tokens_per_s": forward_tps}
     for blocks in (max_blocks // 4, max_blocks):
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         with tempfile.TemporaryDirectory() as tmp:
-            n = sum(len(v) for _, v, _ in iter_keys(model, task, "train", context, max_tokens, None, max_blocks=blocks))
+            n = sum(len(b.values) for b in iter_keys(blocks))
             dim = model.decoder.layers[-1].fc1.in_features
             meta = DatastoreMeta(size=n, dim=dim, key_dtype="float16", value_dtype="int32", key_type="ffn_input",
                                  model_sha256="bench", dictionary_sha256="bench", vocab_size=len(task.dictionary), source={})
             writer = DatastoreWriter(os.path.join(tmp, "ds"), meta)
             t0 = time.perf_counter()
-            for keys, values, _ in iter_keys(model, task, "train", context, max_tokens, None, max_blocks=blocks):
+            for keys, values, *_ in iter_keys(blocks):
                 writer.write(keys.float().numpy(), values.numpy())
                 writer.checkpoint()
             writer.finish()

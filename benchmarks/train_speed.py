@@ -160,9 +160,9 @@ def main(argv=None) -> dict:
     if ours.memorizing:
         arch = ours.arch.replace("transformer_lm_trime", "memorizing_transformer_lm")
         rows = ["--stream-batching", "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
-        variants["memorizing_no_memory"] = ["--arch", arch, "--criterion", "cross_entropy", *rows, "--knn-memory-size", "0"]
+        variants["memorizing_no_memory"] = ["--arch", arch, "--criterion", "cross_entropy", *rows, "--memorizing-memory-size", "0"]
         variants["memorizing"] = ["--arch", arch, "--criterion", "cross_entropy", *rows,
-                                  "--knn-memory-size", str(ours.memorizing)]
+                                  "--memorizing-memory-size", str(ours.memorizing)]
     if ours.only:
         keep = set(ours.only.split(",")) | {"cross_entropy"}
         variants = {k: v for k, v in variants.items() if k in keep}

@@ -96,10 +96,7 @@ def main(argv=None) -> dict:
               f"tau {a.eval_temperature}. Corpus `{data}`"
               + (f" (validation: its first {a.valid_lines} lines)" if a.valid_lines > 0 else "") + ".\n\n")
     result = {"args": vars(a), "rows": rows}
-    outs = [run / "results.json"] + ([Path(a.results + ".json")] if a.results != "none" else [])
-    for out in outs:
-        ex.write_results(out, result, header + table)
-    logger.info("\n%s%s", header, table)
+    ex.publish(result, header + table, run / "results.json", a.results, logger)
     return result
 
 

@@ -146,11 +146,8 @@ def main(argv=None) -> dict:
               + "\n\n")
     result = {"args": vars(a), "rows": rows, "index": index_info, "train": trained,
               "best": {k: v["best"] for k, v in sweeps.items()}}
-    ex.write_results(run / "results.json", result, header + table)
     ex.bar_plot(rows, run / "results.png", "External memory")
-    if a.out:
-        ex.write_results(Path(a.out + ".json"), result, header + table)
-    logger.info("\n%s%s", header, table)
+    ex.publish(result, header + table, run / "results.json", a.out, logger)
     return result
 
 

@@ -236,6 +236,33 @@ def eval_flags(tokens_per_sample: int, context_window: int) -> List:
             "--max-tokens", 4096, "--cpu", "--num-workers", "0"]
 
 
+def memorizing_params(ckpt: Path) -> Dict[str, List[float]]:
+    """Per-head gate σ(b) and memory scale learned by a Memorizing Transformer checkpoint
+    (its ``--memorizing-param-scale``, ``--knn-param-scale`` in checkpoints saved before the rename)."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    model_cfg = state["cfg"]["model"]  # a dict or a Namespace, depending on how it was saved
+    get = model_cfg.get if isinstance(model_cfg, dict) else lambda k: getattr(model_cfg, k, None)
+    s = float(get("memorizing_param_scale") or get("knn_param_scale") or 1.0)
+    gate = next(v for k, v in state["model"].items() if k.endswith("mem_gate"))
+    log_scale = next(v for k, v in state["model"].items() if k.endswith("mem_log_scale"))
+    return {"gate": [round(float(x), 3) for x in torch.sigmoid(s * gate.float())],
+            "scale": [round(float(x), 2) for x in (s * log_scale.float()).exp()]}
+
+
+def publish(result: dict, markdown: str, run_json: Path, prefix: Optional[str] = None,
+            log: logging.Logger = logger) -> List[Path]:
+    """The examples' last step: ``result`` as JSON and ``markdown`` beside it in the run
+    (``run_json``) and, unless ``prefix`` is empty or ``none``, as ``PREFIX.json/.md`` too;
+    the markdown is logged. Returns the JSON paths written."""
+    outs = [run_json] + ([Path(prefix + ".json")] if prefix and prefix != "none" else [])
+    for out in outs:
+        write_results(out, result, markdown)
+    log.info("\n%s", markdown)
+    return outs
+
+
 def markdown_table(rows: List[Dict], columns: List[str], headers: Optional[List[str]] = None) -> str:
     headers = headers or columns
 

@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also train a Memorizing Transformer (--stream-batching, --train-memory tokens of "
                         "memory) and evaluate it at every memory size")
     p.add_argument("--train-memory", type=int, default=2048, help="Memorizing Transformer memory while training")
-    p.add_argument("--memorizing-flags", default="--knn-param-scale 10",
+    p.add_argument("--memorizing-flags", default="--memorizing-param-scale 10",
                    help="extra fairseq-train flags of the Memorizing Transformer")
     p.add_argument("--memorizing-sizes", default=None,
                    help="memory sizes at which the Memorizing Transformer is evaluated (one fairseq-eval-lm "
@@ -143,18 +143,6 @@ def corpus_statistics(data: Path) -> Dict[str, dict]:
     return stats
 
 
-def gate_values(ckpt: Path) -> List[float]:
-    """The Memorizing Transformer's per-head gates σ(b) in a checkpoint."""
-    import torch
-
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    model_cfg = state["cfg"]["model"]  # a dict or a Namespace, depending on how it was saved
-    scale = float((model_cfg.get("knn_param_scale") if isinstance(model_cfg, dict)
-                  else getattr(model_cfg, "knn_param_scale", None)) or 1.0)
-    gate = next(v for k, v in state["model"].items() if k.endswith("mem_gate"))
-    return [round(float(x), 3) for x in torch.sigmoid(scale * gate.float())]
-
-
 def main(argv=None) -> dict:
     a = parse_args(argv)
     prepare = [*(["--source", a.source] if a.source else []),
@@ -171,7 +159,7 @@ def main(argv=None) -> dict:
     if a.memorizing:
         models["memorizing"] = [*common, "--arch", a.arch.replace("transformer_lm_trime", "memorizing_transformer_lm"),
                                 "--criterion", "cross_entropy", "--stream-batching",
-                                "--knn-memory-size", a.train_memory, *shlex.split(a.memorizing_flags)]
+                                "--memorizing-memory-size", a.train_memory, *shlex.split(a.memorizing_flags)]
     trained = run_parallel({k: (lambda k=k, v=v: ex.train(data, run / "ckpt" / k, v, logs / f"train_{k}.log"))
                             for k, v in models.items()}, a.parallel)
     ckpt = {k: run / "ckpt" / k / "checkpoint_last.pt" for k in models}
@@ -292,7 +280,7 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
             for subset in ("valid", "test"):
                 first["memorizing", size, subset] = (lambda size=size, subset=subset: cached_eval(
                     data, ckpt["memorizing"], [*ev, "--gen-subset", subset, "--model-overrides",
-                                               f"{{'knn_memory_size': {size}}}"],
+                                               f"{{'memorizing_memory_size': {size}}}"],
                     run / "evals" / f"fig3_memorizing_{size}_{subset}.json",
                     logs / f"eval_fig3_memorizing_{size}_{subset}.log"))
     done = run_parallel(first, a.parallel)
@@ -331,9 +319,9 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
                      "memory_tokens": mem_sizes,
                      "valid_ppl": [done["memorizing", s, "valid"]["ppl"] for s in mem_sizes],
                      "test_ppl": [done["memorizing", s, "test"]["ppl"] for s in mem_sizes],
-                     "flags": [f"--model-overrides \"{{'knn_memory_size': {s}}}\"" for s in mem_sizes],
+                     "flags": [f"--model-overrides \"{{'memorizing_memory_size': {s}}}\"" for s in mem_sizes],
                      "train_memory": a.train_memory, "train_flags": a.memorizing_flags,
-                     "gates": gate_values(ckpt["memorizing"]),
+                     "gates": ex.memorizing_params(ckpt["memorizing"])["gate"],
                      "train_tokens_per_s": trained["memorizing"]["train_tokens_per_s"]})
     budget = (f"`{a.arch}`-sized models, L={a.tokens_per_sample}, {a.batch_size} segments per update, "
               f"{a.max_update} updates, lr {a.lr}; TRIMELM_long m={a.consecutive_segments}; eval blocks of "

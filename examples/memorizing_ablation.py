@@ -4,7 +4,7 @@ Every variant is the same ``memorizing_transformer_lm`` (``--arch`` with the kNN
 trained with ``--stream-batching`` and a ``--train-memory``-token memory for the same short
 budget, then evaluated on valid with memories of ``--memory-sizes`` tokens (0 = no kNN
 memory) by ``fairseq-eval-lm``. Variants (``--variants name=flags;...``) change the gate's
-start, the learning speed of the gate and scale (``--knn-param-scale``: Adam moves a
+start, the learning speed of the gate and scale (``--memorizing-param-scale``: Adam moves a
 parameter by about lr per step, so with lr 2e-3 and a few hundred updates the gate logit b
 cannot leave [-0.5, 0.5] unless its step is scaled) and the scale of the normalised q·k.
 The learned gates σ(b) and scales per head are read from each checkpoint.
@@ -25,8 +25,8 @@ from examples import harness as ex  # noqa: E402
 
 logger = logging.getLogger("memorizing_ablation")
 
-VARIANTS = ("baseline=;fast gate+scale=--knn-param-scale 10;"
-            "fast gate+scale, sharp=--knn-param-scale 10 --knn-scale-init 16")
+VARIANTS = ("baseline=;fast gate+scale=--memorizing-param-scale 10;"
+            "fast gate+scale, sharp=--memorizing-param-scale 10 --memorizing-scale-init 16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,20 +54,6 @@ def adam_reach(lr: float, max_update: int, warmup: int, init_lr: float = 1e-7) -
     return total
 
 
-def learned_memory_params(ckpt: Path) -> dict:
-    """Per-head gate σ(b) and scale of a checkpoint."""
-    import torch
-
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    model_cfg = state["cfg"]["model"]  # a dict or a Namespace, depending on how it was saved
-    s = float((model_cfg.get("knn_param_scale") if isinstance(model_cfg, dict)
-                  else getattr(model_cfg, "knn_param_scale", None)) or 1.0)
-    gate = next(v for k, v in state["model"].items() if k.endswith("mem_gate"))
-    log_scale = next(v for k, v in state["model"].items() if k.endswith("mem_log_scale"))
-    return {"gate": [round(float(x), 3) for x in torch.sigmoid(s * gate.float())],
-            "scale": [round(float(x), 2) for x in (s * log_scale.float()).exp()]}
-
-
 def main(argv=None) -> dict:
     from examples.long_memory import cached_eval, run_parallel
 
@@ -77,7 +63,7 @@ def main(argv=None) -> dict:
     arch = a.arch.replace("transformer_lm_trime", "memorizing_transformer_lm")
     tag = {name: name.replace(" ", "_").replace(",", "").replace("+", "_") for name in variants}
     base = [*common, "--batch-size", a.batch_size, "--arch", arch, "--criterion", "cross_entropy",
-            "--stream-batching", "--knn-memory-size", a.train_memory]
+            "--stream-batching", "--memorizing-memory-size", a.train_memory]
     trained = run_parallel({n: (lambda n=n, f=f: ex.train(data, run / "ckpt" / tag[n], [*base, *shlex.split(f)],
                                                          logs / f"train_{tag[n]}.log")) for n, f in variants.items()},
                            a.parallel)
@@ -86,18 +72,18 @@ def main(argv=None) -> dict:
     sizes = [int(s) for s in a.memory_sizes.split(",")]
     jobs = {(n, s): (lambda n=n, s=s: cached_eval(
         eval_data, run / "ckpt" / tag[n] / "checkpoint_last.pt",
-        [*ev, "--gen-subset", "valid", "--model-overrides", f"{{'knn_memory_size': {s}}}"],
+        [*ev, "--gen-subset", "valid", "--model-overrides", f"{{'memorizing_memory_size': {s}}}"],
         run / "evals" / f"{tag[n]}_{s}.json", logs / f"eval_{tag[n]}_{s}.log")) for n in variants for s in sizes}
     done = run_parallel(jobs, a.parallel)
     reach = adam_reach(a.lr, a.max_update, max(1, a.max_update // 8))
     rows = []
     for n, f in variants.items():
         ppl = [done[n, s]["ppl"] for s in sizes]
-        s = float(shlex.split(f)[shlex.split(f).index("--knn-param-scale") + 1]) if "--knn-param-scale" in f else 1.0
+        s = float(shlex.split(f)[shlex.split(f).index("--memorizing-param-scale") + 1]) if "--memorizing-param-scale" in f else 1.0
         rows.append({"system": n, "train_flags": f, "memory_tokens": sizes, "valid_ppl": ppl,
                      "gain_pct": [round(100 * (ppl[0] - p) / ppl[0], 2) for p in ppl],
                      "gate_logit_reach": round(s * reach, 3),
-                     **learned_memory_params(run / "ckpt" / tag[n] / "checkpoint_last.pt"),
+                     **ex.memorizing_params(run / "ckpt" / tag[n] / "checkpoint_last.pt"),
                      "train_tokens_per_s": trained[n]["train_tokens_per_s"]})
     cols = ["| variant | train flags | " + " | ".join(f"valid ppl M={s}" for s in sizes)
             + f" | gain at M={sizes[-1]} | gates σ(b) | scales |", "|---|---|" + "---:|" * (len(sizes) + 1) + "---|---|"]
@@ -110,14 +96,11 @@ def main(argv=None) -> dict:
           f"valid ppl from fairseq-eval-lm (blocks of {a.eval_tokens_per_sample}, {a.context_window}-token context).\n\n"
           + "\n".join(cols) + "\n\n"
           f"Adam moves a parameter by about lr per update: over this schedule Σ lr_t = {reach:.3f}, so the gate "
-          f"logit b can move at most ≈ s·{reach:.3f} from its start (s = --knn-param-scale), i.e. σ(b) stays in "
+          f"logit b can move at most ≈ s·{reach:.3f} from its start (s = --memorizing-param-scale), i.e. σ(b) stays in "
           + ", ".join(f"[{1 / (1 + math.exp(r['gate_logit_reach'])):.2f}, {1 / (1 + math.exp(-r['gate_logit_reach'])):.2f}] "
                       f"({r['system']})" for r in rows) + ".\n")
     result = {"rows": rows, "args": vars(a), "corpus_path": str(data), "eval_data": str(eval_data)}
-    ex.write_results(run / "results.json", result, md)
-    if a.out:
-        ex.write_results(Path(a.out).with_suffix(".json"), result, md)
-    logger.info("\n%s", md)
+    ex.publish(result, md, run / "results.json", a.out, logger)
     return result
 
 

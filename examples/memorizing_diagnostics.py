@@ -48,7 +48,7 @@ def diagnose(a) -> dict:
 
     cfg, model, task = load([a.data, "--path", a.path, "--gen-subset", a.subset, "--cpu",
                              "--tokens-per-sample", str(a.tokens_per_sample), "--context-window",
-                             str(a.context_window), "--model-overrides", f"{{'knn_memory_size': {a.memory_size}}}",
+                             str(a.context_window), "--model-overrides", f"{{'memorizing_memory_size': {a.memory_size}}}",
                              "--max-tokens", str(a.tokens_per_sample * 32)])
     model.eval()
     layer = model.knn_attention

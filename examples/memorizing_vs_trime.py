@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
                                logs / "train_trime_long.log"),
         "memorizing": ex.train(data, run / "ckpt" / "memorizing",
                                [*common, "--arch", a.arch.replace("transformer_lm_trime", "memorizing_transformer_lm"),
-                                "--criterion", "cross_entropy", "--stream-batching", "--knn-memory-size", a.train_memory],
+                                "--criterion", "cross_entropy", "--stream-batching", "--memorizing-memory-size", a.train_memory],
                                logs / "train_memorizing.log"),
     }
     ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
             rows.append({"model": "TRIMELM_long", "subset": subset, "memory_size": r["memory_size"], "ppl": r["ppl"]})
         for size in sizes:
             r = ex.eval_lm(data, run / "ckpt" / "memorizing" / "checkpoint_last.pt",
-                           [*ev, "--gen-subset", subset, "--model-overrides", f"{{'knn_memory_size': {size}}}"],
+                           [*ev, "--gen-subset", subset, "--model-overrides", f"{{'memorizing_memory_size': {size}}}"],
                            logs / f"eval_memorizing_{size}_{subset}.log")
             rows.append({"model": "Memorizing Transformer", "subset": subset, "memory_size": size, "ppl": r["ppl"],
                          "eval_tokens_per_s": r["tokens_per_s"]})

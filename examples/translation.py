@@ -236,12 +236,9 @@ def main(argv=None) -> dict:
     header_curve = "\n\nBase model against updates (validation set):\n\n" + curve
     result = {"args": vars(a), "rows": rows, "tuned": tuned, "index": index_info, "train": trained,
               "valid_curves": curves}
-    outs = [run / "results.json"] + ([Path(a.results + ".json")] if a.results != "none" else [])
-    for out in outs:
-        ex.write_results(out, result, header + table + header_curve)
+    for out in ex.publish(result, header + table + header_curve, run / "results.json", a.results, logger):
         ex.bar_plot([dict(r, system=f"{r['system']} ({r['domain']})") for r in rows], out.with_suffix(".png"),
                     "Translation with memory", keys=("bleu",), ylabel="BLEU (higher is better)")
-    logger.info("\n%s%s", header, table)
     return result
 
 

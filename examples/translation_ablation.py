@@ -126,10 +126,7 @@ def main(argv=None) -> dict:
             curve_rows, ["system", "updates", "valid_bleu", "valid_nll"],
             ["variant", "updates", "valid BLEU (greedy)", "valid NLL, model alone"])
     result = {"args": vars(a), "rows": rows, "valid_curves": curves}
-    outs = [run / "ablation.json"] + ([Path(a.results + ".json")] if a.results != "none" else [])
-    for out in outs:
-        ex.write_results(out, result, header + table)
-    logger.info("\n%s%s", header, table)
+    ex.publish(result, header + table, run / "ablation.json", a.results, logger)
     return result
 
 

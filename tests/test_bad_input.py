@@ -91,7 +91,8 @@ def fake_mt_data(root: Path, dictionary: Path) -> Path:
 def make_broken_stores(w) -> Dict[str, Path]:
     import faiss
 
-    from trime_fairseq.memory.index import IndexConfig, build_index, save_index
+    from trime_fairseq.memory.index import IndexConfig
+    from trime_fairseq.memory.search_index import SearchIndex
 
     stores = {}
 
@@ -119,7 +120,7 @@ def make_broken_stores(w) -> Dict[str, Path]:
         keys = np.load(path / "keys.npy")
         cfg = IndexConfig(**json.loads((path / "index.json").read_text()))
         cfg.metric = "l2"
-        save_index(build_index(keys, "Flat", "l2"), cfg, str(path))
+        SearchIndex(SearchIndex.build(keys, "Flat", "l2").index, cfg).save(str(path))
 
     def small_index(path: Path) -> None:
         index = faiss.IndexFlatIP(int(np.load(path / "keys.npy", mmap_mode="r").shape[1]))
@@ -235,7 +236,7 @@ CASES = [
     Case("bm25_with_consecutive", "fairseq-train", lambda w, t: train(w, t, "--criterion", "trime_loss",
          "--bm25-batching", "--consecutive-segments", "2", "--batch-size", "4"), "drop --consecutive-segments"),
     Case("stream_without_batch_size", "fairseq-train", lambda w, t: train(w, t, "--criterion", "cross_entropy",
-         "--stream-batching", "--max-tokens", "8", "--knn-memory-size", "16",
+         "--stream-batching", "--max-tokens", "8", "--memorizing-memory-size", "16",
          arch="memorizing_transformer_lm_tiny"), "--stream-batching needs --batch-size"),
     Case("consecutive_larger_than_batch", "fairseq-train", lambda w, t: train(w, t, "--criterion", "trime_loss",
          "--consecutive-segments", "8", "--batch-size", "4"), "larger than the batch"),

@@ -11,7 +11,8 @@ from conftest import USER_DIR
 from helpers import run_cli
 from trime_fairseq.cli import build_datastore as bd
 from trime_fairseq.memory.datastore import Datastore, DatastoreError, DatastoreWriter
-from trime_fairseq.memory.index import build_index, exact_search, recall_at_k, tune_search
+from trime_fairseq.memory.index import exact_search, recall_at_k, tune_search
+from trime_fairseq.memory.search_index import SearchIndex
 
 EV = ["--tokens-per-sample", "64", "--context-window", "32", "--cpu"]
 
@@ -115,18 +116,45 @@ def test_index_recall_and_nprobe():
     flat.add(keys)
     _, ref = flat.search(queries, 10)
     np.testing.assert_array_equal(exact_i, ref)
-    index = build_index(keys, "IVF32,Flat", "ip", train_size=2000)
-    nprobe, k_factor, recall = tune_search(index, keys, queries, 10, target=0.9)
-    assert recall >= 0.9 and 1 <= nprobe <= 32 and k_factor == 1
+    index = SearchIndex.build(keys, "IVF32,Flat", "ip", train_size=2000)
+    recall = index.tune(keys, queries, 10, target=0.9)
+    assert recall >= 0.9 and 1 <= index.config.nprobe <= 32 and index.config.k_factor == 1
+    assert (index.config.recall, index.config.recall_k, index.config.size, index.nlist) == (recall, 10, 3000, 32)
     assert recall_at_k(exact_i, exact_i) == 1.0
+
+
+def test_search_index_saves_its_config_beside_it_and_versions_it(tmp_path):
+    """index.faiss + index.json; an index.json written before the format was recorded loads
+    (format 1), a newer format is a one-line user error; ids chosen by the caller can be
+    removed in ranges."""
+    import json
+
+    from trime_fairseq.errors import TrimeUserError
+
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((200, 8)).astype(np.float32)
+    index = SearchIndex.build(keys, "Flat", "ip")
+    index.save(str(tmp_path))
+    saved = json.loads((tmp_path / "index.json").read_text())
+    assert saved["format"] == 1 and saved["factory"] == "Flat" and saved["size"] == 200
+    del saved["format"]  # as written by earlier versions
+    (tmp_path / "index.json").write_text(json.dumps(saved))
+    loaded = SearchIndex.load(str(tmp_path), use_gpu=False, size=200, dim=8)
+    np.testing.assert_array_equal(loaded.search(keys[:5], 3)[1], index.search(keys[:5], 3)[1])
+    (tmp_path / "index.json").write_text(json.dumps({**saved, "format": 2}))
+    with pytest.raises(TrimeUserError, match="index format 2, this version reads format 1"):
+        SearchIndex.load(str(tmp_path), use_gpu=False)
+    mutable = SearchIndex.empty(8, "Flat")
+    mutable.add(keys[:10], np.arange(100, 110))
+    assert mutable.remove_range(100, 104) and mutable.ntotal == 6
+    assert set(mutable.search(keys[:10], 6)[1].ravel().tolist()) == set(range(104, 110))
 
 
 def test_refine_index_returns_exact_scores_and_keeps_its_k_factor(tmp_path):
     """The auto index for large N (fast-scan PQ + exact re-ranking): scores of the ids it
     returns are the exact ones, a larger k_factor never lowers recall, and the tuned
     k_factor is saved in index.json and set again on load."""
-    from trime_fairseq.memory.index import (IndexConfig, datastore_index_factory, load_index, save_index,
-                                            set_k_factor)
+    from trime_fairseq.memory.index import IndexConfig, datastore_index_factory, set_k_factor
 
     assert datastore_index_factory(100_000, 128) == "Flat"
     assert datastore_index_factory(2_200_000, 128) == "IVF8192,PQ64x4fs,RFlat"
@@ -136,7 +164,8 @@ def test_refine_index_returns_exact_scores_and_keeps_its_k_factor(tmp_path):
     keys = rng.standard_normal((4000, 16)).astype(np.float32)
     queries = rng.standard_normal((50, 16)).astype(np.float32)
     _, exact_i = exact_search(keys, queries, 20, metric="l2")
-    index = build_index(keys, "IVF16,PQ8x4fs,RFlat", "l2", train_size=4000)
+    built = SearchIndex.build(keys, "IVF16,PQ8x4fs,RFlat", "l2", train_size=4000)
+    index = built.index
     recalls = []
     for k_factor in (1, 4, 16):
         assert set_k_factor(index, k_factor)
@@ -151,13 +180,13 @@ def test_refine_index_returns_exact_scores_and_keeps_its_k_factor(tmp_path):
     np.testing.assert_allclose(d, ((queries[:, None, :] - keys[i]) ** 2).sum(-1), rtol=1e-4, atol=1e-4)
     config = IndexConfig(factory="IVF16,PQ8x4fs,RFlat", metric="l2", dim=16, size=4000, train_size=4000,
                          nprobe=nprobe, recall=recalls[2], recall_k=20, k_factor=16)
-    save_index(index, config, str(tmp_path))
+    SearchIndex(index, config).save(str(tmp_path))
     set_k_factor(index, 1)
-    loaded, _ = load_index(str(tmp_path), use_gpu=False)
+    loaded = SearchIndex.load(str(tmp_path), use_gpu=False)
     import faiss
 
-    assert faiss.downcast_index(loaded).k_factor == 16
-    assert not set_k_factor(build_index(keys, "Flat", "l2"), 2)  # no refinement stage
+    assert faiss.downcast_index(loaded.index).k_factor == 16 and loaded.config == config
+    assert not set_k_factor(SearchIndex.build(keys, "Flat", "l2").index, 2)  # no refinement stage
     with pytest.raises(ValueError, match="--refine-k-factor"):
         set_k_factor(index, 0.5)
 

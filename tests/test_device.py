@@ -45,6 +45,7 @@ from trime_fairseq.memory.datastore import Datastore, DatastoreMeta, DatastoreWr
 from trime_fairseq.memory.joint import scaled_similarity
 from trime_fairseq.memory.long_term import LongTermMemory
 from trime_fairseq.memory.retriever import Retriever
+from trime_fairseq.memory.search_index import SearchIndex
 from trime_fairseq.models.capture import get_capture, to_model_device
 
 HAS_CUDA = torch.cuda.is_available()
@@ -296,8 +297,6 @@ def test_eval_wrapper_with_long_memory_on_device(device):
 
 @pytest.fixture(scope="module")
 def tiny_datastore(tmp_path_factory):
-    from trime_fairseq.memory.index import IndexConfig, build_index, save_index
-
     out = tmp_path_factory.mktemp("device_ds") / "ds"
     n, dim = 300, 8
     rng = np.random.default_rng(0)
@@ -307,7 +306,7 @@ def tiny_datastore(tmp_path_factory):
     writer = DatastoreWriter(str(out), meta)
     writer.write(keys, rng.integers(0, 20, n).astype(np.int32))
     writer.finish()
-    save_index(build_index(keys, "Flat", "ip"), IndexConfig("Flat", "ip", dim, n, n), str(out))
+    SearchIndex.build(keys, "Flat", "ip").save(str(out))
     return out
 
 
@@ -349,21 +348,18 @@ def test_faiss_gpu_path_is_guarded(tiny_datastore, monkeypatch):
     monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)
     assert not index_mod.gpu_available()
     # without GPU support, loading with use_gpu=True keeps the CPU index
-    index, _ = index_mod.load_index(str(tiny_datastore), use_gpu=True)
+    index = SearchIndex.load(str(tiny_datastore), use_gpu=True).index
     assert move.calls == 0 and isinstance(index, faiss.Index) and "Gpu" not in type(index).__name__
     q = torch.randn(3, 8)
     Retriever(Datastore(str(tiny_datastore)), k=4).search(q)
     assert move.calls == 0
-    # with GPU support claimed: load_index(use_gpu=True) moves, use_gpu=False does not ...
+    # with GPU support claimed: SearchIndex.load(use_gpu=True) moves, use_gpu=False does not ...
     monkeypatch.setattr(index_mod, "gpu_available", lambda: True)
-    index_mod.load_index(str(tiny_datastore), use_gpu=False)
+    SearchIndex.load(str(tiny_datastore), use_gpu=False)
     assert move.calls == 0
-    index_mod.load_index(str(tiny_datastore), use_gpu=True)
+    SearchIndex.load(str(tiny_datastore), use_gpu=True)
     assert move.calls == 1
     # ... and the retriever keeps the index on the CPU for CPU queries
-    import trime_fairseq.memory.retriever as retriever_mod
-
-    monkeypatch.setattr(retriever_mod, "gpu_available", lambda: True)
     r = Retriever(Datastore(str(tiny_datastore)), k=4)
     r.search(q)
     assert move.calls == 1 and not r.on_gpu
@@ -382,9 +378,6 @@ def test_an_index_faiss_gpu_cannot_hold_stays_on_the_cpu(tiny_datastore, monkeyp
     with caplog.at_level("WARNING"):
         assert index_mod.index_to_gpu(cpu) is cpu
     assert "searching it on the CPU" in caplog.text and "more" not in caplog.text
-    import trime_fairseq.memory.retriever as retriever_mod
-
-    monkeypatch.setattr(retriever_mod, "gpu_available", lambda: True)
     r = Retriever(Datastore(str(tiny_datastore)), k=4)
     r._to_gpu()
     assert not r.on_gpu  # and so it is not reported as searched on the GPU
@@ -401,8 +394,8 @@ def test_this_machine_takes_no_faiss_gpu_path():
 def test_faiss_gpu_index(tiny_datastore):
     ds = Datastore(str(tiny_datastore))
     q = torch.randn(7, 8, generator=torch.Generator().manual_seed(2))
-    cpu_index, _ = index_mod.load_index(str(tiny_datastore), use_gpu=False)
-    gpu_index, _ = index_mod.load_index(str(tiny_datastore), use_gpu=True)
+    cpu_index = SearchIndex.load(str(tiny_datastore), use_gpu=False).index
+    gpu_index = SearchIndex.load(str(tiny_datastore), use_gpu=True).index
     assert "Gpu" in type(gpu_index).__name__ or gpu_index is not cpu_index
     d0, i0 = cpu_index.search(q.numpy(), 5)
     d1, i1 = gpu_index.search(q.numpy(), 5)

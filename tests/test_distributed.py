@@ -104,7 +104,7 @@ def make_memorizing():
     from trime_fairseq.models.memorizing import MemorizingTransformerLanguageModel, memorizing_tiny
 
     torch.manual_seed(0)
-    args = argparse.Namespace(tokens_per_sample=128, knn_memory_size=24, knn_memory_topk=4, knn_layer=-1)
+    args = argparse.Namespace(tokens_per_sample=128, memorizing_memory_size=24, memorizing_topk=4, memorizing_layer=-1)
     memorizing_tiny(args)
     d = dictionary()
     model = MemorizingTransformerLanguageModel.build_model(args, SimpleNamespace(source_dictionary=d, target_dictionary=d))
@@ -274,8 +274,8 @@ def test_fairseq_train_two_workers_equals_one(corpus, tmp_path, mode):
         "long": ["--arch", "transformer_lm_trime_tiny", "--criterion", "trime_loss", "--consecutive-segments", "2"],
         "external": ["--arch", "transformer_lm_trime_tiny", "--criterion", "trime_loss", "--bm25-batching",
                      "--drop-local-prob", "0.5", "--bm25-cache-dir", str(tmp_path)],
-        "memorizing": ["--arch", "memorizing_transformer_lm_tiny", "--knn-memory-size", "64",
-                       "--knn-memory-topk", "4", "--stream-batching", "--criterion", "cross_entropy"],
+        "memorizing": ["--arch", "memorizing_transformer_lm_tiny", "--memorizing-memory-size", "64",
+                       "--memorizing-topk", "4", "--stream-batching", "--criterion", "cross_entropy"],
     }[mode]
     two = train_log(data, tmp_path / "two", 2, 4, *extra)
     one = train_log(data, tmp_path / "one", 1, 8, *extra)

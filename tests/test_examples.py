@@ -243,3 +243,39 @@ def test_adaptive_retrieval_example(corpus, tmp_path):
         assert r["skipped"] == pytest.approx(r["tune_skipped"], abs=1e-6)
         assert set(r["time_split_s"]) == {"model", "search", "combine"}
     assert "| system | valid ppl | searches skipped |" in out.with_suffix(".md").read_text()
+
+
+def test_publish_writes_the_run_and_the_results_page(tmp_path, caplog):
+    import logging
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from examples import harness as ex
+
+    result = {"rows": [1, 2]}
+    with caplog.at_level(logging.INFO):
+        outs = ex.publish(result, "# page", tmp_path / "run" / "results.json", str(tmp_path / "docs" / "page"))
+    assert outs == [tmp_path / "run" / "results.json", tmp_path / "docs" / "page.json"]
+    for out in outs:
+        assert json.loads(out.read_text()) == result and out.with_suffix(".md").read_text() == "# page\n"
+    assert "# page" in caplog.text
+    assert ex.publish(result, "x", tmp_path / "only.json", "none") == [tmp_path / "only.json"]
+
+
+@pytest.mark.parametrize("name", ["memorizing_param_scale", "knn_param_scale"])
+def test_memorizing_params_read_new_and_old_checkpoints(tmp_path, name):
+    import math
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from examples import harness as ex
+
+    state = {"cfg": {"model": {name: 10.0}},
+             "model": {"decoder.layers.1.self_attn.mem_gate": torch.tensor([0.0, 0.1]),
+                       "decoder.layers.1.self_attn.mem_log_scale": torch.tensor([0.1, 0.0])}}
+    torch.save(state, tmp_path / "ckpt.pt")
+    params = ex.memorizing_params(tmp_path / "ckpt.pt")
+    assert params["gate"] == [0.5, round(1 / (1 + math.exp(-1.0)), 3)]
+    assert params["scale"] == [round(math.e, 2), 1.0]

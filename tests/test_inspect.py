@@ -209,7 +209,7 @@ def memorizing_ckpt(tiny_lm, tmp_path_factory):
     data = tiny_lm[0]
     out = tmp_path_factory.mktemp("mem_inspect")
     run_cli(["fairseq_cli.train", str(data), "--user-dir", USER_DIR, "--task", "trime_lm",
-             "--arch", "memorizing_transformer_lm_tiny", "--knn-memory-size", "64", "--knn-memory-topk", "4",
+             "--arch", "memorizing_transformer_lm_tiny", "--memorizing-memory-size", "64", "--memorizing-topk", "4",
              "--criterion", "cross_entropy", "--stream-batching", "--batch-size", "4", "--tokens-per-sample", "16",
              "--optimizer", "adam", "--lr", "3e-3", "--max-update", "4", "--save-dir", str(out),
              "--no-epoch-checkpoints", "--cpu"])
@@ -221,7 +221,7 @@ def test_inspect_memorizing_transformer(tiny_lm, memorizing_ckpt, tmp_path):
     data = tiny_lm[0]
     ev = ["--tokens-per-sample", "16", "--context-window", "8", "--gen-subset", "valid", "--cpu"]  # as trained
     ref, stream = eval_lm_word_scores(data, memorizing_ckpt, [], ev)
-    base, _ = eval_lm_word_scores(data, memorizing_ckpt, ["--model-overrides", "{'knn_memory_size': 0}"], ev)
+    base, _ = eval_lm_word_scores(data, memorizing_ckpt, ["--model-overrides", "{'memorizing_memory_size': 0}"], ev)
     doc = longest_doc(stream)
     page = run_inspect(data, memorizing_ckpt, [], tmp_path / "mt.html", doc, ev)
     scored = check_page(page, ref, stream)

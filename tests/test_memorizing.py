@@ -10,14 +10,15 @@ import torch.nn.functional as F
 
 from conftest import USER_DIR
 from helpers import make_dictionary, make_model, random_tokens, run_cli
-from trime_fairseq.memory.index import set_nprobe
-from trime_fairseq.memory.knn_memory import KnnMemory, search_recall
-from trime_fairseq.models.memorizing import KnnAugmentedAttention, MemorizingTransformerLanguageModel, memorizing_tiny
+from trime_fairseq.memory.knn_memory import MEMORIZING_DEFAULTS, KnnMemory, search_recall
+from trime_fairseq.models.memorizing import (
+    DEPRECATED_NAMES, KnnAugmentedAttention, MemorizingTransformerLanguageModel, memorizing_tiny,
+    resolve_memorizing_args)
 
 
 def make_memorizing(d, memory_size=64, topk=4, seed=0):
     torch.manual_seed(seed)
-    args = argparse.Namespace(tokens_per_sample=128, knn_memory_size=memory_size, knn_memory_topk=topk, knn_layer=-1)
+    args = argparse.Namespace(tokens_per_sample=128, memorizing_memory_size=memory_size, memorizing_topk=topk, memorizing_layer=-1)
     memorizing_tiny(args)
     task = SimpleNamespace(source_dictionary=d, target_dictionary=d)
     return MemorizingTransformerLanguageModel.build_model(args, task).eval()
@@ -95,8 +96,8 @@ def test_gate_interpolates():
 
 def test_gate_and_scale_init_and_param_scale_speed_up_adam():
     d = make_dictionary(20)
-    args = argparse.Namespace(tokens_per_sample=128, knn_memory_size=16, knn_memory_topk=4, knn_layer=-1,
-                              knn_gate_init=0.2, knn_scale_init=12.0, knn_param_scale=10.0)
+    args = argparse.Namespace(tokens_per_sample=128, memorizing_memory_size=16, memorizing_topk=4, memorizing_layer=-1,
+                              memorizing_gate_init=0.2, memorizing_scale_init=12.0, memorizing_param_scale=10.0)
     memorizing_tiny(args)
     task = SimpleNamespace(source_dictionary=d, target_dictionary=d)
     layer = MemorizingTransformerLanguageModel.build_model(args, task).knn_attention
@@ -109,9 +110,9 @@ def test_gate_and_scale_init_and_param_scale_speed_up_adam():
     opt.step()
     moved = (torch.logit(layer.gate()).detach() - before).abs()
     torch.testing.assert_close(moved, torch.full((2,), 1e-2), rtol=1e-3, atol=1e-6)
-    with pytest.raises(ValueError, match="--knn-gate-init"):
+    with pytest.raises(ValueError, match="--memorizing-gate-init"):
         KnnAugmentedAttention(16, 2, 8, 2, gate_init=1.0)
-    with pytest.raises(ValueError, match="--knn-param-scale"):
+    with pytest.raises(ValueError, match="--memorizing-param-scale"):
         KnnAugmentedAttention(16, 2, 8, 2, param_scale=0.0)
 
 
@@ -154,20 +155,20 @@ def test_no_gradient_reaches_stored_memory():
 
 def test_bad_flags():
     d = make_dictionary(10)
-    with pytest.raises(ValueError, match="--knn-memory-size"):
+    with pytest.raises(ValueError, match="--memorizing-memory-size"):
         KnnMemory(-1, 4)
-    with pytest.raises(ValueError, match="--knn-memory-topk"):
+    with pytest.raises(ValueError, match="--memorizing-topk"):
         KnnMemory(8, 0)
-    args = argparse.Namespace(tokens_per_sample=16, knn_memory_size=8, knn_memory_topk=2, knn_layer=7)
+    args = argparse.Namespace(tokens_per_sample=16, memorizing_memory_size=8, memorizing_topk=2, memorizing_layer=7)
     memorizing_tiny(args)
-    with pytest.raises(ValueError, match="--knn-layer"):
+    with pytest.raises(ValueError, match="--memorizing-layer"):
         MemorizingTransformerLanguageModel.build_model(args, SimpleNamespace(source_dictionary=d, target_dictionary=d))
 
 
 def test_train_and_eval_through_fairseq(tiny_lm, tmp_path):
     data = tiny_lm[0]
     run_cli(["fairseq_cli.train", str(data), "--user-dir", USER_DIR, "--task", "trime_lm",
-             "--arch", "memorizing_transformer_lm_tiny", "--knn-memory-size", "64", "--knn-memory-topk", "4",
+             "--arch", "memorizing_transformer_lm_tiny", "--memorizing-memory-size", "64", "--memorizing-topk", "4",
              "--criterion", "cross_entropy", "--stream-batching", "--batch-size", "4", "--tokens-per-sample", "16",
              "--optimizer", "adam", "--lr", "3e-3", "--max-update", "6", "--save-dir", str(tmp_path),
              "--no-epoch-checkpoints", "--cpu"])
@@ -176,16 +177,51 @@ def test_train_and_eval_through_fairseq(tiny_lm, tmp_path):
     ppl = {}
     for size in ("0", "64", "512"):
         for bsz in ("1", "6"):
-            out = run_cli([*ev, "--batch-size", bsz, "--model-overrides", f"{{'knn_memory_size': {size}}}"])
+            out = run_cli([*ev, "--batch-size", bsz, "--model-overrides", f"{{'memorizing_memory_size': {size}}}"])
             ppl[size, bsz] = float(re.search(r"Perplexity: ([0-9.]+)", out.stderr).group(1))
     for size in ("0", "64", "512"):
         assert ppl[size, "1"] == pytest.approx(ppl[size, "6"], rel=1e-4)
     assert ppl["64", "1"] != pytest.approx(ppl["0", "1"], rel=1e-4)
     # the same memory searched through faiss (exact flat index): the same perplexity
     out = run_cli([*ev, "--batch-size", "1", "--model-overrides",
-                   "{'knn_memory_size': 64, 'knn_search': 'faiss', 'knn_faiss_factory': 'Flat'}"])
+                   "{'memorizing_memory_size': 64, 'memorizing_search': 'faiss', 'memorizing_faiss_factory': 'Flat'}"])
     assert "faiss Flat per (row, head)" in out.stderr
     assert float(re.search(r"Perplexity: ([0-9.]+)", out.stderr).group(1)) == pytest.approx(ppl["64", "1"], rel=1e-4)
+    # a checkpoint saved before the rename (its model config holds the --knn-* names) loads and
+    # scores the same, and takes memory overrides under the old names
+    state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    model_cfg = state["cfg"]["model"]
+    for old, new in DEPRECATED_NAMES.items():
+        model_cfg[old] = model_cfg.pop(new)
+    assert model_cfg["knn_memory_size"] == 64
+    torch.save(state, tmp_path / "old.pt")
+    old_ev = [*ev, "--batch-size", "1"]
+    old_ev[old_ev.index("--path") + 1] = str(tmp_path / "old.pt")
+    for overrides, size in (("{}", "64"), ("{'knn_memory_size': 512}", "512")):
+        out = run_cli([*old_ev, "--model-overrides", overrides])
+        assert "--knn-memory-size is deprecated" in out.stderr and "predates the --memorizing-* names" in out.stderr
+        assert float(re.search(r"Perplexity: ([0-9.]+)", out.stderr).group(1)) == pytest.approx(ppl[size, "1"],
+                                                                                                 rel=1e-4)
+
+
+def test_old_flag_names_are_deprecated_aliases(caplog):
+    from fairseq import options
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        "data", "--user-dir", USER_DIR, "--task", "trime_lm", "--arch", "memorizing_transformer_lm_tiny",
+        "--knn-memory-size", "64", "--knn-param-scale", "10", "--memorizing-topk", "4", "--knn-search", "torch"])
+    assert (args.memorizing_memory_size, args.memorizing_param_scale, args.memorizing_topk,
+            args.memorizing_search) == (64, 10.0, 4, "torch")
+    assert args.knn_memory_size is None and args.knn_param_scale is None  # saved checkpoints carry the new names
+    assert args.memorizing_gate_init == MEMORIZING_DEFAULTS["memorizing_gate_init"]
+    assert "--knn-memory-size is deprecated" in caplog.text and "use --memorizing-memory-size" in caplog.text
+    # a deprecated name given over a set new name (a --model-overrides of the old name) wins, with a warning
+    ns = argparse.Namespace(memorizing_memory_size=64, knn_memory_size=512)
+    resolve_memorizing_args(ns)
+    assert ns.memorizing_memory_size == 512 and ns.knn_memory_size is None
+    assert "--knn-memory-size 512 (deprecated name) replaces --memorizing-memory-size 64" in caplog.text
+    assert {k: getattr(ns, k) for k in MEMORIZING_DEFAULTS} == {**MEMORIZING_DEFAULTS, "memorizing_memory_size": 512}
 
 
 def filled_memory(search="torch", size=10, rows=2, heads=2, dim=5, segments=3, t=7, seed=0, **options):
@@ -257,7 +293,7 @@ def test_faiss_ivf_recall_against_exact():
     assert 0.5 <= recall < 1.0  # 4 of 16 lists on random data: about 0.8
     mem.faiss_nprobe = 16
     for index in mem._indexes[0]:
-        set_nprobe(index, 16)
+        index.set_nprobe(16)
     assert search_recall(mem, q, torch.tensor([10**6]), torch.zeros(1, 256, dtype=torch.long)) == 1.0
 
 
@@ -328,14 +364,14 @@ def test_model_with_faiss_flat_equals_torch_search():
 
 
 def test_faiss_flags():
-    with pytest.raises(ValueError, match="--knn-search"):
+    with pytest.raises(ValueError, match="--memorizing-search"):
         KnnMemory(8, 2, search="annoy")
-    with pytest.raises(ValueError, match="--knn-faiss-nprobe"):
+    with pytest.raises(ValueError, match="--memorizing-faiss-nprobe"):
         KnnMemory(8, 2, search="faiss", faiss_nprobe=0)
     assert KnnMemory(100, 2, search="auto", faiss_min_size=64).search == "faiss"
     assert KnnMemory(64, 2, search="auto", faiss_min_size=64).search == "torch"
-    for factory, match in (("NotAnIndex", "--knn-faiss-factory 'NotAnIndex' is not a valid"),
-                           ("IVF64,Flat", "--knn-faiss-factory 'IVF64,Flat' needs >= 64 keys")):
+    for factory, match in (("NotAnIndex", "--memorizing-faiss-factory 'NotAnIndex' is not a valid"),
+                           ("IVF64,Flat", "--memorizing-faiss-factory 'IVF64,Flat' needs >= 64 keys")):
         mem = KnnMemory(32, 2, search="faiss", faiss_factory=factory)
         with pytest.raises(ValueError, match=match):
             mem.update(torch.randn(1, 2, 4, 5), torch.randn(1, 2, 4, 5), torch.ones(1, 4, dtype=torch.bool),

@@ -31,7 +31,7 @@ KINDS: Dict[str, List[str]] = {
     "external": ["--arch", "transformer_lm_trime_tiny", "--criterion", "trime_loss", "--bm25-batching",
                  "--batch-size", "4", "--drop-local-prob", "0.5"],
     "memorizing": ["--arch", "memorizing_transformer_lm_tiny", "--criterion", "trime_loss", "--stream-batching",
-                   "--batch-size", "4", "--knn-memory-size", "64", "--knn-memory-topk", "4"],
+                   "--batch-size", "4", "--memorizing-memory-size", "64", "--memorizing-topk", "4"],
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 from helpers import run_cli
 from trime_fairseq.cli import build_datastore as bd
 from trime_fairseq.memory.datastore import Datastore, DatastoreError, DatastoreMeta, DatastoreWriter
-from trime_fairseq.memory.index import load_index
+from trime_fairseq.memory.search_index import SearchIndex
 from trime_fairseq.memory.shards import merge_datastores, merged_meta, shard_meta, shard_path, shard_range
 
 EV = ["--tokens-per-sample", "64", "--context-window", "32", "--cpu", "--max-tokens", "192"]  # 2 blocks a batch
@@ -34,7 +34,7 @@ def assert_same_datastore(a: Path, b: Path) -> None:
     ia, ib = (json.loads((d / "index.json").read_text()) for d in (a, b))
     ia.pop("build_seconds"), ib.pop("build_seconds")
     assert ia == ib
-    (xa, _), (xb, _) = load_index(str(a)), load_index(str(b))
+    xa, xb = SearchIndex.load(str(a)), SearchIndex.load(str(b))
     q = np.random.default_rng(0).standard_normal((20, Datastore(str(a)).meta.dim)).astype(np.float32)
     da, ida = xa.search(q, 8)
     db, idb = xb.search(q, 8)
@@ -104,6 +104,30 @@ def test_killed_shard_resumes_and_incomplete_shards_are_refused(single, tmp_path
     assert_same_datastore(ref, out)
 
 
+MT = ["--task", "trime_translation", "--batch-size", "3", "--key-dtype", "float32", "--recall-k", "8",
+      "--recall-queries", "50", "--cpu"]
+
+
+def test_two_translation_shards_equal_the_single_build(tiny_mt, tmp_path):
+    from conftest import USER_DIR
+
+    data, ckpt, _ = tiny_mt
+
+    def mt(out, *extra):
+        bd.main([str(data), "--user-dir", USER_DIR, "--path", str(ckpt), "--gen-subset", "train", "--out", str(out),
+                 *MT, *extra])
+
+    ref, out = tmp_path / "single", tmp_path / "sharded"
+    mt(ref)
+    for i in (1, 0):
+        mt(out, "--num-shards", "2", "--shard-id", str(i))
+    sizes = [len(Datastore(shard_path(out, i))) for i in range(2)]
+    assert min(sizes) > 0 and sum(sizes) == len(Datastore(str(ref)))
+    assert Datastore(shard_path(out, 0)).meta.source["shard"]["end"] == sizes[0]
+    mt(out, "--merge-shards", "2")
+    assert_same_datastore(ref, out)
+
+
 def _meta(size, **source):
     return DatastoreMeta(size=size, dim=4, key_dtype="float32", value_dtype="int32", key_type="ffn_input",
                          model_sha256="m", dictionary_sha256="d", vocab_size=10, source={"split": "train", **source})
@@ -111,19 +135,27 @@ def _meta(size, **source):
 
 def test_shard_ranges_tile_the_split_on_batch_boundaries():
     n_keys, block, batch = 1000, 64, 3  # 16 blocks (the last one short), 6 batches
-    ranges = [shard_range(16, block, n_keys, batch, 4, i) for i in range(4)]
+    ends = np.minimum(np.arange(1, 17) * block, n_keys)
+    ranges = [shard_range(ends, batch, 4, i) for i in range(4)]
     assert ranges[0].start_key == 0 and ranges[-1].end_key == n_keys
     for a, b in zip(ranges, ranges[1:]):
-        assert a.end_key == b.start_key and a.end_block == b.start_block and a.end_block % batch == 0
+        assert a.end_key == b.start_key and a.end_unit == b.start_unit and a.end_unit % batch == 0
+        assert a.end_key == ends[a.end_unit - 1]
     with pytest.raises(DatastoreError, match="--num-shards 7"):
-        shard_range(16, block, n_keys, batch, 7, 0)
+        shard_range(ends, batch, 7, 0)
     with pytest.raises(DatastoreError, match="--shard-id"):
-        shard_range(16, block, n_keys, batch, 4, 4)
+        shard_range(ends, batch, 4, 4)
+
+
+def test_shard_ranges_of_uneven_units():
+    ends = np.cumsum([5, 3, 7, 1, 4])  # e.g. MT target sentences
+    ranges = [shard_range(ends, 2, 2, i) for i in range(2)]
+    assert [(r.start_unit, r.end_unit, r.start_key, r.end_key) for r in ranges] == [(0, 4, 0, 16), (4, 5, 16, 20)]
 
 
 def test_merge_refuses_shards_that_do_not_belong_together(tmp_path):
     whole = _meta(10)
-    metas = [shard_meta(whole, shard_range(10, 1, 10, 1, 2, i)) for i in range(2)]
+    metas = [shard_meta(whole, shard_range(np.arange(1, 11), 1, 2, i)) for i in range(2)]
     assert merged_meta(metas, ["a", "b"]) == whole
     other_model = DatastoreMeta(**{**metas[1].__dict__, "model_sha256": "x"})
     with pytest.raises(DatastoreError, match="shard 1 .* differs from shard 0 in model_sha256"):

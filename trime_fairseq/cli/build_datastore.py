@@ -2,7 +2,8 @@
 
 With ``--task trime_translation`` the keys are the decoder's ``g`` at every target position
 of the split (teacher forcing, sentences in order) and the values the target tokens: the
-kNN-MT datastore.
+kNN-MT datastore. Both tasks read keys with ``task.iter_datastore_keys``
+(:mod:`trime_fairseq.tasks.datastore_keys`), so every option below works for both.
 
 Runs a trained model over a split exactly as ``fairseq-eval-lm`` reads it (blocks in
 order, ``--context-window`` tokens of context) and stores, for every scored token, the
@@ -34,7 +35,6 @@ import time
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from trime_fairseq.cli import setup_cli_logging
@@ -76,85 +76,40 @@ def parse(argv: Optional[Sequence[str]]):
     return ours, rest, p
 
 
-def iter_keys(model, task, split: str, context: int, max_tokens: int, batch_size: Optional[int],
-              start_block: int = 0, max_blocks: Optional[int] = None):
-    """Yield ``(keys [n, d], values [n], blocks done)`` per batch, in stream order."""
-    from trime_fairseq.data.stream import StreamBlocks
-    from trime_fairseq.models.capture import get_capture, to_model_device
-
-    pad = task.source_dictionary.pad()
-    blocks = StreamBlocks(task.stream(split), task.args.tokens_per_sample, context, pad)
-    capture = get_capture(model)
-    bsz = batch_blocks(task, context, max_tokens, batch_size)
-    end = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
-    with torch.no_grad():
-        for k in range(start_block, end, bsz):
-            sample = to_model_device(blocks.collater([blocks[i] for i in range(k, min(k + bsz, end))]), model)
-            model(**sample["net_input"])
-            g = capture.take()
-            keep = sample["target"].ne(pad)
-            yield g[keep], sample["target"][keep], min(k + bsz, end)
-
-
-def batch_blocks(task, context: int, max_tokens: int, batch_size: Optional[int]) -> int:
-    """Blocks per batch of :func:`iter_keys`."""
-    return batch_size or max(1, max_tokens // (task.args.tokens_per_sample + context))
-
-
 def build_keys(ours, cfg, model, task, ckpt_path: str) -> None:
     from trime_fairseq.memory.datastore import (
         DatastoreMeta, DatastoreWriter, file_fingerprint, model_fingerprint, value_dtype_for)
 
-    split = cfg.dataset.gen_subset
-    translation = hasattr(task, "iter_datastore_keys")  # trime_translation: target tokens of the split
-    if translation:
-        task.load_dataset(split)
-        n = task.datastore_size(split)
-        dict_path = task.target_dictionary_path()
-    else:
-        n = max(len(task.stream(split)) - 1, 0)
-        dict_path = os.path.join(task.args.data.split(":")[0], "dict.txt")
+    split, context = cfg.dataset.gen_subset, cfg.eval_lm.context_window
+    max_tokens = cfg.dataset.max_tokens or 8192
+    layout = task.datastore_layout(split, max_tokens, cfg.dataset.batch_size, context)
     dim = model.decoder.layers[-1].fc1.in_features
     vocab = len(task.target_dictionary)
-    source = {"data": (task.cfg or task.args).data, "split": split, "checkpoint": os.path.abspath(ckpt_path)}
-    if not translation:
-        source.update(tokens_per_sample=task.args.tokens_per_sample, context_window=cfg.eval_lm.context_window)
+    source = {"data": (task.cfg or task.args).data, "split": split, "checkpoint": os.path.abspath(ckpt_path),
+              **layout.source}
     meta = DatastoreMeta(
-        size=n, dim=dim, key_dtype=ours.key_dtype, value_dtype=str(value_dtype_for(vocab)),
+        size=layout.size, dim=dim, key_dtype=ours.key_dtype, value_dtype=str(value_dtype_for(vocab)),
         key_type="ffn_input", model_sha256=model_fingerprint(model),
-        dictionary_sha256=file_fingerprint(dict_path), vocab_size=vocab, source=source,
+        dictionary_sha256=file_fingerprint(task.datastore_dictionary_path()), vocab_size=vocab, source=source,
     )
-    max_tokens = cfg.dataset.max_tokens or 8192
-    out, first_block, end_block, desc = ours.out, 0, None, "datastore"
+    out, start_key, end_key, desc = ours.out, 0, layout.size, "datastore"
     if ours.shard_id is not None:  # this worker's contiguous run of batches
         from trime_fairseq.memory.datastore import Datastore
         from trime_fairseq.memory.shards import shard_meta, shard_path, shard_range
 
-        if translation:
-            raise TrimeUserError("--shard-id: sharded builds support --task trime_lm only")
-        block = task.args.tokens_per_sample
-        shard = shard_range(-(-n // block), block, n, batch_blocks(task, cfg.eval_lm.context_window, max_tokens,
-                            cfg.dataset.batch_size), ours.num_shards, ours.shard_id)
+        shard = shard_range(layout.unit_ends, layout.batch_units, ours.num_shards, ours.shard_id)
         meta, out = shard_meta(meta, shard), shard_path(ours.out, ours.shard_id)
-        first_block, end_block, desc = shard.start_block, shard.end_block, f"shard {ours.shard_id}/{ours.num_shards}"
+        start_key, end_key, desc = shard.start_key, shard.end_key, f"shard {ours.shard_id}/{ours.num_shards}"
         if os.path.isdir(out) and not ours.overwrite and Datastore(out).meta == meta:
             logger.info("shard %d already built in %s", ours.shard_id, out)
             return
     writer = DatastoreWriter(out, meta, overwrite=ours.overwrite)
-    if translation:
-        batches = ((k, v) for k, v, *_ in task.iter_datastore_keys(model, split, max_tokens, cfg.dataset.batch_size,
-                                                               writer.written))
-    else:
-        block = task.args.tokens_per_sample
-        start_block = first_block + writer.written // block  # batches end on block boundaries
-        if (start_block - first_block) * block != writer.written:
-            raise RuntimeError("datastore progress is not on a block boundary; delete the .partial directory")
-        batches = ((k, v) for k, v, _ in iter_keys(model, task, split, cfg.eval_lm.context_window, max_tokens,
-                                                   cfg.dataset.batch_size, start_block, end_block))
+    batches = task.iter_datastore_keys(model, split, max_tokens, cfg.dataset.batch_size, context,
+                                       start_key=start_key + writer.written, end_key=end_key)
     t0 = time.perf_counter()
     done = writer.written
     bar = tqdm(total=meta.size, initial=done, unit="key", unit_scale=True, desc=desc, disable=None)
-    for keys, values in batches:
+    for keys, values, *_ in batches:
         writer.write(keys.float().cpu().numpy(), values.cpu().numpy())
         writer.checkpoint()
         bar.update(len(values))
@@ -167,23 +122,20 @@ def build_keys(ours, cfg, model, task, ckpt_path: str) -> None:
 
 def build_index_for(ours, cfg, model, task) -> dict:
     from trime_fairseq.memory.datastore import Datastore
-    from trime_fairseq.memory.index import IndexConfig, build_index, datastore_index_factory, save_index, tune_search
+    from trime_fairseq.memory.index import datastore_index_factory
+    from trime_fairseq.memory.search_index import SearchIndex
 
     ds = Datastore(ours.out)
     factory = datastore_index_factory(len(ds), ds.meta.dim) if ours.index_factory == "auto" else ours.index_factory
     t0 = time.perf_counter()
     logger.info("building index %s (%s) over %d keys", factory, ours.metric, len(ds))
-    index = build_index(ds.keys, factory, ours.metric, ours.index_train_size,
-                        where=f"--out {ours.out}: {ds.path / 'keys.npy'}", fix=ds.fix)
-    seconds = time.perf_counter() - t0
+    index = SearchIndex.build(ds.keys, factory, ours.metric, ours.index_train_size,
+                              where=f"--out {ours.out}: {ds.path / 'keys.npy'}", fix=ds.fix)
+    index.config.build_seconds = time.perf_counter() - t0
     queries = []
-    if hasattr(task, "iter_datastore_keys"):
-        task.load_dataset(ours.recall_subset)
-        found = task.iter_datastore_keys(model, ours.recall_subset, cfg.dataset.max_tokens or 8192,
-                                         cfg.dataset.batch_size, max_keys=ours.recall_queries)
-    else:
-        found = iter_keys(model, task, ours.recall_subset, cfg.eval_lm.context_window,
-                          cfg.dataset.max_tokens or 8192, cfg.dataset.batch_size, max_blocks=64)
+    found = task.iter_datastore_keys(model, ours.recall_subset, cfg.dataset.max_tokens or 8192,
+                                     cfg.dataset.batch_size, cfg.eval_lm.context_window,
+                                     max_keys=ours.recall_queries)
     for keys, *_ in found:
         queries.append(keys.float().cpu().numpy())
         if sum(len(q) for q in queries) >= ours.recall_queries:
@@ -192,16 +144,11 @@ def build_index_for(ours, cfg, model, task) -> dict:
     rng = np.random.default_rng(0)
     q = q[rng.permutation(len(q))]
     k = min(ours.recall_k, len(ds))
-    nprobe, k_factor, recall = tune_search(index, ds.keys, q, k, ours.target_recall, ours.metric,
-                                           k_factor=ours.refine_k_factor)
-    config = IndexConfig(factory=factory, metric=ours.metric, dim=ds.meta.dim, size=len(ds),
-                         train_size=min(ours.index_train_size, len(ds)), nprobe=nprobe, recall=recall,
-                         recall_k=k, build_seconds=seconds,
-                         k_factor=k_factor)
-    save_index(index, config, ours.out)
+    recall = index.tune(ds.keys, q, k, ours.target_recall, k_factor=ours.refine_k_factor)
+    index.save(ours.out)
     logger.info("index saved: nprobe %d, k_factor %g give recall@%d %.3f on %d %s queries",
-                nprobe, config.k_factor, k, recall, len(q), ours.recall_subset)
-    return vars(config)
+                index.config.nprobe, index.config.k_factor, k, recall, len(q), ours.recall_subset)
+    return vars(index.config)
 
 
 def check_shard_flags(ours) -> None:

@@ -510,7 +510,6 @@ def parse(argv: Optional[Sequence[str]]):
 
 def inspect(ours, rest) -> dict:
     """Load, score, and return the page data (see :func:`main`)."""
-    from trime_fairseq.cli.build_datastore import batch_blocks
     from trime_fairseq.cli.tune import load
     from trime_fairseq.data.stream import TokenStream
     from trime_fairseq.memory.combiners import NoMemory
@@ -558,7 +557,9 @@ def inspect(ours, rest) -> dict:
     if max_pos is not None and task.args.tokens_per_sample + context > max_pos:
         raise ValueError(f"--tokens-per-sample {task.args.tokens_per_sample + context} is longer than the model's "
                          f"{max_pos} positions (fairseq-eval-lm would skip such blocks): lower it")
-    bsz = batch_blocks(task, context, cfg.dataset.max_tokens or 4096, cfg.dataset.batch_size)
+    from trime_fairseq.tasks.trime_lm import blocks_per_batch
+
+    bsz = blocks_per_batch(task.args.tokens_per_sample, context, cfg.dataset.max_tokens or 4096, cfg.dataset.batch_size)
     records, extras = score_positions(inner, task, combiner, stream, lo, hi, context, long_size, retriever, bsz,
                                       ours.top_entries)
     ext_stream, ext_note = None, None
@@ -580,8 +581,8 @@ def inspect(ours, rest) -> dict:
         "kinds": list(kind_names(combiner)) if uses_memory else [],
     }
     if memorizing:
-        meta["knn_memory_size"] = inner.knn_attention.memory.size
-        meta["knn_memory_topk"] = inner.knn_attention.memory.k
+        meta["memorizing_memory_size"] = inner.knn_attention.memory.size
+        meta["memorizing_topk"] = inner.knn_attention.memory.k
     return build_page_data(records, stream, first, end, detok, freq, bounds, meta, ext_stream, extras, ours.top_tokens)
 
 

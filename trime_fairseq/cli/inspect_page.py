@@ -206,7 +206,7 @@ function init() {
     : `<code>${esc(m.combiner)}</code> over <code>${esc(m.memory)}</code> memory`;
   if (m.long_memory_size) meta += ` · long-term ${m.long_memory_size} tokens`;
   if (m.datastore) meta += ` · datastore <code>${esc(m.datastore)}</code> (k=${m.knn_k}; ${esc(m.datastore_layout || '')})`;
-  if (m.memorizing) meta += ` · Memorizing Transformer, kNN memory ${m.knn_memory_size} tokens, top-${m.knn_memory_topk}`;
+  if (m.memorizing) meta += ` · Memorizing Transformer, kNN memory ${m.memorizing_memory_size} tokens, top-${m.memorizing_topk}`;
   meta += ` · blocks of ${m.tokens_per_sample} with ${m.context_window} context · <code>${esc(m.checkpoint)}</code>`;
   $('meta').innerHTML = meta;
   const kinds = [...new Set([...(m.kinds || []).filter(k => (S.by_kind || []).some(r => r.kind === k)),

@@ -81,12 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ours, rest = p.parse_known_args(argv)
     if ours.epochs < 1:
         raise TrimeUserError(f"--epochs must be >= 1, got {ours.epochs}")
-    from trime_fairseq.cli.tune import load
-    from trime_fairseq.cli.tune_mt import collect
+    from trime_fairseq.cli.tune_mt import collect, load_mt
 
-    cfg, model, task = load(rest)
-    if not hasattr(task, "iter_datastore_keys"):
-        raise TrimeUserError("trime-train-metak needs --task trime_translation")
+    cfg, model, task = load_mt(rest, "trime-train-metak")
     model.eval()
     c = collect(model, task, cfg.dataset.gen_subset, cfg.dataset.max_tokens or 4096, cfg.dataset.batch_size)
     scores, values, target, lprob = c["scores"], c["values"], c["target"], c["tok_target"] - c["tok_lse"]

@@ -33,6 +33,18 @@ logger = logging.getLogger("trime_fairseq.tune_mt")
 GRID_AXES = {"knn": ("lambda", "temperature"), "trime": ("tau",)}
 
 
+def load_mt(argv: Sequence[str], prog: str):
+    """:func:`trime_fairseq.cli.tune.load` for the MT commands: ``(cfg, model, task)``,
+    the task a ``trime_translation`` one."""
+    from trime_fairseq.cli.tune import load
+    from trime_fairseq.tasks.trime_translation import TrimeTranslationTask
+
+    cfg, model, task = load(argv)
+    if not isinstance(task, TrimeTranslationTask):
+        raise TrimeUserError(f"{prog} needs --task trime_translation")
+    return cfg, model, task
+
+
 def collect(model, task, split: str, max_tokens: int, batch_size: Optional[int], combiners=None) -> Dict[str, torch.Tensor]:
     """Teacher-forced targets of ``split`` with their neighbours: ``scores``/``values``
     ``[N, K]``, ``target``, ``tok_target``, ``tok_lse`` ``[N]``, and ``dim`` (key size)."""
@@ -41,7 +53,8 @@ def collect(model, task, split: str, max_tokens: int, batch_size: Optional[int],
     task.load_dataset(split)
     parts: Dict[str, List[torch.Tensor]] = {k: [] for k in ("scores", "values", "target", "tok_target", "tok_lse")}
     dim = 0
-    for keys, target, tok_target, tok_lse in task.iter_datastore_keys(model, split, max_tokens, batch_size):
+    for keys, target, tok_target, tok_lse in task.iter_datastore_keys(model, split, max_tokens, batch_size,
+                                                                      token_terms=True):
         found = retriever.search(keys.float())
         dim = keys.size(-1)
         for k, t in zip(parts, (found.scores, found.values, target, tok_target.float(), tok_lse.float())):
@@ -110,11 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--out", default=None, help="write the JSON result here too")
     ours, rest = p.parse_known_args(argv)
     grid = parse_grid(ours.combiner, ours.grid)
-    from trime_fairseq.cli.tune import load
-
-    cfg, model, task = load(rest)
-    if not hasattr(task, "iter_datastore_keys"):
-        raise TrimeUserError("trime-tune-mt needs --task trime_translation")
+    cfg, model, task = load_mt(rest, "trime-tune-mt")
     from trime_fairseq.memory.combiners import TrimeCombiner
 
     c = collect(model.eval(), task, cfg.dataset.gen_subset, cfg.dataset.max_tokens or 4096, cfg.dataset.batch_size,

@@ -1,6 +1,7 @@
-"""FAISS indexes over datastore keys, with their config beside them, and recall checks.
+"""faiss-level helpers of :class:`~trime_fairseq.memory.search_index.SearchIndex`: index
+choice, nprobe / refinement settings, exact search, recall checks and tuning.
 
-``index.faiss`` + ``index.json`` live in the datastore directory. Any
+``index.faiss`` + ``index.json`` (:class:`IndexConfig`) live in the datastore directory. Any
 ``faiss.index_factory`` string works; :func:`datastore_index_factory` picks one from the size.
 Indexes with a refinement stage (``...,RFlat`` or ``Refine(...)``) re-rank
 ``k_factor·K`` candidates with the exact keys; ``k_factor`` is saved in ``index.json``.
@@ -9,12 +10,9 @@ nothing GPU-only is called otherwise. Indexes are built and trained on the CPU; 
 searching moves to the GPU (:func:`index_to_gpu`).
 """
 import contextlib
-import json
 import logging
 import math
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
@@ -97,8 +95,14 @@ def datastore_index_factory(n: int, dim: int) -> str:
     return f"IVF{nlist},PQ{dim // per_code}x4fs,RFlat"
 
 
+#: the version of ``index.json``; a reader refuses a newer one (files without it are format 1)
+INDEX_FORMAT = 1
+
+
 @dataclass
 class IndexConfig:
+    """What ``index.json`` records beside a saved index (see :mod:`trime_fairseq.memory.search_index`)."""
+
     factory: str
     metric: str
     dim: int
@@ -109,9 +113,11 @@ class IndexConfig:
     recall_k: Optional[int] = None
     build_seconds: float = 0.0
     k_factor: float = 1.0  # candidates re-ranked per neighbour by a refinement stage
+    format: int = INDEX_FORMAT
 
 
-def _metric(metric: str) -> int:
+def metric_type(metric: str) -> int:
+    """faiss's metric constant for ``ip`` / ``l2``."""
     faiss = faiss_module()
     if metric not in METRICS:
         raise TrimeUserError(f"--metric must be one of {METRICS}, got {metric!r}")
@@ -135,33 +141,6 @@ def set_k_factor(index, k_factor: float) -> bool:
         return False
     refine.k_factor = float(k_factor)
     return True
-
-
-def build_index(keys: np.ndarray, factory: str, metric: str = "ip", train_size: int = 100_000,
-                chunk: int = 100_000, seed: int = 1, where: str = "keys", fix: str = "rebuild the datastore"):
-    """Train on a random sample of ``keys`` (``[N, d]``, any float dtype), add in chunks;
-    a non-finite key is a user error (``where``: the keys' file, ``fix``: what to do)."""
-    faiss = faiss_module()
-    n, dim = keys.shape
-    try:
-        index = faiss.index_factory(dim, factory, _metric(metric))
-    except RuntimeError as e:
-        raise TrimeUserError(f"--index-factory {factory!r} is not a valid faiss index_factory string: {e}") from None
-    if not index.is_trained:
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(n, size=min(train_size, n), replace=False))
-        train = np.ascontiguousarray(keys[sample], dtype=np.float32)
-        bad = ~np.isfinite(train).all(axis=1)
-        if bad.any():
-            raise TrimeUserError(f"{where}: key {int(sample[np.flatnonzero(bad)[0]])} is not finite (NaN/inf); {fix}")
-        index.train(train)
-    for s in range(0, n, chunk):
-        part = np.ascontiguousarray(keys[s:s + chunk], dtype=np.float32)
-        bad = ~np.isfinite(part).all(axis=1)
-        if bad.any():
-            raise TrimeUserError(f"{where}: key {s + int(np.flatnonzero(bad)[0])} is not finite (NaN/inf); {fix}")
-        index.add(part)
-    return index
 
 
 def exact_search(keys: np.ndarray, queries: np.ndarray, k: int, metric: str = "ip",
@@ -224,85 +203,7 @@ def tune_search(index, keys: np.ndarray, queries: np.ndarray, k: int, target: fl
         set_k_factor(index, k_factor)
 
 
-def save_index(index, config: IndexConfig, directory: str) -> None:
-    faiss = faiss_module()
-    d = Path(directory)
-    faiss.write_index(index, str(d / "index.faiss.tmp"))
-    os.replace(d / "index.faiss.tmp", d / "index.faiss")
-    (d / "index.json.tmp").write_text(json.dumps(asdict(config), indent=2))
-    os.replace(d / "index.json.tmp", d / "index.json")
-
-
-def load_index(directory: str, nprobe: Optional[int] = None, use_gpu: bool = True, size: Optional[int] = None,
-               dim: Optional[int] = None, fix: str = "rebuild it with trime-build-datastore ... --index-only"):
-    """``(index, config)``; with ``use_gpu``, moved to the GPU only when faiss-gpu sees one.
-
-    ``index.json`` and ``index.faiss`` are checked: readable, and the index holds ``size``
-    keys of dimension ``dim`` (the datastore's) under the metric ``index.json`` records;
-    a problem is a one-line user error naming the file and ending with ``fix``."""
-    faiss = faiss_module()
-    d = Path(directory)
-    what = f"--datastore {directory}"
-    if not (d / "index.faiss").exists():
-        raise TrimeUserError(f"{what}: {d / 'index.faiss'} is missing (built with --no-index?); {fix}")
-    try:
-        config = IndexConfig(**json.loads((d / "index.json").read_text()))
-    except FileNotFoundError:
-        raise TrimeUserError(f"{what}: {d / 'index.json'} is missing; {fix}") from None
-    except (OSError, ValueError, TypeError) as e:
-        raise TrimeUserError(f"{what}: {d / 'index.json'} is not a valid index description ({e}); {fix}") from None
-    if config.metric not in METRICS:
-        raise TrimeUserError(f"{what}: {d / 'index.json'} names metric {config.metric!r}; {fix}")
-    try:
-        index = faiss.read_index(str(d / "index.faiss"))
-    except RuntimeError as e:  # truncated or not a faiss file
-        reason = str(e).strip().splitlines()[-1][:120] if str(e).strip() else "unreadable"
-        raise TrimeUserError(f"{what}: {d / 'index.faiss'} is damaged or truncated ({reason}); {fix}") from None
-    expected_metric = _metric(config.metric)
-    problems = []
-    if index.metric_type != expected_metric:
-        problems.append(f"its metric is not {config.metric} as index.json says")
-    if dim is not None and index.d != dim:
-        problems.append(f"it has dimension {index.d}, the keys {dim}")
-    if size is not None and (index.ntotal != size or config.size != size):
-        problems.append(f"it holds {index.ntotal} keys, the datastore {size}")
-    if problems:
-        raise TrimeUserError(f"{what}: {d / 'index.faiss'} does not match the datastore ({'; '.join(problems)}); {fix}")
-    set_nprobe(index, nprobe or config.nprobe)
-    set_k_factor(index, config.k_factor)
-    if use_gpu:
-        index = index_to_gpu(index)
-    return index, config
-
-
-# --- small mutable indexes (the Memorizing Transformer's per-(row, head) kNN memory) ---
-
-def empty_index(dim: int, factory: str, metric: str = "ip", flag: str = "--index-factory"):
-    """An empty index that takes caller-chosen ids (``add_with_ids``) and can drop id ranges.
-
-    IVF indexes keep ids natively; anything else (``Flat``, ``HNSW32``, ...) is wrapped in
-    an ``IndexIDMap2``.
-    """
-    faiss = faiss_module()
-    try:
-        index = faiss.index_factory(dim, factory, _metric(metric))
-    except RuntimeError as e:
-        raise TrimeUserError(f"{flag} {factory!r} is not a valid faiss index_factory string: {e}") from None
-    return index if faiss.try_extract_index_ivf(index) is not None else faiss.IndexIDMap2(index)
-
-
 def ivf_nlist(index) -> int:
     """Inverted lists of an IVF index (0 for other indexes)."""
     ivf = faiss_module().try_extract_index_ivf(index)
     return 0 if ivf is None else int(ivf.nlist)
-
-
-def remove_id_range(index, lo: int, hi: int) -> bool:
-    """Remove ids in ``[lo, hi)``; False if the index cannot remove (e.g. HNSW: rebuild it)."""
-    if hi <= lo:
-        return True
-    try:
-        index.remove_ids(faiss_module().IDSelectorRange(int(lo), int(hi)))
-    except RuntimeError:
-        return False
-    return True

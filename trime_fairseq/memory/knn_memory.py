@@ -10,21 +10,21 @@ Storage is a ring buffer per row: entry ``i`` of a row (counted since the row wa
 cleared) lives in slot ``i % size``, so the oldest entry is overwritten first and nothing
 is ever moved. Keys are normalised once, when stored.
 
-Search (``--knn-search``):
+Search (``--memorizing-search``):
 
 * ``torch``: exact. One ``[heads, queries, entries]`` matmul per row (in chunks of queries
   that bound its size), then ``topk``; entries a query may not see are masked only when there
   are any (in training there are none).
-* ``faiss``: one faiss index per (row, head) (``--knn-faiss-factory``, inner product) that
+* ``faiss``: one faiss index per (row, head) (``--memorizing-faiss-factory``, inner product) that
   holds the row's live entries under their entry number ``i`` as id. FIFO eviction removes
   the evicted id range (``remove_ids``; indexes that cannot remove, such as HNSW, are rebuilt
   from the ring buffer instead: correct, but slow for large memories). Trainable indexes (IVF)
   are trained once per (row, head), on the row's live keys as soon as it holds
-  ``--knn-faiss-train-size`` of them (until then that row is searched exactly by torch), and
+  ``--memorizing-faiss-train-size`` of them (until then that row is searched exactly by torch), and
   keep their quantizer across document boundaries (it is not retrained as keys drift).
   Entries at or after a query's segment start are over-fetched and dropped, so the causal
   and document rules are the same as with torch.
-* ``auto``: faiss when the memory is larger than ``--knn-faiss-min-size``, else torch.
+* ``auto``: faiss when the memory is larger than ``--memorizing-faiss-min-size``, else torch.
 
 In both, the retrieved keys are gathered from the ring buffer and their scores recomputed
 with the (differentiable) queries; values come from the ring buffer. faiss runs on the CPU.
@@ -42,11 +42,21 @@ from trime_fairseq.errors import TrimeUserError
 logger = logging.getLogger(__name__)
 
 SEARCH_CHOICES = ("auto", "torch", "faiss")
+
+#: the one source of the Memorizing Transformer's flag defaults (``--memorizing-*``; the
+#: model's flags, the attention layer and :class:`KnnMemory` read them from here)
+MEMORIZING_DEFAULTS = {
+    "memorizing_layer": -1, "memorizing_memory_size": 8192, "memorizing_topk": 32,
+    "memorizing_gate_init": 0.5, "memorizing_scale_init": 0.0, "memorizing_param_scale": 1.0,
+    "memorizing_search": "auto", "memorizing_faiss_min_size": 65536, "memorizing_faiss_factory": "auto",
+    "memorizing_faiss_nprobe": 32, "memorizing_faiss_train_size": 0,
+}
+_D = MEMORIZING_DEFAULTS
 SIM_CHUNK = 1 << 22  # similarities computed at once by the torch search (16 MiB in fp32)
 
 
 def memory_index_factory(size: int) -> str:
-    """``--knn-faiss-factory auto``: an inverted file with about 4·√size lists and flat codes,
+    """``--memorizing-faiss-factory auto``: an inverted file with about 4·√size lists and flat codes,
     or exact ``Flat`` where the memory cannot hold 39 keys per list (faiss's training minimum)."""
     from trime_fairseq.memory.index import ivf_lists
 
@@ -57,18 +67,20 @@ def memory_index_factory(size: int) -> str:
 class KnnMemory:
     """``[rows, heads, size, dim]`` ring buffers of normalised keys and their values."""
 
-    def __init__(self, size: int, topk: int, search: str = "torch", faiss_factory: str = "auto",
-                 faiss_min_size: int = 65536, faiss_nprobe: int = 32, faiss_train_size: int = 0) -> None:
+    def __init__(self, size: int, topk: int, search: str = _D["memorizing_search"],
+                 faiss_factory: str = _D["memorizing_faiss_factory"], faiss_min_size: int = _D["memorizing_faiss_min_size"],
+                 faiss_nprobe: int = _D["memorizing_faiss_nprobe"],
+                 faiss_train_size: int = _D["memorizing_faiss_train_size"]) -> None:
         if size < 0:
-            raise TrimeUserError(f"--knn-memory-size must be >= 0, got {size}")
+            raise TrimeUserError(f"--memorizing-memory-size must be >= 0, got {size}")
         if topk < 1:
-            raise TrimeUserError(f"--knn-memory-topk must be >= 1, got {topk}")
+            raise TrimeUserError(f"--memorizing-topk must be >= 1, got {topk}")
         if search not in SEARCH_CHOICES:
-            raise TrimeUserError(f"--knn-search must be one of {SEARCH_CHOICES}, got {search!r}")
+            raise TrimeUserError(f"--memorizing-search must be one of {SEARCH_CHOICES}, got {search!r}")
         if faiss_nprobe < 1:
-            raise TrimeUserError(f"--knn-faiss-nprobe must be >= 1, got {faiss_nprobe}")
+            raise TrimeUserError(f"--memorizing-faiss-nprobe must be >= 1, got {faiss_nprobe}")
         if faiss_train_size < 0:
-            raise TrimeUserError(f"--knn-faiss-train-size must be >= 0, got {faiss_train_size}")
+            raise TrimeUserError(f"--memorizing-faiss-train-size must be >= 0, got {faiss_train_size}")
         self.size, self.k = size, topk
         self.search = "faiss" if search == "faiss" or (search == "auto" and size > faiss_min_size) else "torch"
         self.faiss_factory, self.faiss_nprobe, self.faiss_train_size = faiss_factory, faiss_nprobe, faiss_train_size
@@ -102,8 +114,8 @@ class KnnMemory:
             return
         rows, heads, size, dim = state["keys"].shape
         if size != self.size:
-            raise TrimeUserError(f"--knn-memory-size {self.size}: the checkpoint's memory holds {size} entries per "
-                                 "row; resume with the same --knn-memory-size (or --reset-dataloader)")
+            raise TrimeUserError(f"--memorizing-memory-size {self.size}: the checkpoint's memory holds {size} entries per "
+                                 "row; resume with the same --memorizing-memory-size (or --reset-dataloader)")
         for k in self._STATE:
             v = state[k].clone()
             setattr(self, k, v.to(device) if k in ("keys", "values", "positions") and device is not None else v)
@@ -258,22 +270,22 @@ class KnnMemory:
     # --- faiss -----------------------------------------------------------------------------
 
     def _make_indexes(self, rows: int, heads: int, dim: int) -> None:
-        from trime_fairseq.memory import index as faiss_index
+        from trime_fairseq.memory.search_index import SearchIndex
 
         factory = self.faiss_factory
         if factory == "auto":
             factory = memory_index_factory(self.size)
-        self._indexes = [[faiss_index.empty_index(dim, factory, "ip", flag="--knn-faiss-factory")
+        self._indexes = [[SearchIndex.empty(dim, factory, "ip", flag="--memorizing-faiss-factory")
                           for _ in range(heads)] for _ in range(rows)]
         first = self._indexes[0][0]
-        nlist = faiss_index.ivf_nlist(first)
+        nlist = first.nlist
         self._train_at = min(self.size, self.faiss_train_size or (39 * nlist if nlist else 10_000))
         if not first.is_trained and self._train_at < max(nlist, 1):
-            raise TrimeUserError(f"--knn-faiss-factory {factory!r} needs >= {nlist} keys to train; the memory "
-                             f"(--knn-memory-size {self.size}) or --knn-faiss-train-size is smaller")
+            raise TrimeUserError(f"--memorizing-faiss-factory {factory!r} needs >= {nlist} keys to train; the memory "
+                             f"(--memorizing-memory-size {self.size}) or --memorizing-faiss-train-size is smaller")
         for row in self._indexes:
             for index in row:
-                faiss_index.set_nprobe(index, self.faiss_nprobe)
+                index.set_nprobe(self.faiss_nprobe)
         logger.info("kNN memory: faiss %s per (row, head), %d x %d indexes%s", factory, rows, heads,
                     "" if first.is_trained else f", trained once a row holds {self._train_at} keys")
 
@@ -299,11 +311,9 @@ class KnnMemory:
                     continue
                 index.train(self._row_keys(r, h, slots))
             if len(ids):
-                index.add_with_ids(self._row_keys(r, h, slots), ids)
+                index.add(self._row_keys(r, h, slots), ids)
 
     def _index_add(self, r: int, start: int, n: int) -> None:
-        from trime_fairseq.memory.index import remove_id_range
-
         if not self._index_ready(r):
             if int(self.count[r]) >= self._train_at:
                 self._index_rebuild(r)  # trains, then adds every live entry
@@ -315,12 +325,12 @@ class KnnMemory:
         ids = np.arange(start, start + n, dtype=np.int64)
         slots = torch.from_numpy(ids % self.size).to(self.keys.device)
         for h, index in enumerate(self._indexes[r]):
-            if not remove_id_range(index, lo, hi):
+            if not index.remove_range(lo, hi):
                 logger.warning("kNN memory: this faiss index cannot remove entries; rebuilding it on every update")
                 self._removable = False
                 self._index_rebuild(r)
                 return
-            index.add_with_ids(self._row_keys(r, h, slots), ids)
+            index.add(self._row_keys(r, h, slots), ids)
 
     def _search_faiss(self, r: int, q: Tensor, before: int, top: Tensor, slots: Tensor) -> None:
         n = int(self.count[r])
@@ -330,7 +340,7 @@ class KnnMemory:
         kk = min(slots.size(-1), fetch)
         qs = q.float().cpu().numpy()
         for h, index in enumerate(self._indexes[r]):
-            d, i = index.search(np.ascontiguousarray(qs[h]), fetch)
+            d, i = index.search(qs[h], fetch)
             ids, d = torch.from_numpy(i), torch.from_numpy(d)
             ok = ids >= 0
             slot = torch.where(ok, ids % self.size, torch.zeros_like(ids))

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from trime_fairseq.memory.datastore import Datastore, rebuild_command
-from trime_fairseq.memory.index import GPU_MAX_K, blas_for_small_batches, gpu_available, index_to_gpu, load_index
+from trime_fairseq.memory.index import GPU_MAX_K, blas_for_small_batches
+from trime_fairseq.memory.search_index import SearchIndex
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -124,11 +125,11 @@ class Retriever:
         if k < 1:
             raise TrimeUserError(f"--knn-k must be >= 1, got {k}")
         self.datastore = datastore
-        self.index, self.config = load_index(
+        self.index = SearchIndex.load(
             str(datastore.path), nprobe=nprobe, use_gpu=False, size=len(datastore), dim=datastore.meta.dim,
             fix=f"rebuild the index: {rebuild_command(str(datastore.path), datastore.meta.source, index_only=True)}")
+        self.config = self.index.config
         self.use_gpu = use_gpu  # move the index to the GPU when CUDA queries come (module doc)
-        self.on_gpu = False
         self.exclude_self = False  # drop the entry whose id is the query's stream position
         datastore.check_finite()
         self.metric = self.config.metric
@@ -151,12 +152,15 @@ class Retriever:
                                              where=f"--datastore {self.datastore.path}")
         self._model_checked = True
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.index.on_gpu
+
     def _to_gpu(self) -> None:
         """Copy the index to the GPU(s), once, if faiss-gpu sees one and K is within its limit."""
         self.use_gpu = False  # decided once
-        if self.k <= GPU_MAX_K and gpu_available():
-            moved = index_to_gpu(self.index)  # unchanged if faiss-gpu cannot hold it
-            self.index, self.on_gpu = moved, moved is not self.index
+        if self.k <= GPU_MAX_K:
+            self.index.to_gpu()  # stays on the CPU if faiss-gpu cannot hold it
         logger.info("datastore index searched on the %s", "GPU" if self.on_gpu else "CPU")
 
     def counters(self) -> dict:
@@ -222,7 +226,7 @@ class Retriever:
                              torch.zeros(0, self.k, dtype=torch.long, device=dev))
         if queries.is_cuda and self.use_gpu and not self.on_gpu:
             self._to_gpu()
-        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())  # also for the exact scores
         exclude = self.exclude_self and positions is not None
         scores, ids = self.index.search(q, self.k + 1 if exclude else self.k)
         if exclude:

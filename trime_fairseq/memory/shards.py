@@ -1,8 +1,9 @@
 """Sharded datastore builds: ``N`` workers each write a contiguous shard, then one merge.
 
-A split is read as a sequence of batches of blocks (``trime-build-datastore``'s order);
-shard ``i`` of ``N`` is the ``i``-th of ``N`` contiguous, near-equal runs of *batches*, so
-every batch holds the same blocks as in a single-worker build and the shards, concatenated
+A split is read as a sequence of batches of units (``trime-build-datastore``'s order: LM
+blocks or MT target sentences, see :mod:`trime_fairseq.tasks.datastore_keys`); shard ``i``
+of ``N`` is the ``i``-th of ``N`` contiguous, near-equal runs of *batches*, so every batch
+holds the same units as in a single-worker build and the shards, concatenated
 in order, are exactly its keys and values. Each shard is an ordinary datastore directory
 ``OUT.shardI`` (resumable, published only when complete); its ``meta.json`` records its
 place (``source["shard"]``). :func:`merge_datastores` checks that the shards come from the
@@ -29,12 +30,12 @@ def shard_path(out: str, shard_id: int) -> str:
 
 @dataclass
 class ShardRange:
-    """Blocks ``[start_block, end_block)`` and keys ``[start_key, end_key)`` of one shard."""
+    """Units ``[start_unit, end_unit)`` and keys ``[start_key, end_key)`` of one shard."""
 
     shard_id: int
     num_shards: int
-    start_block: int
-    end_block: int
+    start_unit: int
+    end_unit: int
     start_key: int
     end_key: int
 
@@ -43,20 +44,23 @@ class ShardRange:
         return self.end_key - self.start_key
 
 
-def shard_range(num_blocks: int, block_len: int, num_keys: int, batch_blocks: int,
-                num_shards: int, shard_id: int) -> ShardRange:
+def shard_range(unit_ends: Sequence[int], batch_units: int, num_shards: int, shard_id: int) -> ShardRange:
     """Shard ``shard_id`` of ``num_shards``: a contiguous run of whole batches of
-    ``batch_blocks`` blocks (block ``b`` holds keys ``[b·block_len, (b+1)·block_len)``)."""
+    ``batch_units`` units, unit ``u`` holding keys ``[unit_ends[u-1], unit_ends[u])``."""
     if not 0 <= shard_id < num_shards:
         raise DatastoreError(f"--shard-id must be in 0..{num_shards - 1}, got {shard_id}")
-    batches = math.ceil(num_blocks / batch_blocks)
+    ends = np.asarray(unit_ends, dtype=np.int64)
+    batches = math.ceil(len(ends) / batch_units)
     if num_shards > batches:
         raise DatastoreError(f"--num-shards {num_shards} is more than the {batches} batches of the split")
     part = np.array_split(np.arange(batches), num_shards)[shard_id]
-    start_block = int(part[0]) * batch_blocks
-    end_block = min((int(part[-1]) + 1) * batch_blocks, num_blocks)
-    return ShardRange(shard_id, num_shards, start_block, end_block,
-                      start_block * block_len, min(end_block * block_len, num_keys))
+    start_unit = int(part[0]) * batch_units
+    end_unit = min((int(part[-1]) + 1) * batch_units, len(ends))
+
+    def key(u: int) -> int:
+        return int(ends[u - 1]) if u else 0
+
+    return ShardRange(shard_id, num_shards, start_unit, end_unit, key(start_unit), key(end_unit))
 
 
 def shard_meta(meta: DatastoreMeta, shard: ShardRange) -> DatastoreMeta:

@@ -6,21 +6,32 @@ keeps the (key, value) pairs it computed on earlier segments of the same documen
 no gradient), retrieves each query's top-k keys by inner product of L2-normalised
 queries and keys, attends over them with its own softmax (a learned per-head scale), and
 mixes that with ordinary local attention through a learned per-head gate:
-``out = σ(b)·memory + (1-σ(b))·local``. The gate's start (``--knn-gate-init``), the scale's
-start (``--knn-scale-init``) and how fast Adam moves both (``--knn-param-scale``) are flags.
+``out = σ(b)·memory + (1-σ(b))·local``. The gate's start (``--memorizing-gate-init``), the
+scale's start (``--memorizing-scale-init``) and how fast Adam moves both
+(``--memorizing-param-scale``) are flags.
 
 The memory needs to know, for every token, its document and stream position; the
 ``trime_lm`` task adds them to ``net_input`` (``mem_docs``, ``mem_positions``) for this
 model. Training batches come from ``--stream-batching`` (row r of every batch continues
 row r of the previous one); at test time rows are consecutive blocks of one stream and
 are run one after another (``mem_start`` marks each row's context window), so results do
-not depend on the batch size. Without these inputs, or with ``--knn-memory-size 0``, the
-model is exactly a ``transformer_lm`` with the same weights. Change the memory size at
-test time with ``--model-overrides "{'knn_memory_size': 32768}"``; large memories are searched
-through faiss (``--knn-search``, ``--knn-faiss-*``; see :mod:`trime_fairseq.memory.knn_memory`).
+not depend on the batch size. Without these inputs, or with ``--memorizing-memory-size 0``,
+the model is exactly a ``transformer_lm`` with the same weights. Change the memory size at
+test time with ``--model-overrides "{'memorizing_memory_size': 32768}"``; large memories are
+searched through faiss (``--memorizing-search``, ``--memorizing-faiss-*``; see
+:mod:`trime_fairseq.memory.knn_memory`).
+
+The flags are ``--memorizing-*`` (the ``--knn-*`` flags are kNN-LM's retrieval). Their names
+before the rename (``--knn-layer``, ``--knn-memory-size``, ``--knn-memory-topk``,
+``--knn-gate-init``... see :data:`DEPRECATED_NAMES`) still work for one release, with a
+logged warning, and checkpoints saved under them load unchanged. fairseq ignores
+``--model-overrides`` keys a checkpoint does not hold, so such a checkpoint takes overrides
+under the old names (a warning says so).
 """
+import logging
 import math
-from dataclasses import dataclass, field, fields
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -29,24 +40,29 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 from fairseq.modules import MultiheadAttention
-from fairseq.utils import safe_getattr
+from omegaconf import OmegaConf, open_dict
 from torch import Tensor, nn
 
-from trime_fairseq.memory.knn_memory import SEARCH_CHOICES, KnnMemory
+from trime_fairseq.memory.knn_memory import MEMORIZING_DEFAULTS, SEARCH_CHOICES, KnnMemory
 from trime_fairseq.errors import TrimeUserError
+
+logger = logging.getLogger(__name__)
+_D = MEMORIZING_DEFAULTS
 
 
 class KnnAugmentedAttention(MultiheadAttention):
     """Self-attention plus attention over retrieved memory, mixed by a per-head gate."""
 
     def __init__(self, embed_dim: int, num_heads: int, memory_size: int, topk: int,
-                 memory_options: Optional[Dict[str, Any]] = None, gate_init: float = 0.5,
-                 scale_init: float = 0.0, param_scale: float = 1.0, **kwargs) -> None:
+                 memory_options: Optional[Dict[str, Any]] = None, gate_init: float = _D["memorizing_gate_init"],
+                 scale_init: float = _D["memorizing_scale_init"], param_scale: float = _D["memorizing_param_scale"],
+                 **kwargs) -> None:
         super().__init__(embed_dim, num_heads, self_attention=True, **kwargs)
         if not 0.0 < gate_init < 1.0:
-            raise ValueError(f"--knn-gate-init must be in (0, 1), got {gate_init}")
+            raise ValueError(f"--memorizing-gate-init must be in (0, 1), got {gate_init}")
         if scale_init < 0 or param_scale <= 0:
-            raise ValueError(f"--knn-scale-init must be >= 0 and --knn-param-scale > 0, got {scale_init}, {param_scale}")
+            raise ValueError(f"--memorizing-scale-init must be >= 0 and --memorizing-param-scale > 0, got "
+                             f"{scale_init}, {param_scale}")
         # gate b = s·mem_gate and scale = exp(s·mem_log_scale): Adam moves each parameter by
         # about lr per step whatever its gradient, so s multiplies their learning rate
         self.param_scale = param_scale
@@ -120,50 +136,103 @@ class KnnAugmentedAttention(MultiheadAttention):
         return (self.param_scale * self.mem_log_scale).exp()
 
 
+def _default(name: str, help: str):
+    """A ``--memorizing-*`` field: unset (None) on the command line, so that its deprecated
+    ``--knn-*`` name can stand in for it; the default comes from :data:`MEMORIZING_DEFAULTS`."""
+    return field(default=None, metadata={"help": f"{help} (default: {_D[name]})"})
+
+
+def _deprecated(new: str):
+    return field(default=None, metadata={"help": f"deprecated name of --{new.replace('_', '-')} (kept for one "
+                                                 "release)"})
+
+
+#: the Memorizing flags' names before they were told apart from kNN-LM's ``--knn-*`` flags
+DEPRECATED_NAMES = {
+    "knn_layer": "memorizing_layer", "knn_memory_size": "memorizing_memory_size",
+    "knn_memory_topk": "memorizing_topk", "knn_gate_init": "memorizing_gate_init",
+    "knn_scale_init": "memorizing_scale_init", "knn_param_scale": "memorizing_param_scale",
+    "knn_search": "memorizing_search", "knn_faiss_min_size": "memorizing_faiss_min_size",
+    "knn_faiss_factory": "memorizing_faiss_factory", "knn_faiss_nprobe": "memorizing_faiss_nprobe",
+    "knn_faiss_train_size": "memorizing_faiss_train_size",
+}
+
+
 @dataclass
 class MemorizingTransformerConfig(TransformerLanguageModelConfig):
-    knn_layer: int = field(
-        default=-1, metadata={"help": "index of the kNN-augmented decoder layer (-1: about 3/4 of the depth)"}
-    )
-    knn_memory_size: int = field(
-        default=8192,
-        metadata={"help": "tokens of (key, value) memory per batch row (FIFO, reset per document); "
-                          "0 disables the memory (a plain transformer_lm)"},
-    )
-    knn_memory_topk: int = field(default=32, metadata={"help": "memory entries retrieved per query and head"})
-    knn_gate_init: float = field(
-        default=0.5, metadata={"help": "initial gate σ(b) of every head (the weight of the memory result)"}
-    )
-    knn_scale_init: float = field(
-        default=0.0,
-        metadata={"help": "initial factor of the normalised q·k (in [-1, 1]) before the memory softmax; "
-                          "0: sqrt(head dim)"},
-    )
-    knn_param_scale: float = field(
-        default=1.0,
-        metadata={"help": "the gate and the log-scale are stored divided by this factor, so that Adam "
-                          "(steps of about --lr per parameter) moves them this many times faster"},
-    )
-    knn_search: ChoiceEnum(SEARCH_CHOICES) = field(
-        default="auto",
-        metadata={"help": "memory search: exact torch matmul + top-k, a faiss index per (row, head), or auto "
-                          "(faiss above --knn-faiss-min-size entries)"},
-    )
-    knn_faiss_min_size: int = field(
-        default=65536, metadata={"help": "--knn-search auto uses faiss for memories larger than this"}
-    )
-    knn_faiss_factory: str = field(
-        default="auto",
-        metadata={"help": "faiss index_factory string of each (row, head) index, inner product (Flat: exact); "
-                          "auto: IVF with about 4*sqrt(memory size) lists and flat codes (Flat where the memory "
-                          "cannot hold 39 keys per list)"},
-    )
-    knn_faiss_nprobe: int = field(default=32, metadata={"help": "lists probed per query by IVF indexes"})
-    knn_faiss_train_size: int = field(
-        default=0,
-        metadata={"help": "keys a row must hold before its trainable (IVF) indexes are trained on them (exact "
-                          "torch search until then); 0: min(memory size, 39 per IVF list)"},
-    )
+    memorizing_layer: Optional[int] = _default(
+        "memorizing_layer", "index of the kNN-augmented decoder layer (-1: about 3/4 of the depth)")
+    memorizing_memory_size: Optional[int] = _default(
+        "memorizing_memory_size", "tokens of (key, value) memory per batch row (FIFO, reset per document); "
+                                  "0 disables the memory (a plain transformer_lm)")
+    memorizing_topk: Optional[int] = _default("memorizing_topk", "memory entries retrieved per query and head")
+    memorizing_gate_init: Optional[float] = _default(
+        "memorizing_gate_init", "initial gate σ(b) of every head (the weight of the memory result)")
+    memorizing_scale_init: Optional[float] = _default(
+        "memorizing_scale_init", "initial factor of the normalised q·k (in [-1, 1]) before the memory softmax; "
+                                 "0: sqrt(head dim)")
+    memorizing_param_scale: Optional[float] = _default(
+        "memorizing_param_scale", "the gate and the log-scale are stored divided by this factor, so that Adam "
+                                  "(steps of about --lr per parameter) moves them this many times faster")
+    memorizing_search: Optional[ChoiceEnum(SEARCH_CHOICES)] = _default(
+        "memorizing_search", "memory search: exact torch matmul + top-k, a faiss index per (row, head), or auto "
+                             "(faiss above --memorizing-faiss-min-size entries)")
+    memorizing_faiss_min_size: Optional[int] = _default(
+        "memorizing_faiss_min_size", "--memorizing-search auto uses faiss for memories larger than this")
+    memorizing_faiss_factory: Optional[str] = _default(
+        "memorizing_faiss_factory", "faiss index_factory string of each (row, head) index, inner product (Flat: "
+                                    "exact); auto: IVF with about 4*sqrt(memory size) lists and flat codes (Flat "
+                                    "where the memory cannot hold 39 keys per list)")
+    memorizing_faiss_nprobe: Optional[int] = _default(
+        "memorizing_faiss_nprobe", "lists probed per query by IVF indexes")
+    memorizing_faiss_train_size: Optional[int] = _default(
+        "memorizing_faiss_train_size", "keys a row must hold before its trainable (IVF) indexes are trained on "
+                                       "them (exact torch search until then); 0: min(memory size, 39 per IVF list)")
+    knn_layer: Optional[int] = _deprecated("memorizing_layer")
+    knn_memory_size: Optional[int] = _deprecated("memorizing_memory_size")
+    knn_memory_topk: Optional[int] = _deprecated("memorizing_topk")
+    knn_gate_init: Optional[float] = _deprecated("memorizing_gate_init")
+    knn_scale_init: Optional[float] = _deprecated("memorizing_scale_init")
+    knn_param_scale: Optional[float] = _deprecated("memorizing_param_scale")
+    knn_search: Optional[ChoiceEnum(SEARCH_CHOICES)] = _deprecated("memorizing_search")
+    knn_faiss_min_size: Optional[int] = _deprecated("memorizing_faiss_min_size")
+    knn_faiss_factory: Optional[str] = _deprecated("memorizing_faiss_factory")
+    knn_faiss_nprobe: Optional[int] = _deprecated("memorizing_faiss_nprobe")
+    knn_faiss_train_size: Optional[int] = _deprecated("memorizing_faiss_train_size")
+
+
+def resolve_memorizing_args(args) -> None:
+    """Settle the Memorizing flags of ``args`` (a Namespace, or a checkpoint's model config):
+    a deprecated ``--knn-*`` name that is set is moved to its ``--memorizing-*`` name (with a
+    warning; it wins over a value already there, as a ``--model-overrides`` of the old name on
+    a newer checkpoint must), and unset flags take :data:`MEMORIZING_DEFAULTS`. Idempotent."""
+    def get(name):
+        try:
+            return getattr(args, name, None)
+        except Exception:  # an omegaconf struct without the key
+            return None
+
+    old_checkpoint = []
+    for old, new in DEPRECATED_NAMES.items():
+        value = get(old)
+        if value is None:
+            continue
+        flag_old, flag_new = "--" + old.replace("_", "-"), "--" + new.replace("_", "-")
+        current = get(new)
+        if current is None:
+            logger.warning("%s is deprecated (the --knn-* flags are kNN-LM's retrieval); use %s", flag_old, flag_new)
+            if not hasattr(args, new):
+                old_checkpoint.append(old)
+        elif current != value:
+            logger.warning("%s %s (deprecated name) replaces %s %s", flag_old, value, flag_new, current)
+        setattr(args, new, value)
+        setattr(args, old, None)
+    if old_checkpoint:
+        logger.warning("this checkpoint predates the --memorizing-* names: fairseq ignores --model-overrides keys it "
+                       "does not hold, so override %s under their old names", ", ".join(old_checkpoint))
+    for name, default in MEMORIZING_DEFAULTS.items():
+        if get(name) is None:
+            setattr(args, name, default)
 
 
 @register_model("memorizing_transformer_lm", dataclass=MemorizingTransformerConfig)
@@ -174,24 +243,24 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
+        with open_dict(args) if OmegaConf.is_config(args) else nullcontext():
+            resolve_memorizing_args(args)
         model = super().build_model(args, task)
         layers = model.decoder.layers
-        idx = args.knn_layer if args.knn_layer >= 0 else (3 * len(layers)) // 4
+        idx = args.memorizing_layer if args.memorizing_layer >= 0 else (3 * len(layers)) // 4
         if not 0 <= idx < len(layers):
-            raise TrimeUserError(f"--knn-layer {args.knn_layer} is not a layer index (0..{len(layers) - 1})")
+            raise TrimeUserError(f"--memorizing-layer {args.memorizing_layer} is not a layer index "
+                                 f"(0..{len(layers) - 1})")
         old = layers[idx].self_attn
         new = KnnAugmentedAttention(
-            old.embed_dim, old.num_heads, args.knn_memory_size, args.knn_memory_topk,
+            old.embed_dim, old.num_heads, args.memorizing_memory_size, args.memorizing_topk,
             memory_options=dict(
-                search=safe_getattr(args, "knn_search", KNN_DEFAULTS["knn_search"]),
-                faiss_factory=safe_getattr(args, "knn_faiss_factory", KNN_DEFAULTS["knn_faiss_factory"]),
-                faiss_min_size=safe_getattr(args, "knn_faiss_min_size", KNN_DEFAULTS["knn_faiss_min_size"]),
-                faiss_nprobe=safe_getattr(args, "knn_faiss_nprobe", KNN_DEFAULTS["knn_faiss_nprobe"]),
-                faiss_train_size=safe_getattr(args, "knn_faiss_train_size", KNN_DEFAULTS["knn_faiss_train_size"]),
+                search=args.memorizing_search, faiss_factory=args.memorizing_faiss_factory,
+                faiss_min_size=args.memorizing_faiss_min_size, faiss_nprobe=args.memorizing_faiss_nprobe,
+                faiss_train_size=args.memorizing_faiss_train_size,
             ),
-            gate_init=safe_getattr(args, "knn_gate_init", 0.5),
-            scale_init=safe_getattr(args, "knn_scale_init", 0.0),
-            param_scale=safe_getattr(args, "knn_param_scale", 1.0),
+            gate_init=args.memorizing_gate_init, scale_init=args.memorizing_scale_init,
+            param_scale=args.memorizing_param_scale,
             dropout=old.dropout_module.p, bias=old.k_proj.bias is not None,
         )
         new.load_state_dict(old.state_dict(), strict=False)
@@ -240,20 +309,11 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
             self.knn_attention.stream = None
 
 
-#: every Memorizing flag's default, from its dataclass field (the one source)
-KNN_DEFAULTS = {f.name: f.default for f in fields(MemorizingTransformerConfig) if f.name.startswith("knn_")}
-
-
-def _memorizing_base(args) -> None:
-    for name, default in KNN_DEFAULTS.items():
-        setattr(args, name, safe_getattr(args, name, default))
-
-
 @register_model_architecture("memorizing_transformer_lm", "memorizing_transformer_lm_tiny")
 def memorizing_tiny(args) -> None:
     from trime_fairseq.models.architectures import trime_tiny
 
-    _memorizing_base(args)
+    resolve_memorizing_args(args)
     trime_tiny(args)
 
 
@@ -261,5 +321,5 @@ def memorizing_tiny(args) -> None:
 def memorizing_small(args) -> None:
     from trime_fairseq.models.architectures import trime_small
 
-    _memorizing_base(args)
+    resolve_memorizing_args(args)
     trime_small(args)

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 from fairseq import utils
 from fairseq.data import data_utils, iterators
@@ -30,6 +31,7 @@ from trime_fairseq.memory.joint import DEFAULT_PPRIME, PPRIME_KINDS
 from trime_fairseq.models.memory_eval import MemoryEvalModel
 from trime_fairseq.models.output_layer import (
     ADAPTIVE_TOKEN_MASS_HELP, ADAPTIVE_TOKEN_MASSES, DEFAULT_ADAPTIVE_TOKEN_MASS, check_adaptive_token_mass)
+from trime_fairseq.tasks.datastore_keys import DatastoreKeys, KeyLayout
 from trime_fairseq.tasks.memory_flags import (  # noqa: F401  (build_combiner: the task's registry)
     EVAL_MEMORY_CHOICES, BM25BatchingConfig, EvalMemory, RetrievalConfig, build_combiner, build_retriever,
     cached_bm25_batches, retrieval_skip)
@@ -171,6 +173,11 @@ def check_lm_checkpoint(model, args) -> None:
                              "not a language model; use fairseq-generate --task trime_translation")
 
 
+def blocks_per_batch(block: int, context: int, max_tokens: int, batch_size: Optional[int]) -> int:
+    """Blocks of ``block`` scored tokens plus ``context`` per batch of the in-order readers."""
+    return batch_size or max(1, max_tokens // (block + context))
+
+
 class StreamBatchIterator(iterators.EpochBatchIterator):
     """``--stream-batching`` batches: fairseq's iterator whose saved state (in
     ``checkpoint_last.pt``) also holds the memory of the model being trained (the
@@ -223,7 +230,7 @@ class AtEnd:
 
 
 @register_task("trime_lm", dataclass=TrimeLMConfig)
-class TrimeLanguageModelingTask(LanguageModelingTask):
+class TrimeLanguageModelingTask(DatastoreKeys, LanguageModelingTask):
     """Language modelling with TRIME memories (see module docstring)."""
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None) -> None:
@@ -278,9 +285,29 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
     def build_retriever(self, model, combiners=None):
         """Open ``--datastore`` and check that it belongs to this model and dictionary (and
         suits ``combiners``, default the task's)."""
-        self.retriever = build_retriever(self.args, model, os.path.join(utils.split_paths(self.args.data)[0], "dict.txt"),
+        self.retriever = build_retriever(self.args, model, self.datastore_dictionary_path(),
                                          combiners if combiners is not None else [self.combiner])
         return self.retriever
+
+    # ---- datastore ----------------------------------------------------------------------
+    def datastore_dictionary_path(self) -> str:
+        return os.path.join(utils.split_paths(self.args.data)[0], "dict.txt")
+
+    def datastore_size(self, split: str) -> int:
+        """Number of keys of ``split``: one per token that has a next token."""
+        return max(len(self.stream(split)) - 1, 0)
+
+    def datastore_layout(self, split: str, max_tokens: int, batch_size: Optional[int],
+                         context_window: int = 0) -> KeyLayout:
+        """``fairseq-eval-lm``'s blocks of ``split`` in order, ``--context-window`` tokens of
+        context each (see :class:`StreamBlocks`)."""
+        blocks = StreamBlocks(self.stream(split), self.args.tokens_per_sample, context_window,
+                              self.source_dictionary.pad())
+        return KeyLayout(
+            "block", np.minimum(blocks.starts + blocks.block, self.datastore_size(split)),
+            blocks_per_batch(self.args.tokens_per_sample, context_window, max_tokens, batch_size),
+            lambda units: blocks.collater([blocks[i] for i in units]), blocks.pad,
+            source={"tokens_per_sample": self.args.tokens_per_sample, "context_window": context_window})
 
     def check_datastore_split(self, split: str) -> None:
         """Refuse to score the split the datastore was built from (each query would find
@@ -289,7 +316,7 @@ class TrimeLanguageModelingTask(LanguageModelingTask):
         if self.retriever is None:
             return
         meta = self.retriever.datastore.meta
-        own = meta.source.get("split") == split and meta.size == max(len(self.stream(split)) - 1, 0)
+        own = meta.source.get("split") == split and meta.size == self.datastore_size(split)
         if own and not self.args.exclude_self_from_datastore:
             raise TrimeUserError(
                 f"--gen-subset {split}: --datastore {self.retriever.datastore.path} was built from this split, so "

@@ -22,7 +22,7 @@ Decoding (``fairseq-generate``): ``--eval-combiner`` picks how the ``--datastore
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from trime_fairseq.memory.in_batch import MemorySpec, mark_placeholder
 from trime_fairseq.memory.combiners import Combiner, NoMemory
+from trime_fairseq.tasks.datastore_keys import DatastoreKeys, KeyLayout
 from trime_fairseq.tasks.memory_flags import (
     BM25BatchingConfig, RetrievalConfig, build_combiner, build_retriever, cached_bm25_batches, retrieval_skip)
 from trime_fairseq.errors import TrimeUserError
@@ -116,7 +117,7 @@ class SummaryAtEnd:
 
 
 @register_task("trime_translation", dataclass=TrimeTranslationConfig)
-class TrimeTranslationTask(TranslationTask):
+class TrimeTranslationTask(DatastoreKeys, TranslationTask):
     """Translation with TRIME-MT training memory and datastore decoding (module docstring)."""
 
     def __init__(self, cfg: TrimeTranslationConfig, src_dict, tgt_dict) -> None:
@@ -243,38 +244,19 @@ class TrimeTranslationTask(TranslationTask):
         """Number of keys of ``split``: one per target token (EOS included)."""
         return int(np.asarray(self.dataset(split).tgt_sizes).sum())
 
-    def iter_datastore_keys(self, model, split: str, max_tokens: int, batch_size: Optional[int],
-                            start_key: int = 0, max_keys: Optional[int] = None
-                            ) -> Iterator[Tuple[torch.Tensor, ...]]:
-        """Teacher-forced decoder ``g`` and target token of every target position of
-        ``split``, sentences in index order; yields ``(keys [n, d], values [n], token
-        terms (s_value, log Σ_w exp s_w) [n] each)``. ``start_key`` (a sentence boundary,
-        e.g. a resumed build) skips what is done."""
-        from trime_fairseq.models.capture import get_capture, to_model_device
-        from trime_fairseq.models.output_layer import target_token_terms
+    def datastore_dictionary_path(self) -> str:
+        return self.target_dictionary_path()
 
+    def datastore_layout(self, split: str, max_tokens: int, batch_size: Optional[int],
+                         context_window: int = 0) -> KeyLayout:
+        """Teacher-forced target sentences of ``split`` in index order (no context window)."""
+        if split not in self.datasets:
+            self.load_dataset(split)
         ds = self.dataset(split)
-        ends = np.cumsum(np.asarray(ds.tgt_sizes, dtype=np.int64))
-        first = int(np.searchsorted(ends, start_key, side="right"))
-        if start_key and ends[first - 1] != start_key:
-            raise RuntimeError("datastore progress is not on a sentence boundary; delete the .partial directory")
-        capture, pad = get_capture(model), self.tgt_dict.pad()
         per = max(int(np.max(np.maximum(ds.src_sizes, ds.tgt_sizes))) if len(ds) else 1, 1)
-        bsz = batch_size or max(1, max_tokens // per)
-        done = start_key
-        with torch.no_grad():
-            for s in range(first, len(ds), bsz):
-                sample = to_model_device(ds.collater([ds[i] for i in range(s, min(s + bsz, len(ds)))]), model)
-                order = torch.argsort(sample["id"])  # the collater sorts by source length
-                net_output = model(**sample["net_input"])
-                g = capture.take()[order]
-                target = sample["target"][order]
-                tok_target, tok_lse = target_token_terms(model, net_output, sample["target"])
-                keep = target.ne(pad)
-                yield g[keep], target[keep], tok_target[order][keep], tok_lse[order][keep]
-                done += int(keep.sum())
-                if max_keys is not None and done >= max_keys:
-                    return
+        return KeyLayout("sentence", np.cumsum(np.asarray(ds.tgt_sizes, dtype=np.int64)),
+                         batch_size or max(1, max_tokens // per),
+                         lambda units: ds.collater([ds[i] for i in units]), self.tgt_dict.pad(), reorder=True)
 
 
 def _split_in_order(batch: np.ndarray, sizes: np.ndarray, max_tokens: int):
