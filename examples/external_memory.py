@@ -1,7 +1,7 @@
 """External memory: kNN-LM (± cache) vs. TRIMELM vs. TRIMELM_ext (cf. TRIME Table 2 / Table 12).
 
 Models (one architecture and budget): vanilla (``cross_entropy``), TRIMELM (``trime_loss``)
-and TRIMELM_ext (``trime_loss --bm25-batching --drop-local-prob 0.9``). Checkpoints of the
+and TRIMELM_ext (``trime_loss --bm25-batching --drop-local-prob 0.9 --model-alone-weight 1``). Checkpoints of the
 main job are reused when ``--reuse`` points at its run directory.
 
 For the vanilla model and for TRIMELM_ext a datastore of all training tokens is built
@@ -31,6 +31,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reuse", default=None, help="run directory of the main job (reuse corpus and checkpoints)")
     p.add_argument("--batch-size", type=int, default=16, help="segments per update")
     p.add_argument("--drop-local-prob", type=float, default=0.9, help="p of §4.3")
+    p.add_argument("--model-alone-weight", type=float, default=1.0,
+                   help="TRIMELM_ext's --model-alone-weight (trime_loss): Eq. 5 + w x the model-alone CE, so "
+                   "the large BM25 in-batch memory does not leave the model alone degenerate "
+                   "(docs/results/external_memory_model_alone.md); 0 = the paper's loss")
     p.add_argument("--knn-k", type=int, default=1024, help="neighbours retrieved")
     p.add_argument("--long-memory-size", type=int, default=4000, help="long memory for TRIMELM_ext (+long)")
     p.add_argument("--ext-batch-size", type=int, default=None,
@@ -55,6 +59,7 @@ def main(argv=None) -> dict:
         "trime": [*common, *tokens, "--criterion", "trime_loss", *warm],
         "trime_ext": [*common, "--batch-size", a.ext_batch_size or a.batch_size, "--criterion", "trime_loss", *warm,
                       "--bm25-batching", "--drop-local-prob", a.drop_local_prob, "--bm25-cache-dir", run,
+                      "--model-alone-weight", a.model_alone_weight,
                       *(["--tokens-per-sample", a.ext_tokens_per_sample] if a.ext_tokens_per_sample else []),
                       *a.ext_flags.split()],
     }
