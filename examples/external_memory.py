@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
                             [*valid, *ds_v], run / "tune_knn.json", logs / "tune_knn.log")
     # Appendix F: P' over the external neighbours, raw inner product / tau' (published; the
     # paper's tau' is 10.5) -- tau' values for raw similarities, which are sqrt(d) larger
-    sweeps["ext"] = ex.tune(data, ckpt["trime_ext"], "trime", ["tau=0.75,1,1.5", "memory_lambda=0,0.1,0.3",
+    sweeps["ext"] = ex.tune(data, ckpt["trime_ext"], "trime", ["tau=1,1.5,2,3", "memory_lambda=0,0.1,0.3",
                                                               "memory_tau=3,10.5,30"],
                             [*valid, *ds_t, "--eval-memory", "local+long+ext", "--long-memory-size", a.long_memory_size,
                              "--memory-sizes", f"0,{a.long_memory_size}"], run / "tune_ext.json", logs / "tune_ext.log")

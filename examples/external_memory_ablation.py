@@ -225,7 +225,7 @@ def main(argv=None) -> dict:
             if not a.no_ext_eval:
                 info["ext"] = ex.tune(
                     data, ckpt[name], "trime",
-                    ["tau=0.75,1,1.5", "memory_lambda=0,0.1,0.3", "memory_tau=1,3,10.5,30", "pprime=0,1"],
+                    ["tau=1,1.5,2,3", "memory_lambda=0,0.1,0.3", "memory_tau=1,3,10.5,30", "pprime=0,1"],
                     [*valid, "--eval-memory", "local+ext", "--datastore", datastore(name, "ip"), "--knn-k", a.knn_k],
                     run / f"tune_{name}.json", logs / f"tune_{name}.log")
         results[name] = info
