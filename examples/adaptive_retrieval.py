@@ -41,15 +41,9 @@ _SPLIT = re.compile(r"time split: model ([0-9.]+)s \([0-9]+%\), search ([0-9.]+)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default="runs/adaptive", help="checkpoint, datastore, valid slice, logs")
-    p.add_argument("--data", required=True, help="binarised LM corpus (fairseq-preprocess output with train/valid)")
-    p.add_argument("--arch", default="transformer_lm_trime_small", help="architecture of the vanilla LM")
-    p.add_argument("--tokens-per-sample", type=int, default=256, help="training segment length")
+    ex.add_common_args(p, "runs/adaptive", tokens_per_sample=256, max_update=80, eval_tokens_per_sample=256,
+                       context_window=128)
     p.add_argument("--max-tokens", type=int, default=4096, help="training tokens per update")
-    p.add_argument("--max-update", type=int, default=80, help="training updates")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--eval-tokens-per-sample", type=int, default=256, help="evaluation block incl. context window")
-    p.add_argument("--context-window", type=int, default=128, help="evaluation context window")
     p.add_argument("--datastore-shards", type=int, default=10,
                    help="the datastore is shard 0 of this many (contiguous runs of batches of train)")
     p.add_argument("--datastore-max-tokens", type=int, default=8192, help="tokens per batch of the datastore build")
@@ -63,18 +57,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-ppl-increase", type=float, default=0.01, help="tolerance of the skip choice")
     p.add_argument("--extra-shares", default="0.3,0.6",
                    help="also evaluate, per feature, the thresholds whose tuned skip share is nearest these")
-    p.add_argument("--seed", type=int, default=1, help="training seed")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.data is None:
+        p.error("--data is required (a binarised LM corpus with train and valid)")
+    return a
 
 
 def train_args(a) -> List:
-    return ["--task", "trime_lm", "--arch", a.arch, "--criterion", "cross_entropy",
-            "--tokens-per-sample", a.tokens_per_sample, "--max-tokens", a.max_tokens,
-            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", a.lr, "--lr-scheduler", "inverse_sqrt",
-            "--warmup-updates", max(1, a.max_update // 4), "--warmup-init-lr", "1e-7", "--clip-norm", "1.0",
-            "--max-update", a.max_update, "--cpu", "--num-workers", "0", "--disable-validation",
-            "--log-interval", "20", "--seed", a.seed]
+    """The examples' shared training flags; a vanilla model without validation."""
+    return [*ex.train_flags(a.arch, a.tokens_per_sample, a.max_update, a.lr, a.seed, max(1, a.max_update // 4)),
+            "--criterion", "cross_entropy", "--max-tokens", a.max_tokens, "--disable-validation"]
 
 
 def eval_args(a) -> List:

@@ -189,7 +189,8 @@ def score_grid(
     reps = sorted({r for c in combiners for r in c.representations})
     for row in iter_scored_rows(model, task, cfg, max(memory_sizes), external, k, reps, combiners):
         keep = row.target.ne(pad)
-        masks = [rule.mask(row.tok_log_probs()) for rule in rules]
+        tok = row.tok_log_probs() if rules else None  # one log-softmax per row, shared by the rules
+        masks = [rule.mask(tok) for rule in rules]
         n_queries += row.target.numel()
         for i, rule in enumerate(skips):
             if rule is not None:
