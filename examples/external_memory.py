@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_common_args(p, "runs/ext", tokens_per_sample=512)
     p.add_argument("--reuse", default=None, help="run directory of the main job (reuse corpus and checkpoints)")
+    p.add_argument("--reuse-as", nargs="*", default=[], metavar="MODEL=NAME",
+                   help="with --reuse: checkpoints named differently there, e.g. trime_ext=ext_ce (the "
+                   "ablation example's variant trained as this example's TRIMELM_ext)")
     p.add_argument("--batch-size", type=int, default=16, help="segments per update")
     p.add_argument("--drop-local-prob", type=float, default=0.9, help="p of §4.3")
     p.add_argument("--model-alone-weight", type=float, default=1.0,
@@ -63,9 +66,13 @@ def main(argv=None) -> dict:
                       *(["--tokens-per-sample", a.ext_tokens_per_sample] if a.ext_tokens_per_sample else []),
                       *a.ext_flags.split()],
     }
+    aliases = dict(item.split("=", 1) for item in a.reuse_as)
+    unknown = sorted(set(aliases) - set(specs))
+    if unknown:
+        raise SystemExit(f"--reuse-as: no model {', '.join(unknown)} here; choose from {', '.join(specs)}")
     ckpt, trained = {}, {}
     for name, args in specs.items():
-        reused = src / "ckpt" / name
+        reused = src / "ckpt" / aliases.get(name, name)
         if a.reuse and (reused / "train_done.json").exists():
             ckpt[name] = reused / "checkpoint_last.pt"
             trained[name] = json.loads((reused / "train_done.json").read_text())
@@ -96,10 +103,11 @@ def main(argv=None) -> dict:
     sweeps["knn"] = ex.tune(data, ckpt["vanilla"], "knn", ["lambda=0.1,0.2,0.3,0.4", "temperature=1,3,10,30",
                                                           "cache_lambda=0,0.1,0.2,0.3", f"cache_theta={theta}"],
                             [*valid, *ds_v], run / "tune_knn.json", logs / "tune_knn.log")
+    # ext_tau: retrieved entries at their own temperature (0 = tau, Eq. 6 as published);
     # Appendix F: P' over the external neighbours, raw inner product / tau' (published; the
     # paper's tau' is 10.5) -- tau' values for raw similarities, which are sqrt(d) larger
-    sweeps["ext"] = ex.tune(data, ckpt["trime_ext"], "trime", ["tau=1,1.5,2,3", "memory_lambda=0,0.1,0.3",
-                                                              "memory_tau=3,10.5,30"],
+    sweeps["ext"] = ex.tune(data, ckpt["trime_ext"], "trime", ["tau=1,1.1,1.5,2", "ext_tau=0,2,3,4",
+                                                              "memory_lambda=0,0.1,0.3", "memory_tau=10.5"],
                             [*valid, *ds_t, "--eval-memory", "local+long+ext", "--long-memory-size", a.long_memory_size,
                              "--memory-sizes", f"0,{a.long_memory_size}"], run / "tune_ext.json", logs / "tune_ext.log")
 
@@ -110,7 +118,8 @@ def main(argv=None) -> dict:
     def trime_flags(p):
         mem = ["--eval-memory", "local+long+ext", "--long-memory-size", p["memory_size"]] if p.get("memory_size") else []
         lam = ["--memory-lambda", p["memory_lambda"], "--memory-temperature", p["memory_tau"]] if p.get("memory_lambda") else []
-        return ["--eval-combiner", "trime", "--eval-temperature", p["tau"], *lam, *mem]
+        ext_tau = ["--ext-temperature", p["ext_tau"]] if p.get("ext_tau") else []
+        return ["--eval-combiner", "trime", "--eval-temperature", p["tau"], *ext_tau, *lam, *mem]
 
     def knn_flags(p):
         cache = ["--cache-lambda", p["cache_lambda"], "--cache-theta", p["cache_theta"]] if p.get("cache_lambda") else []

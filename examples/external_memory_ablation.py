@@ -3,8 +3,10 @@ P' Appendix F uses, each measured on valid against kNN-LM / TRIMELM at the same 
 
 Every model has the same number of updates (``--max-update``) of the same number of tokens
 (16 x 512 or 8 x 1024). For each TRIMELM_ext variant: its model alone, and TRIMELM_ext
-(local + external memory) tuned on valid over τ, λ, τ' and both P' variants
-(``--memory-distribution``: ``ext-raw`` = published, ``all-scaled`` = ours before).
+(local + external memory) tuned on valid over τ, the retrieved entries' own temperature
+τ_ext (``--ext-temperature``; 0 in the grid = τ, the paper's single temperature), λ, τ' and
+both P' variants (``--memory-distribution``: ``ext-raw`` = published, ``all-scaled`` = ours
+before).
 Datastores hold the first ``1/--datastore-fraction`` of the training tokens (shard 0 of
 ``trime-build-datastore --num-shards``), to fit the budget; the kNN-LM reference uses the
 same subset.
@@ -21,7 +23,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -225,7 +227,8 @@ def main(argv=None) -> dict:
             if not a.no_ext_eval:
                 info["ext"] = ex.tune(
                     data, ckpt[name], "trime",
-                    ["tau=1,1.5,2,3", "memory_lambda=0,0.1,0.3", "memory_tau=1,3,10.5,30", "pprime=0,1"],
+                    ["tau=1,1.5,2,3", "ext_tau=0,2,3,4", "memory_lambda=0,0.1,0.3", "memory_tau=1,3,10.5,30",
+                     "pprime=0,1"],
                     [*valid, "--eval-memory", "local+ext", "--datastore", datastore(name, "ip"), "--knn-k", a.knn_k],
                     run / f"tune_{name}.json", logs / f"tune_{name}.log")
         results[name] = info
@@ -272,9 +275,12 @@ def finished(run: Path, logs: Path, models: List[str], composition) -> Dict[str,
     return out
 
 
-def best_where(rows: List[dict], **fixed) -> dict:
-    rows = [r for r in rows[1:] if all(r["params"].get(k, 0) == v for k, v in fixed.items())]
-    return min(rows, key=lambda r: r["ppl"])
+def best_where(rows: List[dict], own_ext_tau: Optional[bool] = None, **fixed) -> Optional[dict]:
+    """The best grid point with the ``fixed`` parameters (a missing one counts as 0); with
+    ``own_ext_tau`` True/False only points with / without a separate τ_ext (``ext_tau`` > 0)."""
+    rows = [r for r in rows[1:] if all(r["params"].get(k, 0) == v for k, v in fixed.items())
+            and (own_ext_tau is None or bool(r["params"].get("ext_tau", 0)) == own_ext_tau)]
+    return min(rows, key=lambda r: r["ppl"], default=None)
 
 
 def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict], near: dict, batches: Dict[str, dict]) -> dict:
@@ -304,7 +310,10 @@ def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict], near: 
         if name not in results:
             continue
         r = results[name]
-        pub, ours, nolam = ext_best(r, pprime=0), ext_best(r, pprime=1), ext_best(r, memory_lambda=0)
+        one_tau = ext_best(r, memory_lambda=0, own_ext_tau=False)
+        nolam = ext_best(r, memory_lambda=0, own_ext_tau=True)
+        pub, ours = ext_best(r, pprime=0), ext_best(r, pprime=1)
+        pub_one, ours_one = ext_best(r, pprime=0, own_ext_tau=False), ext_best(r, pprime=1, own_ext_tau=False)
         comp = r.get("composition", {})
         rows.append({
             "key": name, "system": f"TRIMELM_ext: {desc}", "segments": f"{bsz} x {length}",
@@ -312,7 +321,12 @@ def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict], near: 
             "model_alone_valid_ppl": r["local"]["rows"][0]["ppl"],
             "local_valid_ppl": r["local"]["best"]["ppl"],
             "valid_ppl": min(pub["ppl"], ours["ppl"]) if pub else None,
+            "valid_ppl_one_tau": one_tau["ppl"] if one_tau else None,
+            "params_one_tau": one_tau["params"] if one_tau else None,
             "valid_ppl_no_pprime": nolam["ppl"] if nolam else None,
+            "params_no_pprime": nolam["params"] if nolam else None,
+            "valid_ppl_pprime_published_one_tau": pub_one["ppl"] if pub_one else None,
+            "valid_ppl_pprime_all_scaled_one_tau": ours_one["ppl"] if ours_one else None,
             "valid_ppl_pprime_published": pub["ppl"] if pub else None,
             "params_pprime_published": pub["params"] if pub else None,
             "valid_ppl_pprime_all_scaled": ours["ppl"] if ours else None,
@@ -322,11 +336,12 @@ def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict], near: 
             "near_dup_mate_0.3": comp.get("with_near_dup_mate", {}).get("0.3"),
         })
     cols = ["system", "segments", "same_doc_mate", "near_dup_mate_0.3", "train_ppl", "train_ce_ppl",
-            "model_alone_valid_ppl", "local_valid_ppl", "valid_ppl_no_pprime", "valid_ppl_pprime_published",
+            "model_alone_valid_ppl", "local_valid_ppl", "valid_ppl_one_tau", "valid_ppl_pprime_published_one_tau",
+            "valid_ppl_pprime_all_scaled_one_tau", "valid_ppl_no_pprime", "valid_ppl_pprime_published",
             "valid_ppl_pprime_all_scaled"]
     heads = ["model", "batch", "segments with a same-doc mate", "with a J≥0.3 mate", "train ppl (joint)",
-             "train CE ppl", "model alone", "local memory", "local+ext, λ=0", "local+ext, P' published",
-             "local+ext, P' all-scaled"]
+             "train CE ppl", "model alone", "local memory", "local+ext, one τ, λ=0", "one τ, P' published",
+             "one τ, P' all-scaled", "local+ext, τ_ext, λ=0", "τ_ext, P' published", "τ_ext, P' all-scaled"]
     shown = [{k: ("—" if v is None else v) for k, v in r.items()} for r in rows]
     table_ext = ex.markdown_table([r for r in shown if r["key"].startswith("ext_")], cols, heads)
     table_ref = ex.markdown_table([r for r in shown if not r["key"].startswith("ext_")],

@@ -27,9 +27,10 @@ def inputs(seed=0):
     return x.with_external(ext, torch.randint(0, V, (B, T, K), generator=g))
 
 
-def brute(x, tau, lam, tau2, kind):
-    """log((1-λ) P + λ P') per query and word, by explicit loops."""
-    joint = TrimeCombiner(tau).log_probs(x).exp()
+def brute(x, tau, lam, tau2, kind, ext_tau=None):
+    """log((1-λ) P + λ P') per query and word, by explicit loops (P from Eq. 6, checked
+    separately by :func:`test_ext_temperature_scales_only_the_retrieved_entries`)."""
+    joint = TrimeCombiner(tau, ext_temperature=ext_tau).log_probs(x).exp()
     out = torch.empty(B, T, V, dtype=torch.float64)
     sq = math.sqrt(D)
     for b in range(B):
@@ -108,3 +109,41 @@ def test_task_flags_and_tune_grid():
     assert make_combiner("trime", {"tau": 1.0}).memory_distribution == "ext-raw"
     with pytest.raises(ValueError, match="pprime"):
         make_combiner("trime", {"tau": 1.0, "pprime": 2.0})
+
+
+def test_ext_temperature_scales_only_the_retrieved_entries():
+    """``--ext-temperature``: Eq. 6 with ``sim/τ`` for local entries and ``sim/τ_ext`` for
+    retrieved ones is Eq. 6 at one ``τ`` on retrieved similarities multiplied by ``τ/τ_ext``."""
+    x = inputs(2)
+    tau, ext_tau = 0.8, 2.4
+    comb = TrimeCombiner(tau, ext_temperature=ext_tau)
+    rescaled = x.with_external(x.ext_scores * (tau / ext_tau), x.ext_labels)
+    torch.testing.assert_close(comb.log_probs(x), TrimeCombiner(tau).log_probs(rescaled))
+    torch.testing.assert_close(comb.target_log_prob(x), TrimeCombiner(tau).target_log_prob(rescaled))
+    assert (comb.target_log_prob(x) - TrimeCombiner(tau).target_log_prob(x)).abs().max() > 1e-3
+    torch.testing.assert_close(TrimeCombiner(tau, ext_temperature=tau).log_probs(x), TrimeCombiner(tau).log_probs(x))
+    # inspection reports the same raw similarities whatever the temperatures
+    torch.testing.assert_close(comb.contributions(x).similarity, TrimeCombiner(tau).contributions(x).similarity)
+    assert "tau_ext=2.4" in comb.describe()
+    with pytest.raises(ValueError, match="--ext-temperature must be > 0"):
+        TrimeCombiner(1.0, ext_temperature=0.0)
+
+
+@pytest.mark.parametrize("kind", ["ext-raw", "all-scaled"])
+def test_ext_temperature_leaves_pprime_alone(kind):
+    """Appendix F's P' keeps its own temperature τ' for every entry, whatever ``τ_ext``."""
+    x = inputs(3)
+    comb = TrimeCombiner(0.9, 0.3, 2.0, kind, ext_temperature=3.0)
+    ref = brute(x, 0.9, 0.3, 2.0, kind, ext_tau=3.0)
+    torch.testing.assert_close(comb.log_probs(x), ref)
+    torch.testing.assert_close(comb.target_log_prob(x), ref.gather(-1, x.target.unsqueeze(-1)).squeeze(-1))
+
+
+def test_ext_temperature_flag_and_grid():
+    from trime_fairseq.cli.tune import make_combiner, parse_grid
+    from trime_fairseq.tasks.trime_lm import build_combiner
+
+    cfg = Namespace(eval_combiner="trime", eval_temperature=1.0, ext_temperature=2.5, memory_lambda=0.0)
+    assert build_combiner(cfg).ext_temperature == 2.5
+    points = parse_grid("trime", ["tau=1", "ext_tau=0,2"])
+    assert [make_combiner("trime", p).ext_temperature for p in points] == [None, 2.0]

@@ -376,3 +376,42 @@ def test_faiss_flags():
         with pytest.raises(ValueError, match=match):
             mem.update(torch.randn(1, 2, 4, 5), torch.randn(1, 2, 4, 5), torch.ones(1, 4, dtype=torch.bool),
                        torch.arange(4)[None], torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_qk_norm_local_attention_equals_brute_force_and_memory_size_zero_keeps_it():
+    """``--memorizing-qk-norm on``: the layer's local attention is softmax(scale_h · q̂·k̂ + causal) v
+    with the memory's learned per-head scale, with or without memory inputs."""
+    d = make_dictionary(30)
+    torch.manual_seed(0)
+    args = argparse.Namespace(tokens_per_sample=128, memorizing_memory_size=0, memorizing_topk=4, memorizing_layer=-1,
+                              memorizing_qk_norm="on", memorizing_scale_init=7.0)
+    memorizing_tiny(args)
+    model = MemorizingTransformerLanguageModel.build_model(
+        args, SimpleNamespace(source_dictionary=d, target_dictionary=d)).eval()
+    layer = model.knn_attention
+    assert layer.qk_norm
+    with torch.no_grad():
+        layer.mem_log_scale.copy_(torch.tensor([math.log(7.0), math.log(3.0)]))
+    t, b = 6, 2
+    x = torch.randn(t, b, layer.embed_dim)
+    causal = torch.triu(torch.full((t, t), float("-inf")), 1)
+    out, _ = layer(x, x, x, attn_mask=causal)
+    h, dh = layer.num_heads, layer.head_dim
+    q = layer.q_proj(x).view(t, b, h, dh)
+    k = layer.k_proj(x).view(t, b, h, dh)
+    v = layer.v_proj(x).view(t, b, h, dh)
+    ref = torch.empty(t, b, h, dh)
+    for bi in range(b):
+        for hi in range(h):
+            s = [7.0, 3.0][hi] * F.normalize(q[:, bi, hi], dim=-1) @ F.normalize(k[:, bi, hi], dim=-1).T
+            ref[:, bi, hi] = torch.softmax(s + causal, -1) @ v[:, bi, hi]
+    torch.testing.assert_close(out, layer.out_proj(ref.reshape(t, b, -1)), rtol=1e-5, atol=1e-5)
+    # the ordinary (off) layer with the same weights differs: the setting is not a no-op
+    layer.qk_norm = False
+    assert (layer(x, x, x, attn_mask=causal)[0] - out).abs().max() > 1e-3
+    layer.qk_norm = True
+    # the model scores the same with stream inputs and memory size 0 as without them
+    tokens = random_tokens(d, 2, 9, seed=1)
+    torch.testing.assert_close(model(**stream_inputs(tokens, [0, 1], [0, 0]))[0], model(tokens)[0])
+    with pytest.raises(ValueError, match="qk-norm on has no incremental decoding"):
+        layer(x, x, x, incremental_state={})

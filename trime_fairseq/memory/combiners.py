@@ -273,14 +273,15 @@ class NoMemory(Combiner):
         return x.tok_target_log_prob()
 
 
-def memory_entries(x: ScoringInputs, temperature: float):
-    """All memory of ``x`` as ``(scores / τ [B,T,K], labels, mask)``: shared keys (local,
-    long) scored by ``sim = g·g_j/√d``, then the retrieved external entries."""
+def memory_entries(x: ScoringInputs, temperature: float, ext_temperature: Optional[float] = None):
+    """All memory of ``x`` as ``(scores [B,T,K], labels, mask)``: shared keys (local, long)
+    scored ``sim/τ`` with ``sim = g·g_j/√d``, then the retrieved external entries scored
+    ``sim/τ_ext`` (``ext_temperature``; ``None`` = ``τ``, Eq. 6's one temperature)."""
     scores = scaled_similarity(x.query_g, x.keys_g, temperature)
     labels = x.key_labels.unsqueeze(1)
     mask = x.mask
     if x.ext_scores is not None:
-        ext = x.ext_scores / (math.sqrt(x.query_g.size(-1)) * temperature)
+        ext = x.ext_scores / (math.sqrt(x.query_g.size(-1)) * (ext_temperature or temperature))
         scores = torch.cat([scores, ext], -1)
         labels = torch.cat([labels.expand(*x.ext_labels.shape[:2], labels.size(-1)), x.ext_labels], -1)
         mask = torch.cat([mask, torch.isfinite(x.ext_scores)], -1)
@@ -291,15 +292,22 @@ class TrimeCombiner(Combiner):
     """Eq. 6: ``P(w) ∝ exp(s_w) + Σ_{x_j=w} exp(sim(g, g_j)/τ)`` over all memories; with
     ``lam > 0`` also Appendix F: ``(1-λ) P + λ P'``, ``P'`` the memory-only distribution
     at temperature ``τ'`` (Eq. 7-8) over the entries that ``memory_distribution`` names
-    (:func:`~trime_fairseq.memory.joint.appendix_f_entries`)."""
+    (:func:`~trime_fairseq.memory.joint.appendix_f_entries`).
+
+    ``ext_temperature`` (``τ_ext``) scores the retrieved external entries of Eq. 6 by
+    ``sim/τ_ext`` instead of ``sim/τ``: the top-K of a large datastore are far closer to
+    the query than the in-batch keys seen in training (Appendix F's shift), so they want a
+    flatter scale than local memory. ``None`` = ``τ`` (the paper)."""
 
     name = "trime"
     representations = ("g",)
 
     def __init__(self, temperature: float = 1.0, lam: float = 0.0, memory_temperature: Optional[float] = None,
-                 memory_distribution: str = DEFAULT_PPRIME) -> None:
+                 memory_distribution: str = DEFAULT_PPRIME, ext_temperature: Optional[float] = None) -> None:
         if temperature <= 0:
             raise TrimeUserError(f"--eval-temperature must be > 0, got {temperature}")
+        if ext_temperature is not None and ext_temperature <= 0:
+            raise TrimeUserError(f"--ext-temperature must be > 0, got {ext_temperature}")
         if not 0.0 <= lam < 1.0:
             raise TrimeUserError(f"--memory-lambda must be in [0, 1), got {lam}: at 1 the model gets no weight "
                                  "and tokens absent from memory get probability 0")
@@ -309,17 +317,23 @@ class TrimeCombiner(Combiner):
             raise TrimeUserError(f"--memory-distribution must be one of {PPRIME_KINDS}, got {memory_distribution!r}")
         self.temperature, self.lam, self.memory_temperature = temperature, lam, memory_temperature
         self.memory_distribution = str(memory_distribution)
+        self.ext_temperature = ext_temperature
+
+    def _entries(self, x: ScoringInputs):
+        return memory_entries(x, self.temperature, self.ext_temperature)
 
     def _has_pprime(self, x: ScoringInputs) -> bool:
         """False when P' has no entries at all (published P' without a datastore)."""
         return self.memory_distribution != "ext-raw" or (x.ext_scores is not None and x.ext_scores.size(-1) > 0)
 
     def _pprime(self, x: ScoringInputs, scores: Tensor, labels: Tensor, mask: Tensor):
+        if self.ext_temperature is not None and self.memory_distribution == "all-scaled":
+            scores, labels, mask = memory_entries(x, self.temperature)  # P' scales every entry by one τ'
         return appendix_f_entries(self.memory_distribution, scores, labels, mask, self.temperature,
                                   self.memory_temperature, x.ext_scores, x.ext_labels)
 
     def log_probs(self, x: ScoringInputs) -> Tensor:
-        scores, labels, mask = memory_entries(x, self.temperature)
+        scores, labels, mask = self._entries(x)
         lp = joint_log_probs(x.tok_scores, x.tok_lse, scores, labels, mask)
         if self.lam > 0 and self._has_pprime(x):
             s2, l2, m2 = self._pprime(x, scores, labels, mask)
@@ -327,7 +341,7 @@ class TrimeCombiner(Combiner):
         return lp
 
     def target_log_prob(self, x: ScoringInputs) -> Tensor:
-        scores, labels, mask = memory_entries(x, self.temperature)
+        scores, labels, mask = self._entries(x)
         lp = joint_target_log_prob(x.target_token_score(), x.tok_lse, scores, labels, mask, x.target)
         if self.lam > 0 and self._has_pprime(x):
             s2, l2, m2 = self._pprime(x, scores, labels, mask)
@@ -336,7 +350,7 @@ class TrimeCombiner(Combiner):
 
     def contributions(self, x: ScoringInputs) -> Contributions:
         """``c_j = exp(sim_j/τ) / Z`` (Eq. 6); with Appendix F, ``(1-λ) c_j + λ c'_j`` (Eq. 7-8)."""
-        scores, labels, mask = memory_entries(x, self.temperature)
+        scores, labels, mask = self._entries(x)
         w = joint_entry_log_weights(x.tok_lse, scores, mask)
         if self.lam > 0 and self._has_pprime(x):
             s2, _, m2 = self._pprime(x, scores, labels, mask)
@@ -344,12 +358,13 @@ class TrimeCombiner(Combiner):
             if w2.size(-1) < w.size(-1):  # P' over the external entries only: the last columns
                 w2 = torch.cat([w2.new_full(w2.shape[:-1] + (w.size(-1) - w2.size(-1),), float("-inf")), w2], -1)
             w = interpolate(w, w2, self.lam, m2.any(-1))
-        return Contributions(w, entry_layout(x), scores * self.temperature, x.key_labels.size(-1))
+        return Contributions(w, entry_layout(x), memory_entries(x, 1.0)[0], x.key_labels.size(-1))
 
     def describe(self) -> str:
         extra = (f", lambda={self.lam:g}, tau'={self.memory_temperature:g}, P' over {self.memory_distribution}"
                  if self.lam > 0 else "")
-        return f"trime(tau={self.temperature:g}{extra})"
+        ext = f", tau_ext={self.ext_temperature:g}" if self.ext_temperature is not None else ""
+        return f"trime(tau={self.temperature:g}{ext}{extra})"
 
 
 class CacheCombiner(Combiner):

@@ -48,6 +48,7 @@ SEARCH_CHOICES = ("auto", "torch", "faiss")
 MEMORIZING_DEFAULTS = {
     "memorizing_layer": -1, "memorizing_memory_size": 8192, "memorizing_topk": 32,
     "memorizing_gate_init": 0.5, "memorizing_scale_init": 0.0, "memorizing_param_scale": 1.0,
+    "memorizing_qk_norm": "off",
     "memorizing_search": "auto", "memorizing_faiss_min_size": 65536, "memorizing_faiss_factory": "auto",
     "memorizing_faiss_nprobe": 32, "memorizing_faiss_train_size": 0,
 }

@@ -8,7 +8,11 @@ queries and keys, attends over them with its own softmax (a learned per-head sca
 mixes that with ordinary local attention through a learned per-head gate:
 ``out = σ(b)·memory + (1-σ(b))·local``. The gate's start (``--memorizing-gate-init``), the
 scale's start (``--memorizing-scale-init``) and how fast Adam moves both
-(``--memorizing-param-scale``) are flags.
+(``--memorizing-param-scale``) are flags. With ``--memorizing-qk-norm on`` the local
+attention of that layer also scores normalised queries and keys with the same learned
+per-head scale (the paper normalises keys and queries), so local and memory attention are
+on one scale: otherwise local attention can sharpen by growing q/k norms, which the
+memory's cosine scores never see, and the memory softmax stays near uniform.
 
 The memory needs to know, for every token, its document and stream position; the
 ``trime_lm`` task adds them to ``net_input`` (``mem_docs``, ``mem_positions``) for this
@@ -56,7 +60,7 @@ class KnnAugmentedAttention(MultiheadAttention):
     def __init__(self, embed_dim: int, num_heads: int, memory_size: int, topk: int,
                  memory_options: Optional[Dict[str, Any]] = None, gate_init: float = _D["memorizing_gate_init"],
                  scale_init: float = _D["memorizing_scale_init"], param_scale: float = _D["memorizing_param_scale"],
-                 **kwargs) -> None:
+                 qk_norm: bool = _D["memorizing_qk_norm"] == "on", **kwargs) -> None:
         super().__init__(embed_dim, num_heads, self_attention=True, **kwargs)
         if not 0.0 < gate_init < 1.0:
             raise ValueError(f"--memorizing-gate-init must be in (0, 1), got {gate_init}")
@@ -70,11 +74,15 @@ class KnnAugmentedAttention(MultiheadAttention):
         self.mem_gate = nn.Parameter(torch.full((num_heads,), math.log(gate_init / (1 - gate_init)) / param_scale))
         self.mem_log_scale = nn.Parameter(torch.full((num_heads,), math.log(scale) / param_scale))
         self.memory = KnnMemory(memory_size, topk, **(memory_options or {}))
+        self.qk_norm = qk_norm
         self.stream: Optional[Dict[str, Tensor]] = None  # set by the model for each forward
 
     def forward(self, query, key, value, key_padding_mask=None, incremental_state=None, need_weights=True,
                 static_kv=False, attn_mask=None, before_softmax=False, need_head_weights=False):
-        if self.stream is None or self.memory.size == 0 or incremental_state is not None:
+        use_memory = self.stream is not None and self.memory.size > 0
+        if incremental_state is not None and self.qk_norm:
+            raise TrimeUserError("--memorizing-qk-norm on has no incremental decoding; score with fairseq-eval-lm")
+        if incremental_state is not None or not (use_memory or self.qk_norm):
             return super().forward(query, key, value, key_padding_mask, incremental_state, need_weights,
                                    static_kv, attn_mask, before_softmax, need_head_weights)
         t, b, c = query.shape
@@ -83,19 +91,25 @@ class KnnAugmentedAttention(MultiheadAttention):
         def heads(x: Tensor) -> Tensor:
             return x.view(t, b, h, dh).permute(1, 2, 0, 3)  # [B, H, T, dh]
 
-        q, k, v = heads(self.q_proj(query) * self.scaling), heads(self.k_proj(key)), heads(self.v_proj(value))
-        local = self.local_attention(q, k, v, attn_mask, key_padding_mask)
-        mem = self.memory_attention(q)
+        k, v = heads(self.k_proj(key)), heads(self.v_proj(value))
+        if self.qk_norm:  # scale · q̂·k̂ for local attention too (the memory normalises its own)
+            q = F.normalize(heads(self.q_proj(query)), dim=-1) * self.memory_scale()[None, :, None, None]
+            local = self.local_attention(q, F.normalize(k, dim=-1), v, attn_mask, key_padding_mask)
+        else:
+            q = heads(self.q_proj(query) * self.scaling)
+            local = self.local_attention(q, k, v, attn_mask, key_padding_mask)
+        mem = self.memory_attention(q) if use_memory else None
         if mem is not None:
             out = self.mix(local, *mem)
-        elif torch.is_grad_enabled():  # empty memory: give the memory parameters a zero
-            # gradient anyway, so DistributedDataParallel sees every parameter used
+        elif use_memory and torch.is_grad_enabled():  # empty memory: give the memory parameters
+            # a zero gradient anyway, so DistributedDataParallel sees every parameter used
             out = local + 0.0 * (self.mem_gate.sum() + self.mem_log_scale.sum())
         else:
             out = local
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(t, b, c))
-        s = self.stream
-        self.memory.update(k, v, keep=s["keep"], positions=s["positions"], docs=s["docs"])
+        if use_memory:
+            s = self.stream
+            self.memory.update(k, v, keep=s["keep"], positions=s["positions"], docs=s["docs"])
         return out, None
 
     def local_attention(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
@@ -174,6 +188,10 @@ class MemorizingTransformerConfig(TransformerLanguageModelConfig):
     memorizing_param_scale: Optional[float] = _default(
         "memorizing_param_scale", "the gate and the log-scale are stored divided by this factor, so that Adam "
                                   "(steps of about --lr per parameter) moves them this many times faster")
+    memorizing_qk_norm: Optional[ChoiceEnum(["on", "off"])] = _default(
+        "memorizing_qk_norm", "on: the kNN-augmented layer's local attention also scores L2-normalised queries "
+                              "and keys times the learned per-head scale, as its memory attention does (one scale "
+                              "for both; set --memorizing-scale-init to about 10-20); off: ordinary q.k/sqrt(d)")
     memorizing_search: Optional[ChoiceEnum(SEARCH_CHOICES)] = _default(
         "memorizing_search", "memory search: exact torch matmul + top-k, a faiss index per (row, head), or auto "
                              "(faiss above --memorizing-faiss-min-size entries)")
@@ -260,7 +278,7 @@ class MemorizingTransformerLanguageModel(TransformerLanguageModel):
                 faiss_train_size=args.memorizing_faiss_train_size,
             ),
             gate_init=args.memorizing_gate_init, scale_init=args.memorizing_scale_init,
-            param_scale=args.memorizing_param_scale,
+            param_scale=args.memorizing_param_scale, qk_norm=str(args.memorizing_qk_norm) == "on",
             dropout=old.dropout_module.p, bias=old.k_proj.bias is not None,
         )
         new.load_state_dict(old.state_dict(), strict=False)

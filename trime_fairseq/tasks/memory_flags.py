@@ -52,7 +52,8 @@ def build_combiner(cfg, kind: Optional[str] = None, flag: str = "--eval-combiner
     if kind == "trime":
         return TrimeCombiner(cfg.eval_temperature, getattr(cfg, "memory_lambda", 0.0),
                              getattr(cfg, "memory_temperature", None),
-                             str(getattr(cfg, "memory_distribution", DEFAULT_PPRIME)))
+                             str(getattr(cfg, "memory_distribution", DEFAULT_PPRIME)),
+                             getattr(cfg, "ext_temperature", None))
     if kind == "adaptive":
         from trime_fairseq.models.memory_generate import load_metak
 
@@ -144,6 +145,14 @@ class RetrievalConfig(FairseqDataclass):
     eval_temperature: float = field(
         default=1.0,
         metadata={"help": "temperature tau of Eq. 6: memory scores are sim(q, k) / tau"},
+    )
+    ext_temperature: Optional[float] = field(
+        default=None,
+        metadata={"help": "TRIME with external memory: score the retrieved --datastore entries of Eq. 6 "
+                          "by sim(q, k) / tau_ext instead of / --eval-temperature (datastore neighbours "
+                          "are closer to the query than the in-batch keys of training, so they often "
+                          "want a larger temperature than local memory); unset = --eval-temperature, "
+                          "as in the paper. trime-tune: --grid ext_tau=..."},
     )
     retrieval_skip_feature: Optional[SKIP_FEATURE_CHOICES] = field(
         default=None,
