@@ -94,20 +94,21 @@ def main(argv=None) -> dict:
     ds_t = ["--datastore", stores["trime_ext"][1], "--knn-k", a.knn_k]
     # one pass per model and memory set: every grid point reuses the same retrieval
     sweeps = {
-        "cache": ex.tune(data, ckpt["vanilla"], "cache", ["lambda=0.1,0.2,0.3,0.4", "theta=0.05,0.1,0.2,0.3"], valid,
+        "cache": ex.tune(data, ckpt["vanilla"], "cache", ["lambda=0.1,0.2,0.3,0.4,0.5", "theta=0.05,0.1,0.2,0.3,0.5,1"],
+                         valid,
                          run / "tune_cache.json", logs / "tune_cache.log"),
         "trime": ex.tune(data, ckpt["trime"], "trime", ["tau=0.9,1,1.1,1.25"], valid,
                          run / "tune_trime.json", logs / "tune_trime.log"),
     }
     theta = sweeps["cache"]["best"]["params"]["theta"]
-    sweeps["knn"] = ex.tune(data, ckpt["vanilla"], "knn", ["lambda=0.1,0.2,0.3,0.4", "temperature=1,3,10,30",
-                                                          "cache_lambda=0,0.1,0.2,0.3", f"cache_theta={theta}"],
+    sweeps["knn"] = ex.tune(data, ckpt["vanilla"], "knn", ["lambda=0.2,0.3,0.4,0.5,0.6,0.7,0.8", "temperature=0.3,1,3,10",
+                                                          "cache_lambda=0,0.1,0.2,0.3,0.4", f"cache_theta={theta}"],
                             [*valid, *ds_v], run / "tune_knn.json", logs / "tune_knn.log")
     # ext_tau: retrieved entries at their own temperature (0 = tau, Eq. 6 as published);
     # Appendix F: P' over the external neighbours, raw inner product / tau' (published; the
     # paper's tau' is 10.5) -- tau' values for raw similarities, which are sqrt(d) larger
-    sweeps["ext"] = ex.tune(data, ckpt["trime_ext"], "trime", ["tau=1,1.1,1.5,2", "ext_tau=0,2,3,4",
-                                                              "memory_lambda=0,0.1,0.3", "memory_tau=10.5"],
+    sweeps["ext"] = ex.tune(data, ckpt["trime_ext"], "trime", ["tau=1,1.1,1.5,2", "ext_tau=0,2,3,4,6",
+                                                              "memory_lambda=0,0.1,0.3,0.5", "memory_tau=10.5"],
                             [*valid, *ds_t, "--eval-memory", "local+long+ext", "--long-memory-size", a.long_memory_size,
                              "--memory-sizes", f"0,{a.long_memory_size}"], run / "tune_ext.json", logs / "tune_ext.log")
 
@@ -147,7 +148,8 @@ def main(argv=None) -> dict:
     rows = []
     for key, name, model, flags, valid_ppl in configs:
         tag = "".join(c if c.isalnum() else "_" for c in name.lower())
-        r = ex.eval_lm(data, ckpt[model], [*ev, *flags, "--gen-subset", "test"], logs / f"eval_{tag}_test.log")
+        r = ex.cached_eval(data, ckpt[model], [*ev, *flags, "--gen-subset", "test"], run / "evals" / f"{key}_test.json",
+                           logs / f"eval_{tag}_test.log")
         rows.append({"key": key, "system": name, "flags": " ".join(map(str, flags)), "valid_ppl": valid_ppl,
                      "test_ppl": r["ppl"], "test_eval_tokens_per_s": r["tokens_per_s"]})
         logger.info("%s: valid %.2f test %.2f", name, valid_ppl, r["ppl"])

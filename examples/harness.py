@@ -120,6 +120,20 @@ def eval_lm(data: Path, ckpt: Path, args: Sequence[str], log_path: Path) -> Dict
     return {"ppl": float(ppl[-1]), "tokens": int(tps[-1][0].replace(",", "")), "tokens_per_s": float(tps[-1][2])}
 
 
+def cached_eval(data: Path, ckpt: Path, args: Sequence, out: Path, log: Path) -> Dict:
+    """:func:`eval_lm`'s result, kept in ``out`` with its arguments and the checkpoint's
+    mtime (reused while both match), so a rerun of an example only scores what changed."""
+    key = [str(x) for x in (ckpt, *args)]
+    if out.exists():
+        old = json.loads(out.read_text())
+        if old.get("argv") == key and old.get("checkpoint_mtime") == ckpt.stat().st_mtime:
+            return old
+    r = eval_lm(data, ckpt, list(args), log)
+    r.update(argv=key, checkpoint_mtime=ckpt.stat().st_mtime)
+    atomic_write(out, json.dumps(r))
+    return r
+
+
 _GEN_SPEED = re.compile(r"Translated ([0-9,]+) sentences \(([0-9,]+) tokens\) in ([0-9.]+)s \(([0-9.]+) sentences/s")
 
 

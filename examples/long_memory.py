@@ -32,7 +32,7 @@ import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -85,19 +85,6 @@ def run_parallel(jobs: Dict[str, Callable[[], dict]], workers: int) -> Dict[str,
     with ThreadPoolExecutor(max(1, workers)) as pool:
         futures = {k: pool.submit(f) for k, f in jobs.items()}
         return {k: f.result() for k, f in futures.items()}
-
-
-def cached_eval(data: Path, ckpt: Path, args: Sequence, out: Path, log: Path) -> dict:
-    """``fairseq-eval-lm`` result, kept in ``out`` with its arguments (reused if they match)."""
-    key = [str(x) for x in (ckpt, *args)]
-    if out.exists():
-        old = json.loads(out.read_text())
-        if old.get("argv") == key and old.get("checkpoint_mtime") == ckpt.stat().st_mtime:
-            return old
-    r = ex.eval_lm(data, ckpt, list(args), log)
-    r.update(argv=key, checkpoint_mtime=ckpt.stat().st_mtime)
-    ex.atomic_write(out, json.dumps(r))
-    return r
 
 
 def eval_documents(corpus: Path, out: Path, n: int, min_tokens: int, logs: Path) -> Path:
@@ -207,7 +194,7 @@ def main(argv=None) -> dict:
     def tag_of(name):
         return name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "p").replace("*", "")
 
-    tests = run_parallel({name: (lambda name=name, model=model, fl=fl: cached_eval(
+    tests = run_parallel({name: (lambda name=name, model=model, fl=fl: ex.cached_eval(
         data, ckpt[model], [*ev, *fl, "--gen-subset", "test"], run / "evals" / f"{tag_of(name)}_test.json",
         logs / f"eval_{tag_of(name)}_test.log")) for name, model, fl, _ in configs}, a.parallel)
     rows = []
@@ -278,7 +265,7 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
     if "memorizing" in ckpt:
         for size in mem_sizes:
             for subset in ("valid", "test"):
-                first["memorizing", size, subset] = (lambda size=size, subset=subset: cached_eval(
+                first["memorizing", size, subset] = (lambda size=size, subset=subset: ex.cached_eval(
                     data, ckpt["memorizing"], [*ev, "--gen-subset", subset, "--model-overrides",
                                                f"{{'memorizing_memory_size': {size}}}"],
                     run / "evals" / f"fig3_memorizing_{size}_{subset}.json",
@@ -292,7 +279,7 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
             fl = flags(model, best)
             plan[key, size] = (best, fl)
             if a.test_from == "eval-lm" or size == sizes[-1]:
-                jobs[key, size, "test"] = (lambda model=model, fl=fl, key=key, size=size: cached_eval(
+                jobs[key, size, "test"] = (lambda model=model, fl=fl, key=key, size=size: ex.cached_eval(
                     data, ckpt[model], [*ev, *fl, "--gen-subset", "test"], run / "evals" / f"fig3_{key}_{size}_test.json",
                     logs / f"eval_fig3_{key}_{size}_test.log"))
     done.update(run_parallel(jobs, a.parallel))

@@ -55,7 +55,7 @@ def adam_reach(lr: float, max_update: int, warmup: int, init_lr: float = 1e-7) -
 
 
 def main(argv=None) -> dict:
-    from examples.long_memory import cached_eval, run_parallel
+    from examples.long_memory import run_parallel
 
     a = parse_args(argv)
     run, logs, data, common, _ = ex.start_run(a)
@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
     eval_data = Path(a.eval_data) if a.eval_data else data
     sizes = [int(s) for s in a.memory_sizes.split(",")]
-    jobs = {(n, s): (lambda n=n, s=s: cached_eval(
+    jobs = {(n, s): (lambda n=n, s=s: ex.cached_eval(
         eval_data, run / "ckpt" / tag[n] / "checkpoint_last.pt",
         [*ev, "--gen-subset", "valid", "--model-overrides", f"{{'memorizing_memory_size': {s}}}"],
         run / "evals" / f"{tag[n]}_{s}.json", logs / f"eval_{tag[n]}_{s}.log")) for n in variants for s in sizes}
