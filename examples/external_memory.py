@@ -160,8 +160,22 @@ def main(argv=None) -> dict:
               f"{index_info['vanilla']['size']:,} training tokens; index recall@{a.knn_k}: "
               + ", ".join(f"{k} {v['factory']} nprobe={v['nprobe']} recall={v['recall']:.3f}" for k, v in index_info.items())
               + "\n\n")
+    # TRIMELM_ext with one temperature for every memory entry (Eq. 6 as published) against
+    # the retrieved entries at their own (--ext-temperature), per long-memory size
+    def ext_best(size, one_tau, **fixed):
+        rows_ = [r for r in sweeps["ext"]["rows"][1:] if r["params"].get("memory_size", 0) == size
+                 and (r["params"].get("ext_tau", 0) == 0) == one_tau
+                 and all(r["params"].get(k, 0) == v for k, v in fixed.items())]
+        return {"valid_ppl": min(rows_, key=lambda r: r["ppl"])["ppl"],
+                "params": min(rows_, key=lambda r: r["ppl"])["params"]} if rows_ else None
+
+    temps = {f"long_{size}": {"one_tau_lambda0": ext_best(size, True, memory_lambda=0),
+                              "one_tau": ext_best(size, True),
+                              "ext_tau_lambda0": ext_best(size, False, memory_lambda=0),
+                              "ext_tau": ext_best(size, False)}
+             for size in (0, a.long_memory_size)}
     result = {"args": vars(a), "rows": rows, "index": index_info, "train": trained,
-              "best": {k: v["best"] for k, v in sweeps.items()}}
+              "best": {k: v["best"] for k, v in sweeps.items()}, "ext_temperature": temps}
     ex.bar_plot(rows, run / "results.png", "External memory")
     ex.publish(result, header + table, run / "results.json", a.out, logger)
     return result
