@@ -113,8 +113,7 @@ def main(argv=None) -> dict:
                              "--memory-sizes", f"0,{a.long_memory_size}"], run / "tune_ext.json", logs / "tune_ext.log")
 
     def best(name, **fixed):
-        rows = [r for r in sweeps[name]["rows"][1:] if all(r["params"].get(k, 0) == v for k, v in fixed.items())]
-        return min(rows, key=lambda r: r["ppl"])
+        return ex.best_point(sweeps[name]["rows"], **fixed)
 
     def trime_flags(p):
         mem = ["--eval-memory", "local+long+ext", "--long-memory-size", p["memory_size"]] if p.get("memory_size") else []
@@ -163,11 +162,8 @@ def main(argv=None) -> dict:
     # TRIMELM_ext with one temperature for every memory entry (Eq. 6 as published) against
     # the retrieved entries at their own (--ext-temperature), per long-memory size
     def ext_best(size, one_tau, **fixed):
-        rows_ = [r for r in sweeps["ext"]["rows"][1:] if r["params"].get("memory_size", 0) == size
-                 and (r["params"].get("ext_tau", 0) == 0) == one_tau
-                 and all(r["params"].get(k, 0) == v for k, v in fixed.items())]
-        return {"valid_ppl": min(rows_, key=lambda r: r["ppl"])["ppl"],
-                "params": min(rows_, key=lambda r: r["ppl"])["params"]} if rows_ else None
+        r = ex.best_point(sweeps["ext"]["rows"], own_ext_tau=not one_tau, memory_size=size, **fixed)
+        return {"valid_ppl": r["ppl"], "params": r["params"]} if r else None
 
     temps = {f"long_{size}": {"one_tau_lambda0": ext_best(size, True, memory_lambda=0),
                               "one_tau": ext_best(size, True),

@@ -23,7 +23,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -275,21 +275,13 @@ def finished(run: Path, logs: Path, models: List[str], composition) -> Dict[str,
     return out
 
 
-def best_where(rows: List[dict], own_ext_tau: Optional[bool] = None, **fixed) -> Optional[dict]:
-    """The best grid point with the ``fixed`` parameters (a missing one counts as 0); with
-    ``own_ext_tau`` True/False only points with / without a separate τ_ext (``ext_tau`` > 0)."""
-    rows = [r for r in rows[1:] if all(r["params"].get(k, 0) == v for k, v in fixed.items())
-            and (own_ext_tau is None or bool(r["params"].get("ext_tau", 0)) == own_ext_tau)]
-    return min(rows, key=lambda r: r["ppl"], default=None)
-
-
 def report(a, run: Path, var: Dict[str, tuple], results: Dict[str, dict], near: dict, batches: Dict[str, dict]) -> dict:
     rows = []
     missing = {"cache": {"rows": [None], "best": None}, "local": {"rows": [None], "best": None}, "train": {}}
     v, t = results.get("vanilla", missing), results.get("trime", missing)
 
     def ext_best(info: dict, **fixed):
-        return best_where(info["ext"]["rows"], **fixed) if "ext" in info else None
+        return ex.best_point(info["ext"]["rows"], **fixed) if "ext" in info else None
 
     knn, knn_cache = ext_best(v, cache_lambda=0), ext_best(v)
     refs = [

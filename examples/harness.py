@@ -134,6 +134,16 @@ def cached_eval(data: Path, ckpt: Path, args: Sequence, out: Path, log: Path) ->
     return r
 
 
+def best_point(rows: List[dict], own_ext_tau: Optional[bool] = None, **fixed) -> Optional[dict]:
+    """The best ``trime-tune`` grid point of ``rows`` (its JSON ``rows``; the first, the model
+    alone, is skipped) with the ``fixed`` parameters (a missing one counts as 0); with
+    ``own_ext_tau`` True/False only points with / without a separate τ_ext (``ext_tau`` > 0).
+    ``None`` if no point matches."""
+    rows = [r for r in rows[1:] if all(r["params"].get(k, 0) == v for k, v in fixed.items())
+            and (own_ext_tau is None or bool(r["params"].get("ext_tau", 0)) == own_ext_tau)]
+    return min(rows, key=lambda r: r["ppl"], default=None)
+
+
 _GEN_SPEED = re.compile(r"Translated ([0-9,]+) sentences \(([0-9,]+) tokens\) in ([0-9.]+)s \(([0-9.]+) sentences/s")
 
 

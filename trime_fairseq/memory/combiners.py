@@ -326,9 +326,16 @@ class TrimeCombiner(Combiner):
         """False when P' has no entries at all (published P' without a datastore)."""
         return self.memory_distribution != "ext-raw" or (x.ext_scores is not None and x.ext_scores.size(-1) > 0)
 
+    def _similarities(self, x: ScoringInputs, scores: Tensor) -> Tensor:
+        """``sim`` (before any temperature) of the entries of :meth:`_entries`' ``scores``."""
+        n = x.key_labels.size(-1)
+        if self.ext_temperature is None:
+            return scores * self.temperature
+        return torch.cat([scores[..., :n] * self.temperature, scores[..., n:] * self.ext_temperature], -1)
+
     def _pprime(self, x: ScoringInputs, scores: Tensor, labels: Tensor, mask: Tensor):
         if self.ext_temperature is not None and self.memory_distribution == "all-scaled":
-            scores, labels, mask = memory_entries(x, self.temperature)  # P' scales every entry by one τ'
+            scores = self._similarities(x, scores) / self.temperature  # P' scales every entry by one τ'
         return appendix_f_entries(self.memory_distribution, scores, labels, mask, self.temperature,
                                   self.memory_temperature, x.ext_scores, x.ext_labels)
 
@@ -358,7 +365,7 @@ class TrimeCombiner(Combiner):
             if w2.size(-1) < w.size(-1):  # P' over the external entries only: the last columns
                 w2 = torch.cat([w2.new_full(w2.shape[:-1] + (w.size(-1) - w2.size(-1),), float("-inf")), w2], -1)
             w = interpolate(w, w2, self.lam, m2.any(-1))
-        return Contributions(w, entry_layout(x), memory_entries(x, 1.0)[0], x.key_labels.size(-1))
+        return Contributions(w, entry_layout(x), self._similarities(x, scores), x.key_labels.size(-1))
 
     def describe(self) -> str:
         extra = (f", lambda={self.lam:g}, tau'={self.memory_temperature:g}, P' over {self.memory_distribution}"
