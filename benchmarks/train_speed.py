@@ -75,6 +75,29 @@ def time_steps(task, model, criterion, batches, start: int, steps: int, optim) -
     return tokens / (time.perf_counter() - t0)
 
 
+def ext_matmul_bound(sample: dict, ce_tokens_per_s: float, model, repeats: int = 3) -> dict:
+    """The best external-memory (BM25 batch) training can do against CE on this machine if
+    everything but the similarity matrix products of Eq. 5 were free: the batch's ``T``
+    queries against its ``T`` keys (``d`` = the model's ``g``) cost three ``[T, d] x [d, T]``
+    products per step (forward; backward for queries and for keys). Times those products
+    (in 512-query chunks, as the criterion runs them) and returns the bound
+    ``t_CE / (t_CE + t_products)`` with ``t_CE`` a CE step of the same tokens."""
+    tokens = int(sample["net_input"]["src_tokens"].numel())
+    dim = int(model.decoder.embed_dim)
+    q, k = torch.randn(tokens, dim), torch.randn(tokens, dim)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for q0 in range(0, tokens, 512):
+            s = q[q0:q0 + 512] @ k.T  # forward scores
+            s @ k  # backward: queries
+            s.T @ q[q0:q0 + 512]  # backward: keys
+        best = min(best, time.perf_counter() - t0)
+    step_ce = tokens / ce_tokens_per_s
+    return {"tokens": tokens, "dim": dim, "products_s": best, "ce_step_s": step_ce,
+            "bound_ratio_vs_cross_entropy": step_ce / (step_ce + best)}
+
+
 def one_document(ours: argparse.Namespace, name: str, batches: List[dict]) -> None:
     """``--memorizing-one-doc``: every row's stream is one document (its memory fills up and stays full)."""
     if ours.memorizing_one_doc and name.startswith("memorizing"):
@@ -137,6 +160,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens per batch")
     p.add_argument("--long-m", type=int, default=0, help="also time trime_loss with m consecutive segments")
     p.add_argument("--ext", action="store_true", help="also time trime_loss with BM25 batches (external memory)")
+    p.add_argument("--ext-recompute", action="store_true",
+                   help="with --ext: also time the in-batch similarities recomputed in backward (recompute) and "
+                        "kept from forward (keep), whatever the criterion's default")
     p.add_argument("--memorizing", type=int, default=0,
                    help="also time the Memorizing Transformer with this memory size against itself without memory")
     p.add_argument("--memorizing-one-doc", action="store_true",
@@ -157,6 +183,9 @@ def main(argv=None) -> dict:
     if ours.ext:
         variants["trime_loss_ext"] = ["--criterion", "trime_loss", "--bm25-batching", "--drop-local-prob", "0.9",
                                       "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
+    if ours.ext and ours.ext_recompute:
+        variants["trime_loss_ext_recompute"] = [*variants["trime_loss_ext"], "--checkpoint-similarity-above", "0"]
+        variants["trime_loss_ext_keep"] = [*variants["trime_loss_ext"], "--checkpoint-similarity-above", str(1 << 40)]
     if ours.memorizing:
         arch = ours.arch.replace("transformer_lm_trime", "memorizing_transformer_lm")
         rows = ["--stream-batching", "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
@@ -212,6 +241,9 @@ def main(argv=None) -> dict:
         "peak_rss_ratio_vs_cross_entropy": {k: v / peaks["cross_entropy"] for k, v in peaks.items()},
         "torch_threads": torch.get_num_threads(),
     }
+    if "trime_loss_ext" in runs:
+        result["ext_matmul_bound"] = ext_matmul_bound(runs["trime_loss_ext"]["batches"][0], result["tokens_per_s"]["cross_entropy"],
+                                                      runs["trime_loss_ext"]["model"])
     if "memorizing" in runs and ours.memorizing_faiss:
         r = runs["memorizing"]
         result["memorizing_recall"] = memorizing_recall(
@@ -224,6 +256,15 @@ def main(argv=None) -> dict:
     for factory, rec in (result.get("memorizing_recall") or {}).items():
         lines.append(f"\nmemorizing: faiss `{factory}` recall@{rec['k']} vs exact {rec['recall']:.3f} "
                      f"(search {rec['faiss_ms']:.0f} ms vs torch {rec['torch_ms']:.0f} ms per step)")
+    if "ext_matmul_bound" in result:
+        b = result["ext_matmul_bound"]
+        lines.append(f"\nexternal memory: the three [{b['tokens']}, {b['dim']}] x [{b['dim']}, {b['tokens']}] similarity "
+                     f"products of Eq. 5 take {b['products_s']:.3f} s per step against {b['ce_step_s']:.3f} s for a CE "
+                     f"step: tokens/s ÷ CE is at most {b['bound_ratio_vs_cross_entropy']:.3f} even if nothing else "
+                     "cost time")
+    result["rows"] = [{"system": k, "tokens_per_s": result["tokens_per_s"][k],
+                       "ratio_vs_cross_entropy": result["ratio_vs_cross_entropy"][k], "peak_rss_mb": peaks[k],
+                       "peak_rss_ratio_vs_cross_entropy": peaks[k] / peaks["cross_entropy"]} for k in runs]
     table = "\n".join(lines)
     logger.info("\n%s", table)
     if ours.out:

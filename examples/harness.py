@@ -163,6 +163,22 @@ def generate(data: Path, ckpt: Path, args: Sequence[str], log_path: Path) -> Dic
             "seconds": float(speed[-1][2]), "sentences_per_s": float(speed[-1][3])}
 
 
+def cached_generate(data: Path, ckpt: Path, args: Sequence, log_path: Path) -> Dict:
+    """:func:`generate`'s result, kept beside its log (``.json``) with its arguments and the
+    checkpoint's mtime (reused while both match), so a rerun of an example only decodes
+    what changed."""
+    out = log_path.with_suffix(".json")
+    key = [str(x) for x in (ckpt, *args)]
+    if out.exists():
+        old = json.loads(out.read_text())
+        if old.get("argv") == key and old.get("checkpoint_mtime") == ckpt.stat().st_mtime:
+            return old
+    r = generate(data, ckpt, [str(x) for x in args], log_path)
+    r.update(argv=key, checkpoint_mtime=ckpt.stat().st_mtime)
+    atomic_write(out, json.dumps(r))
+    return r
+
+
 def bleu(hyps: Sequence[str], refs: Sequence[str]) -> Dict:
     """Corpus BLEU of detokenised text with sacrebleu's defaults, and its signature."""
     import sacrebleu
@@ -175,9 +191,17 @@ def bleu(hyps: Sequence[str], refs: Sequence[str]) -> Dict:
 
 
 def run_tool(module: str, args: Sequence[str], out_json: Path, log_path: Path) -> dict:
-    """Run a tool that writes ``out_json`` (unless that exists already) and return the JSON."""
-    if not out_json.exists():
-        run_logged(module, args, log_path)
+    """Run a tool that writes ``out_json`` and return the JSON; reused while
+    ``out_json.args.json`` records the same arguments (and the same mtimes of the files
+    they name)."""
+    argv = [str(x) for x in args]
+    stamp = out_json.with_suffix(".args.json")
+    key = {"argv": argv, "mtimes": {a: os.path.getmtime(a) for a in argv if os.path.isfile(a)}}
+    if out_json.exists() and stamp.exists() and json.loads(stamp.read_text()) == key:
+        logger.info("reusing %s (delete it to rerun)", out_json)
+        return json.loads(out_json.read_text())
+    run_logged(module, argv, log_path)
+    atomic_write(stamp, json.dumps(key))
     return json.loads(out_json.read_text())
 
 

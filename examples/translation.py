@@ -12,12 +12,15 @@ projects, Debian package descriptions (DDTP) and Debian base-system ``.mo`` cata
    ``--memory-top-k`` (8) largest memory logits per token, no label smoothing and a CE
    warm-up. The reference also keeps BM25 groups whole (``--bm25-grouping whole``); here
    they are re-split by length by default (whole groups pad away 58% of the tokens of an
-   update on this corpus, see ``docs/results/translation_ablation.md``).
+   update on this corpus, see ``docs/results/translation_ablation.md``). TRIME-MT's
+   ``--max-tokens`` is raised until its BM25 batches hold as many target tokens per update
+   as the base model's (``--trime-max-tokens``).
 2. datastores of every training target token: L2 for the base model (kNN-MT), inner
    product for TRIME-MT; for the domain-adaptation rows, over the held-out domain's
    training pairs instead (the models never saw that domain).
-3. kNN-MT's λ and T and TRIME-MT's τ (a grid around its training temperature) are chosen
-   by validation NLL with ``trime-tune-mt``
+3. kNN-MT's λ and T and TRIME-MT's τ (a grid around its training temperature) with
+   Appendix F's λ and τ' (Eq. 8 over the retrieved neighbours) are chosen by validation NLL
+   with ``trime-tune-mt``
    (one retrieval pass per model); Meta-k (adaptive kNN-MT) is trained on the validation
    set with ``trime-train-metak``.
 4. ``fairseq-generate`` (beam 5) on the test sets, detokenised, scored with sacrebleu.
@@ -33,6 +36,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,6 +57,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-top-k", type=int, default=8, help="TRIME-MT: memory logits kept per token (0: all)")
     p.add_argument("--trime-label-smoothing", type=float, default=0.0,
                    help="TRIME-MT: label smoothing of the token term (the base model uses 0.1)")
+    p.add_argument("--model-alone-weight", type=float, default=0.0,
+                   help="TRIME-MT: add this times the model-alone cross entropy to Eq. 5 (trime_loss "
+                        "--model-alone-weight; 0: the paper's loss)")
     p.add_argument("--bm25-grouping", choices=["whole", "length"], default="length",
                    help="TRIME-MT: BM25 groups kept whole in chain order (the reference), or re-split by "
                         "length (default: whole costs 0.42x the tokens per update on this corpus)")
@@ -62,7 +69,48 @@ def trime_flags(a: argparse.Namespace, max_update: int) -> list:
     """fairseq-train flags of TRIME-MT under the recipe arguments ``a``."""
     return ["--criterion", "trime_loss", "--ce-warmup-updates", max(1, int(a.ce_warmup_frac * max_update)),
             "--train-temperature", a.trime_temperature, "--memory-top-k", a.memory_top_k,
-            "--label-smoothing", a.trime_label_smoothing, "--bm25-batching", "--bm25-grouping", a.bm25_grouping]
+            "--label-smoothing", a.trime_label_smoothing, "--model-alone-weight", a.model_alone_weight,
+            "--bm25-batching", "--bm25-grouping", a.bm25_grouping]
+
+
+def batches_per_epoch(data: Path, arch: str, max_tokens: int, seed: int, extra: Sequence = ()) -> int:
+    """Training batches of one epoch that ``fairseq-train --task trime_translation`` would
+    make with ``max_tokens`` and the flags ``extra`` (BM25 batches are computed and cached)."""
+    from fairseq import options, tasks, utils
+
+    args = options.parse_args_and_arch(options.get_training_parser(), [
+        str(data), "--user-dir", str(ex.REPO_PKG), "--task", "trime_translation", "--arch", arch,
+        "--max-tokens", str(max_tokens), "--seed", str(seed), "--cpu", *map(str, extra)])
+    task = tasks.setup_task(args)
+    task.load_dataset(args.train_subset)
+    itr = task.get_batch_iterator(task.dataset(args.train_subset), max_tokens=max_tokens,
+                                  max_positions=utils.resolve_max_positions(task.max_positions(), (1024, 1024)),
+                                  required_batch_size_multiple=args.required_batch_size_multiple, seed=seed)
+    return len(itr.frozen_batches)
+
+
+def matched_max_tokens(data: Path, a: argparse.Namespace, run: Path) -> int:
+    """TRIME-MT's ``--max-tokens`` that gives it as many target tokens per update as the base
+    model (as few batches per epoch; BM25 groups pad more than fairseq's length-sorted
+    batches), by bisection in steps of 128 tokens; cached in ``run``."""
+    cache = run / "matched_max_tokens.json"
+    key = {"max_tokens": a.max_tokens, "bm25_grouping": a.bm25_grouping, "seed": a.seed}
+    if cache.exists() and json.loads(cache.read_text()).get("key") == key:
+        return int(json.loads(cache.read_text())["trime_max_tokens"])
+    bm25 = ["--bm25-batching", "--bm25-grouping", a.bm25_grouping, "--bm25-cache-dir", run]
+    target = batches_per_epoch(data, a.arch, a.max_tokens, a.seed)
+    lo, hi = a.max_tokens, 4 * a.max_tokens  # batches(lo) > target >= batches(hi), in practice
+    while hi - lo > 128:
+        mid = (lo + hi) // 2 // 128 * 128
+        if batches_per_epoch(data, a.arch, mid, a.seed, bm25) > target:
+            lo = mid
+        else:
+            hi = mid
+    found = batches_per_epoch(data, a.arch, hi, a.seed, bm25)
+    logger.info("TRIME-MT --max-tokens %d: %d batches per epoch (base model: %d at --max-tokens %d)",
+                hi, found, target, a.max_tokens)
+    ex.atomic_write(cache, json.dumps({"key": key, "trime_max_tokens": hi, "batches": found, "base_batches": target}))
+    return hi
 
 
 def common_train_flags(a: argparse.Namespace, max_update: int, validate_every: int) -> list:
@@ -116,6 +164,27 @@ def valid_curve(log_path: Path) -> list:
     return points
 
 
+RECIPE_ARGS = ("trime_temperature", "memory_top_k", "trime_label_smoothing", "model_alone_weight", "bm25_grouping")
+
+
+def recipe_rows(run: Path, run_json: Path, current: dict) -> list:
+    """One row per TRIME-MT recipe whose results are in ``run`` (``results*.json``), the
+    current one (``current``, to be written to ``run_json``) first: its flags, the model
+    alone's validation NLL and test BLEU alone / with memory per domain."""
+    found = [current] + [json.loads(p.read_text()) for p in sorted(run.glob("results*.json")) if p != run_json]
+    out = []
+    for r in found:
+        args, bleu = r.get("args", {}), {}
+        for row in r.get("rows", []):
+            if row["key"] in ("trime_mt", "trime_mt_nomem"):
+                bleu[row["domain"] + ("_nomem" if row["key"] == "trime_mt_nomem" else "")] = row["bleu"]
+        curve = (r.get("valid_curves") or {}).get("trime") or [{}]
+        out.append({"trime_name": args.get("trime_name", "trime"), "valid_nll": curve[-1].get("valid_nll"),
+                    "recipe": ", ".join(f"{k.replace('_', '-')} {args[k]}" for k in RECIPE_ARGS if k in args),
+                    **bleu})
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/mt", help="where data, checkpoints and results go")
@@ -130,8 +199,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (inverse_sqrt)")
     p.add_argument("--curve-points", type=int, default=6,
                    help="base model: validation BLEU (greedy) this many times during training")
+    p.add_argument("--trime-max-tokens", type=int, default=0,
+                   help="TRIME-MT's --max-tokens (0: the value that gives it the base model's target tokens per "
+                        "update, found from the batches; BM25 groups pad more than length-sorted batches)")
     p.add_argument("--ce-warmup-frac", type=float, default=0.3, help="TRIME-MT: share of updates with plain CE first")
     add_recipe_args(p)
+    p.add_argument("--memory-lambdas", default="0,0.2,0.4,0.6",
+                   help="TRIME-MT: Appendix F's lambda values (Eq. 8) tuned with tau (0: Eq. 6 alone)")
+    p.add_argument("--memory-taus", default="1,3,10,30",
+                   help="TRIME-MT: Appendix F's tau' values (Eq. 7: neighbours' raw similarity / tau')")
+    p.add_argument("--trime-name", default="trime",
+                   help="name of TRIME-MT's checkpoint, datastores, tuning and results files in --run-dir (another "
+                        "name compares a second TRIME-MT recipe against the same base-model artefacts)")
     p.add_argument("--knn-k", type=int, default=16, help="neighbours retrieved per decoding step")
     p.add_argument("--beam", type=int, default=5, help="beam size")
     p.add_argument("--gen-batch-size", type=int, default=64, help="sentences per generation batch")
@@ -158,11 +237,14 @@ def main(argv=None) -> dict:
         "trime": [*common_train_flags(a, a.max_update, a.max_update), *trime_flags(a, a.max_update),
                   "--bm25-cache-dir", run],
     }
+    trime_max_tokens = a.trime_max_tokens or matched_max_tokens(data, a, run)
+    specs["trime"] += ["--max-tokens", trime_max_tokens]  # the later flag wins
+    files = {"base": "base", "trime": a.trime_name}  # names of each model's files in the run dir
     ckpt, trained, curves = {}, {}, {}
     for name, args in specs.items():
-        trained[name] = ex.train(data, run / "ckpt" / name, args, logs / f"train_{name}.log")
-        ckpt[name] = run / "ckpt" / name / "checkpoint_last.pt"
-        curves[name] = valid_curve(logs / f"train_{name}.log")
+        trained[name] = ex.train(data, run / "ckpt" / files[name], args, logs / f"train_{files[name]}.log")
+        ckpt[name] = run / "ckpt" / files[name] / "checkpoint_last.pt"
+        curves[name] = valid_curve(logs / f"train_{files[name]}.log")
 
     run_flags = ["--task", "trime_translation", "--cpu", "--max-tokens", 8192, "--num-workers", "0"]
     domains = {"general": ("train", "valid", "test")}
@@ -170,7 +252,7 @@ def main(argv=None) -> dict:
         domains["in-domain"] = ("indomain_train", "indomain_valid", "indomain_test")
     rows, tuned, index_info = [], {}, {}
     for domain, (tr, va, te) in domains.items():
-        stores = {"base": ("l2", run / "ds" / f"base_{tr}"), "trime": ("ip", run / "ds" / f"trime_{tr}")}
+        stores = {"base": ("l2", run / "ds" / f"base_{tr}"), "trime": ("ip", run / "ds" / f"{a.trime_name}_{tr}")}
         for name, (metric, out) in stores.items():
             if not (out / "index.json").exists():
                 ex.run_logged("trime_fairseq.cli.build_datastore",
@@ -187,8 +269,9 @@ def main(argv=None) -> dict:
         taus = ",".join(f"{a.trime_temperature * f:g}" for f in (0.25, 0.5, 1, 2, 4))
         trime = ex.run_tool("trime_fairseq.cli.tune_mt",
                             [data, "--path", ckpt["trime"], "--combiner", "trime", "--grid", f"tau={taus}",
-                             "--out", run / f"tune_trime_{domain}.json", *ds["trime"], *valid],
-                            run / f"tune_trime_{domain}.json", logs / f"tune_trime_{domain}.log")
+                             f"memory_lambda={a.memory_lambdas}", f"memory_tau={a.memory_taus}",
+                             "--out", run / f"tune_{a.trime_name}_{domain}.json", *ds["trime"], *valid],
+                            run / f"tune_{a.trime_name}_{domain}.json", logs / f"tune_{a.trime_name}_{domain}.log")
         metak = run / f"metak_{domain}.pt"
         if not metak.exists():
             ex.run_logged("trime_fairseq.cli.train_metak",
@@ -202,12 +285,16 @@ def main(argv=None) -> dict:
                                 kp["temperature"], *ds["base"]]),
             ("adaptive kNN-MT", "base", ["--eval-combiner", "adaptive", "--metak-path", metak, *ds["base"]]),
             *([("TRIME-MT (no memory)", "trime", [])] if domain == "general" else []),
-            ("TRIME-MT", "trime", ["--eval-combiner", "trime", "--eval-temperature", tp["tau"], *ds["trime"]]),
+            ("TRIME-MT", "trime", ["--eval-combiner", "trime", "--eval-temperature", tp["tau"], *ds["trime"],
+                                   *(["--memory-lambda", tp["memory_lambda"], "--memory-temperature", tp["memory_tau"]]
+                                     if tp.get("memory_lambda", 0) > 0 else [])]),
         ]
         refs = (corpus / "raw" / f"{te}.en").read_text().splitlines()
         for system, model, flags in systems:
             tag = "".join(c if c.isalnum() else "_" for c in f"{domain}_{system}".lower())
-            gen = ex.generate(data, ckpt[model], [*flags, "--gen-subset", te, "--beam", a.beam, "--batch-size",
+            if model == "trime" and a.trime_name != "trime":
+                tag += f"_{a.trime_name}"
+            gen = ex.cached_generate(data, ckpt[model], [*flags, "--gen-subset", te, "--beam", a.beam, "--batch-size",
                                                   a.gen_batch_size, "--max-len-a", 1.2, "--max-len-b", 10,
                                                   "--post-process", "sentencepiece", "--cpu",
                                                   "--num-workers", "0"], logs / f"generate_{tag}.log")
@@ -217,6 +304,7 @@ def main(argv=None) -> dict:
                          "signature": score["signature"]})
             logger.info("%s / %s: BLEU %.2f (%.1f sentences/s)", domain, system, score["bleu"], gen["sentences_per_s"])
 
+    wpb = {name: train_tokens_per_update(logs / f"train_{files[name]}.log") for name in specs}
     base_speed = {r["domain"]: r["sentences_per_s"] for r in rows if r["system"] == "base"}
     for r in rows:
         r["speed_vs_base"] = r["sentences_per_s"] / base_speed[r["domain"]]
@@ -224,9 +312,11 @@ def main(argv=None) -> dict:
                               ["test set", "system", "BLEU", "sentences/s", "÷ base"])
     sizes = ", ".join(f"{k} {v['pairs']:,} pairs" for k, v in manifest.get("splits", {}).items())
     header = (f"# Translation with memory (cf. TRIME Table 5)\n\nde→en (`trime-prepare-mt --sources {a.sources}`; "
-              f"{sizes}). Models: `{a.arch}`, {a.max_update} updates of {a.max_tokens} tokens each; TRIME-MT: "
+              f"{sizes}). Models: `{a.arch}`, {a.max_update} updates each, of at most {a.max_tokens} tokens "
+              f"(TRIME-MT: {trime_max_tokens}, so that both see the same target tokens per update: "
+              f"{wpb['base']:,.0f} and {wpb['trime']:,.0f}); TRIME-MT: "
               f"train temperature {a.trime_temperature}, top-{a.memory_top_k} memory, label smoothing "
-              f"{a.trime_label_smoothing}, BM25 groups {a.bm25_grouping}. Beam "
+              f"{a.trime_label_smoothing}, model-alone CE weight {a.model_alone_weight}, BM25 groups {a.bm25_grouping}. Beam "
               f"{a.beam} (outputs of at most 1.2 x source + 10 tokens), batch {a.gen_batch_size}, K={a.knn_k}. sacrebleu: `{rows[0]['signature']}`.\n\n"
               "Memory parameters chosen by validation NLL (`trime-tune-mt`): "
               + "; ".join(f"{d}: kNN-MT {v['knn']['params']}, TRIME-MT {v['trime']['params']}" for d, v in tuned.items())
@@ -234,9 +324,17 @@ def main(argv=None) -> dict:
     curve = ex.markdown_table(curves["base"], ["updates", "valid_bleu", "valid_nll"],
                               ["updates", "valid BLEU (greedy)", "valid NLL (nats/token)"])
     header_curve = "\n\nBase model against updates (validation set):\n\n" + curve
-    result = {"args": vars(a), "rows": rows, "tuned": tuned, "index": index_info, "train": trained,
-              "valid_curves": curves}
-    for out in ex.publish(result, header + table + header_curve, run / "results.json", a.results, logger):
+    result = {"args": vars(a), "trime_max_tokens": trime_max_tokens, "target_tokens_per_update": wpb, "rows": rows,
+              "tuned": tuned, "index": index_info, "train": trained, "valid_curves": curves}
+    run_json = run / ("results.json" if a.trime_name == "trime" else f"results_{a.trime_name}.json")
+    result["recipes"] = recipe_rows(run, run_json, result)
+    recipes = ex.markdown_table(result["recipes"], ["trime_name", "recipe", "valid_nll", "general_nomem",
+                                                    "general", "in-domain"],
+                                ["--trime-name", "TRIME-MT recipe", "valid NLL, model alone", "general, model alone",
+                                 "general", "in-domain"])
+    header_recipes = ("\n\nTRIME-MT recipes trained in this run directory (test BLEU; the same base model, "
+                      "datastore sizes and tuning; this page's is the first):\n\n" + recipes)
+    for out in ex.publish(result, header + table + header_curve + header_recipes, run_json, a.results, logger):
         ex.bar_plot([dict(r, system=f"{r['system']} ({r['domain']})") for r in rows], out.with_suffix(".png"),
                     "Translation with memory", keys=("bleu",), ylabel="BLEU (higher is better)")
     return result

@@ -156,6 +156,97 @@ def test_tune_is_reused_only_for_the_same_arguments(tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
+def test_tool_output_is_reused_only_for_the_same_arguments_and_files(tmp_path, monkeypatch):
+    import os
+
+    from examples import harness as ex
+
+    calls = []
+
+    def fake_run(module, argv, log):
+        calls.append(argv)
+        (tmp_path / "out.json").write_text(json.dumps({"call": len(calls)}))
+
+    monkeypatch.setattr(ex, "run_logged", fake_run)
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_text("weights")
+    out = tmp_path / "out.json"
+    assert ex.run_tool("m", [ckpt, "--grid", "tau=1"], out, tmp_path / "log") == {"call": 1}
+    assert ex.run_tool("m", [ckpt, "--grid", "tau=1"], out, tmp_path / "log") == {"call": 1}  # reused
+    assert ex.run_tool("m", [ckpt, "--grid", "tau=1,2"], out, tmp_path / "log") == {"call": 2}  # other grid
+    os.utime(ckpt, (1, 1))  # another checkpoint
+    assert ex.run_tool("m", [ckpt, "--grid", "tau=1,2"], out, tmp_path / "log") == {"call": 3}
+
+
+def test_generate_is_reused_only_for_the_same_arguments_and_checkpoint(tmp_path, monkeypatch):
+    import os
+
+    from examples import harness as ex
+
+    calls = []
+
+    def fake_generate(data, ckpt, args, log):
+        calls.append(args)
+        return {"hyps": [f"hyp {len(calls)}"], "sentences": 1, "seconds": 1.0, "sentences_per_s": 1.0}
+
+    monkeypatch.setattr(ex, "generate", fake_generate)
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_text("weights")
+    log = tmp_path / "logs" / "generate_x.log"
+    first = ex.cached_generate(tmp_path, ckpt, ["--beam", 5], log)
+    again = ex.cached_generate(tmp_path, ckpt, ["--beam", 5], log)
+    assert len(calls) == 1 and again["hyps"] == first["hyps"] == ["hyp 1"]
+    assert ex.cached_generate(tmp_path, ckpt, ["--beam", 4], log)["hyps"] == ["hyp 2"]  # other flags: rerun
+    os.utime(ckpt, (1, 1))  # another checkpoint: rerun
+    assert ex.cached_generate(tmp_path, ckpt, ["--beam", 4], log)["hyps"] == ["hyp 3"]
+
+
+@pytest.mark.slow
+def test_trime_mt_max_tokens_matches_the_base_models_batches(tmp_path):
+    """examples/translation.py gives TRIME-MT the --max-tokens at which its BM25 batches are
+    no more than the base model's length-sorted batches, and 128 tokens less would give more."""
+    import argparse
+    import sys
+
+    from helpers import write_tiny_parallel
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from translation import batches_per_epoch, matched_max_tokens
+
+    data = write_tiny_parallel(tmp_path / "corpus", n_train=400)
+    a = argparse.Namespace(arch="transformer_mt_trime_tiny", max_tokens=256, bm25_grouping="length", seed=1)
+    found = matched_max_tokens(data, a, tmp_path)
+    bm25 = ["--bm25-batching", "--bm25-grouping", "length", "--bm25-cache-dir", tmp_path]
+    base = batches_per_epoch(data, a.arch, 256, 1)
+    assert batches_per_epoch(data, a.arch, found, 1, bm25) <= base < batches_per_epoch(data, a.arch, found - 128, 1, bm25)
+    assert json.loads((tmp_path / "matched_max_tokens.json").read_text())["trime_max_tokens"] == found
+    assert matched_max_tokens(data, a, tmp_path) == found  # cached
+
+
+def test_translation_page_lists_every_trime_mt_recipe_of_the_run_dir(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from translation import recipe_rows
+
+    def result(name, weight, bleu):
+        return {"args": {"trime_name": name, "model_alone_weight": weight, "trime_temperature": 10.0},
+                "valid_curves": {"trime": [{"updates": 10, "valid_nll": 5.0 - weight}]},
+                "rows": [{"key": "base", "domain": "general", "bleu": 1.0},
+                         {"key": "trime_mt_nomem", "domain": "general", "bleu": bleu - 1},
+                         {"key": "trime_mt", "domain": "general", "bleu": bleu},
+                         {"key": "trime_mt", "domain": "in-domain", "bleu": bleu + 1}]}
+
+    (tmp_path / "results.json").write_text(json.dumps(result("trime", 0.0, 10.0)))
+    (tmp_path / "results_other.json").write_text(json.dumps(result("other", 1.0, 20.0)))
+    rows = recipe_rows(tmp_path, tmp_path / "results_new.json", result("new", 0.5, 30.0))
+    assert [r["trime_name"] for r in rows] == ["new", "trime", "other"]  # the current one first
+    assert rows[0] == {"trime_name": "new", "valid_nll": 4.5, "recipe": "trime-temperature 10.0, model-alone-weight 0.5",
+                       "general_nomem": 29.0, "general": 30.0, "in-domain": 31.0}
+    rows = recipe_rows(tmp_path, tmp_path / "results.json", result("trime", 0.0, 10.0))
+    assert [r["trime_name"] for r in rows] == ["trime", "other"]  # its own old file is not listed twice
+
+
 def test_valid_curve_reads_bleu_and_nll_of_each_validation(tmp_path):
     """examples/translation.py's BLEU-against-updates parser: fairseq-train JSON lines of
     label-smoothed CE (nll_loss) and trime_loss (ce_loss = model alone, nll_loss = Eq. 5)."""

@@ -195,7 +195,9 @@ def test_bad_flags_are_clear_errors(tiny_mt, flags, message):
 
 
 @pytest.mark.parametrize("combiner, store, params", [("knn", "l2", {"lambda": 0.3, "temperature": 5.0}),
-                                                     ("trime", "ip", {"tau": 2.0})])
+                                                     ("trime", "ip", {"tau": 2.0}),
+                                                     ("trime", "ip", {"tau": 2.0, "memory_lambda": 0.4,
+                                                                      "memory_tau": 3.0})])
 def test_tune_mt_on_cached_neighbours_equals_decoder_distribution(tiny_mt, combiner, store, params):
     """trime-tune-mt scores grid points on one cached retrieval; the numbers must equal the
     reference NLL under the distribution fairseq-generate decodes with."""
@@ -204,6 +206,8 @@ def test_tune_mt_on_cached_neighbours_equals_decoder_distribution(tiny_mt, combi
     data, ckpt, stores = tiny_mt
     flags = ["--knn-lambda", str(params["lambda"]), "--knn-temperature", str(params["temperature"])] \
         if combiner == "knn" else ["--eval-temperature", str(params["tau"])]
+    if "memory_lambda" in params:  # Appendix F: Eq. 8 with the published P' over the neighbours
+        flags += ["--memory-lambda", str(params["memory_lambda"]), "--memory-temperature", str(params["memory_tau"])]
     _, wrapped, task = load(data, ckpt, "--mt-combiner", combiner, "--datastore", str(stores[store]),
                             "--knn-k", "8", *flags)
     wrapped.eval()
@@ -219,6 +223,29 @@ def test_tune_mt_on_cached_neighbours_equals_decoder_distribution(tiny_mt, combi
             total -= float(lp.gather(-1, sample["target"].unsqueeze(-1)).squeeze(-1)[keep].sum())
             count += int(keep.sum())
     assert tuned == pytest.approx(total / count, rel=1e-4)
+
+
+def test_tune_mt_appendix_f_grid():
+    """TRIME-MT's optional Appendix F axes: tau' is read only where lambda > 0, so lambda = 0
+    is one grid point whatever tau' is; lambda must be in [0, 1)."""
+    from trime_fairseq.cli.tune_mt import parse_grid, score_grid
+    from trime_fairseq.errors import TrimeUserError
+
+    grid = parse_grid("trime", ["tau=1,2", "memory_lambda=0,0.5", "memory_tau=1,10"])
+    n, k = 6, 4
+    torch.manual_seed(0)
+    cached = {"tok_target": -torch.rand(n) * 3, "tok_lse": torch.zeros(n), "dim": torch.tensor(8),
+              "scores": torch.randn(n, k), "values": torch.randint(0, 5, (n, k)), "target": torch.randint(0, 5, (n,))}
+    rows = score_grid(cached, "trime", grid)
+    points = [r["params"] for r in rows[1:]]
+    assert len(points) == 2 * (1 + 2)  # per tau: lambda 0 once, lambda 0.5 with each tau'
+    assert all(p["memory_tau"] == 1 for p in points if p["memory_lambda"] == 0)
+    nll = {(p["tau"], p["memory_lambda"], p["memory_tau"]): r["nll"] for p, r in zip(points, rows[1:])}
+    assert nll[(1, 0.5, 1)] != pytest.approx(nll[(1, 0.5, 10)]) and nll[(1, 0.5, 1)] != pytest.approx(nll[(1, 0, 1)])
+    with pytest.raises(TrimeUserError, match="memory_lambda"):
+        parse_grid("trime", ["tau=1", "memory_lambda=1"])
+    with pytest.raises(TrimeUserError, match="takes tau, memory_lambda, memory_tau"):
+        parse_grid("trime", ["tau=1", "lambda=0.5"])
 
 
 def test_split_in_order_keeps_chain_order_and_fits():

@@ -32,9 +32,17 @@ class Figure:
 
 def _train_notes(variant: str) -> Callable[[dict], str]:
     """Absolute tokens/s and peak RSS behind a training ratio."""
-    return lambda r: (f"{r['tokens_per_s'][variant]:,.0f} vs {r['tokens_per_s']['cross_entropy']:,.0f} tokens/s; "
-                      f"peak RSS {r['peak_rss_mb_per_variant'][variant]:,.0f} vs "
-                      f"{r['peak_rss_mb_per_variant']['cross_entropy']:,.0f} MB")
+    def notes(r: dict) -> str:
+        text = (f"{r['tokens_per_s'][variant]:,.0f} vs {r['tokens_per_s']['cross_entropy']:,.0f} tokens/s; "
+                f"peak RSS {r['peak_rss_mb_per_variant'][variant]:,.0f} vs "
+                f"{r['peak_rss_mb_per_variant']['cross_entropy']:,.0f} MB")
+        bound = r.get("ext_matmul_bound") if variant == "trime_loss_ext" else None
+        if bound:  # what the similarity products of Eq. 5 alone allow
+            text += (f"; at most {bound['bound_ratio_vs_cross_entropy']:.2f} if only Eq. 5's similarity products "
+                     f"cost time ({bound['products_s']:.2f} s vs {bound['ce_step_s']:.2f} s per CE step)")
+        return text
+
+    return notes
 
 
 def _eval_value(r: dict) -> float:

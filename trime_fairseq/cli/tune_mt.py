@@ -1,4 +1,4 @@
-"""``trime-tune-mt``: choose kNN-MT's λ and T, or TRIME-MT's τ, on a validation set.
+"""``trime-tune-mt``: choose kNN-MT's λ and T, or TRIME-MT's τ (and Appendix F's λ, τ'), on a validation set.
 
 One teacher-forced pass of the MT model over ``--gen-subset`` and one FAISS search per
 batch (``--knn-k`` neighbours of every target token); every grid point is then scored on
@@ -9,7 +9,11 @@ with all grid points and the best one::
     trime-tune-mt DATA_BIN --task trime_translation --path base.pt --datastore ds_l2 \\
         --knn-k 16 --combiner knn --grid lambda=0.2,0.4,0.6 temperature=1,10,100
     trime-tune-mt DATA_BIN --task trime_translation --path trime.pt --datastore ds_ip \\
-        --knn-k 16 --combiner trime --grid tau=0.5,1,2
+        --knn-k 16 --combiner trime --grid tau=0.5,1,2 [memory_lambda=0,0.3 memory_tau=1,10]
+
+TRIME-MT's optional axes are Appendix F's: ``memory_lambda`` (λ of Eq. 8, default 0) and
+``memory_tau`` (τ' of Eq. 7 over the retrieved neighbours' raw similarities, the published
+P'; only read where λ > 0).
 
 Any other flag goes to fairseq's parser (``--max-tokens``, ``--source-lang``...).
 """
@@ -30,7 +34,10 @@ from trime_fairseq.errors import TrimeUserError, cli_entry
 
 logger = logging.getLogger("trime_fairseq.tune_mt")
 
+#: per combiner: the grid axes it needs, and the optional ones with their defaults
 GRID_AXES = {"knn": ("lambda", "temperature"), "trime": ("tau",)}
+OPTIONAL_AXES = {"knn": {}, "trime": {"memory_lambda": 0.0, "memory_tau": 1.0}}
+LAMBDAS = ("lambda", "memory_lambda")
 
 
 def load_mt(argv: Sequence[str], prog: str):
@@ -71,8 +78,10 @@ def grid_combiner(combiner: str, params: Dict[str, float]) -> Combiner:
     ``fairseq-generate --eval-combiner`` (:func:`~trime_fairseq.tasks.memory_flags.build_combiner`)."""
     from trime_fairseq.tasks.memory_flags import build_combiner
 
+    lam = params.get("memory_lambda", 0.0)
     cfg = SimpleNamespace(eval_combiner=combiner, knn_lambda=params.get("lambda"),
-                          knn_temperature=params.get("temperature", 1.0), eval_temperature=params.get("tau", 1.0))
+                          knn_temperature=params.get("temperature", 1.0), eval_temperature=params.get("tau", 1.0),
+                          memory_lambda=lam, memory_temperature=params.get("memory_tau") if lam > 0 else None)
     return build_combiner(cfg, flag="--combiner")
 
 
@@ -86,9 +95,12 @@ def target_log_prob(c: Dict[str, torch.Tensor], combiner: Combiner) -> torch.Ten
 def score_grid(c: Dict[str, torch.Tensor], combiner: str, grid: Dict[str, List[float]]) -> List[dict]:
     """NLL per token (nats) of every grid point, and of the MT model alone first."""
     rows = [{"params": {}, "nll": float(-(c["tok_target"] - c["tok_lse"]).mean())}]
-    names = list(GRID_AXES[combiner])
+    names = list(grid)
     for combo in itertools.product(*(grid[k] for k in names)):
         p = dict(zip(names, combo))
+        if p.get("memory_lambda") == 0 and p.get("memory_tau", grid.get("memory_tau", [None])[0]) != \
+                grid.get("memory_tau", [None])[0]:
+            continue  # tau' is not read without Appendix F: one point for all of its values
         rows.append({"params": p, "nll": float(-target_log_prob(c, grid_combiner(combiner, p)).mean())})
     return rows
 
@@ -97,14 +109,15 @@ def parse_grid(combiner: str, items: Sequence[str]) -> Dict[str, List[float]]:
     grid: Dict[str, List[float]] = {}
     for item in items:
         name, _, values = item.partition("=")
-        if name not in GRID_AXES[combiner] or not values:
-            raise TrimeUserError(f"--grid for {combiner} takes {', '.join(GRID_AXES[combiner])}=v1,v2,...; got {item!r}")
+        axes = (*GRID_AXES[combiner], *OPTIONAL_AXES[combiner])
+        if name not in axes or not values:
+            raise TrimeUserError(f"--grid for {combiner} takes {', '.join(axes)}=v1,v2,...; got {item!r}")
         try:
             grid[name] = [float(v) for v in values.split(",") if v]
         except ValueError:
             raise TrimeUserError(f"--grid {name}: values must be numbers, got {values!r}") from None
-        if name == "lambda" and any(not 0.0 <= v < 1.0 for v in grid[name]):
-            raise TrimeUserError(f"--grid lambda: values must be in [0, 1) (at 1 the MT model gets no "
+        if name in LAMBDAS and any(not 0.0 <= v < 1.0 for v in grid[name]):
+            raise TrimeUserError(f"--grid {name}: values must be in [0, 1) (at 1 the MT model gets no "
                                  f"weight and unseen tokens log-prob -inf), got {values}")
     missing = [k for k in GRID_AXES[combiner] if k not in grid]
     if missing:
@@ -118,7 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(prog="trime-tune-mt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--combiner", choices=sorted(GRID_AXES), required=True,
-                   help="knn (grid over lambda, temperature) or trime (grid over tau)")
+                   help="knn (grid over lambda, temperature) or trime (grid over tau, optionally "
+                        "memory_lambda and memory_tau of Appendix F)")
     p.add_argument("--grid", nargs="+", required=True, help="name=v1,v2,... per parameter")
     p.add_argument("--out", default=None, help="write the JSON result here too")
     ours, rest = p.parse_known_args(argv)

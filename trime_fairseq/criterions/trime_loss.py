@@ -81,11 +81,12 @@ class TrimeLossConfig(FairseqDataclass):
         },
     )
     checkpoint_similarity_above: int = field(
-        default=1 << 26,
+        default=0,
         metadata={
             "help": "if the in-batch similarity matrix has more entries than this, the backward "
             "pass recomputes it chunk by chunk instead of keeping it (memory: one chunk); at or "
-            "below, it is kept (one float and one bool per entry)"
+            "below, it is kept (one float and one bool per entry). Default 0: always recompute "
+            "(on CPU as fast as keeping, within noise, at the memory of CE)"
         },
     )
     drop_local_prob: float = field(

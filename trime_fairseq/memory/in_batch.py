@@ -99,7 +99,7 @@ def in_batch_log_prob(
     padding_idx: int,
     temperature: float = 1.0,
     chunk_size: int = 512,
-    checkpoint_above: int = 1 << 26,
+    checkpoint_above: int = 0,
     top_k: int = 0,
     with_log_partition: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:

@@ -195,7 +195,7 @@ def chunked_joint_target_log_prob(
     mask_fn: MaskFn,
     chunks: Sequence[Tuple[int, int, int]],
     temperature: float = 1.0,
-    recompute_above: int = 1 << 26,
+    recompute_above: int = 0,
     top_k: int = 0,
 ) -> Tuple[Tensor, Tensor]:
     """``log P(target)`` of Eq. 5 and its log-partition for ``[G, T]`` queries against ``[G, K]``

@@ -19,7 +19,7 @@ from trime_fairseq.data.bm25 import GROW_MODES
 from trime_fairseq.errors import TrimeUserError
 from trime_fairseq.memory.combiners import (
     AdaptiveKnnCombiner, CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner)
-from trime_fairseq.memory.joint import DEFAULT_PPRIME
+from trime_fairseq.memory.joint import DEFAULT_PPRIME, PPRIME_KINDS
 from trime_fairseq.memory.retriever import SKIP_FEATURES, RetrievalSkip
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 BM25_GROW = ChoiceEnum(list(GROW_MODES))
 ON_OFF = ChoiceEnum(["on", "off"])
 SKIP_FEATURE_CHOICES = ChoiceEnum(list(SKIP_FEATURES))
+PPRIME_CHOICES = ChoiceEnum(list(PPRIME_KINDS))
 # defaults of the LM ablation (docs/results/external_memory_ablation.md)
 DEFAULT_BM25_GROW = "heap"
 DEFAULT_BM25_EXCLUDE_SAME_DOC = "off"
@@ -153,6 +154,21 @@ class RetrievalConfig(FairseqDataclass):
                           "are closer to the query than the in-batch keys of training, so they often "
                           "want a larger temperature than local memory); unset = --eval-temperature, "
                           "as in the paper. trime-tune: --grid ext_tau=..."},
+    )
+    memory_lambda: float = field(
+        default=0.0,
+        metadata={"help": "TRIME Appendix F: interpolate Eq. 6 with the memory-only "
+                          "distribution of Eq. 7 with this weight (Eq. 8); 0 = off"},
+    )
+    memory_temperature: Optional[float] = field(
+        default=None, metadata={"help": "TRIME Appendix F: temperature tau' of Eq. 7"}
+    )
+    memory_distribution: PPRIME_CHOICES = field(
+        default=DEFAULT_PPRIME,
+        metadata={"help": "TRIME Appendix F: the entries of P' (Eq. 7). ext-raw (published) = the "
+                          "retrieved external neighbours only, softmax of raw similarity / tau' "
+                          "(no sqrt(d)); all-scaled = every memory entry (local, long, external), "
+                          "sim / (sqrt(d) tau')"},
     )
     retrieval_skip_feature: Optional[SKIP_FEATURE_CHOICES] = field(
         default=None,

@@ -27,7 +27,7 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 from trime_fairseq.memory.in_batch import mark_placeholder
 from trime_fairseq.data.stream import DocumentSegments, StreamBlocks, TokenStream, shard_rows
 from trime_fairseq.memory.combiners import NoMemory
-from trime_fairseq.memory.joint import DEFAULT_PPRIME, PPRIME_KINDS
+from trime_fairseq.memory.joint import DEFAULT_PPRIME
 from trime_fairseq.models.memory_eval import MemoryEvalModel
 from trime_fairseq.models.output_layer import (
     ADAPTIVE_TOKEN_MASS_HELP, ADAPTIVE_TOKEN_MASSES, DEFAULT_ADAPTIVE_TOKEN_MASS, check_adaptive_token_mass)
@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 EVAL_COMBINERS = ChoiceEnum(["none", "trime", "cache", "knn"])
 EVAL_MEMORIES = ChoiceEnum(list(EVAL_MEMORY_CHOICES))
 CACHE_REPRESENTATIONS = ChoiceEnum(["f", "g"])
-PPRIME_CHOICES = ChoiceEnum(list(PPRIME_KINDS))
 ADAPTIVE_TOKEN_MASS = ChoiceEnum(list(ADAPTIVE_TOKEN_MASSES))
 
 
@@ -72,21 +71,6 @@ class TrimeLMConfig(LanguageModelingConfig, RetrievalConfig, BM25BatchingConfig)
         metadata={"help": "Memorizing Transformer training: row r of every batch continues row r "
                           "of the previous batch (segments of documents in order), so a model "
                           "memory persists across steps; batch size = --batch-size"},
-    )
-    memory_lambda: float = field(
-        default=0.0,
-        metadata={"help": "TRIME Appendix F: interpolate Eq. 6 with the memory-only "
-                          "distribution of Eq. 7 with this weight (Eq. 8); 0 = off"},
-    )
-    memory_temperature: Optional[float] = field(
-        default=None, metadata={"help": "TRIME Appendix F: temperature tau' of Eq. 7"}
-    )
-    memory_distribution: PPRIME_CHOICES = field(
-        default=DEFAULT_PPRIME,
-        metadata={"help": "TRIME Appendix F: the entries of P' (Eq. 7). ext-raw (published) = the "
-                          "retrieved external neighbours only, softmax of raw similarity / tau' "
-                          "(no sqrt(d)); all-scaled = every memory entry (local, long, external), "
-                          "sim / (sqrt(d) tau')"},
     )
     long_memory_size: int = field(
         default=0,
