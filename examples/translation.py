@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
                 ex.run_logged("trime_fairseq.cli.build_datastore",
                               [data, "--path", ckpt[name], "--gen-subset", tr, "--out", out, "--metric", metric,
                                "--recall-k", a.knn_k, "--recall-subset", va, "--overwrite", *run_flags],
-                              logs / f"datastore_{name}_{tr}.log")
+                              logs / f"datastore_{files[name]}_{tr}.log")
             index_info[f"{name}/{tr}"] = json.loads((out / "index.json").read_text())
         ds = {n: ["--datastore", out, "--knn-k", a.knn_k] for n, (_, out) in stores.items()}
         valid = [*run_flags, "--gen-subset", va]
