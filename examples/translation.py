@@ -95,8 +95,9 @@ def matched_max_tokens(data: Path, a: argparse.Namespace, run: Path) -> int:
     batches), by bisection in steps of 128 tokens; cached in ``run``."""
     cache = run / "matched_max_tokens.json"
     key = {"max_tokens": a.max_tokens, "bm25_grouping": a.bm25_grouping, "seed": a.seed}
-    if cache.exists() and json.loads(cache.read_text()).get("key") == key:
-        return int(json.loads(cache.read_text())["trime_max_tokens"])
+    saved = json.loads(cache.read_text()) if cache.exists() else {}
+    if saved.get("key") == key:
+        return int(saved["trime_max_tokens"])
     bm25 = ["--bm25-batching", "--bm25-grouping", a.bm25_grouping, "--bm25-cache-dir", run]
     target = batches_per_epoch(data, a.arch, a.max_tokens, a.seed)
     lo, hi = a.max_tokens, 4 * a.max_tokens  # batches(lo) > target >= batches(hi), in practice

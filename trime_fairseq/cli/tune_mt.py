@@ -78,10 +78,11 @@ def grid_combiner(combiner: str, params: Dict[str, float]) -> Combiner:
     ``fairseq-generate --eval-combiner`` (:func:`~trime_fairseq.tasks.memory_flags.build_combiner`)."""
     from trime_fairseq.tasks.memory_flags import build_combiner
 
-    lam = params.get("memory_lambda", 0.0)
-    cfg = SimpleNamespace(eval_combiner=combiner, knn_lambda=params.get("lambda"),
-                          knn_temperature=params.get("temperature", 1.0), eval_temperature=params.get("tau", 1.0),
-                          memory_lambda=lam, memory_temperature=params.get("memory_tau") if lam > 0 else None)
+    p = {**OPTIONAL_AXES[combiner], **params}
+    lam = p.get("memory_lambda", 0.0)
+    cfg = SimpleNamespace(eval_combiner=combiner, knn_lambda=p.get("lambda"),
+                          knn_temperature=p.get("temperature", 1.0), eval_temperature=p.get("tau", 1.0),
+                          memory_lambda=lam, memory_temperature=p.get("memory_tau") if lam > 0 else None)
     return build_combiner(cfg, flag="--combiner")
 
 
@@ -98,8 +99,7 @@ def score_grid(c: Dict[str, torch.Tensor], combiner: str, grid: Dict[str, List[f
     names = list(grid)
     for combo in itertools.product(*(grid[k] for k in names)):
         p = dict(zip(names, combo))
-        if p.get("memory_lambda") == 0 and p.get("memory_tau", grid.get("memory_tau", [None])[0]) != \
-                grid.get("memory_tau", [None])[0]:
+        if p.get("memory_lambda") == 0 and "memory_tau" in p and p["memory_tau"] != grid["memory_tau"][0]:
             continue  # tau' is not read without Appendix F: one point for all of its values
         rows.append({"params": p, "nll": float(-target_log_prob(c, grid_combiner(combiner, p)).mean())})
     return rows
