@@ -42,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help=f"comma-separated benchmarks to rerun ({','.join(BENCHMARKS)}); the others' last "
                         "results in the work directory are reported, marked as reused")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where evaluation, external-memory and generation benchmarks run (cuda: the first GPU)")
+                   help="where the benchmarks train, evaluate, search and generate (cuda: the first GPU; preparation stays on the CPU)")
     a = p.parse_args(argv)
     if a.device == "cuda":
         import torch

@@ -39,13 +39,15 @@ VARIANTS: Dict[str, List[str]] = {
 }
 
 
-def build(data: str, arch: str, extra: List[str], variant: List[str]):
-    from fairseq import options, tasks
+def build(data: str, arch: str, extra: List[str], variant: List[str], device: str = "cpu"):
+    """Task, model and criterion as ``fairseq-train`` builds them, and the epoch's batches
+    (model and batches on ``device``)."""
+    from fairseq import options, tasks, utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     from trime_fairseq.cli.tune import with_plugin
 
-    argv = with_plugin([data, "--arch", arch, "--cpu",
+    argv = with_plugin([data, "--arch", arch, *(["--cpu"] if device == "cpu" else []),
             "--optimizer", "adam", "--lr", "1e-3", *extra, *variant])
     args = options.parse_args_and_arch(options.get_training_parser(), input_args=argv)
     cfg = convert_namespace_to_omegaconf(args)
@@ -58,12 +60,23 @@ def build(data: str, arch: str, extra: List[str], variant: List[str]):
         max_sentences=cfg.dataset.batch_size, seed=1,
         max_positions=model.max_positions(),
     ).next_epoch_itr(shuffle=False)
-    return task, model, criterion, list(itr)
+    batches = list(itr)
+    if device == "cuda":
+        model, criterion = model.cuda(), criterion.cuda()
+        batches = [utils.move_to_cuda(b) for b in batches]
+    return task, model, criterion, batches
+
+
+def sync() -> None:
+    """Wait for queued CUDA work, so wall-clock times cover it (no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def time_steps(task, model, criterion, batches, start: int, steps: int, optim) -> float:
     """Tokens/s over ``steps`` full training steps (forward, backward, Adam)."""
     tokens = 0
+    sync()
     t0 = time.perf_counter()
     for i in range(steps):
         sample = batches[(start + i) % len(batches)]
@@ -72,7 +85,22 @@ def time_steps(task, model, criterion, batches, start: int, steps: int, optim) -
         loss.backward()
         optim.step()
         tokens += sample["ntokens"]
+    sync()
     return tokens / (time.perf_counter() - t0)
+
+
+def op_counts(task, model, criterion, batches, start: int, optim, top: int = 12) -> dict:
+    """Operators one training step dispatches (``torch.profiler``): on a GPU each is a kernel
+    launch or bookkeeping on the host, so a step with many small operators is bound by the
+    host, not by arithmetic. Returns the total and the ``top`` most frequent names."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_steps(task, model, criterion, batches, start, 1, optim)
+    names = Counter(e.name for e in prof.events())
+    return {"total": sum(names.values()), "top": dict(names.most_common(top))}
 
 
 def ext_matmul_bound(sample: dict, ce_tokens_per_s: float, model, repeats: int = 3) -> dict:
@@ -84,14 +112,17 @@ def ext_matmul_bound(sample: dict, ce_tokens_per_s: float, model, repeats: int =
     ``t_CE / (t_CE + t_products)`` with ``t_CE`` a CE step of the same tokens."""
     tokens = int(sample["net_input"]["src_tokens"].numel())
     dim = int(model.decoder.embed_dim)
-    q, k = torch.randn(tokens, dim), torch.randn(tokens, dim)
+    device = next(model.parameters()).device
+    q, k = torch.randn(tokens, dim, device=device), torch.randn(tokens, dim, device=device)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         for q0 in range(0, tokens, 512):
             s = q[q0:q0 + 512] @ k.T  # forward scores
             s @ k  # backward: queries
             s.T @ q[q0:q0 + 512]  # backward: keys
+        sync()
         best = min(best, time.perf_counter() - t0)
     step_ce = tokens / ce_tokens_per_s
     return {"tokens": tokens, "dim": dim, "products_s": best, "ce_step_s": step_ce,
@@ -163,6 +194,9 @@ def main(argv=None) -> dict:
     p.add_argument("--ext-recompute", action="store_true",
                    help="with --ext: also time the in-batch similarities recomputed in backward (recompute) and "
                         "kept from forward (keep), whatever the criterion's default")
+    p.add_argument("--ext-chunk", type=int, default=0,
+                   help="with --ext: also time trime_loss_ext with this --similarity-chunk-size (query rows per "
+                        "chunk of the in-batch similarities; larger = fewer, larger operators)")
     p.add_argument("--memorizing", type=int, default=0,
                    help="also time the Memorizing Transformer with this memory size against itself without memory")
     p.add_argument("--memorizing-one-doc", action="store_true",
@@ -171,8 +205,12 @@ def main(argv=None) -> dict:
     p.add_argument("--memorizing-faiss", default="Flat,IVF64:Flat",
                    help="faiss factories (':' for ',') whose recall@k against exact search is reported ('': none)")
     p.add_argument("--memorizing-nprobe", type=int, default=8, help="nprobe of the IVF factories above")
+    p.add_argument("--op-counts", action="store_true",
+                   help="also count the operators one training step of each variant dispatches (torch.profiler)")
     p.add_argument("--out", default=None, help="write the result as JSON here (and .md beside)")
     p.add_argument("--only", default=None, help="comma-separated variants to time (cross_entropy always)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the model trains (cuda: the first GPU; peak memory is then CUDA's max_memory_allocated)")
     p.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one variant, report peak RSS
     ours, extra = p.parse_known_args(argv)
     extra = [*extra, "--tokens-per-sample", str(ours.tokens_per_sample)]
@@ -186,6 +224,9 @@ def main(argv=None) -> dict:
     if ours.ext and ours.ext_recompute:
         variants["trime_loss_ext_recompute"] = [*variants["trime_loss_ext"], "--checkpoint-similarity-above", "0"]
         variants["trime_loss_ext_keep"] = [*variants["trime_loss_ext"], "--checkpoint-similarity-above", str(1 << 40)]
+    if ours.ext and ours.ext_chunk:
+        variants[f"trime_loss_ext_chunk{ours.ext_chunk}"] = [*variants["trime_loss_ext"], "--similarity-chunk-size",
+                                                              str(ours.ext_chunk)]
     if ours.memorizing:
         arch = ours.arch.replace("transformer_lm_trime", "memorizing_transformer_lm")
         rows = ["--stream-batching", "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
@@ -198,17 +239,25 @@ def main(argv=None) -> dict:
     if ours.threads:
         torch.set_num_threads(ours.threads)
     if ours.peak_of:  # a fresh process: its peak RSS is this variant's alone
-        task, model, criterion, batches = build(ours.data, ours.arch, extra, variants[ours.peak_of])
+        task, model, criterion, batches = build(ours.data, ours.arch, extra, variants[ours.peak_of], ours.device)
         one_document(ours, ours.peak_of, batches)
         model.train()
+        if ours.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         time_steps(task, model, criterion, batches, 0, 2, torch.optim.Adam(model.parameters(), lr=1e-4))
-        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if ours.device == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(json.dumps({"peak_rss_mb": peak}))
         return {}
     peaks = {}
     for name in variants:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--peak-of", name],
-                             capture_output=True, text=True, check=True).stdout
-        peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--peak-of", name],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:  # the child's own error, not just its exit status
+            sys.stderr.write(proc.stderr[-6000:])
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise SystemExit(f"error: the {name} variant failed (peak-memory run): {last}")
+        peaks[name] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     runs = {}
     warm = {name: ours.warmup_steps for name in variants}
     for name in ("memorizing", "memorizing_no_memory"):  # same batches; timed with a full memory
@@ -216,7 +265,7 @@ def main(argv=None) -> dict:
             warm[name] = max(ours.warmup_steps, -(-ours.memorizing // ours.tokens_per_sample))
     for name, variant in variants.items():
         torch.manual_seed(1)
-        task, model, criterion, batches = build(ours.data, ours.arch, extra, variant)
+        task, model, criterion, batches = build(ours.data, ours.arch, extra, variant, ours.device)
         one_document(ours, name, batches)
         model.train()
         optim = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -240,16 +289,22 @@ def main(argv=None) -> dict:
                                           if "memorizing" in runs else None),
         "peak_rss_ratio_vs_cross_entropy": {k: v / peaks["cross_entropy"] for k, v in peaks.items()},
         "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if ours.device == "cuda" else "cpu",
+        "peak_memory_measure": "CUDA max_memory_allocated" if ours.device == "cuda" else "process peak RSS",
     }
     if "trime_loss_ext" in runs:
         result["ext_matmul_bound"] = ext_matmul_bound(runs["trime_loss_ext"]["batches"][0], result["tokens_per_s"]["cross_entropy"],
                                                       runs["trime_loss_ext"]["model"])
+    if ours.op_counts:
+        result["op_counts"] = {name: op_counts(r["task"], r["model"], r["criterion"], r["batches"],
+                                               warm[name] + ours.blocks * ours.steps, r["optim"])
+                               for name, r in runs.items()}
     if "memorizing" in runs and ours.memorizing_faiss:
         r = runs["memorizing"]
         result["memorizing_recall"] = memorizing_recall(
             r["model"], r["batches"][(warm["memorizing"] + ours.blocks * ours.steps) % len(r["batches"])],
             [f.replace(":", ",") for f in ours.memorizing_faiss.split(",")], ours.memorizing_nprobe)
-    lines = ["| criterion | tokens/s | ratio vs CE | peak RSS (MB) | ratio vs CE |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| criterion | tokens/s | ratio vs CE | peak memory (MB, {result['peak_memory_measure']}) | ratio vs CE |", "|---|---:|---:|---:|---:|"]
     for k in runs:
         lines.append(f"| {k} | {result['tokens_per_s'][k]:.0f} | {result['ratio_vs_cross_entropy'][k]:.3f} | "
                      f"{peaks[k]:.0f} | {peaks[k] / peaks['cross_entropy']:.3f} |")
@@ -262,6 +317,9 @@ def main(argv=None) -> dict:
                      f"products of Eq. 5 take {b['products_s']:.3f} s per step against {b['ce_step_s']:.3f} s for a CE "
                      f"step: tokens/s ÷ CE is at most {b['bound_ratio_vs_cross_entropy']:.3f} even if nothing else "
                      "cost time")
+    for k, c in (result.get("op_counts") or {}).items():
+        lines.append(f"\n{k}: {c['total']:,} operators per step ("
+                     + ", ".join(f"{n} {v}" for n, v in list(c["top"].items())[:6]) + ")")
     result["rows"] = [{"system": k, "tokens_per_s": result["tokens_per_s"][k],
                        "ratio_vs_cross_entropy": result["ratio_vs_cross_entropy"][k], "peak_rss_mb": peaks[k],
                        "peak_rss_ratio_vs_cross_entropy": peaks[k] / peaks["cross_entropy"]} for k in runs]

@@ -60,6 +60,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-alone-weight", type=float, default=0.0,
                    help="TRIME-MT: add this times the model-alone cross entropy to Eq. 5 (trime_loss "
                         "--model-alone-weight; 0: the paper's loss)")
+    p.add_argument("--bm25-from-epoch", type=int, default=1,
+                   help="TRIME-MT: BM25 batches from this epoch on; earlier epochs use the base model's "
+                        "length-sorted batches of --max-tokens (2: ordinary batches during the CE warm-up)")
     p.add_argument("--bm25-grouping", choices=["whole", "length"], default="length",
                    help="TRIME-MT: BM25 groups kept whole in chain order (the reference), or re-split by "
                         "length (default: whole costs 0.42x the tokens per update on this corpus)")
@@ -70,7 +73,8 @@ def trime_flags(a: argparse.Namespace, max_update: int) -> list:
     return ["--criterion", "trime_loss", "--ce-warmup-updates", max(1, int(a.ce_warmup_frac * max_update)),
             "--train-temperature", a.trime_temperature, "--memory-top-k", a.memory_top_k,
             "--label-smoothing", a.trime_label_smoothing, "--model-alone-weight", a.model_alone_weight,
-            "--bm25-batching", "--bm25-grouping", a.bm25_grouping]
+            "--bm25-batching", "--bm25-grouping", a.bm25_grouping,
+            *(["--bm25-from-epoch", a.bm25_from_epoch] if a.bm25_from_epoch > 1 else [])]
 
 
 def batches_per_epoch(data: Path, arch: str, max_tokens: int, seed: int, extra: Sequence = ()) -> int:
@@ -165,7 +169,8 @@ def valid_curve(log_path: Path) -> list:
     return points
 
 
-RECIPE_ARGS = ("trime_temperature", "memory_top_k", "trime_label_smoothing", "model_alone_weight", "bm25_grouping")
+RECIPE_ARGS = ("trime_temperature", "memory_top_k", "trime_label_smoothing", "model_alone_weight", "bm25_grouping",
+               "bm25_from_epoch")
 
 
 def recipe_rows(run: Path, run_json: Path, current: dict) -> list:
@@ -239,7 +244,10 @@ def main(argv=None) -> dict:
                   "--bm25-cache-dir", run],
     }
     trime_max_tokens = a.trime_max_tokens or matched_max_tokens(data, a, run)
-    specs["trime"] += ["--max-tokens", trime_max_tokens]  # the later flag wins
+    if a.bm25_from_epoch > 1:  # ordinary epochs at the base model's --max-tokens, BM25 ones matched
+        specs["trime"] += ["--bm25-max-tokens", trime_max_tokens]
+    else:
+        specs["trime"] += ["--max-tokens", trime_max_tokens]  # the later flag wins
     files = {"base": "base", "trime": a.trime_name}  # names of each model's files in the run dir
     ckpt, trained, curves = {}, {}, {}
     for name, args in specs.items():

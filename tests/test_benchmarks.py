@@ -50,6 +50,9 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
         assert 0 <= r["skipped"] <= 1
         assert (r["skipped"] > 0) == ("adaptive" in r["scorer"]), r  # only the adaptive scorer skips
     assert all(st["status"] == "ok" for st in data["steps"].values()), data["steps"]
+    ops = data["raw"]["train"]["op_counts"]  # --op-counts: one profiled step per variant
+    assert ops["trime_loss_ext"]["total"] > ops["cross_entropy"]["total"] > 100
+    assert "x CE's operators per step" in next(f["notes"] for f in data["figures"] if f["key"] == "train_speed_external")
     assert {"cpus", "torch", "faiss", "date", "load_average_start"} <= set(data["machine"])
 
     md = report.read_text()

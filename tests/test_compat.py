@@ -26,3 +26,23 @@ def test_numpy_compat_shim_provides_long_when_numpy_lacks_it(monkeypatch):
     monkeypatch.setattr(np, "compat", type("C", (), {})())
     compat._patch_numpy_compat()
     assert np.compat.long is np.int64
+
+
+def test_clip_grad_norm_keeps_cpu_gradients_on_the_cpu_when_cuda_is_available(monkeypatch):
+    # fairseq summed the norms on torch.cuda.current_device() whenever CUDA existed, so
+    # ``--cpu --clip-norm`` failed on GPU machines; here CUDA "exists" but must not be touched
+    import torch
+    from fairseq import utils
+
+    def no_cuda_device():
+        raise AssertionError("a --cpu run touched the CUDA device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", no_cuda_device)
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    params[0].grad = torch.tensor([3.0, 0.0, 0.0])
+    params[1].grad = torch.tensor([[0.0, 4.0], [0.0, 0.0]])
+    norm = utils.clip_grad_norm_(params, max_norm=1.0)
+    assert norm.device.type == "cpu" and abs(float(norm) - 5.0) < 1e-5
+    assert torch.allclose(params[0].grad, torch.tensor([0.6, 0.0, 0.0]), atol=1e-5)
+    assert torch.allclose(params[1].grad, torch.tensor([[0.0, 0.8], [0.0, 0.0]]), atol=1e-5)

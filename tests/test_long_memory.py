@@ -262,3 +262,28 @@ def test_train_and_eval_long_memory_through_fairseq(tmp_path):
     assert ppl["long", "1"] != pytest.approx(ppl["local", "1"], rel=1e-4)
     bad = run_cli([*ev, "--eval-memory", "local+long"], check=False)
     assert bad.returncode != 0 and "--long-memory-size" in bad.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("kind", ["plain", "positions", "long", "external"])
+def test_collated_tensors_can_be_pinned(kind):
+    """fairseq's DataLoader pins batches (pin_memory=True) on GPU machines, which refuses a
+    tensor whose elements share memory (an ``expand``-ed view): every collated tensor must
+    own its elements. (The Memorizing Transformer's ``mem_docs`` was such a view.)"""
+    tokens = torch.arange(4, 4 + 60).remainder(20).add(4).numpy()
+    docs = np.repeat(np.arange(3), [25, 20, 15])
+    ds = DocumentSegments(TokenStream.from_doc_ids(tokens, docs), 6, 1, group=2 if kind == "long" else 1,
+                          external=kind == "external")
+    ds.with_positions = kind == "positions"
+    batch = ds.collater([ds[i] for i in range(4)])
+
+    def tensors(x):
+        if torch.is_tensor(x):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from tensors(v)
+
+    found = list(tensors(batch))
+    assert found
+    for t in found:
+        assert t.is_contiguous() and torch._debug_has_internal_overlap(t) != 1, t.stride()

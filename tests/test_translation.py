@@ -291,3 +291,30 @@ def test_bm25_grouping_batches(tiny_mt, tmp_path, grouping):
             assert pos == list(range(pos[0], pos[0] + len(b)))
         else:
             assert np.all(np.diff(sizes[b]) >= 0)
+
+
+def test_bm25_from_epoch_and_bm25_max_tokens(tiny_mt, tmp_path):
+    """--bm25-from-epoch 2: epoch 1 has fairseq's length-sorted batches, epoch 2 BM25 groups;
+    --bm25-max-tokens sizes the BM25 batches only."""
+    from trime_fairseq.errors import TrimeUserError
+
+    data, ckpt, _ = tiny_mt
+    common = ["--bm25-batching", "--bm25-cache-dir", str(tmp_path), "--max-tokens", "60"]
+    _, _, plain_first = load(data, ckpt, *common, "--bm25-from-epoch", "2", "--bm25-max-tokens", "120")
+    _, _, bm25_always = load(data, ckpt, *common, "--bm25-max-tokens", "120")
+    _, _, no_bm25 = load(data, ckpt, "--max-tokens", "60")
+    batches = {}
+    for name, task in (("plain_first", plain_first), ("bm25_always", bm25_always), ("no_bm25", no_bm25)):
+        task.load_dataset("train")
+        ds = task.dataset("train")
+        batches[name] = {epoch: [np.asarray(b).tolist() for b in task.get_batch_iterator(
+            ds, max_tokens=60, seed=1, epoch=epoch).frozen_batches] for epoch in (1, 2)}
+    sizes = np.maximum(ds.src_sizes, ds.tgt_sizes)
+    assert batches["plain_first"][1] == batches["no_bm25"][1]  # epoch 1: ordinary batches
+    assert batches["plain_first"][2] == batches["bm25_always"][2] != batches["no_bm25"][2]
+    bm25 = batches["bm25_always"][1]
+    assert max(len(b) * sizes[b].max() for b in bm25) > 60  # sized by --bm25-max-tokens
+    assert all(len(b) * sizes[b].max() <= 120 for b in bm25)
+    for bad, match in ((["--bm25-from-epoch", "0"], "--bm25-from-epoch"), (["--bm25-max-tokens", "-1"], "--bm25-max-tokens")):
+        with pytest.raises(TrimeUserError, match=match):
+            load(data, ckpt, *common, *bad)

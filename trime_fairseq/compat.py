@@ -27,6 +27,10 @@ lives here and nowhere else. It is applied once, when :mod:`trime_fairseq` is im
    read torchrun's ``env://``), switch an ``nccl`` backend to ``gloo``, build DDP without
    device ids for CPU modules, and gather logging outputs with
    ``torch.distributed.all_gather_object`` on gloo groups. GPU runs are untouched.
+5. fairseq's ``clip_grad_norm_`` sums gradient norms on the current CUDA device whenever
+   CUDA is available, also in a ``--cpu`` run, and then scales the CPU gradients by a CUDA
+   scalar ("scalar tensor is expected to be on cpu but is on cuda:0"): ``--cpu --clip-norm``
+   failed on every GPU machine. For CPU gradients we keep the norm on the CPU.
 
 The shims were written for fairseq 0.12 (``fairseq-fixed`` 0.12.3.1, upstream 0.12.2): with
 another fairseq version they are skipped with a warning. ``TRIME_FAIRSEQ_SHIMS=0`` in the
@@ -133,6 +137,32 @@ def _prepare_cpu_distributed(cfg) -> None:
         dt.distributed_init_method = f"tcp://localhost:{port}"
 
 
+def _patch_clip_grad_norm() -> None:
+    from fairseq import utils
+
+    original = utils.clip_grad_norm_
+    if getattr(original, "_trime_cpu_grads", False):
+        return
+
+    def clip_grad_norm_(params, max_norm, aggregate_norm_fn=None) -> torch.Tensor:
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        with_grad = [p for p in params if p is not None and getattr(p, "grad", None) is not None]
+        if len(with_grad) < 2 or with_grad[0].grad.device.type != "cpu" or not torch.cuda.is_available():
+            return original(params, max_norm, aggregate_norm_fn)
+        grads = [p.grad.detach() for p in with_grad if not hasattr(p, "expert")]
+        experts = [p.grad.detach() for p in with_grad if hasattr(p, "expert")]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                     for g in grads])) if grads else torch.tensor(0.0)
+        if aggregate_norm_fn is not None:
+            norm = aggregate_norm_fn(norm)
+        if max_norm > 0:
+            torch._foreach_mul_(grads + experts, (float(max_norm) / (norm + 1e-6)).clamp_(max=1))
+        return norm
+
+    clip_grad_norm_._trime_cpu_grads = True  # type: ignore[attr-defined]
+    utils.clip_grad_norm_ = clip_grad_norm_
+
+
 def _patch_cpu_distributed() -> None:
     from fairseq.distributed import utils as dist_utils
     from fairseq.models import distributed_fairseq_model
@@ -212,6 +242,7 @@ def apply() -> bool:
     _patch_torch_load()
     _patch_batch_by_size()
     _patch_cpu_distributed()
+    _patch_clip_grad_norm()
     _applied = True
     logger.debug("trime_fairseq compatibility shims applied")
     return True

@@ -34,12 +34,16 @@ def _train_notes(variant: str) -> Callable[[dict], str]:
     """Absolute tokens/s and peak RSS behind a training ratio."""
     def notes(r: dict) -> str:
         text = (f"{r['tokens_per_s'][variant]:,.0f} vs {r['tokens_per_s']['cross_entropy']:,.0f} tokens/s; "
-                f"peak RSS {r['peak_rss_mb_per_variant'][variant]:,.0f} vs "
+                f"{r.get('peak_memory_measure', 'peak RSS')} {r['peak_rss_mb_per_variant'][variant]:,.0f} vs "
                 f"{r['peak_rss_mb_per_variant']['cross_entropy']:,.0f} MB")
         bound = r.get("ext_matmul_bound") if variant == "trime_loss_ext" else None
         if bound:  # what the similarity products of Eq. 5 alone allow
             text += (f"; at most {bound['bound_ratio_vs_cross_entropy']:.2f} if only Eq. 5's similarity products "
                      f"cost time ({bound['products_s']:.2f} s vs {bound['ce_step_s']:.2f} s per CE step)")
+        ops = r.get("op_counts") or {}
+        if variant in ops and "cross_entropy" in ops:  # launch-bound on a GPU when this is large
+            text += (f"; {ops[variant]['total'] / ops['cross_entropy']['total']:.2f}x CE's operators per step "
+                     f"({ops[variant]['total']:,})")
         return text
 
     return notes
@@ -69,7 +73,8 @@ FIGURES: List[Figure] = [
     *[Figure(f"train_peak_memory_{kind}", f"peak training memory ÷ CE, {desc}", "train",
              lambda r, v=variant: r["peak_rss_ratio_vs_cross_entropy"][v], 1.1, "<=",
              notes=lambda r, v=variant: f"{r['peak_rss_mb_per_variant'][v]:,.0f} vs "
-                                        f"{r['peak_rss_mb_per_variant']['cross_entropy']:,.0f} MB peak RSS")
+                                        f"{r['peak_rss_mb_per_variant']['cross_entropy']:,.0f} MB "
+                                        f"({r.get('peak_memory_measure', 'peak RSS')})")
       for kind, variant, desc in (("local", "trime_loss", "local memory"),
                                   ("long", "trime_loss_long", "long memory"),
                                   ("external", "trime_loss_ext", "external memory"))],

@@ -94,8 +94,7 @@ def _reason(e: Exception) -> str:
 
 def run_suite(size_name: str, work: Path, only: Optional[Set[str]] = None, device: str = "cpu") -> Suite:
     """Prepare the artefacts, then run every benchmark (or those in ``only``). ``device``:
-    where the evaluation, external-memory and generation benchmarks run (training
-    benchmarks and preparation stay on the CPU)."""
+    where the benchmarks train, evaluate, search and generate (preparation stays on the CPU)."""
     on = ["--cpu"] if device == "cpu" else []
     s = SIZES[size_name]
     suite = Suite(s, work, only=only)
@@ -117,7 +116,8 @@ def run_suite(size_name: str, work: Path, only: Optional[Set[str]] = None, devic
         ["--task", "trime_translation", "--max-tokens", 8192, "--recall-k", s.mt_recall_k,
          *(["--recall-queries", 50] if smoke else [])], log), ["mt_checkpoint"]) or {}
 
-    model = ["--arch", s.lm_arch, "--tokens-per-sample", s.tokens_per_sample, "--max-tokens", s.max_tokens]
+    model = ["--arch", s.lm_arch, "--tokens-per-sample", s.tokens_per_sample, "--max-tokens", s.max_tokens,
+             "--device", device]
     suite.bench("train", "train_speed", [lm_data, *model, *s.train, "--ext"], ["lm_corpus"])
     suite.bench("memorizing", "train_speed", [lm_data, *model, *s.memorizing, "--only", "memorizing,memorizing_no_memory"],
                 ["lm_corpus"])

@@ -29,7 +29,7 @@ SIZES: Dict[str, Size] = {
     "smoke": Size(
         lm_arch="transformer_lm_trime_tiny", lm_updates=4, tokens_per_sample=64, context=32, max_tokens=512,
         mt_arch="transformer_mt_trime_tiny", mt_updates=20, mt_max_tokens=512, lm_recall_k=16, mt_recall_k=8,
-        train=["--blocks", "1", "--steps", "2", "--warmup-steps", "1", "--long-m", "2"],
+        train=["--blocks", "1", "--steps", "2", "--warmup-steps", "1", "--long-m", "2", "--op-counts"],
         memorizing=["--blocks", "1", "--steps", "2", "--warmup-steps", "1", "--memorizing", "256"],
         eval=["--long-memory-size", "512", "--max-blocks", "16", "--passes", "1"],
         external=["--bm25-segments", "2000", "--blocks", "16", "--knn-k", "16"],
@@ -42,7 +42,7 @@ SIZES: Dict[str, Size] = {
         # kNN-MT generation is timed on real output lengths, not an untrained model's
         mt_arch="transformer_mt_trime_small", mt_updates=400, mt_max_tokens=4096, lm_recall_k=1024, mt_recall_k=16,
         # repetitions sized so the benchmarks take ~25 min on 2 busy cores (preparation: ~30 min, once)
-        train=["--blocks", "2", "--steps", "3", "--long-m", "4"],
+        train=["--blocks", "2", "--steps", "3", "--long-m", "4", "--op-counts"],
         memorizing=["--blocks", "2", "--steps", "3", "--memorizing", "8192"],
         eval=["--long-memory-size", "12000", "--max-blocks", "100", "--passes", "2"],
         external=["--bm25-segments", "100000", "--blocks", "60", "--knn-k", "1024"],

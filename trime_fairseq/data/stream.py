@@ -174,7 +174,7 @@ class DocumentSegments(_InOrder):
         if self.with_positions:
             pos = _pad_2d([torch.arange(s["start"], s["start"] + len(s["source"])) for s in samples], -1)
             batch["net_input"]["mem_positions"] = pos
-            batch["net_input"]["mem_docs"] = torch.LongTensor([s["doc"] for s in samples]).unsqueeze(1).expand_as(pos)
+            batch["net_input"]["mem_docs"] = torch.LongTensor([s["doc"] for s in samples]).unsqueeze(1).expand_as(pos).contiguous()
         if self.external:
             batch["trime_memory"] = MemorySpec.external().to_sample()
         elif self.group > 1:

@@ -75,6 +75,18 @@ class TrimeTranslationConfig(TranslationConfig, RetrievalConfig, BM25BatchingCon
                           "different batches). On the heavy-tailed default corpus whole gives 0.42x "
                           "the target tokens per update of length (docs/results/translation_ablation.md)"},
     )
+    bm25_from_epoch: int = field(
+        default=1,
+        metadata={"help": "--bm25-batching starts at this epoch; earlier epochs train on fairseq's "
+                          "length-sorted batches (e.g. 2: ordinary batches while --ce-warmup-updates "
+                          "fit in the first epoch)"},
+    )
+    bm25_max_tokens: int = field(
+        default=0,
+        metadata={"help": "--bm25-batching: --max-tokens of the BM25 batches (0: --max-tokens). BM25 "
+                          "groups pad more than length-sorted batches, so as many target tokens per "
+                          "update as the ordinary batches take a larger value"},
+    )
     mt_local_memory: bool = field(
         default=False,
         metadata={"help": "TRIME-MT training: also use the earlier target tokens of the same "
@@ -122,6 +134,10 @@ class TrimeTranslationTask(DatastoreKeys, TranslationTask):
 
     def __init__(self, cfg: TrimeTranslationConfig, src_dict, tgt_dict) -> None:
         super().__init__(cfg, src_dict, tgt_dict)
+        if cfg.bm25_from_epoch < 1:
+            raise TrimeUserError(f"--bm25-from-epoch must be >= 1 (1: BM25 batches from the start), got {cfg.bm25_from_epoch}")
+        if cfg.bm25_max_tokens < 0:
+            raise TrimeUserError(f"--bm25-max-tokens must be >= 0 (0: --max-tokens), got {cfg.bm25_max_tokens}")
         self.combiner = build_mt_combiner(cfg)
         self.retriever = None  # the --datastore's, once a model opened it
         self.eval_models = []  # the memory models built for decoding (their time split is logged)
@@ -214,7 +230,7 @@ class TrimeTranslationTask(DatastoreKeys, TranslationTask):
                 shard_id=shard_id, num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
                 disable_iterator_cache=disable_iterator_cache, **kwargs)
             return SummaryAtEnd(itr, self.log_eval_summary)
-        if not (self.cfg.bm25_batching and dataset is train):
+        if not (self.cfg.bm25_batching and dataset is train and epoch >= self.cfg.bm25_from_epoch):
             return super().get_batch_iterator(
                 dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
                 ignore_invalid_inputs=ignore_invalid_inputs,
@@ -222,6 +238,7 @@ class TrimeTranslationTask(DatastoreKeys, TranslationTask):
                 shard_id=shard_id, num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
                 disable_iterator_cache=disable_iterator_cache, **kwargs)
         sizes = np.maximum(dataset.src_sizes, dataset.tgt_sizes)
+        max_tokens = self.cfg.bm25_max_tokens or max_tokens
         whole = str(self.cfg.bm25_grouping) == "whole"
         # whole: a group is about one batch; length: about two batches' worth, cut into
         # length-sorted parts of at most --max-tokens (about as full as fairseq's batches)
