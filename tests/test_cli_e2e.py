@@ -58,6 +58,14 @@ def test_eval_lm_with_each_memory_flag(trained):
     rows = re.findall(r"ppl ([0-9.]+)", out.stderr)
     assert float(rows[0]) == pytest.approx(vanilla, rel=1e-3)
     assert float(rows[1]) == pytest.approx(trime, rel=1e-3)
+    # --memory-sizes sets the long-term memory: --eval-memory local+long needs no --long-memory-size
+    # (it failed on the first GPU run's tune call); the largest size is fairseq-eval-lm's number
+    out = run_cli(["trime_fairseq.cli.tune", str(data), "--path", str(ckpt), "--combiner", "trime",
+                   "--grid", "tau=1.0", "--eval-memory", "local+long", "--memory-sizes", "0,64",
+                   "--tokens-per-sample", "64", "--context-window", "32", "--gen-subset", "valid", "--cpu"])
+    long_ppl = ppl_of(eval_lm(data, ckpt, "--eval-combiner", "trime", "--eval-temperature", "1.0",
+                              "--eval-memory", "local+long", "--long-memory-size", "64"))
+    assert float(re.findall(r"ppl ([0-9.]+)", out.stderr)[-1]) == pytest.approx(long_ppl, rel=1e-3)
 
 
 def test_eval_results_do_not_depend_on_batch_size(trained):

@@ -355,7 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                         help="continuous cache hidden state (f = decoder output)")
     parser.add_argument("--memory-sizes", default="0",
                         help="comma-separated long-term memory sizes (tokens) to score every grid "
-                        "point with; 0 = local memory only")
+                        "point with; 0 = local memory only (--long-memory-size defaults to the largest)")
     parser.add_argument("--plot", default=None, help="PNG of perplexity vs. memory size")
     parser.add_argument("--out", default=None, help="write all grid points and the best as JSON")
     ours, rest = parser.parse_known_args(argv)
@@ -365,6 +365,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         raise TrimeUserError(f"--memory-sizes takes comma-separated integers, got {ours.memory_sizes!r}") from None
     if not sizes or sizes[0] < 0:
         raise TrimeUserError("--memory-sizes must be non-negative integers")
+    if sizes[-1] > 0 and "--long-memory-size" not in rest:  # --memory-sizes is the long-term memory scored
+        rest = [*rest, "--long-memory-size", str(sizes[-1])]
     grid = with_always_search(parse_grid(ours.combiner, ours.grid))
     skips = [None] + skip_rules(grid, ours.retrieval_skip_feature, rest)
     if ours.max_ppl_increase < 0:
