@@ -12,7 +12,9 @@ against exact search is measured on the memory and queries of one more step);
 Both criteria train the same architecture on the same batches (fairseq's own task,
 model, criterion and batch iterator); blocks of steps alternate between them so that
 machine noise hits both alike. Prints tokens/s of each, the ratio (target >= 0.95) and the
-peak RSS growth of each, and writes JSON/markdown if asked.
+peak RSS growth of each, and writes JSON/markdown if asked. ``--device cuda`` trains on the
+first GPU (peak memory is then CUDA's ``max_memory_allocated``); ``--op-counts`` adds the
+operators one step of each variant dispatches (a GPU step of a small model is bound by them).
 
     python benchmarks/train_speed.py DATA_BIN --arch transformer_lm_trime_small \\
         --tokens-per-sample 512 --max-tokens 4096 --blocks 4 --steps 5

@@ -191,6 +191,28 @@ def recipe_rows(run: Path, run_json: Path, current: dict) -> list:
     return out
 
 
+def memory_gain_rows(run: Path, domains: Sequence[str], recipes: Sequence[str]) -> list:
+    """Validation NLL (nats/token, ``trime-tune-mt``) per domain of the model alone and with
+    memory at the tuned setting: kNN-MT (base model) and each TRIME-MT recipe in ``run``,
+    the latter with Eq. 6 alone (best λ = 0 point) and with Appendix F (best point)."""
+    out = []
+    for domain in domains:
+        for name in ("knn", *recipes):
+            path = run / f"tune_{name}_{domain}.json"
+            if not path.exists():
+                continue
+            tune = json.loads(path.read_text())
+            row = {"system": "knnmt" if name == "knn" else name, "domain": domain,
+                   "model_alone": tune["rows"][0]["nll"], "with_memory": tune["best"]["nll"],
+                   "params": tune["best"]["params"]}
+            eq6 = [r["nll"] for r in tune["rows"][1:] if r["params"].get("memory_lambda", 0) == 0]
+            if name != "knn" and eq6:
+                row["with_memory_eq6"] = min(eq6)
+            row["gain"] = row["model_alone"] - row["with_memory"]
+            out.append(row)
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/mt", help="where data, checkpoints and results go")
@@ -343,6 +365,14 @@ def main(argv=None) -> dict:
                                  "general", "in-domain"])
     header_recipes = ("\n\nTRIME-MT recipes trained in this run directory (test BLEU; the same base model, "
                       "datastore sizes and tuning; this page's is the first):\n\n" + recipes)
+    result["valid_nll_memory_gain"] = memory_gain_rows(run, list(domains), [r["trime_name"] for r in result["recipes"]])
+    shown = [{k: f"{v:.3f}" if isinstance(v, float) else v for k, v in r.items()} for r in result["valid_nll_memory_gain"]]
+    gains = ex.markdown_table(shown,
+                              ["domain", "system", "model_alone", "with_memory_eq6", "with_memory", "gain", "params"],
+                              ["domain", "model (kNN-MT: base)", "model alone", "TRIME Eq. 6 alone", "with memory",
+                               "gain", "tuned setting"])
+    header_recipes += ("\n\nValidation NLL (nats/token, `trime-tune-mt`) alone and with memory at the setting "
+                       "tuned on it:\n\n" + gains)
     for out in ex.publish(result, header + table + header_curve + header_recipes, run_json, a.results, logger):
         ex.bar_plot([dict(r, system=f"{r['system']} ({r['domain']})") for r in rows], out.with_suffix(".png"),
                     "Translation with memory", keys=("bleu",), ylabel="BLEU (higher is better)")
