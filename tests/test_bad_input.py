@@ -233,6 +233,8 @@ CASES = [
     Case("consecutive_not_multiple_in_worker", "fairseq-train", lambda w, t: train(w, t, "--criterion", "trime_loss",
          "--consecutive-segments", "3", "--batch-size", "4", "--distributed-world-size", "2"),
          "multiple of --consecutive-segments 3", subprocess=True),
+    Case("bm25_from_epoch_0", "fairseq-train", lambda w, t: train(w, t, "--criterion", "trime_loss",
+         "--bm25-batching", "--bm25-from-epoch", "0", "--batch-size", "4"), "--bm25-from-epoch must be >= 1"),
     Case("bm25_with_consecutive", "fairseq-train", lambda w, t: train(w, t, "--criterion", "trime_loss",
          "--bm25-batching", "--consecutive-segments", "2", "--batch-size", "4"), "drop --consecutive-segments"),
     Case("stream_without_batch_size", "fairseq-train", lambda w, t: train(w, t, "--criterion", "cross_entropy",

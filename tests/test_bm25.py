@@ -165,3 +165,30 @@ def test_cache_key_holds_every_batching_option(tmp_path):
     assert len(a) == len(b) == 4
     with pytest.raises(ValueError, match="bm25-max-jaccard"):
         bm25_cache_key(Namespace(**dict(base, bm25_max_jaccard=0.0)), "x", 4, 1, True)
+
+
+def test_lm_bm25_from_epoch_trains_epoch_one_on_ordinary_batches(tmp_path):
+    """--bm25-from-epoch 2 (trime_lm): epoch 1 has the ordinary segment batches of local
+    memory, epoch 2 the BM25 batches that --bm25-from-epoch 1 gives in every epoch."""
+    from fairseq import options, tasks
+
+    from helpers import write_tiny_corpus
+    from trime_fairseq.cli.tune import with_plugin
+
+    data = write_tiny_corpus(tmp_path / "corpus")
+
+    def epoch_batches(*extra):
+        argv = with_plugin([str(data), "--task", "trime_lm", "--arch", "transformer_lm_trime_tiny", "--cpu",
+                            "--tokens-per-sample", "16", "--batch-size", "4", "--criterion", "trime_loss", *extra])
+        task = tasks.setup_task(options.parse_args_and_arch(options.get_training_parser(), input_args=argv))
+        task.load_dataset("train")
+        return task, {epoch: [sorted(np.asarray(b).tolist()) for b in task.get_batch_iterator(
+            task.dataset("train"), max_sentences=4, seed=1, epoch=epoch).frozen_batches] for epoch in (1, 2)}
+
+    bm25 = ["--bm25-batching", "--bm25-cache-dir", str(tmp_path)]
+    task, switched = epoch_batches(*bm25, "--bm25-from-epoch", "2")
+    _, always = epoch_batches(*bm25)
+    ordinary = [sorted(np.asarray(b).tolist()) for b in task.dataset("train").batches(4, seed=1, epoch=1, shuffle=True)]
+    assert switched[1] == ordinary != always[1]  # epoch 1: the segments' ordinary batches
+    assert switched[2] == always[2]  # then BM25 batches
+    assert sorted(i for b in switched[1] for i in b) == list(range(len(task.dataset("train"))))

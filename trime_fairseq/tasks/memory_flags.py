@@ -224,6 +224,20 @@ class BM25BatchingConfig(FairseqDataclass):
     bm25_ngram: int = field(
         default=5, metadata={"help": "BM25 batching: n of the n-grams of --bm25-max-jaccard"}
     )
+    bm25_from_epoch: int = field(
+        default=1,
+        metadata={"help": "--bm25-batching starts at this epoch; earlier epochs train on the task's "
+                          "ordinary batches (LM: segments as for local memory; translation: fairseq's "
+                          "length-sorted batches), e.g. 2 while --ce-warmup-updates fit in the first "
+                          "epoch. In-batch memory is always the other members of the batch"},
+    )
+
+
+def check_bm25_flags(args) -> None:
+    """One-line errors for the BM25 batching flags shared by the LM and translation tasks."""
+    if int(getattr(args, "bm25_from_epoch", 1)) < 1:
+        raise TrimeUserError(f"--bm25-from-epoch must be >= 1 (1: BM25 batches from the start), "
+                             f"got {args.bm25_from_epoch}")
 
 
 def retrieval_skip(args, uses_datastore: bool) -> Optional[RetrievalSkip]:

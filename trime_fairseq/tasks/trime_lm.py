@@ -34,7 +34,7 @@ from trime_fairseq.models.output_layer import (
 from trime_fairseq.tasks.datastore_keys import DatastoreKeys, KeyLayout
 from trime_fairseq.tasks.memory_flags import (  # noqa: F401  (build_combiner: the task's registry)
     EVAL_MEMORY_CHOICES, BM25BatchingConfig, EvalMemory, RetrievalConfig, build_combiner, build_retriever,
-    cached_bm25_batches, retrieval_skip)
+    cached_bm25_batches, check_bm25_flags, retrieval_skip)
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ def check_memory_flags(cfg) -> None:
     if getattr(cfg, "knn_k", 1) < 1:
         raise TrimeUserError(f"--knn-k must be >= 1, got {cfg.knn_k}")
     retrieval_skip(cfg, memory.ext)
+    check_bm25_flags(cfg)
     check_adaptive_token_mass(getattr(cfg, "adaptive_token_mass", DEFAULT_ADAPTIVE_TOKEN_MASS))
 
 
@@ -374,7 +375,7 @@ class TrimeLanguageModelingTask(DatastoreKeys, LanguageModelingTask):
                 seed=seed, num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size,
                 disable_shuffling=True,
             )
-        if dataset.external:
+        if dataset.external and epoch >= self.args.bm25_from_epoch:
             fixed = self._rank0_first(lambda: self.bm25_batches(dataset, bsz * num_shards, seed))
             return iterators.EpochBatchIterator(
                 dataset=dataset, collate_fn=dataset.collater, batch_sampler=shard_rows(fixed, num_shards, shard_id),

@@ -36,7 +36,7 @@ from trime_fairseq.memory.in_batch import MemorySpec, mark_placeholder
 from trime_fairseq.memory.combiners import Combiner, NoMemory
 from trime_fairseq.tasks.datastore_keys import DatastoreKeys, KeyLayout
 from trime_fairseq.tasks.memory_flags import (
-    BM25BatchingConfig, RetrievalConfig, build_combiner, build_retriever, cached_bm25_batches, retrieval_skip)
+    BM25BatchingConfig, RetrievalConfig, build_combiner, check_bm25_flags, build_retriever, cached_bm25_batches, retrieval_skip)
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -74,12 +74,6 @@ class TrimeTranslationConfig(TranslationConfig, RetrievalConfig, BM25BatchingCon
                           "into length-sorted parts (less padding, but similar targets can land in "
                           "different batches). On the heavy-tailed default corpus whole gives 0.42x "
                           "the target tokens per update of length (docs/results/translation_ablation.md)"},
-    )
-    bm25_from_epoch: int = field(
-        default=1,
-        metadata={"help": "--bm25-batching starts at this epoch; earlier epochs train on fairseq's "
-                          "length-sorted batches (e.g. 2: ordinary batches while --ce-warmup-updates "
-                          "fit in the first epoch)"},
     )
     bm25_max_tokens: int = field(
         default=0,
@@ -134,8 +128,7 @@ class TrimeTranslationTask(DatastoreKeys, TranslationTask):
 
     def __init__(self, cfg: TrimeTranslationConfig, src_dict, tgt_dict) -> None:
         super().__init__(cfg, src_dict, tgt_dict)
-        if cfg.bm25_from_epoch < 1:
-            raise TrimeUserError(f"--bm25-from-epoch must be >= 1 (1: BM25 batches from the start), got {cfg.bm25_from_epoch}")
+        check_bm25_flags(cfg)
         if cfg.bm25_max_tokens < 0:
             raise TrimeUserError(f"--bm25-max-tokens must be >= 0 (0: --max-tokens), got {cfg.bm25_max_tokens}")
         self.combiner = build_mt_combiner(cfg)
