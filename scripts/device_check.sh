@@ -12,6 +12,7 @@
 #   bash scripts/device_check.sh --fetch-wheels .whl      # here, online: Python 3.12 wheels for an offline GPU machine
 #   TRIME_PYTHON=python3 TRIME_WHEELS=.whl bash scripts/device_check.sh    # there: its torch + the wheels
 # Output: ${TRIME_CHECK_OUT:-runs/device_check}/{env.txt,pytest.log,report.md,report.json,train_cuda.json,...}.
+# TRIME_CHECK_PARTS=tests,suite,train (default: all three) runs a subset, e.g. one per call where calls are timed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = --fetch-wheels ]; then  # wheels the GPU image lacks (torch, numpy, scipy... it has)
@@ -50,18 +51,26 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
       f"faiss {faiss.__version__} (GPU build: {hasattr(faiss, 'StandardGpuResources')})")
 EOF
 status=0
+PARTS=",${TRIME_CHECK_PARTS:-tests,suite,train},"
+part() { [[ "$PARTS" == *",$1,"* ]]; }
 # no time limit on the tests: pytest prints a failure's details only when the session ends, so a
 # killed run loses them (a stalled test dumps its stack after TRIME_TEST_STALL seconds instead)
-"$PY" -m pytest -q -rfEs --durations=8 -p no:cacheprovider -o faulthandler_timeout="${TRIME_TEST_STALL:-300}" \
-  tests/test_device.py 2>&1 | tee "$OUT/pytest.log" || status=1
-if grep "^SKIPPED" "$OUT/pytest.log" | grep -v "faiss-gpu" >/dev/null; then
-  echo "error: device tests skipped on this machine (see the reasons above)" >&2
-  status=1
+if part tests; then
+  "$PY" -m pytest -q -rfEs --durations=8 -p no:cacheprovider -o faulthandler_timeout="${TRIME_TEST_STALL:-300}" \
+    tests/test_device.py 2>&1 | tee "$OUT/pytest.log" || status=1
+  if grep "^SKIPPED" "$OUT/pytest.log" | grep -v "faiss-gpu" >/dev/null; then
+    echo "error: device tests skipped on this machine (see the reasons above)" >&2
+    status=1
+  fi
+  if grep -q "^SKIPPED.*faiss-gpu" "$OUT/pytest.log"; then
+    echo "note: faiss-gpu is not installed; its test skipped" >&2
+  fi
 fi
-grep -q "^SKIPPED.*faiss-gpu" "$OUT/pytest.log" && echo "note: faiss-gpu is not installed; its test skipped" >&2
-timeout "${TRIME_BENCH_TIMEOUT:-900}" "$PY" benchmarks/run_all.py --size smoke --device cuda \
-  --work "$OUT/work" --report "$OUT/report.md" 2>&1 | tail -n 40 || status=1
-if [ -n "${TRIME_LM_DATA:-}" ]; then
+if part suite; then
+  timeout "${TRIME_BENCH_TIMEOUT:-900}" "$PY" benchmarks/run_all.py --size smoke --device cuda \
+    --work "$OUT/work" --report "$OUT/report.md" 2>&1 | tail -n 40 || status=1
+fi
+if part train && [ -n "${TRIME_LM_DATA:-}" ]; then
   timeout "${TRIME_TRAIN_TIMEOUT:-600}" "$PY" benchmarks/train_speed.py "$TRIME_LM_DATA" --device cuda \
     --arch transformer_lm_trime_small --tokens-per-sample 512 --max-tokens 8192 --long-m 4 --ext --ext-chunk 8192 --op-counts \
     --blocks "${TRIME_TRAIN_BLOCKS:-3}" --steps 5 --out "$OUT/train_cuda.json" 2>&1 | tail -n 30 || status=1
