@@ -30,11 +30,16 @@ class Figure:
     notes: Callable[[dict], str] = lambda r: ""
 
 
+def _peak_measure(r: dict) -> str:
+    """What the training benchmark's peak memory is (process RSS, or CUDA's allocator peak)."""
+    return r.get("peak_memory_measure", "peak RSS")
+
+
 def _train_notes(variant: str) -> Callable[[dict], str]:
     """Absolute tokens/s and peak RSS behind a training ratio."""
     def notes(r: dict) -> str:
         text = (f"{r['tokens_per_s'][variant]:,.0f} vs {r['tokens_per_s']['cross_entropy']:,.0f} tokens/s; "
-                f"{r.get('peak_memory_measure', 'peak RSS')} {r['peak_rss_mb_per_variant'][variant]:,.0f} vs "
+                f"{_peak_measure(r)} {r['peak_rss_mb_per_variant'][variant]:,.0f} vs "
                 f"{r['peak_rss_mb_per_variant']['cross_entropy']:,.0f} MB")
         bound = r.get("ext_matmul_bound") if variant == "trime_loss_ext" else None
         if bound:  # what the similarity products of Eq. 5 alone allow
@@ -74,7 +79,7 @@ FIGURES: List[Figure] = [
              lambda r, v=variant: r["peak_rss_ratio_vs_cross_entropy"][v], 1.1, "<=",
              notes=lambda r, v=variant: f"{r['peak_rss_mb_per_variant'][v]:,.0f} vs "
                                         f"{r['peak_rss_mb_per_variant']['cross_entropy']:,.0f} MB "
-                                        f"({r.get('peak_memory_measure', 'peak RSS')})")
+                                        f"({_peak_measure(r)})")
       for kind, variant, desc in (("local", "trime_loss", "local memory"),
                                   ("long", "trime_loss_long", "long memory"),
                                   ("external", "trime_loss_ext", "external memory"))],

@@ -234,10 +234,17 @@ class BM25BatchingConfig(FairseqDataclass):
 
 
 def check_bm25_flags(args) -> None:
-    """One-line errors for the BM25 batching flags shared by the LM and translation tasks."""
+    """One-line errors for the BM25 batching flags of the LM and translation tasks."""
     if int(getattr(args, "bm25_from_epoch", 1)) < 1:
         raise TrimeUserError(f"--bm25-from-epoch must be >= 1 (1: BM25 batches from the start), "
                              f"got {args.bm25_from_epoch}")
+    if int(getattr(args, "bm25_max_tokens", 0)) < 0:  # translation only
+        raise TrimeUserError(f"--bm25-max-tokens must be >= 0 (0: --max-tokens), got {args.bm25_max_tokens}")
+
+
+def bm25_batches_at(args, epoch: int) -> bool:
+    """Whether ``--bm25-batching`` makes the training batches of ``epoch`` (``--bm25-from-epoch``)."""
+    return bool(getattr(args, "bm25_batching", False)) and epoch >= int(getattr(args, "bm25_from_epoch", 1))
 
 
 def retrieval_skip(args, uses_datastore: bool) -> Optional[RetrievalSkip]:

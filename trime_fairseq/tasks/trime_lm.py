@@ -33,8 +33,8 @@ from trime_fairseq.models.output_layer import (
     ADAPTIVE_TOKEN_MASS_HELP, ADAPTIVE_TOKEN_MASSES, DEFAULT_ADAPTIVE_TOKEN_MASS, check_adaptive_token_mass)
 from trime_fairseq.tasks.datastore_keys import DatastoreKeys, KeyLayout
 from trime_fairseq.tasks.memory_flags import (  # noqa: F401  (build_combiner: the task's registry)
-    EVAL_MEMORY_CHOICES, BM25BatchingConfig, EvalMemory, RetrievalConfig, build_combiner, build_retriever,
-    cached_bm25_batches, check_bm25_flags, retrieval_skip)
+    EVAL_MEMORY_CHOICES, BM25BatchingConfig, EvalMemory, RetrievalConfig, bm25_batches_at, build_combiner,
+    build_retriever, cached_bm25_batches, check_bm25_flags, retrieval_skip)
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -375,7 +375,7 @@ class TrimeLanguageModelingTask(DatastoreKeys, LanguageModelingTask):
                 seed=seed, num_workers=num_workers, epoch=epoch, buffer_size=data_buffer_size,
                 disable_shuffling=True,
             )
-        if dataset.external and epoch >= self.args.bm25_from_epoch:
+        if dataset.external and bm25_batches_at(self.args, epoch):
             fixed = self._rank0_first(lambda: self.bm25_batches(dataset, bsz * num_shards, seed))
             return iterators.EpochBatchIterator(
                 dataset=dataset, collate_fn=dataset.collater, batch_sampler=shard_rows(fixed, num_shards, shard_id),

@@ -36,7 +36,8 @@ from trime_fairseq.memory.in_batch import MemorySpec, mark_placeholder
 from trime_fairseq.memory.combiners import Combiner, NoMemory
 from trime_fairseq.tasks.datastore_keys import DatastoreKeys, KeyLayout
 from trime_fairseq.tasks.memory_flags import (
-    BM25BatchingConfig, RetrievalConfig, build_combiner, check_bm25_flags, build_retriever, cached_bm25_batches, retrieval_skip)
+    BM25BatchingConfig, RetrievalConfig, bm25_batches_at, build_combiner, build_retriever, cached_bm25_batches,
+    check_bm25_flags, retrieval_skip)
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -129,8 +130,6 @@ class TrimeTranslationTask(DatastoreKeys, TranslationTask):
     def __init__(self, cfg: TrimeTranslationConfig, src_dict, tgt_dict) -> None:
         super().__init__(cfg, src_dict, tgt_dict)
         check_bm25_flags(cfg)
-        if cfg.bm25_max_tokens < 0:
-            raise TrimeUserError(f"--bm25-max-tokens must be >= 0 (0: --max-tokens), got {cfg.bm25_max_tokens}")
         self.combiner = build_mt_combiner(cfg)
         self.retriever = None  # the --datastore's, once a model opened it
         self.eval_models = []  # the memory models built for decoding (their time split is logged)
@@ -223,7 +222,7 @@ class TrimeTranslationTask(DatastoreKeys, TranslationTask):
                 shard_id=shard_id, num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
                 disable_iterator_cache=disable_iterator_cache, **kwargs)
             return SummaryAtEnd(itr, self.log_eval_summary)
-        if not (self.cfg.bm25_batching and dataset is train and epoch >= self.cfg.bm25_from_epoch):
+        if not (dataset is train and bm25_batches_at(self.cfg, epoch)):
             return super().get_batch_iterator(
                 dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
                 ignore_invalid_inputs=ignore_invalid_inputs,
