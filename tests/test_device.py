@@ -253,7 +253,7 @@ def test_long_term_memory_on_device(device):
             keys = {"g": torch.randn(4, 6, generator=g).to(dev)}
             w = mem.window(start, int(docs[0]))
             out.append(None if w is None else (w.keys["g"], w.labels, w.docs))
-            mem.append(keys, (pos % 7).to(dev), docs.to(dev), pos.to(dev))
+            mem.update(keys, (pos % 7).to(dev), positions=pos.to(dev), docs=docs.to(dev))
         return out
 
     ref, got = run("cpu"), run(device)

@@ -193,20 +193,20 @@ def test_eval_with_long_memory_equals_brute_force(size, across):
 def test_long_memory_resets_at_document_boundaries_and_checks_order():
     mem = LongTermMemory(size=100, context=0)
     keys = {"g": torch.randn(4, 2), "f": torch.randn(4, 2)}
-    mem.append(keys, torch.tensor([5, 6, 7, 8]), torch.tensor([0, 0, 1, 1]), torch.arange(4))
+    mem.update(keys, torch.tensor([5, 6, 7, 8]), positions=torch.arange(4), docs=torch.tensor([0, 0, 1, 1]))
     assert mem.window(4, doc=1).labels.tolist() == [7, 8]  # doc 0 dropped
     assert mem.window(4, doc=0) is None
     assert mem.window(3, doc=1).labels.tolist() == [7]  # entries inside the window excluded
     with pytest.raises(MemoryOrderError):
-        mem.append(keys, torch.tensor([1, 2, 3, 4]), torch.ones(4, dtype=torch.long), torch.arange(10, 14))
-    mem.append(keys, torch.tensor([1, 2, 3, 4]), torch.zeros(4, dtype=torch.long), torch.arange(4))  # restart
+        mem.update(keys, torch.tensor([1, 2, 3, 4]), positions=torch.arange(10, 14), docs=torch.ones(4, dtype=torch.long))
+    mem.update(keys, torch.tensor([1, 2, 3, 4]), positions=torch.arange(4), docs=torch.zeros(4, dtype=torch.long))  # restart
     assert mem.window(4, doc=0).labels.tolist() == [1, 2, 3, 4]
     stream = LongTermMemory(size=100, context=0, across_documents=True)
-    stream.append(keys, torch.tensor([5, 6, 7, 8]), torch.tensor([0, 0, 1, 1]), torch.arange(4))
+    stream.update(keys, torch.tensor([5, 6, 7, 8]), positions=torch.arange(4), docs=torch.tensor([0, 0, 1, 1]))
     assert stream.window(4, doc=1).labels.tolist() == [5, 6, 7, 8]  # doc 0 kept
     assert stream.window(3, doc=7).labels.tolist() == [5, 6, 7]
     small = LongTermMemory(size=2, context=1)
-    small.append(keys, torch.tensor([5, 6, 7, 8]), torch.zeros(4, dtype=torch.long), torch.arange(4))
+    small.update(keys, torch.tensor([5, 6, 7, 8]), positions=torch.arange(4), docs=torch.zeros(4, dtype=torch.long))
     assert small.window(3, doc=0).labels.tolist() == [6, 7]
 
 

@@ -374,8 +374,8 @@ def test_faiss_flags():
                            ("IVF64,Flat", "--memorizing-faiss-factory 'IVF64,Flat' needs >= 64 keys")):
         mem = KnnMemory(32, 2, search="faiss", faiss_factory=factory)
         with pytest.raises(ValueError, match=match):
-            mem.update(torch.randn(1, 2, 4, 5), torch.randn(1, 2, 4, 5), torch.ones(1, 4, dtype=torch.bool),
-                       torch.arange(4)[None], torch.zeros(1, 4, dtype=torch.long))
+            mem.update(torch.randn(1, 2, 4, 5), torch.randn(1, 2, 4, 5), torch.arange(4)[None],
+                       torch.zeros(1, 4, dtype=torch.long), keep=torch.ones(1, 4, dtype=torch.bool))
 
 
 def test_qk_norm_local_attention_equals_brute_force_and_memory_size_zero_keeps_it():

@@ -83,8 +83,8 @@ class _MemorizingRecorder:
         self.memory.search_slots = self._record  # instance attribute: this model only
         self.last: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
-    def _record(self, q, before, query_docs, method=None):
-        top, slots = self._search(q, before, query_docs, method)
+    def _record(self, q, before, query_docs, method=None, k=None):
+        top, slots = self._search(q, before, query_docs, method, k)
         pos = self.memory.positions.gather(1, slots.reshape(slots.size(0), -1)).view_as(slots)
         self.last = (top, pos)
         return top, slots

@@ -1,7 +1,8 @@
 """The Memorizing Transformer's kNN memory (Wu et al., 2022): per batch row and head, a FIFO
 of the (key, value) pairs one attention layer computed on earlier segments.
 
-API in the spirit of meliad's memory layer: :meth:`KnnMemory.update` appends (detached:
+It follows the memory protocol (:mod:`trime_fairseq.memory.protocol`, meliad's memory
+layer API): :meth:`KnnMemory.update` appends (detached:
 no gradient ever reaches stored entries), :meth:`KnnMemory.topk` retrieves the k most
 similar keys per query (inner product of L2-normalised queries and keys), and
 :meth:`KnnMemory.reset` clears rows (at document boundaries). Rows never see each other.
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trime_fairseq.errors import TrimeUserError
+from trime_fairseq.memory.protocol import TopK
 
 logger = logging.getLogger(__name__)
 
@@ -156,18 +158,21 @@ class KnnMemory:
         for index in self._indexes[r] if self._indexes else ():
             index.reset()  # an IVF index keeps its trained quantizer
 
-    def update(self, keys: Tensor, values: Tensor, keep: Tensor, positions: Tensor, docs: Tensor) -> None:
+    def update(self, keys: Tensor, values: Tensor, positions: Tensor, docs: Tensor,
+               keep: Optional[Tensor] = None) -> None:
         """Append ``[rows, heads, T, dim]`` keys (normalised here) and values, FIFO.
 
         Args:
-            keep: ``[rows, T]`` bool, which positions to store (not padding, not a context
-                window stored before).
             positions, docs: ``[rows, T]`` stream position and document of each token. A
                 row keeps one document: its memory is cleared when a newer one starts.
+            keep: ``[rows, T]`` bool, which positions to store (not padding, not a context
+                window stored before); default all.
         """
         if self.size == 0:
             return
         rows, heads, t, dim = keys.shape
+        if keep is None:
+            keep = torch.ones(rows, t, dtype=torch.bool)
         if self.keys is None or self.keys.shape[:2] != (rows, heads) or self.keys.shape[-1] != dim:
             self._allocate(rows, heads, dim, keys)
         keys = F.normalize(keys.detach(), dim=-1).to(self.keys.dtype)
@@ -195,7 +200,7 @@ class KnnMemory:
 
     # --- search ----------------------------------------------------------------------------
 
-    def topk(self, queries: Tensor, before: Tensor, query_docs: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def topk(self, queries: Tensor, before: Tensor, query_docs: Tensor, k: Optional[int] = None) -> TopK:
         """Top-k by inner product of normalised queries and keys.
 
         Args:
@@ -203,6 +208,7 @@ class KnnMemory:
             before: ``[rows]`` stream position; entries at or after it are skipped (they are
                 in the local context already).
             query_docs: ``[rows, T]``: a query only sees its own document's entries.
+            k: entries per query (default ``--memorizing-topk``).
         Returns:
             ``(scores [rows, heads, T, k], values [rows, heads, T, k, dim], found [rows, heads, T, k])``
             (``found`` False where fewer than k entries exist; scores and values there are
@@ -211,20 +217,20 @@ class KnnMemory:
         rows, heads, t, dim = queries.shape
         if self.keys is None or self.keys.shape[:2] != (rows, heads):
             empty = queries.new_zeros(rows, heads, t, 0)
-            return empty, queries.new_zeros(rows, heads, t, 0, dim), empty.bool()
+            return TopK(empty, queries.new_zeros(rows, heads, t, 0, dim), empty.bool())
         q = F.normalize(queries, dim=-1)
-        top, slots = self.search_slots(q.detach(), before, query_docs)
+        top, slots = self.search_slots(q.detach(), before, query_docs, k=k)
         k = slots.size(-1)
         base = torch.arange(rows * heads, device=slots.device).view(rows, heads, 1, 1) * self.size
         flat = (base + slots).view(-1)  # one gather over all rows and heads
         keys = self.keys.view(-1, dim).index_select(0, flat).view(rows, heads, t, k, dim)
         values = self.values.view(-1, dim).index_select(0, flat).view(rows, heads, t, k, dim)
         scores = torch.matmul(keys, q.to(keys.dtype).unsqueeze(-1)).squeeze(-1)  # differentiable in q
-        return scores, values, torch.isfinite(top)
+        return TopK(scores, values, torch.isfinite(top))
 
     @torch.no_grad()
     def search_slots(self, q: Tensor, before: Tensor, query_docs: Tensor,
-                     method: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+                     method: Optional[str] = None, k: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """``(scores, slots)``, each ``[rows, heads, T, k]``, for normalised queries ``q``.
 
         Scores are -inf where nothing was found (slot 0 there). ``method`` (torch|faiss)
@@ -232,7 +238,7 @@ class KnnMemory:
         whose IVF index is not trained yet, are searched by torch).
         """
         rows, heads, t, _ = q.shape
-        k = min(self.k, self.size)
+        k = min(self.k if k is None else k, self.size)
         top = q.new_full((rows, heads, t, k), float("-inf"), dtype=self.keys.dtype)
         slots = torch.zeros(rows, heads, t, k, dtype=torch.long, device=q.device)
         use_faiss = (method or self.search) == "faiss"

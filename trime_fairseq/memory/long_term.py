@@ -8,17 +8,25 @@ itself is local memory, so no token is counted twice), at most ``size`` of them 
 most recent). Only the current document is kept, in a preallocated buffer that is
 compacted when full, so appends cost O(tokens appended) and windows are views.
 
+It follows the memory protocol (:mod:`trime_fairseq.memory.protocol`): :meth:`LongTermMemory.update`
+appends, :meth:`LongTermMemory.topk` returns the readable entries most similar to each query
+(``window`` is the whole readable set, which Eq. 5 sums over), :meth:`LongTermMemory.reset`
+empties it.
+
 With ``across_documents`` (``--memory-across-documents``) the memory is the stream's: it
 is not reset at document boundaries, and a block reads the ``size`` most recent tokens
 before its window whatever their document (as the reference evaluates WikiText-103).
 """
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 from torch import Tensor
 
 from trime_fairseq.errors import TrimeUserError
+from trime_fairseq.memory.protocol import TopK
+
+SIM_CHUNK = 1 << 22  # similarities computed at once by topk (16 MiB in fp32)
 
 
 class MemoryOrderError(RuntimeError):
@@ -50,7 +58,8 @@ class LongTermMemory:
         self.capacity = 2 * (size + context) + 1
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, rows: Optional[Tensor] = None) -> None:
+        """Empty the memory (it has one stream, so ``rows`` is ignored)."""
         self._keys: Dict[str, Tensor] = {}
         self._labels = self._docs = self._pos = None
         self.start = self.end = 0
@@ -86,8 +95,46 @@ class LongTermMemory:
         self._docs = labels.new_empty(cap)
         self._pos = labels.new_empty(cap)
 
-    def append(self, keys: Dict[str, Tensor], labels: Tensor, docs: Tensor, positions: Tensor) -> None:
-        """Add scored tokens (``[n, d]`` keys, ``[n]`` labels/documents/positions) in order."""
+    def topk(self, queries: Tensor, before: Union[int, Tensor], query_docs: Tensor, k: Optional[int] = None,
+             representation: str = "g") -> TopK:
+        """The ``k`` readable entries of largest inner product ``q·key`` (Eq. 3's similarity,
+        before the 1/√d scaling) with each of ``queries`` ``[T, d]``, best first.
+
+        Readable: as :meth:`window` for a block whose context starts at ``before`` and whose
+        first query is in document ``query_docs[0]``; per document, a query reads only its own
+        document's entries. ``k=None``: all readable entries. Values are the entries' labels.
+        """
+        window = self.window(int(before), int(query_docs[0]))
+        n = 0 if window is None else len(window)
+        width = n if k is None else k
+        t = queries.size(0)
+        scores = queries.new_full((t, width), float("-inf"))
+        values = torch.zeros(t, width, dtype=torch.long, device=queries.device)
+        take = min(width, n)
+        if take > 0:
+            if representation not in window.keys:
+                raise TrimeUserError(f"the long-term memory holds {sorted(window.keys)}, not {representation!r}")
+            keys = window.keys[representation]
+            other_doc = None if self.across_documents else query_docs.unsqueeze(1) != window.docs.unsqueeze(0)
+            step = max(1, SIM_CHUNK // n)
+            for s in range(0, t, step):  # [step, n] similarities at a time
+                sims = queries[s:s + step].to(keys.dtype) @ keys.t()
+                if other_doc is not None:
+                    sims.masked_fill_(other_doc[s:s + step], float("-inf"))
+                top, idx = sims.topk(take, dim=-1)
+                scores[s:s + step, :take] = top.to(scores.dtype)
+                values[s:s + step, :take] = window.labels[idx]
+        return TopK(scores, values, torch.isfinite(scores))
+
+    def update(self, keys: Dict[str, Tensor], values: Tensor, positions: Tensor, docs: Tensor,
+               keep: Optional[Tensor] = None) -> None:
+        """Add scored tokens in reading order: ``[n, d]`` keys per representation, ``[n]``
+        values (next-token labels), stream positions and documents; only where ``keep``
+        (default all)."""
+        if keep is not None:
+            keys = {k: v[keep] for k, v in keys.items()}
+            values, positions, docs = values[keep], positions[keep], docs[keep]
+        labels = values
         n = int(positions.numel())
         if n == 0:
             return

@@ -132,9 +132,9 @@ def scored_rows(
             row = row.with_long_memory(keys["g"], keys["f"], window.labels.unsqueeze(0), allowed.unsqueeze(0))
         yield i, s, row
         reps = {"g": x.query_g, "f": x.query_f}
-        long_memory.append(
+        long_memory.update(
             {k: reps[k][i, scored] for k in representations},
-            x.target[i, scored], docs[scored], pos[scored],
+            x.target[i, scored], positions=pos[scored], docs=docs[scored],
         )
 
 
