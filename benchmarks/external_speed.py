@@ -51,7 +51,9 @@ def bench_datastore(cfg, model, task, max_blocks: int) -> dict:
     from trime_fairseq.memory.datastore import DatastoreMeta, DatastoreWriter
 
     context = cfg.eval_lm.context_window
-    max_tokens = cfg.dataset.max_tokens or 8192
+    from trime_fairseq.tasks.datastore_keys import DEFAULT_KEY_MAX_TOKENS
+
+    max_tokens = cfg.dataset.max_tokens or DEFAULT_KEY_MAX_TOKENS
 
     def iter_keys(blocks: int):  # the first ``blocks`` blocks of the split, as trime-build-datastore reads them
         return task.iter_datastore_keys(model, "train", max_tokens, None, context,

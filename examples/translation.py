@@ -65,7 +65,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                         "length-sorted batches of --max-tokens (2: ordinary batches during the CE warm-up)")
     p.add_argument("--bm25-grouping", choices=["whole", "length"], default="length",
                    help="TRIME-MT: BM25 groups kept whole in chain order (the reference), or re-split by "
-                        "length (default: whole costs 0.42x the tokens per update on this corpus)")
+                        "length (default; docs/results/translation_ablation.md compares them)")
 
 
 def trime_flags(a: argparse.Namespace, max_update: int) -> list:

@@ -50,7 +50,7 @@ def test_bad_values_are_one_line_errors():
 def test_one_combiner_registry_for_lm_and_mt():
     from trime_fairseq.memory.combiners import CacheCombiner, KnnCombiner, NoMemory, TrimeCombiner
     from trime_fairseq.tasks.memory_flags import build_combiner
-    from trime_fairseq.tasks.trime_translation import build_mt_combiner
+    from trime_fairseq.tasks.trime_translation import combiner_flag
 
     base = dict(eval_temperature=1.5, knn_lambda=0.3, knn_temperature=10.0, knn_k=8, datastore="ds",
                 cache_lambda=None, cache_theta=None, metak_path=None)
@@ -58,7 +58,7 @@ def test_one_combiner_registry_for_lm_and_mt():
     mt = SimpleNamespace(eval_combiner="knn", mt_combiner=None, **base)
     old = SimpleNamespace(eval_combiner="none", mt_combiner="knn", **base)  # the old flag name still works
     for cfg in (lm, mt, old):
-        made = build_mt_combiner(cfg) if hasattr(cfg, "mt_combiner") else build_combiner(cfg)
+        made = build_combiner(cfg, *combiner_flag(cfg)) if hasattr(cfg, "mt_combiner") else build_combiner(cfg)
         assert isinstance(made, KnnCombiner) and made.lam == 0.3
     assert isinstance(build_combiner(lm, "none"), NoMemory)
     assert isinstance(build_combiner(lm, "trime"), TrimeCombiner)
@@ -67,9 +67,9 @@ def test_one_combiner_registry_for_lm_and_mt():
     # errors name the flag the user typed
     no_lambda = {**base, "knn_lambda": None}
     with pytest.raises(TrimeUserError, match="^--mt-combiner knn needs --knn-lambda"):
-        build_mt_combiner(SimpleNamespace(eval_combiner="none", mt_combiner="knn", **no_lambda))
+        build_combiner(SimpleNamespace(**no_lambda), *combiner_flag(SimpleNamespace(eval_combiner="none", mt_combiner="knn", **no_lambda)))
     with pytest.raises(TrimeUserError, match="^--eval-combiner knn needs --knn-lambda"):
-        build_mt_combiner(SimpleNamespace(eval_combiner="knn", mt_combiner=None, **no_lambda))
+        build_combiner(SimpleNamespace(**no_lambda), *combiner_flag(SimpleNamespace(eval_combiner="knn", mt_combiner=None, **no_lambda)))
     with pytest.raises(TrimeUserError, match="--eval-combiner adaptive needs --metak-path"):
         build_combiner(SimpleNamespace(eval_combiner="adaptive", **base))
 

@@ -212,7 +212,7 @@ def test_tune_mt_on_cached_neighbours_equals_decoder_distribution(tiny_mt, combi
                             "--knn-k", "8", *flags)
     wrapped.eval()
     cached = collect(wrapped.inner, task, "valid", 4096, None)
-    tuned = score_grid(cached, combiner, {k: [v] for k, v in params.items()})[1]["nll"]
+    tuned = score_grid(cached, combiner, [params])[1]["nll"]
     ds = task.dataset("valid")
     total, count = 0.0, 0
     with torch.no_grad():

@@ -79,9 +79,10 @@ def parse(argv: Optional[Sequence[str]]):
 def build_keys(ours, cfg, model, task, ckpt_path: str) -> None:
     from trime_fairseq.memory.datastore import (
         DatastoreMeta, DatastoreWriter, file_fingerprint, model_fingerprint, value_dtype_for)
+    from trime_fairseq.tasks.datastore_keys import DEFAULT_KEY_MAX_TOKENS
 
     split, context = cfg.dataset.gen_subset, cfg.eval_lm.context_window
-    max_tokens = cfg.dataset.max_tokens or 8192
+    max_tokens = cfg.dataset.max_tokens or DEFAULT_KEY_MAX_TOKENS
     layout = task.datastore_layout(split, max_tokens, cfg.dataset.batch_size, context)
     dim = model.decoder.layers[-1].fc1.in_features
     vocab = len(task.target_dictionary)
@@ -124,6 +125,7 @@ def build_index_for(ours, cfg, model, task) -> dict:
     from trime_fairseq.memory.datastore import Datastore
     from trime_fairseq.memory.index import datastore_index_factory
     from trime_fairseq.memory.search_index import SearchIndex
+    from trime_fairseq.tasks.datastore_keys import DEFAULT_KEY_MAX_TOKENS
 
     ds = Datastore(ours.out)
     factory = datastore_index_factory(len(ds), ds.meta.dim) if ours.index_factory == "auto" else ours.index_factory
@@ -133,7 +135,7 @@ def build_index_for(ours, cfg, model, task) -> dict:
                               where=f"--out {ours.out}: {ds.path / 'keys.npy'}", fix=ds.fix)
     index.config.build_seconds = time.perf_counter() - t0
     queries = []
-    found = task.iter_datastore_keys(model, ours.recall_subset, cfg.dataset.max_tokens or 8192,
+    found = task.iter_datastore_keys(model, ours.recall_subset, cfg.dataset.max_tokens or DEFAULT_KEY_MAX_TOKENS,
                                      cfg.dataset.batch_size, cfg.eval_lm.context_window,
                                      max_keys=ours.recall_queries)
     for keys, *_ in found:

@@ -71,15 +71,18 @@ SKIP_COMBINERS = ("trime", "knn")
 DEFAULT_MAX_PPL_INCREASE = 0.01
 
 
-def parse_grid(combiner: str, items: Sequence[str]) -> List[Dict[str, float]]:
-    """``["tau=0.5,1"]`` -> ``[{"tau": 0.5}, {"tau": 1.0}]`` (Cartesian product)."""
-    required, optional = GRID_KEYS[combiner]
+def parse_grid(combiner: str, items: Sequence[str],
+               keys: Dict[str, Tuple[Tuple[str, ...], Dict[str, float]]] = GRID_KEYS,
+               skip_combiners: Sequence[str] = SKIP_COMBINERS) -> List[Dict[str, float]]:
+    """``["tau=0.5,1"]`` -> ``[{"tau": 0.5}, {"tau": 1.0}]`` (Cartesian product), checked
+    against ``keys`` (per combiner: required axes, optional ones; ``trime-tune-mt`` passes its own)."""
+    required, optional = keys[combiner]
     axes: Dict[str, List[float]] = {}
     for item in items:
         if "=" not in item:
             raise TrimeUserError(f"--grid entries look like name=v1,v2,...; got {item!r}")
         name, values = item.split("=", 1)
-        skip_ok = combiner in SKIP_COMBINERS
+        skip_ok = combiner in skip_combiners
         if name not in required and name not in optional and not (name == SKIP_AXIS and skip_ok):
             takes = [*required, *optional, *([SKIP_AXIS] if skip_ok else [])]
             raise TrimeUserError(f"--grid: {combiner} takes {', '.join(takes)}; got {name!r}")

@@ -18,7 +18,6 @@ P'; only read where λ > 0).
 Any other flag goes to fairseq's parser (``--max-tokens``, ``--source-lang``...).
 """
 import argparse
-import itertools
 import json
 import logging
 import os
@@ -35,10 +34,8 @@ from trime_fairseq.errors import TrimeUserError, cli_entry
 logger = logging.getLogger("trime_fairseq.tune_mt")
 
 #: per combiner: the grid axes it needs, and the optional ones with their defaults
-GRID_AXES = {"knn": ("lambda", "temperature"), "trime": ("tau",)}
-OPTIONAL_AXES = {"knn": {}, "trime": {"memory_lambda": 0.0, "memory_tau": 1.0}}
-LAMBDAS = ("lambda", "memory_lambda")
-
+GRID_KEYS = {"knn": (("lambda", "temperature"), {}),
+             "trime": (("tau",), {"memory_lambda": 0.0, "memory_tau": 1.0})}
 
 def load_mt(argv: Sequence[str], prog: str):
     """:func:`trime_fairseq.cli.tune.load` for the MT commands: ``(cfg, model, task)``,
@@ -78,7 +75,7 @@ def grid_combiner(combiner: str, params: Dict[str, float]) -> Combiner:
     ``fairseq-generate --eval-combiner`` (:func:`~trime_fairseq.tasks.memory_flags.build_combiner`)."""
     from trime_fairseq.tasks.memory_flags import build_combiner
 
-    p = {**OPTIONAL_AXES[combiner], **params}
+    p = {**GRID_KEYS[combiner][1], **params}
     lam = p.get("memory_lambda", 0.0)
     cfg = SimpleNamespace(eval_combiner=combiner, knn_lambda=p.get("lambda"),
                           knn_temperature=p.get("temperature", 1.0), eval_temperature=p.get("tau", 1.0),
@@ -93,36 +90,23 @@ def target_log_prob(c: Dict[str, torch.Tensor], combiner: Combiner) -> torch.Ten
     return combiner.target_log_prob(x)[0]
 
 
-def score_grid(c: Dict[str, torch.Tensor], combiner: str, grid: Dict[str, List[float]]) -> List[dict]:
-    """NLL per token (nats) of every grid point, and of the MT model alone first."""
+def score_grid(c: Dict[str, torch.Tensor], combiner: str, points: Sequence[Dict[str, float]]) -> List[dict]:
+    """NLL per token (nats) of every grid point, and of the MT model alone first. τ' is not read
+    without Appendix F (λ = 0): such points are scored once, at the first τ' of the grid."""
     rows = [{"params": {}, "nll": float(-(c["tok_target"] - c["tok_lse"]).mean())}]
-    names = list(grid)
-    for combo in itertools.product(*(grid[k] for k in names)):
-        p = dict(zip(names, combo))
-        if p.get("memory_lambda") == 0 and "memory_tau" in p and p["memory_tau"] != grid["memory_tau"][0]:
-            continue  # tau' is not read without Appendix F: one point for all of its values
-        rows.append({"params": p, "nll": float(-target_log_prob(c, grid_combiner(combiner, p)).mean())})
+    first_tau = next((p["memory_tau"] for p in points if "memory_tau" in p), None)
+    for p in points:
+        if p.get("memory_lambda") == 0 and p.get("memory_tau", first_tau) != first_tau:
+            continue
+        rows.append({"params": dict(p), "nll": float(-target_log_prob(c, grid_combiner(combiner, p)).mean())})
     return rows
 
 
-def parse_grid(combiner: str, items: Sequence[str]) -> Dict[str, List[float]]:
-    grid: Dict[str, List[float]] = {}
-    for item in items:
-        name, _, values = item.partition("=")
-        axes = (*GRID_AXES[combiner], *OPTIONAL_AXES[combiner])
-        if name not in axes or not values:
-            raise TrimeUserError(f"--grid for {combiner} takes {', '.join(axes)}=v1,v2,...; got {item!r}")
-        try:
-            grid[name] = [float(v) for v in values.split(",") if v]
-        except ValueError:
-            raise TrimeUserError(f"--grid {name}: values must be numbers, got {values!r}") from None
-        if name in LAMBDAS and any(not 0.0 <= v < 1.0 for v in grid[name]):
-            raise TrimeUserError(f"--grid {name}: values must be in [0, 1) (at 1 the MT model gets no "
-                                 f"weight and unseen tokens log-prob -inf), got {values}")
-    missing = [k for k in GRID_AXES[combiner] if k not in grid]
-    if missing:
-        raise TrimeUserError(f"--grid for {combiner} needs {', '.join(missing)}=...")
-    return grid
+def parse_grid(combiner: str, items: Sequence[str]) -> List[Dict[str, float]]:
+    """The grid points of ``--grid`` (:func:`trime_fairseq.cli.tune.parse_grid` with this command's axes)."""
+    from trime_fairseq.cli.tune import parse_grid as parse
+
+    return parse(combiner, items, GRID_KEYS, skip_combiners=())
 
 
 @cli_entry("trime-tune-mt")
@@ -130,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     setup_cli_logging()
     p = argparse.ArgumentParser(prog="trime-tune-mt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--combiner", choices=sorted(GRID_AXES), required=True,
+    p.add_argument("--combiner", choices=sorted(GRID_KEYS), required=True,
                    help="knn (grid over lambda, temperature) or trime (grid over tau, optionally "
                         "memory_lambda and memory_tau of Appendix F)")
     p.add_argument("--grid", nargs="+", required=True, help="name=v1,v2,... per parameter")

@@ -13,6 +13,9 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+#: tokens per forward pass when reading keys and no --max-tokens was given
+DEFAULT_KEY_MAX_TOKENS = 8192
+
 
 class KeyBatch(NamedTuple):
     """One forward pass: keys ``[n, d]``, values ``[n]`` and, on request, the token terms

@@ -22,7 +22,7 @@ Decoding (``fairseq-generate``): ``--eval-combiner`` picks how the ``--datastore
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from trime_fairseq.memory.in_batch import MemorySpec, mark_placeholder
-from trime_fairseq.memory.combiners import Combiner, NoMemory
+from trime_fairseq.memory.combiners import NoMemory
 from trime_fairseq.tasks.datastore_keys import DatastoreKeys, KeyLayout
 from trime_fairseq.tasks.memory_flags import (
     BM25BatchingConfig, RetrievalConfig, bm25_batches_at, build_combiner, build_retriever, cached_bm25_batches,
@@ -73,8 +73,7 @@ class TrimeTranslationConfig(TranslationConfig, RetrievalConfig, BM25BatchingCon
                           "reference TRIME-MT), cut into consecutive runs only where padding would "
                           "exceed --max-tokens; length = groups of about two batches, each re-split "
                           "into length-sorted parts (less padding, but similar targets can land in "
-                          "different batches). On the heavy-tailed default corpus whole gives 0.42x "
-                          "the target tokens per update of length (docs/results/translation_ablation.md)"},
+                          "different batches; docs/results/translation_ablation.md compares them)"},
     )
     bm25_max_tokens: int = field(
         default=0,
@@ -89,9 +88,10 @@ class TrimeTranslationConfig(TranslationConfig, RetrievalConfig, BM25BatchingCon
     )
 
 
-def build_mt_combiner(cfg) -> Combiner:
-    """The decoding-time :class:`Combiner` named by ``--eval-combiner`` (or its old name
-    ``--mt-combiner``), from the registry the LM task uses too."""
+def combiner_flag(cfg) -> Tuple[str, str]:
+    """``(combiner kind, flag the user typed)`` of ``fairseq-generate``: ``--eval-combiner``, or its
+    old name ``--mt-combiner``; checks the datastore flags it needs. The combiner itself comes
+    from the registry both tasks use (:func:`~trime_fairseq.tasks.memory_flags.build_combiner`)."""
     flag, name = ("--mt-combiner", str(cfg.mt_combiner)) if cfg.mt_combiner is not None else \
         ("--eval-combiner", str(cfg.eval_combiner))
     if name != "none" and not cfg.datastore:
@@ -99,7 +99,7 @@ def build_mt_combiner(cfg) -> Combiner:
     if cfg.knn_k < 1:
         raise TrimeUserError(f"--knn-k must be >= 1, got {cfg.knn_k}")
     retrieval_skip(cfg, name != "none")
-    return build_combiner(cfg, name, flag)
+    return name, flag
 
 
 class SummaryAtEnd:
@@ -130,7 +130,7 @@ class TrimeTranslationTask(DatastoreKeys, TranslationTask):
     def __init__(self, cfg: TrimeTranslationConfig, src_dict, tgt_dict) -> None:
         super().__init__(cfg, src_dict, tgt_dict)
         check_bm25_flags(cfg)
-        self.combiner = build_mt_combiner(cfg)
+        self.combiner = build_combiner(cfg, *combiner_flag(cfg))
         self.retriever = None  # the --datastore's, once a model opened it
         self.eval_models = []  # the memory models built for decoding (their time split is logged)
 
