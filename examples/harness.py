@@ -190,6 +190,20 @@ def bleu(hyps: Sequence[str], refs: Sequence[str]) -> Dict:
     return {"bleu": round(score.score, 2), "signature": str(metric.get_signature())}
 
 
+def paired_bootstrap(baseline: Sequence[str], system: Sequence[str], refs: Sequence[str],
+                     samples: int = 1000) -> Dict:
+    """sacrebleu's paired bootstrap resampling of ``system`` against ``baseline`` (corpus BLEU of
+    each, the p-value of the difference, the half-width of the system's 95% interval)."""
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    _, scores = PairedTest([("baseline", list(baseline)), ("system", list(system))], {"BLEU": BLEU()},
+                           [list(refs)], test_type="bs", n_samples=samples)()
+    base, other = scores["BLEU"]
+    return {"baseline_bleu": round(base.score, 2), "system_bleu": round(other.score, 2),
+            "p_value": round(float(other.p_value), 4), "ci": round(float(other.ci), 2), "samples": samples}
+
+
 def run_tool(module: str, args: Sequence[str], out_json: Path, log_path: Path) -> dict:
     """Run a tool that writes ``out_json`` and return the JSON; reused while
     ``out_json.args.json`` records the same arguments (and the same mtimes of the files

@@ -22,8 +22,11 @@ projects, Debian package descriptions (DDTP) and Debian base-system ``.mo`` cata
    Appendix F's λ and τ' (Eq. 8 over the retrieved neighbours) are chosen by validation NLL
    with ``trime-tune-mt``
    (one retrieval pass per model); Meta-k (adaptive kNN-MT) is trained on the validation
-   set with ``trime-train-metak``.
-4. ``fairseq-generate`` (beam 5) on the test sets, detokenised, scored with sacrebleu.
+   set with ``trime-train-metak``. With ``--bleu-lambdas``, kNN-MT's λ and TRIME-MT's
+   Appendix F λ are also chosen by validation BLEU (one beam search per value), reported
+   as extra systems.
+4. ``fairseq-generate`` (beam 5) on the test sets, detokenised, scored with sacrebleu; the
+   test NLL of kNN-MT and TRIME-MT at their tuned settings (reported, not used to choose).
 
 Results go to ``RUN/results.{json,md,png}`` and to ``--results`` (``docs/results/translation``
 by default: ``.json`` rows keyed ``base``, ``knnmt``, ``adaptive_knnmt``, ``trime_mt``,
@@ -47,7 +50,20 @@ logger = logging.getLogger("translation")
 DEFAULT_SOURCES = "pypi,debian-ddtp,debian-mo"
 #: ``docs/results/translation.json`` row keys
 ROW_KEYS = {"base": "base", "kNN-MT": "knnmt", "adaptive kNN-MT": "adaptive_knnmt", "TRIME-MT": "trime_mt",
-            "TRIME-MT (no memory)": "trime_mt_nomem"}
+            "TRIME-MT (no memory)": "trime_mt_nomem", "kNN-MT (λ by valid BLEU)": "knnmt_bleu_lambda",
+            "TRIME-MT (λ by valid BLEU)": "trime_mt_bleu_lambda"}
+
+
+def knn_generate_flags(p: dict, datastore: list) -> list:
+    """``fairseq-generate`` flags of kNN-MT at the grid point ``p`` (``trime-tune-mt`` names)."""
+    return ["--eval-combiner", "knn", "--knn-lambda", p["lambda"], "--knn-temperature", p["temperature"], *datastore]
+
+
+def trime_generate_flags(p: dict, datastore: list) -> list:
+    """``fairseq-generate`` flags of TRIME-MT at the grid point ``p`` (Appendix F where λ > 0)."""
+    return ["--eval-combiner", "trime", "--eval-temperature", p["tau"], *datastore,
+            *(["--memory-lambda", p["memory_lambda"], "--memory-temperature", p["memory_tau"]]
+              if p.get("memory_lambda", 0) > 0 else [])]
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -239,6 +255,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trime-name", default="trime",
                    help="name of TRIME-MT's checkpoint, datastores, tuning and results files in --run-dir (another "
                         "name compares a second TRIME-MT recipe against the same base-model artefacts)")
+    p.add_argument("--bleu-lambdas", default="",
+                   help="also choose kNN-MT's λ and TRIME-MT's Appendix F λ by validation BLEU (beam search "
+                        "on the validation set at each of these values, the other settings as tuned by NLL) and "
+                        "report those systems too ('': NLL tuning only)")
     p.add_argument("--knn-k", type=int, default=16, help="neighbours retrieved per decoding step")
     p.add_argument("--beam", type=int, default=5, help="beam size")
     p.add_argument("--gen-batch-size", type=int, default=64, help="sentences per generation batch")
@@ -281,7 +301,7 @@ def main(argv=None) -> dict:
     domains = {"general": ("train", "valid", "test")}
     if domain_splits:
         domains["in-domain"] = ("indomain_train", "indomain_valid", "indomain_test")
-    rows, tuned, index_info = [], {}, {}
+    rows, tuned, index_info, test_nll, bleu_lambda, significance = [], {}, {}, {}, [], []
     for domain, (tr, va, te) in domains.items():
         stores = {"base": ("l2", run / "ds" / f"base_{tr}"), "trime": ("ip", run / "ds" / f"{a.trime_name}_{tr}")}
         for name, (metric, out) in stores.items():
@@ -310,30 +330,63 @@ def main(argv=None) -> dict:
                           logs / f"metak_{domain}.log")
         tuned[domain] = {"knn": knn["best"], "trime": trime["best"]}
         kp, tp = knn["best"]["params"], trime["best"]["params"]
+        # the tuned points on the test set: NLL is reported, never used to choose
+        test_nll[domain] = {
+            name: ex.run_tool("trime_fairseq.cli.tune_mt",
+                              [data, "--path", ckpt[model], "--combiner", comb, "--grid",
+                               *(f"{k}={v:g}" for k, v in params.items()), "--out", run / f"testnll_{tag}_{domain}.json",
+                               *ds[model], *run_flags, "--gen-subset", te],
+                              run / f"testnll_{tag}_{domain}.json", logs / f"testnll_{tag}_{domain}.log")
+            for name, model, comb, params, tag in (("knnmt", "base", "knn", kp, "knn"),
+                                                    ("trime_mt", "trime", "trime", tp, a.trime_name))}
         systems = [
             ("base", "base", []),
-            ("kNN-MT", "base", ["--eval-combiner", "knn", "--knn-lambda", kp["lambda"], "--knn-temperature",
-                                kp["temperature"], *ds["base"]]),
+            ("kNN-MT", "base", knn_generate_flags(kp, ds["base"])),
             ("adaptive kNN-MT", "base", ["--eval-combiner", "adaptive", "--metak-path", metak, *ds["base"]]),
             *([("TRIME-MT (no memory)", "trime", [])] if domain == "general" else []),
-            ("TRIME-MT", "trime", ["--eval-combiner", "trime", "--eval-temperature", tp["tau"], *ds["trime"],
-                                   *(["--memory-lambda", tp["memory_lambda"], "--memory-temperature", tp["memory_tau"]]
-                                     if tp.get("memory_lambda", 0) > 0 else [])]),
+            ("TRIME-MT", "trime", trime_generate_flags(tp, ds["trime"])),
         ]
-        refs = (corpus / "raw" / f"{te}.en").read_text().splitlines()
-        for system, model, flags in systems:
-            tag = "".join(c if c.isalnum() else "_" for c in f"{domain}_{system}".lower())
+
+        def decode(system: str, model: str, flags: list, split: str) -> dict:
+            """BLEU and speed of ``system`` on ``split`` (decodes cached beside their logs)."""
+            tag = "".join(c if c.isascii() and c.isalnum() else "_" for c in f"{domain}_{system}".lower())
             if model == "trime" and a.trime_name != "trime":
                 tag += f"_{a.trime_name}"
-            gen = ex.cached_generate(data, ckpt[model], [*flags, "--gen-subset", te, "--beam", a.beam, "--batch-size",
-                                                  a.gen_batch_size, "--max-len-a", 1.2, "--max-len-b", 10,
-                                                  "--post-process", "sentencepiece", "--cpu",
-                                                  "--num-workers", "0"], logs / f"generate_{tag}.log")
-            score = ex.bleu(gen["hyps"][: len(refs)], refs)
+            if split != te:
+                tag += f"_{split}"
+            gen = ex.cached_generate(data, ckpt[model], [*flags, "--gen-subset", split, "--beam", a.beam,
+                                                         "--batch-size", a.gen_batch_size, "--max-len-a", 1.2,
+                                                         "--max-len-b", 10, "--post-process", "sentencepiece",
+                                                         "--cpu", "--num-workers", "0"], logs / f"generate_{tag}.log")
+            refs = (corpus / "raw" / f"{split}.en").read_text().splitlines()
+            return {**ex.bleu(gen["hyps"][: len(refs)], refs), "sentences_per_s": gen["sentences_per_s"],
+                    "hyps": gen["hyps"][: len(refs)], "refs": refs}
+
+        if a.bleu_lambdas:  # λ by validation BLEU, the rest as tuned by NLL
+            for system, model, key, make, params in (
+                    ("kNN-MT", "base", "lambda", knn_generate_flags, kp),
+                    ("TRIME-MT", "trime", "memory_lambda", trime_generate_flags, tp)):
+                curve = []
+                for lam in [float(v) for v in a.bleu_lambdas.split(",")]:
+                    point = {**params, key: lam}
+                    score = decode(f"{system} {key} {lam:g}", model, make(point, ds[model]), va)
+                    curve.append({"domain": domain, "system": system, key: lam, "valid_bleu": score["bleu"]})
+                bleu_lambda += curve
+                best = max(curve, key=lambda r: r["valid_bleu"])
+                systems.append((f"{system} (λ by valid BLEU)", model, make({**params, key: best[key]}, ds[model])))
+        hyps = {}
+        for system, model, flags in systems:
+            score = decode(system, model, flags, te)
+            hyps[system] = score["hyps"]
             rows.append({"key": ROW_KEYS[system], "domain": domain, "system": system, "bleu": score["bleu"],
-                         "sentences_per_s": gen["sentences_per_s"], "flags": " ".join(map(str, flags)),
+                         "sentences_per_s": score["sentences_per_s"], "flags": " ".join(map(str, flags)),
                          "signature": score["signature"]})
-            logger.info("%s / %s: BLEU %.2f (%.1f sentences/s)", domain, system, score["bleu"], gen["sentences_per_s"])
+            logger.info("%s / %s: BLEU %.2f (%.1f sentences/s)", domain, system, score["bleu"], score["sentences_per_s"])
+        for tuning, suffix in (("validation NLL", ""), ("λ by validation BLEU", " (λ by valid BLEU)")):
+            if f"kNN-MT{suffix}" in hyps and f"TRIME-MT{suffix}" in hyps:
+                significance.append({"domain": domain, "tuning": tuning,
+                                     **ex.paired_bootstrap(hyps[f"kNN-MT{suffix}"], hyps[f"TRIME-MT{suffix}"],
+                                                           score["refs"])})
 
     wpb = {name: train_tokens_per_update(logs / f"train_{files[name]}.log") for name in specs}
     base_speed = {r["domain"]: r["sentences_per_s"] for r in rows if r["system"] == "base"}
@@ -356,7 +409,8 @@ def main(argv=None) -> dict:
                               ["updates", "valid BLEU (greedy)", "valid NLL (nats/token)"])
     header_curve = "\n\nBase model against updates (validation set):\n\n" + curve
     result = {"args": vars(a), "trime_max_tokens": trime_max_tokens, "target_tokens_per_update": wpb, "rows": rows,
-              "tuned": tuned, "index": index_info, "train": trained, "valid_curves": curves}
+              "tuned": tuned, "index": index_info, "train": trained, "valid_curves": curves,
+              "test_nll": test_nll, "bleu_lambda": bleu_lambda, "significance": significance}
     run_json = run / ("results.json" if a.trime_name == "trime" else f"results_{a.trime_name}.json")
     result["recipes"] = recipe_rows(run, run_json, result)
     recipes = ex.markdown_table(result["recipes"], ["trime_name", "recipe", "valid_nll", "general_nomem",
@@ -373,6 +427,26 @@ def main(argv=None) -> dict:
                                "gain", "tuned setting"])
     header_recipes += ("\n\nValidation NLL (nats/token, `trime-tune-mt`) alone and with memory at the setting "
                        "tuned on it:\n\n" + gains)
+    nll_rows = [{"domain": d, "system": n, "model_alone": f"{v['rows'][0]['nll']:.3f}",
+                 "with_memory": f"{v['rows'][1]['nll']:.3f}", "params": v["rows"][1]["params"]}
+                for d, per in test_nll.items() for n, v in per.items()]
+    header_recipes += ("\n\nTest NLL (nats/token, `trime-tune-mt --gen-subset TEST` at the validation-tuned "
+                       "settings; reported, not used to choose):\n\n"
+                       + ex.markdown_table(nll_rows, ["domain", "system", "model_alone", "with_memory", "params"],
+                                           ["domain", "system", "model alone", "with memory", "setting"]))
+    header_recipes += ("\n\nTRIME-MT against kNN-MT on the test sets, paired bootstrap resampling (sacrebleu, "
+                       "1,000 resamples; p: how often the resampled difference has the other sign):\n\n"
+                       + ex.markdown_table(significance, ["domain", "tuning", "baseline_bleu", "system_bleu", "p_value",
+                                                          "ci"],
+                                           ["test set", "settings chosen by", "kNN-MT", "TRIME-MT", "p", "± 95% CI"]))
+    if bleu_lambda:
+        header_recipes += ("\n\nValidation BLEU (beam search) against each system's interpolation weight "
+                           "(kNN-MT: λ; TRIME-MT: Appendix F's λ), the other settings as tuned by NLL; the best "
+                           "λ per system and domain gives the '(λ by valid BLEU)' rows above:\n\n"
+                           + ex.markdown_table([{**r, "lam": r.get("lambda", r.get("memory_lambda"))}
+                                                for r in bleu_lambda],
+                                               ["domain", "system", "lam", "valid_bleu"],
+                                               ["domain", "system", "λ", "valid BLEU"]))
     for out in ex.publish(result, header + table + header_curve + header_recipes, run_json, a.results, logger):
         ex.bar_plot([dict(r, system=f"{r['system']} ({r['domain']})") for r in rows], out.with_suffix(".png"),
                     "Translation with memory", keys=("bleu",), ylabel="BLEU (higher is better)")

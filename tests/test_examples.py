@@ -279,6 +279,37 @@ def test_valid_curve_reads_bleu_and_nll_of_each_validation(tmp_path):
     assert train_tokens_per_update(log) == 250.5  # the epoch summary wins
 
 
+def test_translation_generate_flags_follow_the_tuned_point():
+    """The decode flags of a ``trime-tune-mt`` grid point (used for the tuned systems and for
+    each value of ``--bleu-lambdas``): Appendix F's flags only where its λ > 0."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from translation import knn_generate_flags, trime_generate_flags
+
+    ds = ["--datastore", "d", "--knn-k", 16]
+    assert knn_generate_flags({"lambda": 0.7, "temperature": 10.0}, ds) == [
+        "--eval-combiner", "knn", "--knn-lambda", 0.7, "--knn-temperature", 10.0, *ds]
+    with_f = trime_generate_flags({"tau": 40.0, "memory_lambda": 0.6, "memory_tau": 3.0}, ds)
+    assert with_f[with_f.index("--memory-lambda") + 1] == 0.6 and with_f[with_f.index("--eval-temperature") + 1] == 40.0
+    assert "--memory-lambda" not in trime_generate_flags({"tau": 40.0, "memory_lambda": 0.0, "memory_tau": 3.0}, ds)
+
+
+def test_paired_bootstrap_separates_a_real_difference_from_none():
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from harness import paired_bootstrap
+
+    refs = [f"the {w} sat on the mat today" for w in ("cat", "dog", "bird", "cow", "fox", "owl")] * 5
+    worse = [r.replace("on the", "in a") for r in refs]
+    close = [refs[0]] + worse[1:]  # one sentence of 30 better
+    small = paired_bootstrap(worse, close, refs, samples=200)
+    assert small["system_bleu"] > small["baseline_bleu"] and small["p_value"] > 0.05
+    better = paired_bootstrap(worse, refs, refs, samples=200)
+    assert better["system_bleu"] == 100.0 and better["p_value"] < 0.05
+
+
 @pytest.mark.slow
 def test_translation_ablation_example(tmp_path):
     """Two variants at toy size: every row has validation BLEU and NLL, and the TRIME-MT
