@@ -435,7 +435,8 @@ def main(argv=None) -> dict:
                        + ex.markdown_table(nll_rows, ["domain", "system", "model_alone", "with_memory", "params"],
                                            ["domain", "system", "model alone", "with memory", "setting"]))
     header_recipes += ("\n\nTRIME-MT against kNN-MT on the test sets, paired bootstrap resampling (sacrebleu, "
-                       "1,000 resamples; p: how often the resampled difference has the other sign):\n\n"
+                       "1,000 resamples; p: the share of resamples whose centred difference is at least the "
+                       "observed one, so a small p means the difference is unlikely to be chance):\n\n"
                        + ex.markdown_table(significance, ["domain", "tuning", "baseline_bleu", "system_bleu", "p_value",
                                                           "ci"],
                                            ["test set", "settings chosen by", "kNN-MT", "TRIME-MT", "p", "± 95% CI"]))
