@@ -377,7 +377,7 @@ def main(argv=None) -> dict:
         hyps = {}
         for system, model, flags in systems:
             score = decode(system, model, flags, te)
-            hyps[system] = score["hyps"]
+            hyps[system], test_refs = score["hyps"], score["refs"]
             rows.append({"key": ROW_KEYS[system], "domain": domain, "system": system, "bleu": score["bleu"],
                          "sentences_per_s": score["sentences_per_s"], "flags": " ".join(map(str, flags)),
                          "signature": score["signature"]})
@@ -386,7 +386,7 @@ def main(argv=None) -> dict:
             if f"kNN-MT{suffix}" in hyps and f"TRIME-MT{suffix}" in hyps:
                 significance.append({"domain": domain, "tuning": tuning,
                                      **ex.paired_bootstrap(hyps[f"kNN-MT{suffix}"], hyps[f"TRIME-MT{suffix}"],
-                                                           score["refs"])})
+                                                           test_refs)})
 
     wpb = {name: train_tokens_per_update(logs / f"train_{files[name]}.log") for name in specs}
     base_speed = {r["domain"]: r["sentences_per_s"] for r in rows if r["system"] == "base"}

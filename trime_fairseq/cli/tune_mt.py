@@ -37,6 +37,7 @@ logger = logging.getLogger("trime_fairseq.tune_mt")
 GRID_KEYS = {"knn": (("lambda", "temperature"), {}),
              "trime": (("tau",), {"memory_lambda": 0.0, "memory_tau": 1.0})}
 
+
 def load_mt(argv: Sequence[str], prog: str):
     """:func:`trime_fairseq.cli.tune.load` for the MT commands: ``(cfg, model, task)``,
     the task a ``trime_translation`` one."""

@@ -23,9 +23,10 @@ from torch import Tensor
 
 class TopK(NamedTuple):
     """What :meth:`SegmentMemory.topk` returns, each ``[..., queries, k]`` (values may add
-    trailing dimensions; a memory that holds fewer than ``k`` entries may return fewer columns): the similarity of each retrieved entry, its value (a label for the
-    long-term memory, an attention value vector for the kNN memory) and ``found`` (False
-    where fewer than ``k`` entries were readable; scores and values there are arbitrary)."""
+    trailing dimensions; a memory that holds fewer than ``k`` entries may return fewer
+    columns): the similarity of each retrieved entry, its value (a label for the long-term
+    memory, an attention value vector for the kNN memory) and ``found`` (False where fewer
+    than ``k`` entries were readable; scores and values there are arbitrary)."""
 
     scores: Tensor
     values: Tensor
