@@ -347,8 +347,16 @@ def main(argv=None) -> dict:
             ("TRIME-MT", "trime", trime_generate_flags(tp, ds["trime"])),
         ]
 
+        decoded = {}  # (model, split, flags) -> result: one decode per setting, whatever the system's name
+
         def decode(system: str, model: str, flags: list, split: str) -> dict:
             """BLEU and speed of ``system`` on ``split`` (decodes cached beside their logs)."""
+            key = (model, split, tuple(map(str, flags)))
+            if key not in decoded:
+                decoded[key] = decode_once(system, model, flags, split)
+            return decoded[key]
+
+        def decode_once(system: str, model: str, flags: list, split: str) -> dict:
             tag = "".join(c if c.isascii() and c.isalnum() else "_" for c in f"{domain}_{system}".lower())
             if model == "trime" and a.trime_name != "trime":
                 tag += f"_{a.trime_name}"

@@ -78,8 +78,10 @@ def check(kind, mem, queries, before: int, docs, k: int, keys, ids, positions, e
     assert got.values[:, :n][found].tolist() == want_ids[found].tolist()
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 7], ids=["one-chunk", "chunked"])
 @pytest.mark.parametrize("kind", MEMORIES, ids=lambda k: k.__name__)
-def test_both_memories_follow_the_protocol(kind):
+def test_both_memories_follow_the_protocol(kind, chunk, monkeypatch):
+    monkeypatch.setattr("trime_fairseq.memory.protocol.SIM_CHUNK", chunk)  # 7: about one query per chunk
     torch.manual_seed(0)
     mem = kind(size=5)
     assert isinstance(mem.memory, SegmentMemory)

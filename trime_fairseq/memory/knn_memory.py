@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trime_fairseq.errors import TrimeUserError
-from trime_fairseq.memory.protocol import TopK
+from trime_fairseq.memory.protocol import TopK, chunked_topk
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ MEMORIZING_DEFAULTS = {
     "memorizing_faiss_nprobe": 32, "memorizing_faiss_train_size": 0,
 }
 _D = MEMORIZING_DEFAULTS
-SIM_CHUNK = 1 << 22  # similarities computed at once by the torch search (16 MiB in fp32)
 
 
 def memory_index_factory(size: int) -> str:
@@ -258,21 +257,12 @@ class KnnMemory:
         return top, slots
 
     def _search_torch(self, r: int, q: Tensor, before: int, top: Tensor, slots: Tensor) -> None:
-        heads, t, _ = q.shape
         n = int(self.count[r])  # live entries fill slots [0, n)
-        keys_t = self.keys[r, :, :n].transpose(-1, -2)
         valid = self.positions[r, :n] < before
-        hidden = None if bool(valid.all()) else ~valid
-        kk = min(slots.size(-1), n)
-        step = max(1, SIM_CHUNK // (heads * n))
-        q = q.to(keys_t.dtype)
-        for s in range(0, t, step):  # [heads, step, n] similarities at a time
-            sims = torch.matmul(q[:, s:s + step], keys_t)
-            if hidden is not None:
-                sims.masked_fill_(hidden, float("-inf"))
-            v, i = sims.topk(kk, dim=-1)
-            top[:, s:s + step, :kk] = v
-            slots[:, s:s + step, :kk] = i
+        v, i = chunked_topk(q, self.keys[r, :, :n].transpose(-1, -2), slots.size(-1),
+                            None if bool(valid.all()) else ~valid)
+        top[..., :v.size(-1)] = v
+        slots[..., :i.size(-1)] = i
 
     # --- faiss -----------------------------------------------------------------------------
 

@@ -24,9 +24,7 @@ import torch
 from torch import Tensor
 
 from trime_fairseq.errors import TrimeUserError
-from trime_fairseq.memory.protocol import TopK
-
-SIM_CHUNK = 1 << 22  # similarities computed at once by topk (16 MiB in fp32)
+from trime_fairseq.memory.protocol import TopK, chunked_topk
 
 
 class MemoryOrderError(RuntimeError):
@@ -114,16 +112,10 @@ class LongTermMemory:
         if take > 0:
             if representation not in window.keys:
                 raise TrimeUserError(f"the long-term memory holds {sorted(window.keys)}, not {representation!r}")
-            keys = window.keys[representation]
             other_doc = None if self.across_documents else query_docs.unsqueeze(1) != window.docs.unsqueeze(0)
-            step = max(1, SIM_CHUNK // n)
-            for s in range(0, t, step):  # [step, n] similarities at a time
-                sims = queries[s:s + step].to(keys.dtype) @ keys.t()
-                if other_doc is not None:
-                    sims.masked_fill_(other_doc[s:s + step], float("-inf"))
-                top, idx = sims.topk(take, dim=-1)
-                scores[s:s + step, :take] = top.to(scores.dtype)
-                values[s:s + step, :take] = window.labels[idx]
+            top, idx = chunked_topk(queries, window.keys[representation].t(), take, other_doc)
+            scores[:, :take] = top.to(scores.dtype)
+            values[:, :take] = window.labels[idx]
         return TopK(scores, values, torch.isfinite(scores))
 
     def update(self, keys: Dict[str, Tensor], values: Tensor, positions: Tensor, docs: Tensor,

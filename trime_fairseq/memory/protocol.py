@@ -16,9 +16,12 @@ token representations and their next-token labels; TRIMELM_long and the continuo
 Eq. 3) and :class:`~trime_fairseq.memory.knn_memory.KnnMemory` (per batch row and head, the
 keys and values of one attention layer; the Memorizing Transformer).
 """
-from typing import NamedTuple, Optional, Protocol, runtime_checkable
+from typing import NamedTuple, Optional, Protocol, Tuple, runtime_checkable
 
+import torch
 from torch import Tensor
+
+SIM_CHUNK = 1 << 22  # similarities computed at once by chunked_topk (16 MiB in fp32)
 
 
 class TopK(NamedTuple):
@@ -50,3 +53,26 @@ class SegmentMemory(Protocol):
 
     def reset(self, rows: Optional[Tensor] = None) -> None:
         """Forget everything (or only the given batch rows, where the memory has rows)."""
+
+
+def chunked_topk(queries: Tensor, keys_t: Tensor, k: int, hidden: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Exact top-``k`` inner products of ``queries`` ``[..., T, d]`` with ``keys_t`` ``[..., d, n]``:
+    ``(scores, entry indices)``, each ``[..., T, k]``, computed for a few queries at a time so
+    that at most :data:`SIM_CHUNK` similarities exist at once. ``hidden`` (bool, ``[n]`` or
+    ``[..., T, n]``) marks entries a query may not read (score -inf)."""
+    t, n = queries.size(-2), keys_t.size(-1)
+    if t == 0:
+        empty = queries.new_empty(queries.shape[:-1] + (0,), dtype=keys_t.dtype)
+        return empty, empty.long()
+    per_query = max(1, keys_t[..., :1, :].numel())  # similarities per query, over the batch dims
+    step = max(1, SIM_CHUNK // per_query)
+    per_row_mask = hidden is not None and hidden.dim() > 1
+    scores, index = [], []
+    for s in range(0, t, step):
+        sims = torch.matmul(queries[..., s:s + step, :].to(keys_t.dtype), keys_t)
+        if hidden is not None:
+            sims.masked_fill_(hidden[..., s:s + step, :] if per_row_mask else hidden, float("-inf"))
+        v, i = sims.topk(min(k, n), dim=-1)
+        scores.append(v)
+        index.append(i)
+    return torch.cat(scores, -2), torch.cat(index, -2)
