@@ -7,6 +7,11 @@ with TRIME's Eq. 6 and (a) local memory, (b) local + a long-term memory of
 full (the worst case); otherwise it fills only as far as documents are long, and the mean
 occupancy is reported. Target: ratio >= 0.9.
 
+Where the time goes: one more pass of each variant under ``torch.profiler`` gives the
+operators whose time grew over local-only scoring (``extra_time_split``), and
+``similarity_bound`` is the best ratio possible if everything but the [tokens, d] x [d, M]
+similarity products against the long-term memory were free.
+
     python benchmarks/eval_speed.py DATA_BIN --path CKPT --tokens-per-sample 512 \\
         --context-window 256 --long-memory-size 12000 --max-blocks 200
 """
@@ -25,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.profiling import extra_time_split, profile_operators  # noqa: E402
 from trime_fairseq.cli.tune import load  # noqa: E402
 from trime_fairseq.data.stream import StreamBlocks, TokenStream  # noqa: E402
 from trime_fairseq.memory.combiners import TrimeCombiner  # noqa: E402
@@ -47,6 +53,24 @@ def one_pass(wrapper: MemoryEvalModel, blocks: StreamBlocks, batch_size: int, ma
             if wrapper.long_memory is not None and wrapper.long_memory.labels is not None:
                 occupancy.append(min(int(wrapper.long_memory.labels.numel()), wrapper.long_memory_size))
     return tokens / (time.perf_counter() - t0), (statistics.mean(occupancy) if occupancy else 0.0)
+
+
+def similarity_bound(blocks: StreamBlocks, batch_size: int, local_tokens_per_s: float, entries: float, dim: int,
+                     repeats: int = 3) -> dict:
+    """Tokens/s ÷ local-only if the long-term memory cost nothing but its similarity products:
+    one batch's scored tokens against ``entries`` keys of dimension ``dim`` (the mean
+    occupancy), ``t_local / (t_local + t_products)``."""
+    sample = blocks.collater([blocks[i] for i in range(min(batch_size, len(blocks)))])
+    tokens = int(sample["ntokens"])
+    q, k = torch.randn(tokens, dim), torch.randn(max(1, int(entries)), dim)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        q @ k.T
+        best = min(best, time.perf_counter() - t0)
+    t_local = tokens / local_tokens_per_s
+    return {"tokens": tokens, "entries": int(entries), "dim": dim, "products_s": best, "local_batch_s": t_local,
+            "bound_ratio_vs_local": t_local / (t_local + best)}
 
 
 def main(argv=None) -> dict:
@@ -81,6 +105,9 @@ def main(argv=None) -> dict:
             speeds[name].append(tps)
             logger.info("pass %d %-22s %.0f tokens/s (mean long-memory occupancy %.0f)", i, name, tps, occ[name])
     base = statistics.median(speeds["local"])
+    own = {name: profile_operators(lambda w=w: one_pass(w, blocks, bsz, ours.max_blocks))[1]
+           for name, w in variants.items()}
+    long_name = next(k for k in variants if k != "local")
     result = {
         "tokens_per_s": {k: statistics.median(v) for k, v in speeds.items()},
         "ratio_vs_local": {k: statistics.median(v) / base for k, v in speeds.items()},
@@ -89,13 +116,31 @@ def main(argv=None) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
         "batch_size": bsz,
+        "extra_time_split": extra_time_split(own["local"], own[long_name]),
+        "similarity_bound": similarity_bound(blocks, bsz, base, occ[long_name], int(model.decoder.embed_dim)),
     }
+    result["rows"] = [{"system": k, "tokens_per_s": result["tokens_per_s"][k], "ratio_vs_local": result["ratio_vs_local"][k],
+                       "mean_long_memory_occupancy": occ[k]} for k in variants]
     logger.info("%s", json.dumps(result, indent=2))
     if ours.out:
-        from trime_fairseq.results import atomic_write
+        from trime_fairseq.results import write_results
 
-        atomic_write(Path(ours.out), json.dumps(result, indent=2))
+        write_results(Path(ours.out), result, markdown(result))
     return result
+
+
+def markdown(result: dict) -> str:
+    """The throughput table, the bound and the profile's growth over local-only scoring."""
+    lines = ["| memory | tokens/s | ratio vs local | mean long-memory entries |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['system']} | {r['tokens_per_s']:,.0f} | {r['ratio_vs_local']:.3f} | "
+              f"{r['mean_long_memory_occupancy']:,.0f} |" for r in result["rows"]]
+    b, x = result["similarity_bound"], result["extra_time_split"]
+    lines.append(f"\nSimilarity products alone ([{b['tokens']:,}, {b['dim']}] x [{b['dim']}, {b['entries']:,}] per batch): "
+                 f"{b['products_s']:.3f} s against {b['local_batch_s']:.3f} s of local-only scoring, so the ratio is at "
+                 f"most {b['bound_ratio_vs_local']:.3f}.")
+    lines.append(f"\nProfile of one pass: {x['extra_ms']:+,.0f} ms of operator time over local-only's "
+                 f"{x['base_ms']:,.0f} ms; grew most: " + ", ".join(f"{k} {v:+,.0f} ms" for k, v in x["top"].items()))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

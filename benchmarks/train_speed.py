@@ -33,6 +33,10 @@ from typing import Dict, List
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.profiling import extra_time_split, profile_operators  # noqa: E402
+
 logger = logging.getLogger("benchmarks.train_speed")
 
 VARIANTS: Dict[str, List[str]] = {
@@ -92,43 +96,53 @@ def time_steps(task, model, criterion, batches, start: int, steps: int, optim) -
 
 
 def op_counts(task, model, criterion, batches, start: int, optim, top: int = 12) -> dict:
-    """Operators one training step dispatches (``torch.profiler``): on a GPU each is a kernel
-    launch or bookkeeping on the host, so a step with many small operators is bound by the
-    host, not by arithmetic. Returns the total and the ``top`` most frequent names."""
-    from collections import Counter
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        time_steps(task, model, criterion, batches, start, 1, optim)
-    names = Counter(e.name for e in prof.events())
-    return {"total": sum(names.values()), "top": dict(names.most_common(top))}
+    """One training step under ``torch.profiler``: the operators it dispatches (on a GPU each
+    is a kernel launch or bookkeeping on the host, so a step with many small operators is
+    bound by the host, not by arithmetic) and where its time goes. Returns the total count,
+    the ``top`` most frequent names, and ``self_ms``: every operator's own CPU time (ms)."""
+    names, own = profile_operators(lambda: time_steps(task, model, criterion, batches, start, 1, optim))
+    return {"total": sum(names.values()), "top": dict(names.most_common(top)), "self_ms": own}
 
 
-def ext_matmul_bound(sample: dict, ce_tokens_per_s: float, model, repeats: int = 3) -> dict:
-    """The best external-memory (BM25 batch) training can do against CE on this machine if
-    everything but the similarity matrix products of Eq. 5 were free: the batch's ``T``
-    queries against its ``T`` keys (``d`` = the model's ``g``) cost three ``[T, d] x [d, T]``
-    products per step (forward; backward for queries and for keys). Times those products
-    (in 512-query chunks, as the criterion runs them) and returns the bound
-    ``t_CE / (t_CE + t_products)`` with ``t_CE`` a CE step of the same tokens."""
+def similarity_chunks(variant: str, sample: dict, segments: int, chunk: int = 512) -> List[tuple]:
+    """The similarity blocks Eq. 5 computes for one batch of ``variant`` as the criterion
+    does (:func:`~trime_fairseq.memory.in_batch.in_batch_log_prob`): ``(groups, [(q0, q1,
+    k_end), ...])``: external memory, all the batch's queries against all its keys, in chunks
+    of ``chunk`` queries; long memory, each run of ``segments`` consecutive rows causally."""
+    rows, length = sample["net_input"]["src_tokens"].shape
+    total = rows * length if variant.startswith("trime_loss_ext") else segments * length
+    groups = 1 if variant.startswith("trime_loss_ext") else rows // segments
+    ends = (lambda q1: total) if variant.startswith("trime_loss_ext") else (lambda q1: q1)
+    return groups, [(q0, min(q0 + chunk, total), ends(min(q0 + chunk, total))) for q0 in range(0, total, chunk)]
+
+
+def similarity_bound(variant: str, sample: dict, segments: int, ce_tokens_per_s: float, model,
+                     repeats: int = 3) -> dict:
+    """The best ``variant`` can do against CE on this machine if everything but the
+    similarity matrix products of Eq. 5 were free: three products per block of
+    :func:`similarity_chunks` (forward; backward for queries and for keys, ``d`` = the
+    model's ``g``). Returns the bound ``t_CE / (t_CE + t_products)`` with ``t_CE`` a CE step
+    of the same tokens."""
+    groups, chunks = similarity_chunks(variant, sample, segments)
     tokens = int(sample["net_input"]["src_tokens"].numel())
     dim = int(model.decoder.embed_dim)
     device = next(model.parameters()).device
-    q, k = torch.randn(tokens, dim, device=device), torch.randn(tokens, dim, device=device)
+    size = chunks[-1][1]
+    q, k = torch.randn(size, dim, device=device), torch.randn(size, dim, device=device)
     best = float("inf")
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
-        for q0 in range(0, tokens, 512):
-            s = q[q0:q0 + 512] @ k.T  # forward scores
-            s @ k  # backward: queries
-            s.T @ q[q0:q0 + 512]  # backward: keys
+        for _ in range(groups):
+            for q0, q1, k_end in chunks:
+                s = q[q0:q1] @ k[:k_end].T  # forward scores
+                s @ k[:k_end]  # backward: queries
+                s.T @ q[q0:q1]  # backward: keys
         sync()
         best = min(best, time.perf_counter() - t0)
     step_ce = tokens / ce_tokens_per_s
-    return {"tokens": tokens, "dim": dim, "products_s": best, "ce_step_s": step_ce,
-            "bound_ratio_vs_cross_entropy": step_ce / (step_ce + best)}
+    return {"tokens": tokens, "dim": dim, "groups": groups, "similarities": groups * sum((q1 - q0) * e for q0, q1, e in chunks),
+            "products_s": best, "ce_step_s": step_ce, "bound_ratio_vs_cross_entropy": step_ce / (step_ce + best)}
 
 
 def one_document(ours: argparse.Namespace, name: str, batches: List[dict]) -> None:
@@ -294,13 +308,17 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name(0) if ours.device == "cuda" else "cpu",
         "peak_memory_measure": "CUDA max_memory_allocated" if ours.device == "cuda" else "process peak RSS",
     }
-    if "trime_loss_ext" in runs:
-        result["ext_matmul_bound"] = ext_matmul_bound(runs["trime_loss_ext"]["batches"][0], result["tokens_per_s"]["cross_entropy"],
-                                                      runs["trime_loss_ext"]["model"])
+    result["similarity_bound"] = {
+        name: similarity_bound(name, runs[name]["batches"][0], max(ours.long_m, 1),
+                               result["tokens_per_s"]["cross_entropy"], runs[name]["model"])
+        for name in ("trime_loss_long", "trime_loss_ext") if name in runs}
     if ours.op_counts:
         result["op_counts"] = {name: op_counts(r["task"], r["model"], r["criterion"], r["batches"],
                                                warm[name] + ours.blocks * ours.steps, r["optim"])
                                for name, r in runs.items()}
+        ops = result["op_counts"]
+        result["extra_time_split"] = {name: extra_time_split(ops["cross_entropy"]["self_ms"], ops[name]["self_ms"])
+                                      for name in runs if name != "cross_entropy"}
     if "memorizing" in runs and ours.memorizing_faiss:
         r = runs["memorizing"]
         result["memorizing_recall"] = memorizing_recall(
@@ -313,12 +331,14 @@ def main(argv=None) -> dict:
     for factory, rec in (result.get("memorizing_recall") or {}).items():
         lines.append(f"\nmemorizing: faiss `{factory}` recall@{rec['k']} vs exact {rec['recall']:.3f} "
                      f"(search {rec['faiss_ms']:.0f} ms vs torch {rec['torch_ms']:.0f} ms per step)")
-    if "ext_matmul_bound" in result:
-        b = result["ext_matmul_bound"]
-        lines.append(f"\nexternal memory: the three [{b['tokens']}, {b['dim']}] x [{b['dim']}, {b['tokens']}] similarity "
-                     f"products of Eq. 5 take {b['products_s']:.3f} s per step against {b['ce_step_s']:.3f} s for a CE "
-                     f"step: tokens/s ÷ CE is at most {b['bound_ratio_vs_cross_entropy']:.3f} even if nothing else "
-                     "cost time")
+    for name, b in result["similarity_bound"].items():
+        lines.append(f"\n{name}: the similarity products of Eq. 5 ({b['similarities']:,} similarities of dimension "
+                     f"{b['dim']}, forward and backward) take {b['products_s']:.3f} s per step against "
+                     f"{b['ce_step_s']:.3f} s for a CE step: tokens/s ÷ CE is at most "
+                     f"{b['bound_ratio_vs_cross_entropy']:.3f} even if nothing else cost time")
+    for name, x in (result.get("extra_time_split") or {}).items():
+        lines.append(f"\n{name}: {x['extra_ms']:+.0f} ms of operator time per step against CE's {x['base_ms']:.0f} ms; "
+                     "grew most: " + ", ".join(f"{k} {v:+.0f} ms" for k, v in x["top"].items()))
     for k, c in (result.get("op_counts") or {}).items():
         lines.append(f"\n{k}: {c['total']:,} operators per step ("
                      + ", ".join(f"{n} {v}" for n, v in list(c["top"].items())[:6]) + ")")

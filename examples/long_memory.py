@@ -19,10 +19,12 @@ Figure 3 on long documents (``--figure3 PREFIX``): the corpus is built with ``--
 (e.g. ``linux-doc``), a Memorizing Transformer is added (``--memorizing``), and for every
 memory size the valid ppl at the τ (λ, θ) chosen on valid for that size and the test ppl of
 ``fairseq-eval-lm`` with those flags go to ``PREFIX.json/.md/.png``, with the corpus
-statistics::
+statistics. ``--across-documents`` adds TRIMELM_long read with the stream's memory
+(``--memory-across-documents``: not reset at document boundaries)::
 
     python examples/long_memory.py --run-dir runs/fig3 --source linux-doc --split-frac 0.04 \
-        --memorizing --memory-sizes 0,1000,2000,4000,8000,16000 --parallel 3 --figure3 docs/results/figure3
+        --memorizing --memory-sizes 0,1000,2000,4000,8000,16000 --across-documents --parallel 3 \
+        --figure3 docs/results/figure3
 """
 import argparse
 import json
@@ -74,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "least twice the largest memory size (binarised with the corpus dictionary into "
                         "RUN/eval_docs); 0: the whole splits")
     p.add_argument("--parallel", type=int, default=1, help="models trained / evaluations run at once")
+    p.add_argument("--across-documents", action="store_true",
+                   help="Figure 3 also evaluates TRIMELM_long with --memory-across-documents (the stream's "
+                        "memory, not reset at document boundaries) as the row trimelm_long_stream")
     p.add_argument("--figure3", default=None,
                    help="write Figure 3 to PREFIX.json/.md/.png: valid and test ppl against memory size, "
                         "τ (λ, θ) chosen per size on valid, test from fairseq-eval-lm")
@@ -154,8 +159,8 @@ def main(argv=None) -> dict:
     max_size = max(int(s) for s in a.memory_sizes.split(","))
     if a.figure3:  # its own evaluations only (no table of test runs below)
         return figure3(a, run, logs, data, ckpt, ev, trained)
-    if a.eval_docs:
-        raise SystemExit("error: --eval-docs is for --figure3")
+    if a.eval_docs or a.across_documents:
+        raise SystemExit("error: --eval-docs and --across-documents are for --figure3")
     sweeps = run_parallel(sweep_jobs(a, run, logs, data, ckpt, ev, "valid"), a.parallel)
 
     def best(name, local_only=False):
@@ -224,7 +229,7 @@ def sweep_jobs(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: 
     """One trime-tune pass per model over ``subset`` (all grid points and memory sizes)."""
     args = [*ev, "--gen-subset", subset, "--memory-sizes", a.memory_sizes]
     suffix = "" if subset == "valid" else f"_{subset}"
-    return {
+    jobs = {
         "vanilla": lambda: ex.tune(data, ckpt["vanilla"], "cache", [f"lambda={a.cache_lambda_grid}", f"theta={a.cache_theta_grid}"],
                                    args, run / f"sweep_vanilla_cache{suffix}.json", logs / f"sweep_vanilla_cache{suffix}.log"),
         "trime": lambda: ex.tune(data, ckpt["trime"], "trime", [f"tau={a.tau_grid}"], args,
@@ -232,12 +237,22 @@ def sweep_jobs(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: 
         "trime_long": lambda: ex.tune(data, ckpt["trime_long"], "trime", [f"tau={a.tau_grid}"], args,
                                       run / f"sweep_trime_long{suffix}.json", logs / f"sweep_trime_long{suffix}.log"),
     }
+    if getattr(a, "across_documents", False):
+        jobs["trime_long_stream"] = lambda: ex.tune(
+            data, ckpt["trime_long"], "trime", [f"tau={a.tau_grid}"], [*args, *ACROSS_DOCUMENTS],
+            run / f"sweep_trime_long_stream{suffix}.json", logs / f"sweep_trime_long_stream{suffix}.log")
+    return jobs
+
+
+ACROSS_DOCUMENTS = ["--memory-across-documents"]
 
 
 def flags(name: str, row: dict) -> List:
     """fairseq-eval-lm flags of a sweep row (memory size, τ or λ/θ)."""
     p = row["params"]
     mem = ["--eval-memory", "local+long", "--long-memory-size", p["memory_size"]] if p["memory_size"] > 0 else []
+    if name == "trime_long_stream" and mem:
+        mem += ACROSS_DOCUMENTS
     if name == "vanilla":
         return ["--eval-combiner", "cache", "--cache-lambda", p["lambda"], "--cache-theta", p["theta"], *mem]
     return ["--eval-combiner", "trime", "--eval-temperature", p["tau"], *mem]
@@ -245,6 +260,7 @@ def flags(name: str, row: dict) -> List:
 
 FIG3_SYSTEMS = (("trimelm_long", "TRIMELM_long", "trime_long"), ("trimelm", "TRIMELM", "trime"),
                 ("cache_long", "vanilla + continuous cache*", "vanilla"))
+FIG3_STREAM = ("trimelm_long_stream", "TRIMELM_long, memory across documents", "trime_long_stream")
 
 
 def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: List, trained: Dict[str, dict]) -> dict:
@@ -272,8 +288,11 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
                     logs / f"eval_fig3_memorizing_{size}_{subset}.log"))
     done = run_parallel(first, a.parallel)
     sweeps = {k[1]: v for k, v in done.items() if k[0] == "valid_sweep"}
+    systems = FIG3_SYSTEMS + ((FIG3_STREAM,) if a.across_documents else ())
+    ckpt = {**ckpt, "trime_long_stream": ckpt["trime_long"]}
+    trained = {**trained, "trime_long_stream": trained["trime_long"]}
     jobs, plan = {}, {}
-    for key, _, model in FIG3_SYSTEMS:
+    for key, _, model in systems:
         for size in sizes:
             best = min((r for r in sweeps[model]["rows"][1:] if r["memory_size"] == size), key=lambda r: r["ppl"])
             fl = flags(model, best)
@@ -291,7 +310,7 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
         return next(r["ppl"] for r in done[model, "sweep", "test"]["rows"][1:] if r["params"] == chosen)
 
     rows, confirm = [], {}
-    for key, label, model in FIG3_SYSTEMS:
+    for key, label, model in systems:
         if a.test_from == "sweep":  # the one fairseq-eval-lm run per model, beside the sweep's number
             confirm[key] = {"memory_tokens": sizes[-1], "fairseq_eval_lm": done[key, sizes[-1], "test"]["ppl"],
                             "trime_tune": test_ppl(key, model, sizes[-1])}

@@ -53,6 +53,18 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     ops = data["raw"]["train"]["op_counts"]  # --op-counts: one profiled step per variant
     assert ops["trime_loss_ext"]["total"] > ops["cross_entropy"]["total"] > 100
     assert "x CE's operators per step" in next(f["notes"] for f in data["figures"] if f["key"] == "train_speed_external")
+    # where the time goes: the profile's growth over the baseline, and what the similarity products alone allow
+    train = data["raw"]["train"]
+    for variant in ("trime_loss_long", "trime_loss_ext"):
+        bound = train["similarity_bound"][variant]
+        assert 0 < bound["bound_ratio_vs_cross_entropy"] < 1 and bound["similarities"] > 0
+        assert set(train["extra_time_split"][variant]) == {"extra_ms", "base_ms", "top"}
+    # external memory: every query against every key; long memory: causal runs, so fewer
+    assert train["similarity_bound"]["trime_loss_ext"]["similarities"] > train["similarity_bound"]["trime_loss_long"]["similarities"]
+    for step in ("eval_full_memory", "eval_documents"):
+        ev = data["raw"][step]
+        assert 0 < ev["similarity_bound"]["bound_ratio_vs_local"] < 1 and ev["extra_time_split"]["base_ms"] > 0
+    assert "similarity products cost time" in next(f["notes"] for f in data["figures"] if f["key"] == "eval_long_memory_full")
     assert {"cpus", "torch", "faiss", "date", "load_average_start"} <= set(data["machine"])
 
     md = report.read_text()

@@ -96,10 +96,16 @@ def test_long_memory_examples_table_then_figure3_then_memorizing_vs_trime(corpus
     run_example("long_memory", "--run-dir", str(run), "--data", str(corpus), *TINY, "--batch-size", "8",
                 "--consecutive-segments", "4", "--memory-sizes", "0,50,100", "--tau-grid", "1,2",
                 "--cache-lambda-grid", "0.1", "--cache-theta-grid", "0.1", "--memorizing", "--train-memory", "64",
-                "--memorizing-sizes", "0,100", "--test-from", "sweep", "--parallel", "2", "--figure3", str(fig))
+                "--memorizing-sizes", "0,100", "--test-from", "sweep", "--parallel", "2", "--across-documents",
+                "--figure3", str(fig))
     result = json.loads(fig.with_suffix(".json").read_text())
     rows = {r["system"]: r for r in result["rows"]}
-    assert set(rows) == {"trimelm_long", "trimelm", "cache_long", "memorizing"}
+    assert set(rows) == {"trimelm_long", "trimelm", "cache_long", "memorizing", "trimelm_long_stream"}
+    # the same model read with the stream's memory: equal with local memory only, its own flag beyond
+    stream, per_doc = rows["trimelm_long_stream"], rows["trimelm_long"]
+    assert stream["valid_ppl"][0] == per_doc["valid_ppl"][0]
+    assert all("--memory-across-documents" in f for f in stream["flags"][1:])
+    assert not any("--memory-across-documents" in f for f in per_doc["flags"])
     for r in rows.values():
         assert r["memory_tokens"][0] == 0
         assert len(r["memory_tokens"]) == len(r["valid_ppl"]) == len(r["test_ppl"])

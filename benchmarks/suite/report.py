@@ -41,10 +41,14 @@ def _train_notes(variant: str) -> Callable[[dict], str]:
         text = (f"{r['tokens_per_s'][variant]:,.0f} vs {r['tokens_per_s']['cross_entropy']:,.0f} tokens/s; "
                 f"{_peak_measure(r)} {r['peak_rss_mb_per_variant'][variant]:,.0f} vs "
                 f"{r['peak_rss_mb_per_variant']['cross_entropy']:,.0f} MB")
-        bound = r.get("ext_matmul_bound") if variant == "trime_loss_ext" else None
+        bound = (r.get("similarity_bound") or {}).get(variant)
         if bound:  # what the similarity products of Eq. 5 alone allow
             text += (f"; at most {bound['bound_ratio_vs_cross_entropy']:.2f} if only Eq. 5's similarity products "
                      f"cost time ({bound['products_s']:.2f} s vs {bound['ce_step_s']:.2f} s per CE step)")
+        split = (r.get("extra_time_split") or {}).get(variant)
+        if split and variant != "trime_loss":  # the profile: which operators the extra time is
+            text += (f"; {split['extra_ms']:+.0f} ms per step over CE's {split['base_ms']:.0f} ms, most in "
+                     + ", ".join(f"{k} {v:+.0f}" for k, v in list(split["top"].items())[:3]))
         ops = r.get("op_counts") or {}
         if variant in ops and "cross_entropy" in ops:  # launch-bound on a GPU when this is large
             text += (f"; {ops[variant]['total'] / ops['cross_entropy']['total']:.2f}x CE's operators per step "
@@ -61,8 +65,16 @@ def _eval_value(r: dict) -> float:
 def _eval_notes(r: dict) -> str:
     name = next(k for k in r["tokens_per_s"] if k != "local")
     occ = r["mean_long_memory_occupancy"][name]
-    return (f"{r['tokens_per_s'][name]:,.0f} vs {r['tokens_per_s']['local']:,.0f} tokens/s; {name}, "
+    text = (f"{r['tokens_per_s'][name]:,.0f} vs {r['tokens_per_s']['local']:,.0f} tokens/s; {name}, "
             f"mean {occ:,.0f} entries in long memory")
+    bound, split = r.get("similarity_bound"), r.get("extra_time_split")
+    if bound:  # what the similarity products against the memory alone allow
+        text += (f"; at most {bound['bound_ratio_vs_local']:.2f} if only the [{bound['tokens']:,}, {bound['dim']}] x "
+                 f"[{bound['dim']}, {bound['entries']:,}] similarity products cost time")
+    if split:  # the profile: which operators the extra time is
+        text += (f"; {split['extra_ms']:+,.0f} ms over local-only's {split['base_ms']:,.0f} ms per pass, most in "
+                 + ", ".join(f"{k} {v:+,.0f}" for k, v in list(split["top"].items())[:3]))
+    return text
 
 
 def _ds_sizes(r: dict) -> List[int]:
