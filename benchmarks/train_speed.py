@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -104,11 +104,12 @@ def op_counts(task, model, criterion, batches, start: int, optim, top: int = 12)
     return {"total": sum(names.values()), "top": dict(names.most_common(top)), "self_ms": own}
 
 
-def similarity_chunks(variant: str, sample: dict, segments: int, chunk: int = 512) -> List[tuple]:
+def similarity_chunks(variant: str, sample: dict, segments: int, chunk: int) -> Tuple[int, List[tuple]]:
     """The similarity blocks Eq. 5 computes for one batch of ``variant`` as the criterion
     does (:func:`~trime_fairseq.memory.in_batch.in_batch_log_prob`): ``(groups, [(q0, q1,
     k_end), ...])``: external memory, all the batch's queries against all its keys, in chunks
-    of ``chunk`` queries; long memory, each run of ``segments`` consecutive rows causally."""
+    of ``chunk`` queries (the criterion's ``--similarity-chunk-size``); long memory, each run
+    of ``segments`` consecutive rows causally."""
     rows, length = sample["net_input"]["src_tokens"].shape
     total = rows * length if variant.startswith("trime_loss_ext") else segments * length
     groups = 1 if variant.startswith("trime_loss_ext") else rows // segments
@@ -116,14 +117,14 @@ def similarity_chunks(variant: str, sample: dict, segments: int, chunk: int = 51
     return groups, [(q0, min(q0 + chunk, total), ends(min(q0 + chunk, total))) for q0 in range(0, total, chunk)]
 
 
-def similarity_bound(variant: str, sample: dict, segments: int, ce_tokens_per_s: float, model,
+def similarity_bound(variant: str, sample: dict, segments: int, ce_tokens_per_s: float, model, chunk: int,
                      repeats: int = 3) -> dict:
     """The best ``variant`` can do against CE on this machine if everything but the
     similarity matrix products of Eq. 5 were free: three products per block of
     :func:`similarity_chunks` (forward; backward for queries and for keys, ``d`` = the
     model's ``g``). Returns the bound ``t_CE / (t_CE + t_products)`` with ``t_CE`` a CE step
     of the same tokens."""
-    groups, chunks = similarity_chunks(variant, sample, segments)
+    groups, chunks = similarity_chunks(variant, sample, segments, chunk)
     tokens = int(sample["net_input"]["src_tokens"].numel())
     dim = int(model.decoder.embed_dim)
     device = next(model.parameters()).device
@@ -310,7 +311,8 @@ def main(argv=None) -> dict:
     }
     result["similarity_bound"] = {
         name: similarity_bound(name, runs[name]["batches"][0], max(ours.long_m, 1),
-                               result["tokens_per_s"]["cross_entropy"], runs[name]["model"])
+                               result["tokens_per_s"]["cross_entropy"], runs[name]["model"],
+                               runs[name]["criterion"].cfg.similarity_chunk_size)
         for name in ("trime_loss_long", "trime_loss_ext") if name in runs}
     if ours.op_counts:
         result["op_counts"] = {name: op_counts(r["task"], r["model"], r["criterion"], r["batches"],
