@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.profiling import extra_time_split, profile_operators  # noqa: E402
+from benchmarks.profiling import best_seconds, extra_time_split, profile_operators  # noqa: E402
 from trime_fairseq.cli.tune import load  # noqa: E402
 from trime_fairseq.data.stream import StreamBlocks, TokenStream  # noqa: E402
 from trime_fairseq.memory.combiners import TrimeCombiner  # noqa: E402
@@ -63,11 +63,7 @@ def similarity_bound(blocks: StreamBlocks, batch_size: int, local_tokens_per_s: 
     sample = blocks.collater([blocks[i] for i in range(min(batch_size, len(blocks)))])
     tokens = int(sample["ntokens"])
     q, k = torch.randn(tokens, dim), torch.randn(max(1, int(entries)), dim)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        q @ k.T
-        best = min(best, time.perf_counter() - t0)
+    best = best_seconds(lambda: q @ k.T, repeats)
     t_local = tokens / local_tokens_per_s
     return {"tokens": tokens, "entries": int(entries), "dim": dim, "products_s": best, "local_batch_s": t_local,
             "bound_ratio_vs_local": t_local / (t_local + best)}

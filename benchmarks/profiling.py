@@ -1,4 +1,6 @@
-"""Where a step's time goes: ``torch.profiler`` operator times, and their growth over a baseline."""
+"""Where a step's time goes: ``torch.profiler`` operator times, their growth over a baseline,
+and the best-of-N time of a piece of work (the bounds)."""
+import time
 from collections import Counter
 from typing import Callable, Dict, Tuple
 
@@ -23,3 +25,16 @@ def extra_time_split(base_ms: Dict[str, float], mine_ms: Dict[str, float], top: 
     return {"extra_ms": round(sum(mine_ms.values()) - sum(base_ms.values()), 2),
             "base_ms": round(sum(base_ms.values()), 2),
             "top": {k: round(v, 2) for k, v in sorted(diff.items(), key=lambda kv: -kv[1])[:top]}}
+
+
+def best_seconds(fn: Callable[[], object], repeats: int = 3, sync: Callable[[], None] = lambda: None) -> float:
+    """The fastest of ``repeats`` runs of ``fn`` (``sync`` before and after each, e.g. to wait
+    for queued CUDA work)."""
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best

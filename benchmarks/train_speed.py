@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.profiling import extra_time_split, profile_operators  # noqa: E402
+from benchmarks.profiling import best_seconds, extra_time_split, profile_operators  # noqa: E402
 
 logger = logging.getLogger("benchmarks.train_speed")
 
@@ -111,10 +111,10 @@ def similarity_chunks(variant: str, sample: dict, segments: int, chunk: int) -> 
     of ``chunk`` queries (the criterion's ``--similarity-chunk-size``); long memory, each run
     of ``segments`` consecutive rows causally."""
     rows, length = sample["net_input"]["src_tokens"].shape
-    total = rows * length if variant.startswith("trime_loss_ext") else segments * length
-    groups = 1 if variant.startswith("trime_loss_ext") else rows // segments
-    ends = (lambda q1: total) if variant.startswith("trime_loss_ext") else (lambda q1: q1)
-    return groups, [(q0, min(q0 + chunk, total), ends(min(q0 + chunk, total))) for q0 in range(0, total, chunk)]
+    ext = variant.startswith("trime_loss_ext")
+    total = rows * length if ext else segments * length
+    bounds = [(q0, min(q0 + chunk, total)) for q0 in range(0, total, chunk)]
+    return (1, [(q0, q1, total) for q0, q1 in bounds]) if ext else (rows // segments, [(q0, q1, q1) for q0, q1 in bounds])
 
 
 def similarity_bound(variant: str, sample: dict, segments: int, ce_tokens_per_s: float, model, chunk: int,
@@ -130,17 +130,15 @@ def similarity_bound(variant: str, sample: dict, segments: int, ce_tokens_per_s:
     device = next(model.parameters()).device
     size = chunks[-1][1]
     q, k = torch.randn(size, dim, device=device), torch.randn(size, dim, device=device)
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
+
+    def products() -> None:
         for _ in range(groups):
             for q0, q1, k_end in chunks:
                 s = q[q0:q1] @ k[:k_end].T  # forward scores
                 s @ k[:k_end]  # backward: queries
                 s.T @ q[q0:q1]  # backward: keys
-        sync()
-        best = min(best, time.perf_counter() - t0)
+
+    best = best_seconds(products, repeats, sync)
     step_ce = tokens / ce_tokens_per_s
     return {"tokens": tokens, "dim": dim, "groups": groups, "similarities": groups * sum((q1 - q0) * e for q0, q1, e in chunks),
             "products_s": best, "ce_step_s": step_ce, "bound_ratio_vs_cross_entropy": step_ce / (step_ce + best)}

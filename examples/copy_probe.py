@@ -55,21 +55,31 @@ def random_sequences(vocab: int, first: int, length: int, trials: int, seed: int
     return torch.randint(first, vocab, (trials, length), generator=g)
 
 
-def token_nll(model, tokens: torch.Tensor, **net_input) -> torch.Tensor:
-    """NLL (nats) of ``tokens[:, 1:]`` given their prefixes: ``[B, T-1]``."""
+def token_nll(model, tokens: torch.Tensor, sample: Optional[dict] = None, **net_input) -> torch.Tensor:
+    """NLL (nats) of ``tokens[:, 1:]`` given their prefixes: ``[B, T-1]`` (``sample``: what a
+    memory wrapper's ``get_normalized_probs`` reads)."""
     out = model(tokens[:, :-1], **net_input)
-    lprobs = model.get_normalized_probs(out, log_probs=True)
+    lprobs = model.get_normalized_probs(out, log_probs=True, sample=sample)
     return -lprobs.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1).double()
+
+
+def doubled(seqs: torch.Tensor, eos: int) -> torch.Tensor:
+    """``</s> S S`` per row."""
+    return torch.cat([torch.full((seqs.size(0), 1), eos), seqs, seqs], dim=1)
+
+
+def copy_nlls(nll: torch.Tensor, n: int, prefix: str = "") -> Dict[str, float]:
+    """Mean NLL of the first and second copy from the ``[B, 2n]`` target NLLs of
+    :func:`doubled` (target j is x[j+1]: first copy = targets 0..n-1, second = n..2n-1), the
+    first position of each left out."""
+    first, second = nll[:, 1:n].mean().item(), nll[:, n + 1:2 * n].mean().item()
+    return {f"{prefix}first_copy_nll": round(first, 4), f"{prefix}second_copy_nll": round(second, 4),
+            f"{prefix}in_context_gain_nats": round(first - second, 4)}
 
 
 def in_context(model, seqs: torch.Tensor, eos: int) -> Dict[str, float]:
     """Mean NLL of the first and the second copy of ``S`` in ``</s> S S``, positions 1.. of each."""
-    n = seqs.size(1)
-    x = torch.cat([torch.full((seqs.size(0), 1), eos), seqs, seqs], dim=1)
-    nll = token_nll(model, x)  # target j is x[j+1]: first copy = targets 0..n-1, second = n..2n-1
-    first, second = nll[:, 1:n].mean().item(), nll[:, n + 1:2 * n].mean().item()
-    return {"first_copy_nll": round(first, 4), "second_copy_nll": round(second, 4),
-            "in_context_gain_nats": round(first - second, 4)}
+    return copy_nlls(token_nll(model, doubled(seqs, eos)), seqs.size(1))
 
 
 def with_local_memory(model, seqs: torch.Tensor, eos: int, pad: int, tau: float) -> Dict[str, float]:
@@ -78,14 +88,9 @@ def with_local_memory(model, seqs: torch.Tensor, eos: int, pad: int, tau: float)
     from trime_fairseq.models.memory_eval import MemoryEvalModel
 
     wrapper = MemoryEvalModel(model, TrimeCombiner(tau), pad)
-    n = seqs.size(1)
-    x = torch.cat([torch.full((seqs.size(0), 1), eos), seqs, seqs], dim=1)
-    lprobs = wrapper.get_normalized_probs(wrapper(x[:, :-1]), True, {"net_input": {"src_tokens": x[:, :-1]},
-                                                                    "target": x[:, 1:]})
-    nll = -lprobs.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1).double()
-    first, second = nll[:, 1:n].mean().item(), nll[:, n + 1:2 * n].mean().item()
-    return {"memory_first_copy_nll": round(first, 4), "memory_second_copy_nll": round(second, 4),
-            "memory_in_context_gain_nats": round(first - second, 4)}
+    x = doubled(seqs, eos)
+    sample = {"net_input": {"src_tokens": x[:, :-1]}, "target": x[:, 1:]}
+    return copy_nlls(token_nll(wrapper, x, sample=sample), seqs.size(1), prefix="memory_")
 
 
 def through_memory(model, seqs: torch.Tensor, eos: int) -> Optional[Dict[str, float]]:

@@ -238,29 +238,32 @@ def sweep_jobs(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: 
                                       run / f"sweep_trime_long{suffix}.json", logs / f"sweep_trime_long{suffix}.log"),
     }
     if getattr(a, "across_documents", False):
-        jobs["trime_long_stream"] = lambda: ex.tune(
+        jobs[STREAM_SWEEP] = lambda: ex.tune(
             data, ckpt["trime_long"], "trime", [f"tau={a.tau_grid}"], [*args, *ACROSS_DOCUMENTS],
-            run / f"sweep_trime_long_stream{suffix}.json", logs / f"sweep_trime_long_stream{suffix}.log")
+            run / f"sweep_{STREAM_SWEEP}{suffix}.json", logs / f"sweep_{STREAM_SWEEP}{suffix}.log")
     return jobs
 
 
 ACROSS_DOCUMENTS = ["--memory-across-documents"]
+STREAM_SWEEP = "trime_long_stream"  #: TRIMELM_long's sweep with the stream's memory (--across-documents)
 
 
-def flags(name: str, row: dict) -> List:
-    """fairseq-eval-lm flags of a sweep row (memory size, τ or λ/θ)."""
+def flags(name: str, row: dict, across_documents: bool = False) -> List:
+    """fairseq-eval-lm flags of a sweep row (memory size, τ or λ/θ; the stream's memory with
+    ``across_documents``)."""
     p = row["params"]
     mem = ["--eval-memory", "local+long", "--long-memory-size", p["memory_size"]] if p["memory_size"] > 0 else []
-    if name == "trime_long_stream" and mem:
+    if across_documents and mem:
         mem += ACROSS_DOCUMENTS
     if name == "vanilla":
         return ["--eval-combiner", "cache", "--cache-lambda", p["lambda"], "--cache-theta", p["theta"], *mem]
     return ["--eval-combiner", "trime", "--eval-temperature", p["tau"], *mem]
 
 
-FIG3_SYSTEMS = (("trimelm_long", "TRIMELM_long", "trime_long"), ("trimelm", "TRIMELM", "trime"),
-                ("cache_long", "vanilla + continuous cache*", "vanilla"))
-FIG3_STREAM = ("trimelm_long_stream", "TRIMELM_long, memory across documents", "trime_long_stream")
+#: Figure 3's rows: (key, label, sweep, model)
+FIG3_SYSTEMS = (("trimelm_long", "TRIMELM_long", "trime_long", "trime_long"), ("trimelm", "TRIMELM", "trime", "trime"),
+                ("cache_long", "vanilla + continuous cache*", "vanilla", "vanilla"))
+FIG3_STREAM = ("trimelm_long_stream", "TRIMELM_long, memory across documents", STREAM_SWEEP, "trime_long")
 
 
 def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: List, trained: Dict[str, dict]) -> dict:
@@ -289,13 +292,11 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
     done = run_parallel(first, a.parallel)
     sweeps = {k[1]: v for k, v in done.items() if k[0] == "valid_sweep"}
     systems = FIG3_SYSTEMS + ((FIG3_STREAM,) if a.across_documents else ())
-    ckpt = {**ckpt, "trime_long_stream": ckpt["trime_long"]}
-    trained = {**trained, "trime_long_stream": trained["trime_long"]}
     jobs, plan = {}, {}
-    for key, _, model in systems:
+    for key, _, sweep, model in systems:
         for size in sizes:
-            best = min((r for r in sweeps[model]["rows"][1:] if r["memory_size"] == size), key=lambda r: r["ppl"])
-            fl = flags(model, best)
+            best = min((r for r in sweeps[sweep]["rows"][1:] if r["memory_size"] == size), key=lambda r: r["ppl"])
+            fl = flags(model, best, across_documents=sweep == STREAM_SWEEP)
             plan[key, size] = (best, fl)
             if a.test_from == "eval-lm" or size == sizes[-1]:
                 jobs[key, size, "test"] = (lambda model=model, fl=fl, key=key, size=size: ex.cached_eval(
@@ -303,22 +304,22 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
                     logs / f"eval_fig3_{key}_{size}_test.log"))
     done.update(run_parallel(jobs, a.parallel))
 
-    def test_ppl(key: str, model: str, size: int) -> float:
+    def test_ppl(key: str, sweep: str, size: int) -> float:
         if a.test_from == "eval-lm":
             return done[key, size, "test"]["ppl"]
         chosen = plan[key, size][0]["params"]
-        return next(r["ppl"] for r in done[model, "sweep", "test"]["rows"][1:] if r["params"] == chosen)
+        return next(r["ppl"] for r in done[sweep, "sweep", "test"]["rows"][1:] if r["params"] == chosen)
 
     rows, confirm = [], {}
-    for key, label, model in systems:
+    for key, label, sweep, model in systems:
         if a.test_from == "sweep":  # the one fairseq-eval-lm run per model, beside the sweep's number
             confirm[key] = {"memory_tokens": sizes[-1], "fairseq_eval_lm": done[key, sizes[-1], "test"]["ppl"],
-                            "trime_tune": test_ppl(key, model, sizes[-1])}
+                            "trime_tune": test_ppl(key, sweep, sizes[-1])}
         rows.append({"system": key, "label": label, "memory_tokens": sizes,
                      "valid_ppl": [plan[key, s][0]["ppl"] for s in sizes],
-                     "test_ppl": [test_ppl(key, model, s) for s in sizes],
+                     "test_ppl": [test_ppl(key, sweep, s) for s in sizes],
                      "flags": [" ".join(map(str, plan[key, s][1])) for s in sizes],
-                     "no_memory_valid_ppl": sweeps[model]["rows"][0]["ppl"],
+                     "no_memory_valid_ppl": sweeps[sweep]["rows"][0]["ppl"],
                      "train_tokens_per_s": trained[model]["train_tokens_per_s"]})
     if "memorizing" in ckpt:
         rows.append({"system": "memorizing", "label": f"Memorizing Transformer (trained with {a.train_memory})",

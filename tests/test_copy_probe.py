@@ -29,7 +29,7 @@ class OracleCopier:
                     seen[tok] = i
         return logits, {}
 
-    def get_normalized_probs(self, out, log_probs):
+    def get_normalized_probs(self, out, log_probs, sample=None):  # fairseq's signature
         return F.log_softmax(out[0], dim=-1) if log_probs else F.softmax(out[0], dim=-1)
 
 
