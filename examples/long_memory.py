@@ -32,9 +32,8 @@ import logging
 import shlex
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -79,17 +78,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--across-documents", action="store_true",
                    help="Figure 3 also evaluates TRIMELM_long with --memory-across-documents (the stream's "
                         "memory, not reset at document boundaries) as the row trimelm_long_stream")
+    p.add_argument("--more-consecutive-segments", default="",
+                   help="Figure 3 also trains TRIMELM_long with each of these m (comma-separated) and adds "
+                        "its curve as the row trimelm_long_m<m>: how the length of the training memory "
+                        "(m x L tokens) moves the best test-time memory")
     p.add_argument("--figure3", default=None,
                    help="write Figure 3 to PREFIX.json/.md/.png: valid and test ppl against memory size, "
                         "τ (λ, θ) chosen per size on valid, test from fairseq-eval-lm")
-    return p.parse_args(argv)
-
-
-def run_parallel(jobs: Dict[str, Callable[[], dict]], workers: int) -> Dict[str, dict]:
-    """Run independent steps (each a fairseq command) ``workers`` at a time."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = {k: pool.submit(f) for k, f in jobs.items()}
-        return {k: f.result() for k, f in futures.items()}
+    a = p.parse_args(argv)
+    more_long_m(a)  # checked before any work starts
+    return a
 
 
 def eval_documents(corpus: Path, out: Path, n: int, min_tokens: int, logs: Path) -> Path:
@@ -148,20 +146,22 @@ def main(argv=None) -> dict:
         "trime_long": [*common, "--criterion", "trime_loss", *warm,
                        "--consecutive-segments", a.consecutive_segments],
     }
+    for m in more_long_m(a):
+        models[f"trime_long_m{m}"] = [*common, "--criterion", "trime_loss", *warm, "--consecutive-segments", m]
     if a.memorizing:
         models["memorizing"] = [*common, "--arch", a.arch.replace("transformer_lm_trime", "memorizing_transformer_lm"),
                                 "--criterion", "cross_entropy", "--stream-batching",
                                 "--memorizing-memory-size", a.train_memory, *shlex.split(a.memorizing_flags)]
-    trained = run_parallel({k: (lambda k=k, v=v: ex.train(data, run / "ckpt" / k, v, logs / f"train_{k}.log"))
+    trained = ex.run_parallel({k: (lambda k=k, v=v: ex.train(data, run / "ckpt" / k, v, logs / f"train_{k}.log"))
                             for k, v in models.items()}, a.parallel)
     ckpt = {k: run / "ckpt" / k / "checkpoint_last.pt" for k in models}
     ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
     max_size = max(int(s) for s in a.memory_sizes.split(","))
     if a.figure3:  # its own evaluations only (no table of test runs below)
         return figure3(a, run, logs, data, ckpt, ev, trained)
-    if a.eval_docs or a.across_documents:
-        raise SystemExit("error: --eval-docs and --across-documents are for --figure3")
-    sweeps = run_parallel(sweep_jobs(a, run, logs, data, ckpt, ev, "valid"), a.parallel)
+    if a.eval_docs or a.across_documents or more_long_m(a):
+        raise SystemExit("error: --eval-docs, --across-documents and --more-consecutive-segments are for --figure3")
+    sweeps = ex.run_parallel(sweep_jobs(a, run, logs, data, ckpt, ev, "valid"), a.parallel)
 
     def best(name, local_only=False):
         rows = [r for r in sweeps[name]["rows"][1:] if not local_only or r["memory_size"] == 0]
@@ -199,7 +199,7 @@ def main(argv=None) -> dict:
     def tag_of(name):
         return name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "p").replace("*", "")
 
-    tests = run_parallel({name: (lambda name=name, model=model, fl=fl: ex.cached_eval(
+    tests = ex.run_parallel({name: (lambda name=name, model=model, fl=fl: ex.cached_eval(
         data, ckpt[model], [*ev, *fl, "--gen-subset", "test"], run / "evals" / f"{tag_of(name)}_test.json",
         logs / f"eval_{tag_of(name)}_test.log")) for name, model, fl, _ in configs}, a.parallel)
     rows = []
@@ -237,11 +237,23 @@ def sweep_jobs(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: 
         "trime_long": lambda: ex.tune(data, ckpt["trime_long"], "trime", [f"tau={a.tau_grid}"], args,
                                       run / f"sweep_trime_long{suffix}.json", logs / f"sweep_trime_long{suffix}.log"),
     }
+    for m in more_long_m(a):
+        name = f"trime_long_m{m}"
+        jobs[name] = lambda name=name: ex.tune(data, ckpt[name], "trime", [f"tau={a.tau_grid}"], args,
+                                               run / f"sweep_{name}{suffix}.json", logs / f"sweep_{name}{suffix}.log")
     if getattr(a, "across_documents", False):
         jobs[STREAM_SWEEP] = lambda: ex.tune(
             data, ckpt["trime_long"], "trime", [f"tau={a.tau_grid}"], [*args, *ACROSS_DOCUMENTS],
             run / f"sweep_{STREAM_SWEEP}{suffix}.json", logs / f"sweep_{STREAM_SWEEP}{suffix}.log")
     return jobs
+
+
+def more_long_m(a) -> List[int]:
+    """The extra TRIMELM_long training memories of ``--more-consecutive-segments``."""
+    try:
+        return [int(m) for m in (getattr(a, "more_consecutive_segments", "") or "").split(",") if m.strip()]
+    except ValueError:
+        raise SystemExit("error: --more-consecutive-segments takes comma-separated integers") from None
 
 
 ACROSS_DOCUMENTS = ["--memory-across-documents"]
@@ -289,9 +301,11 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
                                                f"{{'memorizing_memory_size': {size}}}"],
                     run / "evals" / f"fig3_memorizing_{size}_{subset}.json",
                     logs / f"eval_fig3_memorizing_{size}_{subset}.log"))
-    done = run_parallel(first, a.parallel)
+    done = ex.run_parallel(first, a.parallel)
     sweeps = {k[1]: v for k, v in done.items() if k[0] == "valid_sweep"}
-    systems = FIG3_SYSTEMS + ((FIG3_STREAM,) if a.across_documents else ())
+    more = tuple((f"trimelm_long_m{m}", f"TRIMELM_long, trained with m={m} ({m * a.tokens_per_sample} tokens)",
+                  f"trime_long_m{m}", f"trime_long_m{m}") for m in more_long_m(a))
+    systems = FIG3_SYSTEMS + more + ((FIG3_STREAM,) if a.across_documents else ())
     jobs, plan = {}, {}
     for key, _, sweep, model in systems:
         for size in sizes:
@@ -302,7 +316,7 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
                 jobs[key, size, "test"] = (lambda model=model, fl=fl, key=key, size=size: ex.cached_eval(
                     data, ckpt[model], [*ev, *fl, "--gen-subset", "test"], run / "evals" / f"fig3_{key}_{size}_test.json",
                     logs / f"eval_fig3_{key}_{size}_test.log"))
-    done.update(run_parallel(jobs, a.parallel))
+    done.update(ex.run_parallel(jobs, a.parallel))
 
     def test_ppl(key: str, sweep: str, size: int) -> float:
         if a.test_from == "eval-lm":

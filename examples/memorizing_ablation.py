@@ -55,7 +55,6 @@ def adam_reach(lr: float, max_update: int, warmup: int, init_lr: float = 1e-7) -
 
 
 def main(argv=None) -> dict:
-    from examples.long_memory import run_parallel
 
     a = parse_args(argv)
     run, logs, data, common, _ = ex.start_run(a)
@@ -64,7 +63,7 @@ def main(argv=None) -> dict:
     tag = {name: name.replace(" ", "_").replace(",", "").replace("+", "_") for name in variants}
     base = [*common, "--batch-size", a.batch_size, "--arch", arch, "--criterion", "cross_entropy",
             "--stream-batching", "--memorizing-memory-size", a.train_memory]
-    trained = run_parallel({n: (lambda n=n, f=f: ex.train(data, run / "ckpt" / tag[n], [*base, *shlex.split(f)],
+    trained = ex.run_parallel({n: (lambda n=n, f=f: ex.train(data, run / "ckpt" / tag[n], [*base, *shlex.split(f)],
                                                          logs / f"train_{tag[n]}.log")) for n, f in variants.items()},
                            a.parallel)
     ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
@@ -74,7 +73,7 @@ def main(argv=None) -> dict:
         eval_data, run / "ckpt" / tag[n] / "checkpoint_last.pt",
         [*ev, "--gen-subset", "valid", "--model-overrides", f"{{'memorizing_memory_size': {s}}}"],
         run / "evals" / f"{tag[n]}_{s}.json", logs / f"eval_{tag[n]}_{s}.log")) for n in variants for s in sizes}
-    done = run_parallel(jobs, a.parallel)
+    done = ex.run_parallel(jobs, a.parallel)
     reach = adam_reach(a.lr, a.max_update, max(1, a.max_update // 8))
     rows = []
     for n, f in variants.items():

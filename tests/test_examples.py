@@ -162,6 +162,35 @@ def test_tune_is_reused_only_for_the_same_arguments(tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
+def test_parallel_commands_share_the_cores(tmp_path, monkeypatch):
+    """run_parallel gives each command cores // workers torch threads (oversubscribed
+    commands ran ~3x slower), leaves a single command and the user's own setting alone."""
+    from examples import harness as ex
+
+    seen = []
+
+    class FakeProc:
+        def __init__(self, cmd, env, **kw):
+            seen.append(env.get("OMP_NUM_THREADS"))
+            self.stdout = iter(())
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(ex.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(ex.os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    job = lambda: ex.run_logged("fairseq_cli.train", [], tmp_path / "log", show=False)  # noqa: E731
+    ex.run_parallel({"a": job, "b": job}, 2)
+    assert seen == ["2", "2"]
+    ex.run_parallel({"a": job}, 1)
+    job()  # outside run_parallel: torch's default again
+    assert seen[2:] == [None, None]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    ex.run_parallel({"a": job, "b": job}, 4)
+    assert seen[4:] == ["3", "3"]  # the user's setting is inherited, not overridden
+
+
 def test_tool_output_is_reused_only_for_the_same_arguments_and_files(tmp_path, monkeypatch):
     import os
 

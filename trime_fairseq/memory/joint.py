@@ -74,9 +74,15 @@ def _joint_num_den(tok_target: Tensor, tok_lse: Tensor, scores: Tensor, positive
     # one exponential pass serves both sums: shift by the (detached) largest allowed score
     shift = scores.amax(dim=-1, keepdim=True).detach()
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    weights = torch.exp(scores - shift)  # masked -> 0
-    num = torch.logaddexp(tok_target, _log_or_neg_inf(weights.mul(positive).sum(-1)) + shift.squeeze(-1))
-    den = torch.logaddexp(tok_lse, _log_or_neg_inf(weights.sum(-1)) + shift.squeeze(-1))
+    weights = torch.sub(scores, shift)
+    if scores.requires_grad:
+        weights = weights.exp()  # masked -> 0
+        total, pos_sum = weights.sum(-1), weights.mul(positive).sum(-1)
+    else:  # no graph to keep: one buffer, exponentiated and then masked in place
+        total = weights.exp_().sum(-1)
+        pos_sum = weights.masked_fill_(positive.logical_not(), 0.0).sum(-1)
+    num = torch.logaddexp(tok_target, _log_or_neg_inf(pos_sum) + shift.squeeze(-1))
+    den = torch.logaddexp(tok_lse, _log_or_neg_inf(total) + shift.squeeze(-1))
     return num, den
 
 
@@ -159,15 +165,17 @@ class _ChunkedJointLogProb(torch.autograd.Function):
                     scores, positive = _chunk_scores(queries, keys, key_labels, target, ctx.scale, ctx.mask_fn,
                                                      ctx.top_k, q0, q1, k_end)
                 # g·(exp(m - N)·[pos] - exp(m - D)) + g_D·exp(m - D)
-                #   = exp(m - D)·([pos]·g·exp(D - N) - g + g_D): one exponential per entry
+                #   = exp(m - D)·([pos]·g·exp(D - N) - g + g_D): one exponential per entry,
+                # and the per-query factors (times the scale) picked by one select
                 g, gd = grad[:, q0:q1, None], grad_den[:, q0:q1, None]
-                ratio = torch.exp(den[:, q0:q1, None] - num[:, q0:q1, None]) * g
-                coef = torch.exp(scores - den[:, q0:q1, None])
-                coef.mul_(positive.to(coef.dtype).mul_(ratio).add_(gd - g)).mul_(ctx.scale)
+                base = (gd - g) * ctx.scale
+                with_pos = torch.exp(den[:, q0:q1, None] - num[:, q0:q1, None]) * g * ctx.scale + base
+                coef = torch.sub(scores, den[:, q0:q1, None]).exp_()
+                coef.mul_(torch.where(positive, with_pos, base))
                 if need_q:
                     g_q[:, q0:q1] = torch.matmul(coef, kf[:, :k_end])
                 if need_k:
-                    g_k[:, :k_end] += torch.matmul(coef.transpose(1, 2), qf[:, q0:q1])
+                    g_k[:, :k_end].baddbmm_(coef.transpose(1, 2), qf[:, q0:q1])
         g_q = g_q.to(queries.dtype) if g_q is not None else None
         g_k = g_k.to(keys.dtype) if g_k is not None else None
         return g_tt, g_tl, g_q, g_k, None, None, None, None, None, None, None
