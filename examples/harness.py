@@ -53,12 +53,12 @@ _job_threads: Optional[int] = None
 
 
 def run_parallel(jobs: Dict[str, Callable[[], dict]], workers: int) -> Dict[str, dict]:
-    """Run independent steps (each a fairseq command) ``workers`` at a time. Each command then
-    gets ``cores // workers`` torch threads (unless ``OMP_NUM_THREADS`` is set): with torch's
-    default of one thread per core, two commands on two cores run ~3x slower than one after
-    the other."""
+    """Run independent steps (each a fairseq command) ``workers`` at a time. With more than one
+    at once, each command gets ``cores // workers`` torch threads (unless ``OMP_NUM_THREADS``
+    is set): with torch's default of one thread per core, two commands on two cores ran ~3x
+    slower than one after the other."""
     global _job_threads
-    workers = max(1, workers)
+    workers = max(1, min(workers, len(jobs)))
     before = _job_threads
     if workers > 1:
         _job_threads = max(1, (os.cpu_count() or 1) // workers)

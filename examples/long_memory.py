@@ -82,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Figure 3 also trains TRIMELM_long with each of these m (comma-separated) and adds "
                         "its curve as the row trimelm_long_m<m>: how the length of the training memory "
                         "(m x L tokens) moves the best test-time memory")
+    p.add_argument("--distance-analysis", action="store_true",
+                   help="Figure 3 also runs trime-analyze on valid for each TRIME row at the largest memory "
+                        "size (its chosen τ): the probability mass that local memory and each age of long-term "
+                        "memory give per token, and the share of it on the target")
     p.add_argument("--figure3", default=None,
                    help="write Figure 3 to PREFIX.json/.md/.png: valid and test ppl against memory size, "
                         "τ (λ, θ) chosen per size on valid, test from fairseq-eval-lm")
@@ -147,7 +151,8 @@ def main(argv=None) -> dict:
                        "--consecutive-segments", a.consecutive_segments],
     }
     for m in more_long_m(a):
-        models[f"trime_long_m{m}"] = [*common, "--criterion", "trime_loss", *warm, "--consecutive-segments", m]
+        models[f"trime_long_m{m}"] = [*common, "--criterion", "trime_loss", *warm, "--consecutive-segments", m,
+                                      *same_tokens_larger_batch(a, m)]
     if a.memorizing:
         models["memorizing"] = [*common, "--arch", a.arch.replace("transformer_lm_trime", "memorizing_transformer_lm"),
                                 "--criterion", "cross_entropy", "--stream-batching",
@@ -256,6 +261,19 @@ def more_long_m(a) -> List[int]:
         raise SystemExit("error: --more-consecutive-segments takes comma-separated integers") from None
 
 
+def same_tokens_larger_batch(a, m: int) -> List:
+    """fairseq-train flags for m consecutive segments when a batch of ``--batch-size`` cannot
+    hold them: batches of k·batch-size segments (k the smallest that fits m) for 1/k of the
+    updates (and of the warm-ups), so the model sees the same training tokens. None needed
+    when m fits."""
+    k = -(-m // a.batch_size)
+    if k == 1:
+        return []
+    updates = max(1, a.max_update // k)
+    return ["--batch-size", a.batch_size * k, "--max-update", updates, "--warmup-updates", max(1, updates // 8),
+            "--validate-interval-updates", updates, "--ce-warmup-updates", max(1, int(a.ce_warmup_frac * updates))]
+
+
 ACROSS_DOCUMENTS = ["--memory-across-documents"]
 STREAM_SWEEP = "trime_long_stream"  #: TRIMELM_long's sweep with the stream's memory (--across-documents)
 
@@ -316,6 +334,17 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
                 jobs[key, size, "test"] = (lambda model=model, fl=fl, key=key, size=size: ex.cached_eval(
                     data, ckpt[model], [*ev, *fl, "--gen-subset", "test"], run / "evals" / f"fig3_{key}_{size}_test.json",
                     logs / f"eval_fig3_{key}_{size}_test.log"))
+    if a.distance_analysis:  # trime-analyze at the largest size, the τ chosen there
+        edges = ",".join(str(s) for s in [0, *sizes[1:-1]])
+        for key, _, sweep, model in systems:
+            if model == "vanilla":
+                continue
+            fl = plan[key, sizes[-1]][1]
+            jobs[key, "distance"] = (lambda model=model, fl=fl, key=key: ex.run_tool(
+                "trime_fairseq.cli.analyze",
+                [data, "--path", ckpt[model], *ev, *fl, "--gen-subset", "valid", "--distance-buckets", edges,
+                 "--out", run / "evals" / f"fig3_{key}_distance.json"],
+                run / "evals" / f"fig3_{key}_distance.json", logs / f"analyze_fig3_{key}.log"))
     done.update(ex.run_parallel(jobs, a.parallel))
 
     def test_ppl(key: str, sweep: str, size: int) -> float:
@@ -335,6 +364,8 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
                      "flags": [" ".join(map(str, plan[key, s][1])) for s in sizes],
                      "no_memory_valid_ppl": sweeps[sweep]["rows"][0]["ppl"],
                      "train_tokens_per_s": trained[model]["train_tokens_per_s"]})
+        if (key, "distance") in done:
+            rows[-1]["memory_by_distance"] = done[key, "distance"]["memory_by_distance"]
     if "memorizing" in ckpt:
         rows.append({"system": "memorizing", "label": f"Memorizing Transformer (trained with {a.train_memory})",
                      "memory_tokens": mem_sizes,
@@ -373,6 +404,16 @@ def figure3_markdown(result: dict) -> str:
         for split, c in splits.items():
             corpus.append(f"| {name} | {split} | {c['documents']} | {c['tokens']:,} | "
                           f"{c['mean_tokens_per_document']:,.0f} | {c['median_tokens_per_document']:,.0f} |")
+    distance = [r for r in result["rows"] if r.get("memory_by_distance")]
+    if distance:
+        lines += ["", f"Memory by distance (`trime-analyze` on valid, M={sizes[-1]}, τ as chosen there): "
+                  "probability mass per token given to local memory and to each age of long-term memory "
+                  "(tokens before the context window), the part of it on the target, and their ratio.", "",
+                  "| model | memory | mass per token | on target | precision |", "|---|---|---:|---:|---:|"]
+        for r in distance:
+            lines += [f"| {r['label']} | {d['memory']} | {d['mass']:.3f} | {d['on_target']:.3f} | "
+                      f"{'' if d['precision'] is None else format(d['precision'], '.3f')} |"
+                      for d in r["memory_by_distance"]]
     return ("# Figure 3: perplexity against memory size (long documents)\n\n"
             f"Corpus `{result['corpus_path']}`; {result['budget']}.\n\n" + "\n".join(corpus) + "\n\n"
             + "\n".join(lines) + "\n\n![figure 3](figure3.png)\n")

@@ -97,10 +97,20 @@ def test_long_memory_examples_table_then_figure3_then_memorizing_vs_trime(corpus
                 "--consecutive-segments", "4", "--memory-sizes", "0,50,100", "--tau-grid", "1,2",
                 "--cache-lambda-grid", "0.1", "--cache-theta-grid", "0.1", "--memorizing", "--train-memory", "64",
                 "--memorizing-sizes", "0,100", "--test-from", "sweep", "--parallel", "2", "--across-documents",
-                "--figure3", str(fig))
+                "--more-consecutive-segments", "2", "--distance-analysis", "--figure3", str(fig))
     result = json.loads(fig.with_suffix(".json").read_text())
     rows = {r["system"]: r for r in result["rows"]}
-    assert set(rows) == {"trimelm_long", "trimelm", "cache_long", "memorizing", "trimelm_long_stream"}
+    assert set(rows) == {"trimelm_long", "trimelm", "cache_long", "memorizing", "trimelm_long_stream",
+                         "trimelm_long_m2"}
+    # another training memory: its own model, trained with its own m
+    assert "'consecutive_segments': 2," in (run / "logs" / "train_trime_long_m2.log").read_text()
+    # memory by distance for the TRIME rows at the largest size (buckets at the memory sizes below it)
+    for key in ("trimelm_long", "trimelm", "trimelm_long_m2", "trimelm_long_stream"):
+        dist = rows[key]["memory_by_distance"]
+        assert [d["memory"] for d in dist] == ["local", "0-50", ">=50"]
+        assert all(0 <= d["on_target"] <= d["mass"] < 1 for d in dist) and dist[0]["mass"] > 0
+    assert "memory_by_distance" not in rows["cache_long"]
+    assert "| TRIMELM_long | local |" in fig.with_suffix(".md").read_text()
     # the same model read with the stream's memory: equal with local memory only, its own flag beyond
     stream, per_doc = rows["trimelm_long_stream"], rows["trimelm_long"]
     assert stream["valid_ppl"][0] == per_doc["valid_ppl"][0]
@@ -183,12 +193,26 @@ def test_parallel_commands_share_the_cores(tmp_path, monkeypatch):
     job = lambda: ex.run_logged("fairseq_cli.train", [], tmp_path / "log", show=False)  # noqa: E731
     ex.run_parallel({"a": job, "b": job}, 2)
     assert seen == ["2", "2"]
-    ex.run_parallel({"a": job}, 1)
+    ex.run_parallel({"a": job}, 2)  # one job: all the cores
     job()  # outside run_parallel: torch's default again
     assert seen[2:] == [None, None]
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     ex.run_parallel({"a": job, "b": job}, 4)
     assert seen[4:] == ["3", "3"]  # the user's setting is inherited, not overridden
+
+
+def test_more_consecutive_segments_than_a_batch_holds_keep_the_training_tokens():
+    from argparse import Namespace
+
+    from examples.long_memory import same_tokens_larger_batch
+
+    a = Namespace(batch_size=64, max_update=480, ce_warmup_frac=0.05)
+    assert same_tokens_larger_batch(a, 64) == []
+    flags = same_tokens_larger_batch(a, 128)
+    got = dict(zip(flags[::2], flags[1::2]))
+    assert got["--batch-size"] == 128 and got["--max-update"] == 240  # 128 x 240 = 64 x 480 segments
+    assert got["--warmup-updates"] == 30 and got["--ce-warmup-updates"] == 12
+    assert dict(zip(*[iter(same_tokens_larger_batch(a, 100))] * 2))["--batch-size"] == 128
 
 
 def test_tool_output_is_reused_only_for_the_same_arguments_and_files(tmp_path, monkeypatch):
