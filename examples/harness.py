@@ -235,7 +235,8 @@ def run_tool(module: str, args: Sequence[str], out_json: Path, log_path: Path) -
     they name)."""
     argv = [str(x) for x in args]
     stamp = out_json.with_suffix(".args.json")
-    key = {"argv": argv, "mtimes": {a: os.path.getmtime(a) for a in argv if os.path.isfile(a)}}
+    inputs = [a for a in argv if a != str(out_json)]  # the output itself is no input
+    key = {"argv": argv, "mtimes": {a: os.path.getmtime(a) for a in inputs if os.path.isfile(a)}}
     if out_json.exists() and stamp.exists() and json.loads(stamp.read_text()) == key:
         logger.info("reusing %s (delete it to rerun)", out_json)
         return json.loads(out_json.read_text())

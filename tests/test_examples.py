@@ -235,6 +235,9 @@ def test_tool_output_is_reused_only_for_the_same_arguments_and_files(tmp_path, m
     assert ex.run_tool("m", [ckpt, "--grid", "tau=1,2"], out, tmp_path / "log") == {"call": 2}  # other grid
     os.utime(ckpt, (1, 1))  # another checkpoint
     assert ex.run_tool("m", [ckpt, "--grid", "tau=1,2"], out, tmp_path / "log") == {"call": 3}
+    # the output named among the arguments (as the tools take it) is not an input
+    assert ex.run_tool("m", [ckpt, "--out", out], out, tmp_path / "log") == {"call": 4}
+    assert ex.run_tool("m", [ckpt, "--out", out], out, tmp_path / "log") == {"call": 4}  # reused
 
 
 def test_generate_is_reused_only_for_the_same_arguments_and_checkpoint(tmp_path, monkeypatch):
