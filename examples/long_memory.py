@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
                                 "--criterion", "cross_entropy", "--stream-batching",
                                 "--memorizing-memory-size", a.train_memory, *shlex.split(a.memorizing_flags)]
     trained = ex.run_parallel({k: (lambda k=k, v=v: ex.train(data, run / "ckpt" / k, v, logs / f"train_{k}.log"))
-                            for k, v in models.items()}, a.parallel)
+                               for k, v in models.items()}, a.parallel)
     ckpt = {k: run / "ckpt" / k / "checkpoint_last.pt" for k in models}
     ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
     max_size = max(int(s) for s in a.memory_sizes.split(","))

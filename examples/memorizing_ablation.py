@@ -55,7 +55,6 @@ def adam_reach(lr: float, max_update: int, warmup: int, init_lr: float = 1e-7) -
 
 
 def main(argv=None) -> dict:
-
     a = parse_args(argv)
     run, logs, data, common, _ = ex.start_run(a)
     variants = dict(v.split("=", 1) for v in a.variants.split(";") if v)
@@ -64,8 +63,8 @@ def main(argv=None) -> dict:
     base = [*common, "--batch-size", a.batch_size, "--arch", arch, "--criterion", "cross_entropy",
             "--stream-batching", "--memorizing-memory-size", a.train_memory]
     trained = ex.run_parallel({n: (lambda n=n, f=f: ex.train(data, run / "ckpt" / tag[n], [*base, *shlex.split(f)],
-                                                         logs / f"train_{tag[n]}.log")) for n, f in variants.items()},
-                           a.parallel)
+                                                            logs / f"train_{tag[n]}.log")) for n, f in variants.items()},
+                              a.parallel)
     ev = ex.eval_flags(a.eval_tokens_per_sample, a.context_window)
     eval_data = Path(a.eval_data) if a.eval_data else data
     sizes = [int(s) for s in a.memory_sizes.split(",")]
