@@ -113,7 +113,8 @@ def test_long_memory_examples_table_then_figure3_then_memorizing_vs_trime(corpus
     assert "| TRIMELM_long | local |" in fig.with_suffix(".md").read_text()
     # the same model read with the stream's memory: equal with local memory only, its own flag beyond
     stream, per_doc = rows["trimelm_long_stream"], rows["trimelm_long"]
-    assert stream["valid_ppl"][0] == per_doc["valid_ppl"][0]
+    # (the same sums over differently laid-out, masked memories: equal up to float rounding)
+    assert stream["valid_ppl"][0] == pytest.approx(per_doc["valid_ppl"][0], rel=1e-6)
     assert all("--memory-across-documents" in f for f in stream["flags"][1:])
     assert not any("--memory-across-documents" in f for f in per_doc["flags"])
     for r in rows.values():
