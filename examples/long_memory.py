@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--across-documents", action="store_true",
                    help="Figure 3 also evaluates TRIMELM_long with --memory-across-documents (the stream's "
                         "memory, not reset at document boundaries) as the row trimelm_long_stream")
-    p.add_argument("--more-consecutive-segments", default="",
+    p.add_argument("--more-consecutive-segments", type=int_list, default=[],
                    help="Figure 3 also trains TRIMELM_long with each of these m (comma-separated) and adds "
                         "its curve as the row trimelm_long_m<m>: how the length of the training memory "
                         "(m x L tokens) moves the best test-time memory")
@@ -89,9 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--figure3", default=None,
                    help="write Figure 3 to PREFIX.json/.md/.png: valid and test ppl against memory size, "
                         "τ (λ, θ) chosen per size on valid, test from fairseq-eval-lm")
-    a = p.parse_args(argv)
-    more_long_m(a)  # checked before any work starts
-    return a
+    return p.parse_args(argv)
 
 
 def eval_documents(corpus: Path, out: Path, n: int, min_tokens: int, logs: Path) -> Path:
@@ -150,7 +148,7 @@ def main(argv=None) -> dict:
         "trime_long": [*common, "--criterion", "trime_loss", *warm,
                        "--consecutive-segments", a.consecutive_segments],
     }
-    for m in more_long_m(a):
+    for m in a.more_consecutive_segments:
         models[f"trime_long_m{m}"] = [*common, "--criterion", "trime_loss", *warm, "--consecutive-segments", m,
                                       *same_tokens_larger_batch(a, m)]
     if a.memorizing:
@@ -164,7 +162,7 @@ def main(argv=None) -> dict:
     max_size = max(int(s) for s in a.memory_sizes.split(","))
     if a.figure3:  # its own evaluations only (no table of test runs below)
         return figure3(a, run, logs, data, ckpt, ev, trained)
-    if a.eval_docs or a.across_documents or more_long_m(a):
+    if a.eval_docs or a.across_documents or a.more_consecutive_segments:
         raise SystemExit("error: --eval-docs, --across-documents and --more-consecutive-segments are for --figure3")
     sweeps = ex.run_parallel(sweep_jobs(a, run, logs, data, ckpt, ev, "valid"), a.parallel)
 
@@ -242,7 +240,7 @@ def sweep_jobs(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: 
         "trime_long": lambda: ex.tune(data, ckpt["trime_long"], "trime", [f"tau={a.tau_grid}"], args,
                                       run / f"sweep_trime_long{suffix}.json", logs / f"sweep_trime_long{suffix}.log"),
     }
-    for m in more_long_m(a):
+    for m in a.more_consecutive_segments:
         name = f"trime_long_m{m}"
         jobs[name] = lambda name=name: ex.tune(data, ckpt[name], "trime", [f"tau={a.tau_grid}"], args,
                                                run / f"sweep_{name}{suffix}.json", logs / f"sweep_{name}{suffix}.log")
@@ -253,12 +251,12 @@ def sweep_jobs(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: 
     return jobs
 
 
-def more_long_m(a) -> List[int]:
-    """The extra TRIMELM_long training memories of ``--more-consecutive-segments``."""
+def int_list(text: str) -> List[int]:
+    """``"64,128"`` -> ``[64, 128]`` (argparse type: a bad value is a one-line usage error)."""
     try:
-        return [int(m) for m in (getattr(a, "more_consecutive_segments", "") or "").split(",") if m.strip()]
+        return [int(m) for m in text.split(",") if m.strip()]
     except ValueError:
-        raise SystemExit("error: --more-consecutive-segments takes comma-separated integers") from None
+        raise argparse.ArgumentTypeError(f"takes comma-separated integers, got {text!r}") from None
 
 
 def same_tokens_larger_batch(a, m: int) -> List:
@@ -322,7 +320,7 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
     done = ex.run_parallel(first, a.parallel)
     sweeps = {k[1]: v for k, v in done.items() if k[0] == "valid_sweep"}
     more = tuple((f"trimelm_long_m{m}", f"TRIMELM_long, trained with m={m} ({m * a.tokens_per_sample} tokens)",
-                  f"trime_long_m{m}", f"trime_long_m{m}") for m in more_long_m(a))
+                  f"trime_long_m{m}", f"trime_long_m{m}") for m in a.more_consecutive_segments)
     systems = FIG3_SYSTEMS + more + ((FIG3_STREAM,) if a.across_documents else ())
     jobs, plan = {}, {}
     for key, _, sweep, model in systems:

@@ -77,17 +77,11 @@ def mass_by_distance(log_weight: torch.Tensor, labels: torch.Tensor, key_rank: O
     w = torch.exp(log_weight[keep].double())  # -inf (unused entries) -> 0
     on_target = w * labels[keep].eq(target[keep].unsqueeze(-1))
     rank = key_rank if key_rank is not None else torch.full((w.size(-1),), -1, device=w.device)
-    out = torch.zeros(len(bounds) + 1, 2, dtype=torch.float64)
-    edges = list(bounds) + [None]
-    for i in range(len(bounds) + 1):
-        if i == 0:
-            sel = rank < 0
-        else:
-            lo, hi = edges[i - 1], edges[i]
-            sel = (rank >= lo) & (rank < hi) if hi is not None else rank >= lo
-        out[i, 0] = float(w[:, sel].sum())
-        out[i, 1] = float(on_target[:, sel].sum())
-    return out
+    # bucket 0: local (rank -1); bucket i: bounds[i-1] <= rank < bounds[i]
+    edges = torch.tensor(list(bounds), dtype=rank.dtype, device=rank.device)
+    bucket = torch.where(rank < 0, 0, torch.bucketize(rank, edges, right=True)).cpu()
+    per_entry = torch.stack([w.sum(0), on_target.sum(0)], -1).cpu()
+    return torch.zeros(len(bounds) + 1, 2, dtype=torch.float64).index_add_(0, bucket, per_entry)
 
 
 def distance_table(sums: torch.Tensor, tokens: int, bounds: Sequence[int]) -> List[dict]:
