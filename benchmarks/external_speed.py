@@ -5,10 +5,13 @@
    (target >= 0.9), and peak RSS for two sizes (should stay flat as N grows:
    ``peak_rss_ratio_large_vs_small`` ~ 1).
 3. ``ext_eval`` (needs ``--datastore`` with an index): kNN-LM scoring tokens/s ÷ vanilla
-   scoring tokens/s over the same valid blocks (target >= 0.5 at recall@K >= 0.9), with
-   the time split into model / search / combine and the share of searches skipped; with
-   ``--retrieval-skip-feature`` also adaptive retrieval (``adaptive``: its threshold set
-   so that about ``--skip-share`` of the searches are skipped).
+   and TRIMELM_ext (local + external) ÷ TRIME with local memory only, over the same valid
+   blocks (target >= 0.3 each), at a perplexity within ``--budget`` (1%) of the full search
+   (``--knn-k`` neighbours at the index's recall-tuned nprobe): smaller K and fewer lists
+   probed ("search cheaper") and, with ``--retrieval-skip-feature``, skipped searches
+   ("search less") are swept and the fastest setting within the budget is kept. Both
+   perplexities, every setting tried, the time split into model / search / combine and the
+   share of searches skipped are in the output.
 
     python benchmarks/external_speed.py DATA_BIN --path CKPT --tokens-per-sample 512 \\
         --context-window 256 [--datastore runs/ext/ds/vanilla] --out bench_ext.json
@@ -23,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -87,13 +90,36 @@ def bench_datastore(cfg, model, task, max_blocks: int) -> dict:
     return result
 
 
+def _nprobes(retriever) -> List[Optional[int]]:
+    """The nprobe values a search-settings sweep tries: the index's own (tuned for recall at
+    the full K), then every quarter of it down to 1; ``[None]`` for an index without lists."""
+    from trime_fairseq.memory.index import ivf_nlist
+
+    if not ivf_nlist(retriever.index.index):
+        return [None]
+    top = max(1, int(retriever.config.nprobe))
+    out = [top]
+    while out[-1] > 1:
+        out.append(max(1, out[-1] // 4))
+    return out
+
+
 def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, lam: float, temp: float,
-                   skip_feature: Optional[str] = None, skip_share: float = 0.0) -> dict:
-    """kNN-LM ÷ vanilla scoring speed with the time split and the share of searches skipped;
-    with ``skip_feature`` also adaptive retrieval, its threshold set on these blocks so that
-    about ``skip_share`` of the searches are skipped."""
+                   skip_feature: Optional[str] = None, budget: float = 0.01,
+                   ks: Sequence[int] = (256, 64, 16), skip_shares: Sequence[float] = (0.1, 0.2, 0.3, 0.5),
+                   trime_tau: float = 1.0) -> dict:
+    """Retrieval-bound scoring speed against the same model without a datastore, in one run.
+
+    For kNN-LM (÷ vanilla) and TRIMELM_ext (local + external memory, ÷ TRIME with local
+    memory only): the full search (``k`` neighbours at the index's recall-tuned nprobe) gives
+    the reference perplexity; then "search cheaper": every smaller K of ``ks`` with nprobe
+    cut by 4 each step; then "search less" (with ``skip_feature``): the shares of
+    ``skip_shares`` skipped on top of the fastest of those within ``budget`` of the reference.
+    The fastest setting within the budget is kept. Every setting is scored on
+    the same valid blocks; each chosen setting is timed once more with its time split
+    (model / search / combine) and share of searches skipped."""
     from trime_fairseq.data.stream import StreamBlocks
-    from trime_fairseq.memory.combiners import KnnCombiner, NoMemory
+    from trime_fairseq.memory.combiners import KnnCombiner, NoMemory, TrimeCombiner
     from trime_fairseq.memory.datastore import Datastore
     from trime_fairseq.memory.retriever import RetrievalSkip, Retriever
     from trime_fairseq.models.memory_eval import MemoryEvalModel
@@ -103,9 +129,13 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
     bsz = max(1, (cfg.dataset.max_tokens or 4096) // (task.args.tokens_per_sample + cfg.eval_lm.context_window))
     n = min(len(blocks), max_blocks)
     retriever = Retriever(Datastore(datastore), k=k)
+    full_k = retriever.k
+    nprobes = _nprobes(retriever)  # before the sweep changes the index's nprobe
+    full_nprobe = nprobes[0]  # None: the index has no inverted lists to probe
     features = []
 
-    def run(wrapper, collect: bool = False):
+    def run(wrapper, collect: bool = False) -> Tuple[float, float]:
+        """(tokens/s, perplexity) of one pass over the blocks."""
         tokens, nll, t0 = 0, 0.0, time.perf_counter()
         with torch.no_grad():
             for s in range(0, n, bsz):
@@ -119,33 +149,79 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
                     features.append(RetrievalSkip(skip_feature, 0.0).values(lp)[keep])
         return tokens / (time.perf_counter() - t0), math.exp(nll / max(1, tokens))
 
-    def measured(name, wrapper, v_tps):
+    def configure(kk: int, nprobe: Optional[int], share: float = 0.0) -> None:
+        retriever.k = kk
+        if nprobe is not None:
+            retriever.index.set_nprobe(nprobe)
+        retriever.skip = None
+        if share > 0:
+            values = torch.cat(features)
+            q = share if skip_feature == "entropy" else 1.0 - share
+            retriever.skip = RetrievalSkip(skip_feature, float(values.quantile(min(max(q, 0.0), 1.0))))
+
+    def measured(wrapper, base_tps: float, setting: dict) -> dict:
+        """One timed pass of ``wrapper`` at ``setting``, with its split and share skipped."""
+        configure(setting["k"], setting["nprobe"], setting.get("skip_share", 0.0))
         retriever.reset_counters()
+        wrapper.timings.update(dict.fromkeys(wrapper.timings, 0.0))
         tps, ppl = run(wrapper)
-        split = dict(wrapper.timings)
-        return {f"{name}_tokens_per_s": tps, f"{name}_ppl": ppl, "ratio": tps / v_tps, "time_split_s": split,
-                "skipped": retriever.counters()["skipped_share"]}
+        out = {**setting, "tokens_per_s": tps, "ppl": ppl, "ratio": tps / base_tps,
+               "time_split_s": dict(wrapper.timings), "skipped": retriever.counters()["skipped_share"]}
+        if retriever.skip is not None:
+            out["rule"] = retriever.skip.describe()
+        logger.info("%s: %s -> ppl %.3f, %.0f tokens/s (%.3f x its baseline), %.0f%% skipped", type(wrapper.combiner).__name__,
+                    setting, ppl, tps, out["ratio"], 100 * out["skipped"])
+        return out
+
+    def cheapest(wrapper, baseline) -> dict:
+        """Full search, the search-settings sweep and the skip sweep of one scorer (docstring);
+        ``baseline``: the same model without a datastore, timed before the full search and
+        again right before the kept setting's last pass (the ratios of each pair)."""
+        base_tps = run(baseline)[0]
+        full = measured(wrapper, base_tps, {"k": full_k, "nprobe": full_nprobe})
+        limit = full["ppl"] * (1 + budget)
+        sweep = []
+        for kk in sorted((x for x in ks if x < full_k), reverse=True):
+            for nprobe in nprobes:
+                row = measured(wrapper, base_tps, {"k": kk, "nprobe": nprobe})
+                row["within_budget"] = row["ppl"] <= limit
+                sweep.append(row)
+                if not row["within_budget"]:
+                    break  # fewer lists probed only lose more neighbours
+            if not sweep[-1]["within_budget"] and sweep[-1]["nprobe"] == nprobes[0]:
+                break  # so does a smaller K
+        fastest = max([full, *[r for r in sweep if r["within_budget"]]], key=lambda r: r["tokens_per_s"])
+        skips = []
+        for share in skip_shares if skip_feature else ():
+            row = measured(wrapper, base_tps, {"k": fastest["k"], "nprobe": fastest["nprobe"], "skip_share": share})
+            row["within_budget"] = row["ppl"] <= limit
+            skips.append(row)
+            if not row["within_budget"]:
+                break
+        fastest = max([fastest, *[r for r in skips if r["within_budget"]]], key=lambda r: r["tokens_per_s"])
+        setting = {key: fastest[key] for key in ("k", "nprobe", "skip_share") if key in fastest}
+        base_tps = run(baseline)[0]
+        best = measured(wrapper, base_tps, setting)  # timed again, next to its baseline
+        return {"full": full, "sweep": sweep, "skip_sweep": skips, "best": best, "baseline_tokens_per_s": base_tps,
+                "ppl_increase": best["ppl"] / full["ppl"] - 1}
 
     vanilla = MemoryEvalModel(model, NoMemory(), pad)
     run(vanilla, collect=True)  # warm-up (and the features of the skip rule)
-    v_tps, v_ppl = run(MemoryEvalModel(model, NoMemory(), pad))
-    knn = measured("knn", MemoryEvalModel(model, KnnCombiner(lam, temp), pad, retriever=retriever), v_tps)
-    out = {
-        "vanilla_tokens_per_s": v_tps, "vanilla_ppl": v_ppl, **knn, "target_ratio": 0.5,
-        "k": retriever.k, "keys": len(retriever.datastore), "index": retriever.config.factory,
-        "nprobe": retriever.config.nprobe, "recall": retriever.config.recall,
+    v_tps, v_ppl = run(vanilla)
+    knn = cheapest(MemoryEvalModel(model, KnnCombiner(lam, temp), pad, retriever=retriever), vanilla)
+    # TRIMELM_ext: Eq. 6 over local + external memory; the external entries at the kNN
+    # temperature (tau_ext), since they are L2 distances of a datastore, not in-batch keys
+    local = MemoryEvalModel(model, TrimeCombiner(trime_tau), pad)
+    l_tps, l_ppl = run(local)
+    trime = cheapest(MemoryEvalModel(model, TrimeCombiner(trime_tau, ext_temperature=temp), pad,
+                                     retriever=retriever), local)
+    configure(full_k, full_nprobe)
+    return {
+        "vanilla_tokens_per_s": v_tps, "vanilla_ppl": v_ppl, "trime_local_tokens_per_s": l_tps,
+        "trime_local_ppl": l_ppl, "knn": knn, "trime_ext": trime, "budget": budget, "target_ratio": 0.3,
+        "k": full_k, "keys": len(retriever.datastore), "index": retriever.config.factory,
+        "nprobe": full_nprobe, "recall": retriever.config.recall,
     }
-    if skip_feature:
-        values = torch.cat(features)
-        q = skip_share if skip_feature == "entropy" else 1.0 - skip_share
-        threshold = float(values.quantile(min(max(q, 0.0), 1.0)))
-        retriever.skip = RetrievalSkip(skip_feature, threshold)
-        adaptive = measured("knn", MemoryEvalModel(model, KnnCombiner(lam, temp), pad, retriever=retriever), v_tps)
-        adaptive["rule"] = retriever.skip.describe()
-        adaptive["ratio_vs_knn"] = adaptive["knn_tokens_per_s"] / knn["knn_tokens_per_s"]
-        out["adaptive"] = adaptive
-        retriever.skip = None
-    return out
 
 
 def main(argv=None) -> dict:
@@ -160,9 +236,14 @@ def main(argv=None) -> dict:
     p.add_argument("--knn-temperature", type=float, default=10.0, help="kNN-LM temperature")
     p.add_argument("--retrieval-skip-feature", choices=["entropy", "max-prob"], default=None,
                    help="ext_eval: also time adaptive retrieval with this feature")
-    p.add_argument("--skip-share", type=float, default=0.5,
-                   help="ext_eval with --retrieval-skip-feature: the threshold is set on the timed blocks "
-                   "so that about this share of the searches is skipped")
+    p.add_argument("--budget", type=float, default=0.01,
+                   help="ext_eval: the largest relative perplexity increase over the full search that a "
+                   "cheaper search setting (smaller K, fewer lists probed, skipped searches) may cost")
+    p.add_argument("--cheaper-k", default="256,64,16",
+                   help="ext_eval: the smaller K values tried (comma-separated), each with nprobe cut by 4 per step")
+    p.add_argument("--skip-shares", default="0.1,0.2,0.3,0.5",
+                   help="ext_eval with --retrieval-skip-feature: the shares of searches to skip that are tried "
+                   "on top of the cheapest search setting")
     p.add_argument("--out", default=None, help="write JSON here")
     ours, rest = p.parse_known_args(argv)
     from trime_fairseq.cli.tune import load
@@ -180,7 +261,9 @@ def main(argv=None) -> dict:
     if "ext_eval" in parts and ours.datastore:
         result["ext_eval"] = bench_ext_eval(cfg, model, task, ours.datastore, ours.knn_k, ours.blocks,
                                             ours.knn_lambda, ours.knn_temperature,
-                                            ours.retrieval_skip_feature, ours.skip_share)
+                                            ours.retrieval_skip_feature, ours.budget,
+                                            [int(x) for x in ours.cheaper_k.split(",") if x],
+                                            [float(x) for x in ours.skip_shares.split(",") if x])
         logger.info("ext_eval: %s", result["ext_eval"])
     print(json.dumps(result, indent=2))
     if ours.out:

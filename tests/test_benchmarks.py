@@ -11,10 +11,11 @@ RUN_ALL = REPO / "benchmarks" / "run_all.py"
 FIGURES = [  # every figure the suite reports, in report order
     "train_speed_local", "train_speed_long", "train_speed_external",
     "train_peak_memory_local", "train_peak_memory_long", "train_peak_memory_external",
-    "eval_long_memory_full", "eval_long_memory_documents", "ext_eval", "datastore_build",
+    "eval_long_memory_full", "eval_long_memory_documents", "ext_eval", "ext_eval_trime", "datastore_build",
     "datastore_peak_memory", "bm25_seconds", "knn_mt_generation", "memorizing_train",
 ]
-SCORERS = {"kNN-LM eval", "kNN-LM eval, adaptive retrieval", "kNN-MT generation"}
+SCORERS = {"kNN-LM eval, full search", "kNN-LM eval, cheapest within the budget", "TRIMELM_ext eval, full search",
+           "TRIMELM_ext eval, cheapest within the budget", "kNN-MT generation"}
 
 
 def load_run_all():
@@ -41,14 +42,15 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
         assert isinstance(f["value"], float) and math.isfinite(f["value"]) and f["value"] >= 0, f
         assert isinstance(f["target"], float) and f["target"] > 0 and f["op"] in (">=", "<="), f
         met = f["value"] >= f["target"] if f["op"] == ">=" else f["value"] <= f["target"]
-        assert f["status"] == ("pass" if met else "miss") or (f["key"] == "ext_eval" and f["status"] == "miss"), f
+        assert f["status"] == ("pass" if met else "miss") or (f["step"] == "ext_eval" and f["status"] == "miss"), f
     assert {r["scorer"].split(" (")[0] for r in data["time_split"]} == SCORERS
     for r in data["time_split"]:
         shares = [r[k] for k in ("model", "search", "combine")]
         assert all(0 <= s <= 1 for s in shares) and math.isclose(sum(shares), 1, abs_tol=1e-6), r
         assert r["total_s"] > 0
         assert 0 <= r["skipped"] <= 1
-        assert (r["skipped"] > 0) == ("adaptive" in r["scorer"]), r  # only the adaptive scorer skips
+        if "full search" in r["scorer"]:
+            assert r["skipped"] == 0, r
     assert all(st["status"] == "ok" for st in data["steps"].values()), data["steps"]
     ops = data["raw"]["train"]["op_counts"]  # --op-counts: one profiled step per variant
     assert ops["trime_loss_ext"]["total"] > ops["cross_entropy"]["total"] > 100
@@ -66,6 +68,17 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
         assert 0 < ev["similarity_bound"]["bound_ratio_vs_local"] < 1 and ev["extra_time_split"]["base_ms"] > 0
     assert "similarity products cost time" in next(f["notes"] for f in data["figures"] if f["key"] == "eval_long_memory_full")
     assert {"cpus", "torch", "faiss", "date", "load_average_start"} <= set(data["machine"])
+    # search cheaper / less: the kept setting is the fastest tried within the perplexity budget of the full search
+    ext = data["raw"]["ext_eval"]["ext_eval"]
+    for which in ("knn", "trime_ext"):
+        r = ext[which]
+        assert r["full"]["k"] == 16 and [x["k"] for x in r["sweep"]][:1] == [8], r["sweep"]
+        assert r["skip_sweep"] and r["skip_sweep"][0]["skipped"] > 0  # the suite sweeps skipping too
+        assert r["best"]["ppl"] <= r["full"]["ppl"] * (1 + ext["budget"]) + 1e-9
+        assert math.isclose(r["ppl_increase"], r["best"]["ppl"] / r["full"]["ppl"] - 1)
+        tried = [x for x in r["sweep"] + r["skip_sweep"] if x["within_budget"]]
+        assert all(x["ppl"] <= r["full"]["ppl"] * (1 + ext["budget"]) for x in tried)
+    assert {r["scorer"] for r in data["search_sweeps"]} == {"kNN-LM", "TRIMELM_ext"}
 
     md = report.read_text()
     assert md.startswith("# Benchmark report (smoke size)")
@@ -74,6 +87,7 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     for f in data["figures"]:
         assert f["figure"] in md
     assert "## Time split of the memory-augmented scorers" in md
+    assert "## Search settings tried (external memory, valid blocks)" in md
     assert "| scorer | model | search | combine | total (s) | searches skipped |" in md
     assert "FAILED" not in md
     assert report.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -52,10 +52,17 @@ def mt_corpus(suite: Suite, smoke: bool, log: Path) -> dict:
     return {"data": str(root / "bin")}
 
 
+def lm_name(suite: Suite) -> str:
+    """The LM checkpoint's (and its datastore's) folder name: a new size retrains, never reuses."""
+    return f"lm_{suite.size.lm_updates}u"
+
+
 def lm_checkpoint(suite: Suite, data: Path, log: Path) -> dict:
-    """A short ``cross_entropy`` run: speed figures need the real shapes, not a good model."""
+    """A ``cross_entropy`` run. Speed alone needs only the real shapes, but the external-memory
+    figures keep the perplexity of the full search within a budget, and the neighbours of an
+    untrained model are all at about the same distance (the mass is not in the top few)."""
     s = suite.size
-    save = suite.work / "ckpt" / "lm"
+    save = suite.work / "ckpt" / lm_name(suite)
     flags = ex.train_flags(s.lm_arch, s.tokens_per_sample, s.lm_updates, 2e-3, 1, max(1, s.lm_updates // 4))
     out = ex.train(data, save, [*flags, "--criterion", "cross_entropy", "--max-tokens", s.max_tokens,
                                 "--disable-validation", *ONE_SAVE], log)

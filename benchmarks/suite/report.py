@@ -77,34 +77,51 @@ def _eval_notes(r: dict) -> str:
     return text
 
 
+def describe_setting(r: dict) -> str:
+    """``K=64, nprobe 16, 30% skipped`` of one search setting of the ext_eval benchmark."""
+    text = f"K={r['k']}" + (f", nprobe {r['nprobe']}" if r.get("nprobe") is not None else "")
+    return text + (f", {r['skipped']:.0%} of searches skipped" if r.get("skipped") else "")
+
+
+def _ext_notes(ext: dict, which: str, base: str) -> str:
+    """The chosen setting against the full search: speeds, perplexities, and the index."""
+    r = ext[which]
+    best, full = r["best"], r["full"]
+    return (f"{best['tokens_per_s']:,.0f} tokens/s at {describe_setting(best)}: valid ppl {best['ppl']:.2f} vs "
+            f"{full['ppl']:.2f} with the full search ({r['ppl_increase']:+.2%}; budget {ext['budget']:.0%}); "
+            f"full search ({describe_setting(full)}): {full['ratio']:.3f} × {base}; {ext['keys']:,} keys, "
+            f"{ext['index']}, recall@{ext['k']} {ext['recall'] or 0:.3f}"
+            + (f" at nprobe {ext['nprobe']}" if ext.get("nprobe") is not None else ""))
+
+
 def _ds_sizes(r: dict) -> List[int]:
     return r["datastore"]["sizes"]
 
 
 FIGURES: List[Figure] = [
     *[Figure(f"train_speed_{kind}", f"TRIME train tokens/s ÷ CE, {desc}", "train",
-             lambda r, v=variant: r["ratio_vs_cross_entropy"][v], 0.95, ">=", notes=_train_notes(variant))
-      for kind, variant, desc in (("local", "trime_loss", "local memory"),
-                                  ("long", "trime_loss_long", "long memory (consecutive segments)"),
-                                  ("external", "trime_loss_ext", "external memory (BM25 batches)"))],
+             lambda r, v=variant: r["ratio_vs_cross_entropy"][v], target, ">=", notes=_train_notes(variant))
+      for kind, variant, desc, target in (
+          ("local", "trime_loss", "local memory", 0.95),
+          ("long", "trime_loss_long", "long memory (consecutive segments)", 0.95),
+          ("external", "trime_loss_ext", "external memory (BM25 batches)", 0.9))],
     *[Figure(f"train_peak_memory_{kind}", f"peak training memory ÷ CE, {desc}", "train",
-             lambda r, v=variant: r["peak_rss_ratio_vs_cross_entropy"][v], 1.1, "<=",
+             lambda r, v=variant: r["peak_rss_ratio_vs_cross_entropy"][v], target, "<=",
              notes=lambda r, v=variant: f"{r['peak_rss_mb_per_variant'][v]:,.0f} vs "
                                         f"{r['peak_rss_mb_per_variant']['cross_entropy']:,.0f} MB "
                                         f"({_peak_measure(r)})")
-      for kind, variant, desc in (("local", "trime_loss", "local memory"),
-                                  ("long", "trime_loss_long", "long memory"),
-                                  ("external", "trime_loss_ext", "external memory"))],
+      for kind, variant, desc, target in (("local", "trime_loss", "local memory", 1.1),
+                                          ("long", "trime_loss_long", "long memory", 1.1),
+                                          ("external", "trime_loss_ext", "external memory", 1.2))],
     Figure("eval_long_memory_full", "eval tokens/s, long memory full (one document) ÷ local only", "eval_full_memory",
            _eval_value, 0.9, ">=", notes=_eval_notes),
     Figure("eval_long_memory_documents", "eval tokens/s, long memory over real documents ÷ local only",
            "eval_documents", _eval_value, 0.9, ">=", notes=_eval_notes),
-    Figure("ext_eval", "kNN-LM eval tokens/s ÷ vanilla (external memory)", "ext_eval",
-           lambda r: r["ext_eval"]["ratio"], 0.5, ">=",
-           notes=lambda r: (f"{r['ext_eval']['knn_tokens_per_s']:,.0f} vs {r['ext_eval']['vanilla_tokens_per_s']:,.0f} "
-                            f"tokens/s; K={r['ext_eval']['k']}, {r['ext_eval']['keys']:,} keys, "
-                            f"{r['ext_eval']['index']} nprobe {r['ext_eval']['nprobe']}, "
-                            f"recall@K {r['ext_eval']['recall'] or 0:.3f}")),
+    *[Figure(key, f"{name} eval tokens/s ÷ {base}, perplexity within the budget of the full search", "ext_eval",
+             lambda r, w=which: r["ext_eval"][w]["best"]["ratio"], 0.3, ">=",
+             notes=lambda r, w=which, b=base: _ext_notes(r["ext_eval"], w, b))
+      for key, name, which, base in (("ext_eval", "kNN-LM", "knn", "vanilla"),
+                                     ("ext_eval_trime", "TRIMELM_ext", "trime_ext", "TRIME, local memory only"))],
     Figure("datastore_build", "datastore build keys/s ÷ plain forward tokens/s", "external",
            lambda r: r["datastore"]["ratio_build_vs_forward"], 0.9, ">=",
            notes=lambda r: (f"{r['datastore'][f'build_keys_per_s_{_ds_sizes(r)[-1]}']:,.0f} vs "
@@ -115,7 +132,7 @@ FIGURES: List[Figure] = [
                *_ds_sizes(r), *(r["datastore"][f"peak_rss_mb_{n}"] for n in _ds_sizes(r)))),
     Figure("bm25_seconds", "BM25 batching time", "external", lambda r: r["bm25"]["seconds"], 60.0, "<=", unit="s",
            notes=lambda r: f"{r['bm25']['segments']:,} segments of {r['bm25']['segment_length']} tokens"),
-    Figure("knn_mt_generation", "kNN-MT generation sentences/s ÷ base", "generate", lambda r: r["ratio"], 0.5, ">=",
+    Figure("knn_mt_generation", "kNN-MT generation sentences/s ÷ base", "generate", lambda r: r["ratio"], 0.6, ">=",
            notes=lambda r: (f"{r['knn_sentences_per_s']:.1f} vs {r['base_sentences_per_s']:.1f} sentences/s; "
                             f"beam {r['beam']}, K={r['knn_k']}, {r['datastore_size']:,} keys ({r['index']})")),
     Figure("memorizing_train", "Memorizing Transformer train tokens/s ÷ plain (no kNN memory)", "memorizing",
@@ -143,8 +160,8 @@ def evaluate(suite: Suite) -> List[dict]:
                 suite.steps[f.step].update(status="failed", error=f"missing figure {f.key}")
             else:
                 ok = value >= f.target if f.op == ">=" else value <= f.target
-                if f.key == "ext_eval" and (res["ext_eval"].get("recall") or 0) < 0.9:
-                    ok, notes = False, notes + " (recall below 0.9)"
+                if f.step == "ext_eval" and (res["ext_eval"].get("recall") or 0) < 0.9:
+                    ok, notes = False, notes + " (the full search's recall is below 0.9)"
                 row.update(value=value, status="pass" if ok else "miss", notes=notes)
         rows.append(row)
     return rows
@@ -155,13 +172,13 @@ def time_splits(suite: Suite) -> List[dict]:
     rows = []
     ext = suite.results.get("ext_eval", {}).get("ext_eval")
     if ext:
-        for name, r in (("kNN-LM eval", ext), ("kNN-LM eval, adaptive retrieval", ext.get("adaptive"))):
-            if not r:
-                continue
+        for name, which, kind in (("kNN-LM eval", "knn", "full"), ("kNN-LM eval", "knn", "best"),
+                                  ("TRIMELM_ext eval", "trime_ext", "full"), ("TRIMELM_ext eval", "trime_ext", "best")):
+            r = ext[which][kind]
             split = r["time_split_s"]
             total = sum(split.values())
-            rule = f", {r['rule']}" if r.get("rule") else ""
-            rows.append({"scorer": f"{name} (K={ext['k']}, {ext['keys']:,} keys{rule})", "total_s": total,
+            how = "full search" if kind == "full" else "cheapest within the budget"
+            rows.append({"scorer": f"{name}, {how} ({describe_setting(r)}; {ext['keys']:,} keys)", "total_s": total,
                          **{k: split[k] / total for k in ("model", "search", "combine")},
                          "skipped": r.get("skipped", 0.0)})
     gen = suite.results.get("generate")
@@ -170,6 +187,23 @@ def time_splits(suite: Suite) -> List[dict]:
         rows.append({"scorer": f"kNN-MT generation (beam {gen['beam']}, K={gen['knn_k']}, {gen['datastore_size']:,} keys)",
                      "total_s": gen["sentences"] * suite.size.gen_passes / gen["knn_sentences_per_s"],
                      **{k: split[k] for k in ("model", "search", "combine")}, "skipped": gen.get("skipped", 0.0)})
+    return rows
+
+
+def search_sweeps(suite: Suite) -> List[dict]:
+    """Every search setting the ext_eval benchmark tried, per scorer: its perplexity against
+    the full search, its speed against the scorer's baseline, and whether it was kept."""
+    ext = suite.results.get("ext_eval", {}).get("ext_eval")
+    rows = []
+    for name, which in (("kNN-LM", "knn"), ("TRIMELM_ext", "trime_ext")) if ext else ():
+        r = ext[which]
+        full_ppl = r["full"]["ppl"]
+        for kind, row in [("full search", r["full"]), *[("cheaper", x) for x in r["sweep"]],
+                          *[("fewer searches", x) for x in r["skip_sweep"]], ("kept", r["best"])]:
+            rows.append({"scorer": name, "kind": kind, "setting": describe_setting(row), "ppl": row["ppl"],
+                         "vs_full": row["ppl"] / full_ppl - 1, "tokens_per_s": row["tokens_per_s"],
+                         "ratio": row["ratio"],
+                         "within_budget": row.get("within_budget", row["ppl"] <= full_ppl * (1 + ext["budget"]))})
     return rows
 
 
@@ -213,6 +247,9 @@ def render(report: dict) -> str:
     splits = [{"scorer": r["scorer"], "model": f"{r['model']:.0%}", "search": f"{r['search']:.0%}",
                "combine": f"{r['combine']:.0%}", "total_s": f"{r['total_s']:.1f}",
                "skipped": f"{r.get('skipped', 0.0):.0%}"} for r in report["time_split"]]
+    sweeps = [{**r, "ppl": f"{r['ppl']:.2f}", "vs_full": f"{r['vs_full']:+.2%}", "tokens_per_s": f"{r['tokens_per_s']:,.0f}",
+               "ratio": f"{r['ratio']:.3f}", "within_budget": "yes" if r["within_budget"] else "no"}
+              for r in report.get("search_sweeps", [])]
     steps = [{"step": k, "status": v["status"], "seconds": f"{v['seconds']:.0f}",
               "log": f"`{v['log']}`" if v["log"] else "", "error": v.get("error", "") or (f"reused from the run of {v['reused']}" if v.get("reused") else "")}
              for k, v in report["steps"].items()]
@@ -238,6 +275,16 @@ def render(report: dict) -> str:
         ex.markdown_table(splits, ["scorer", "model", "search", "combine", "total_s", "skipped"],
                           ["scorer", "model", "search", "combine", "total (s)", "searches skipped"])
         if splits else "(no scorer ran)",
+        "",
+        "## Search settings tried (external memory, valid blocks)",
+        "",
+        "Smaller K with fewer inverted lists probed, then skipped searches on top of the cheapest "
+        "setting within the budget; the kept setting is timed once more. Ratio: against vanilla "
+        "(kNN-LM) or TRIME with local memory only (TRIMELM_ext), in the same run.",
+        "",
+        ex.markdown_table(sweeps, ["scorer", "kind", "setting", "ppl", "vs_full", "tokens_per_s", "ratio", "within_budget"],
+                          ["scorer", "what", "setting", "valid ppl", "vs full search", "tokens/s", "ratio", "within budget"])
+        if sweeps else "(ext_eval did not run)",
         "",
         "## Setup",
         "",
@@ -327,6 +374,7 @@ def write_report(suite: Suite, size_name: str, report_path: Path, command: str, 
                     f"the work directory are reused), the benchmarks {bench:.0f} min.{reused}"),
         "figures": figures,
         "time_split": time_splits(suite),
+        "search_sweeps": search_sweeps(suite),
         "setup": setup_notes(suite, size_name),
         "steps": suite.steps,
         "machine": machine_info(load_start),

@@ -105,7 +105,7 @@ def run_suite(size_name: str, work: Path, only: Optional[Set[str]] = None, devic
     ck = suite.step("lm_checkpoint", lambda log: prepare.lm_checkpoint(suite, lm_data, log), ["lm_corpus"]) or {}
     ev = ["--tokens-per-sample", s.tokens_per_sample, "--context-window", s.context, "--max-tokens", s.max_tokens]
     ds = suite.step("lm_datastore", lambda log: prepare.datastore(
-        suite.work / "ds" / "lm_l2", lm_data, Path(ck["path"]),
+        suite.work / "ds" / f"{prepare.lm_name(suite)}_l2", lm_data, Path(ck["path"]),
         [*ev, "--recall-k", s.lm_recall_k, *(["--recall-queries", 50] if smoke else [])], log),
         ["lm_checkpoint"]) or {}
     mt = suite.step("mt_corpus", lambda log: prepare.mt_corpus(suite, smoke, log)) or {}

@@ -32,16 +32,19 @@ SIZES: Dict[str, Size] = {
         train=["--blocks", "1", "--steps", "2", "--warmup-steps", "1", "--long-m", "2", "--op-counts"],
         memorizing=["--blocks", "1", "--steps", "2", "--warmup-steps", "1", "--memorizing", "256"],
         eval=["--long-memory-size", "512", "--max-blocks", "16", "--passes", "1"],
-        external=["--bm25-segments", "2000", "--blocks", "16", "--knn-k", "16"],
+        external=["--bm25-segments", "2000", "--blocks", "16", "--knn-k", "16", "--cheaper-k", "8,4"],
         generate=["--knn-k", "8", "--beam", "2", "--batch-size", "12", "--max-sentences", "12", "--passes", "1"],
         gen_passes=1,
     ),
     "full": Size(
-        lm_arch="transformer_lm_trime_small", lm_updates=40, tokens_per_sample=512, context=128, max_tokens=8192,
+        # the LM as the main job trains it (320 updates of 8192 tokens): after 40 updates its
+        # datastore keys had collapsed (median L2 distance of the 1st and the 1024th neighbour:
+        # 0.0 and 0.2), so kNN-LM spread its mass evenly over all K neighbours
+        lm_arch="transformer_lm_trime_small", lm_updates=320, tokens_per_sample=512, context=128, max_tokens=8192,
         # the MT model is trained as in examples/translation.py (400 updates of 4096 tokens), so
         # kNN-MT generation is timed on real output lengths, not an untrained model's
         mt_arch="transformer_mt_trime_small", mt_updates=400, mt_max_tokens=4096, lm_recall_k=1024, mt_recall_k=16,
-        # repetitions sized so the benchmarks take ~25 min on 2 busy cores (preparation: ~30 min, once)
+        # repetitions sized so the benchmarks take ~25 min on 2 busy cores (preparation: ~45 min, once)
         train=["--blocks", "2", "--steps", "3", "--long-m", "4", "--op-counts"],
         memorizing=["--blocks", "2", "--steps", "3", "--memorizing", "8192"],
         eval=["--long-memory-size", "12000", "--max-blocks", "100", "--passes", "2"],
