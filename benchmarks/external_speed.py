@@ -113,7 +113,8 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
     For kNN-LM (÷ vanilla) and TRIMELM_ext (local + external memory, ÷ TRIME with local
     memory only): the full search (``k`` neighbours at the index's recall-tuned nprobe) gives
     the reference perplexity; then "search cheaper": every smaller K of ``ks`` with nprobe
-    cut by 4 each step; then "search less" (with ``skip_feature``): the shares of
+    cut by 4 each step, then fewer candidates re-ranked (``k_factor`` halved, indexes with
+    a refinement stage); then "search less" (with ``skip_feature``): the shares of
     ``skip_shares`` skipped on top of the fastest of those within ``budget`` of the reference.
     The fastest setting within the budget is kept. Every setting is scored on
     the same valid blocks; each chosen setting is timed once more with its time split
@@ -132,6 +133,10 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
     full_k = retriever.k
     nprobes = _nprobes(retriever)  # before the sweep changes the index's nprobe
     full_nprobe = nprobes[0]  # None: the index has no inverted lists to probe
+    full_k_factor = retriever.config.k_factor
+    # re-ranking fewer candidates: halve k_factor down to 1 (only an index with a refinement stage)
+    k_factors = [full_k_factor / 2 ** i for i in range(1, 8) if full_k_factor / 2 ** i >= 1] \
+        if retriever.index.set_k_factor(full_k_factor) else []
     features = []
 
     def run(wrapper, collect: bool = False) -> Tuple[float, float]:
@@ -149,10 +154,12 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
                     features.append(RetrievalSkip(skip_feature, 0.0).values(lp)[keep])
         return tokens / (time.perf_counter() - t0), math.exp(nll / max(1, tokens))
 
-    def configure(kk: int, nprobe: Optional[int], share: float = 0.0) -> None:
+    def configure(kk: int, nprobe: Optional[int], share: float = 0.0, k_factor: Optional[float] = None) -> None:
         retriever.k = kk
         if nprobe is not None:
             retriever.index.set_nprobe(nprobe)
+        if k_factors:
+            retriever.index.set_k_factor(k_factor or full_k_factor)
         retriever.skip = None
         if share > 0:
             values = torch.cat(features)
@@ -161,7 +168,7 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
 
     def measured(wrapper, base_tps: float, setting: dict) -> dict:
         """One timed pass of ``wrapper`` at ``setting``, with its split and share skipped."""
-        configure(setting["k"], setting["nprobe"], setting.get("skip_share", 0.0))
+        configure(setting["k"], setting["nprobe"], setting.get("skip_share", 0.0), setting.get("k_factor"))
         retriever.reset_counters()
         wrapper.timings.update(dict.fromkeys(wrapper.timings, 0.0))
         tps, ppl = run(wrapper)
@@ -191,15 +198,23 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
             if not sweep[-1]["within_budget"] and sweep[-1]["nprobe"] == nprobes[0]:
                 break  # so does a smaller K
         fastest = max([full, *[r for r in sweep if r["within_budget"]]], key=lambda r: r["tokens_per_s"])
+        for k_factor in k_factors:  # fewer candidates re-ranked with the exact keys
+            row = measured(wrapper, base_tps, {"k": fastest["k"], "nprobe": fastest["nprobe"], "k_factor": k_factor})
+            row["within_budget"] = row["ppl"] <= limit
+            sweep.append(row)
+            if not row["within_budget"]:
+                break
+        fastest = max([fastest, *[r for r in sweep if r["within_budget"]]], key=lambda r: r["tokens_per_s"])
         skips = []
         for share in skip_shares if skip_feature else ():
-            row = measured(wrapper, base_tps, {"k": fastest["k"], "nprobe": fastest["nprobe"], "skip_share": share})
+            row = measured(wrapper, base_tps, {**{key: fastest[key] for key in ("k", "nprobe", "k_factor") if key in fastest},
+                                               "skip_share": share})
             row["within_budget"] = row["ppl"] <= limit
             skips.append(row)
             if not row["within_budget"]:
                 break
         fastest = max([fastest, *[r for r in skips if r["within_budget"]]], key=lambda r: r["tokens_per_s"])
-        setting = {key: fastest[key] for key in ("k", "nprobe", "skip_share") if key in fastest}
+        setting = {key: fastest[key] for key in ("k", "nprobe", "k_factor", "skip_share") if key in fastest}
         base_tps = run(baseline)[0]
         best = measured(wrapper, base_tps, setting)  # timed again, next to its baseline
         return {"full": full, "sweep": sweep, "skip_sweep": skips, "best": best, "baseline_tokens_per_s": base_tps,

@@ -80,6 +80,7 @@ def _eval_notes(r: dict) -> str:
 def describe_setting(r: dict) -> str:
     """``K=64, nprobe 16, 30% skipped`` of one search setting of the ext_eval benchmark."""
     text = f"K={r['k']}" + (f", nprobe {r['nprobe']}" if r.get("nprobe") is not None else "")
+    text += f", k_factor {r['k_factor']:g}" if r.get("k_factor") else ""
     return text + (f", {r['skipped']:.0%} of searches skipped" if r.get("skipped") else "")
 
 
