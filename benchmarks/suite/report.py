@@ -279,8 +279,9 @@ def render(report: dict) -> str:
         "",
         "## Search settings tried (external memory, valid blocks)",
         "",
-        "Smaller K with fewer inverted lists probed, then skipped searches on top of the cheapest "
-        "setting within the budget; the kept setting is timed once more. Ratio: against vanilla "
+        "Smaller K with fewer inverted lists probed, then fewer candidates re-ranked (k_factor), then "
+        "skipped searches on top of the fastest setting within the budget; the kept setting is timed "
+        "once more. Ratio: against vanilla "
         "(kNN-LM) or TRIME with local memory only (TRIMELM_ext), in the same run.",
         "",
         ex.markdown_table(sweeps, ["scorer", "kind", "setting", "ppl", "vs_full", "tokens_per_s", "ratio", "within_budget"],
