@@ -160,11 +160,7 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
             retriever.index.set_nprobe(nprobe)
         if k_factors:
             retriever.index.set_k_factor(k_factor or full_k_factor)
-        retriever.skip = None
-        if share > 0:
-            values = torch.cat(features)
-            q = share if skip_feature == "entropy" else 1.0 - share
-            retriever.skip = RetrievalSkip(skip_feature, float(values.quantile(min(max(q, 0.0), 1.0))))
+        retriever.skip = RetrievalSkip.for_share(skip_feature, skip_values, share) if share > 0 else None
 
     def measured(wrapper, base_tps: float, setting: dict) -> dict:
         """One timed pass of ``wrapper`` at ``setting``, with its split and share skipped."""
@@ -187,34 +183,33 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
         base_tps = run(baseline)[0]
         full = measured(wrapper, base_tps, {"k": full_k, "nprobe": full_nprobe})
         limit = full["ppl"] * (1 + budget)
+
+        def until_over(settings) -> List[dict]:
+            """Measure ``settings`` in order (each cheaper than the last) up to the first
+            one over the budget: the ones after it would only lose more."""
+            rows = []
+            for setting in settings:
+                rows.append(measured(wrapper, base_tps, setting))
+                rows[-1]["within_budget"] = rows[-1]["ppl"] <= limit
+                if not rows[-1]["within_budget"]:
+                    break
+            return rows
+
+        def fastest(rows: List[dict]) -> dict:
+            """The setting (its keys only) of the fastest row within the budget, or ``full``'s."""
+            best = max([full, *[r for r in rows if r.get("within_budget")]], key=lambda r: r["tokens_per_s"])
+            return {key: best[key] for key in ("k", "nprobe", "k_factor", "skip_share") if key in best}
+
         sweep = []
         for kk in sorted((x for x in ks if x < full_k), reverse=True):
-            for nprobe in nprobes:
-                row = measured(wrapper, base_tps, {"k": kk, "nprobe": nprobe})
-                row["within_budget"] = row["ppl"] <= limit
-                sweep.append(row)
-                if not row["within_budget"]:
-                    break  # fewer lists probed only lose more neighbours
+            sweep += until_over({"k": kk, "nprobe": nprobe} for nprobe in nprobes)
             if not sweep[-1]["within_budget"] and sweep[-1]["nprobe"] == nprobes[0]:
-                break  # so does a smaller K
-        fastest = max([full, *[r for r in sweep if r["within_budget"]]], key=lambda r: r["tokens_per_s"])
-        for k_factor in k_factors:  # fewer candidates re-ranked with the exact keys
-            row = measured(wrapper, base_tps, {"k": fastest["k"], "nprobe": fastest["nprobe"], "k_factor": k_factor})
-            row["within_budget"] = row["ppl"] <= limit
-            sweep.append(row)
-            if not row["within_budget"]:
-                break
-        fastest = max([fastest, *[r for r in sweep if r["within_budget"]]], key=lambda r: r["tokens_per_s"])
-        skips = []
-        for share in skip_shares if skip_feature else ():
-            row = measured(wrapper, base_tps, {**{key: fastest[key] for key in ("k", "nprobe", "k_factor") if key in fastest},
-                                               "skip_share": share})
-            row["within_budget"] = row["ppl"] <= limit
-            skips.append(row)
-            if not row["within_budget"]:
-                break
-        fastest = max([fastest, *[r for r in skips if r["within_budget"]]], key=lambda r: r["tokens_per_s"])
-        setting = {key: fastest[key] for key in ("k", "nprobe", "k_factor", "skip_share") if key in fastest}
+                break  # a smaller K only loses more
+        kept = fastest(sweep)  # then fewer candidates re-ranked with the exact keys
+        sweep += until_over({"k": kept["k"], "nprobe": kept["nprobe"], "k_factor": f} for f in k_factors)
+        kept = fastest(sweep)
+        skips = until_over({**kept, "skip_share": share} for share in skip_shares) if skip_feature else []
+        setting = fastest(sweep + skips)
         base_tps = run(baseline)[0]
         best = measured(wrapper, base_tps, setting)  # timed again, next to its baseline
         return {"full": full, "sweep": sweep, "skip_sweep": skips, "best": best, "baseline_tokens_per_s": base_tps,
@@ -222,6 +217,7 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
 
     vanilla = MemoryEvalModel(model, NoMemory(), pad)
     run(vanilla, collect=True)  # warm-up (and the features of the skip rule)
+    skip_values = torch.cat(features) if features else None
     v_tps, v_ppl = run(vanilla)
     knn = cheapest(MemoryEvalModel(model, KnnCombiner(lam, temp), pad, retriever=retriever), vanilla)
     # TRIMELM_ext: Eq. 6 over local + external memory; the external entries at the kNN

@@ -177,8 +177,7 @@ def skip_grids(a, sl: Path, ckpt: Path) -> Dict[str, List[float]]:
     grids = {}
     for f, v in values.items():
         v = torch.cat(v)
-        qs = [s if f == "entropy" else 1.0 - s for s in shares]  # entropy: skip below; max-prob: skip above
-        grids[f] = sorted({round(float(v.quantile(q)), 4) for q in qs})
+        grids[f] = sorted({round(RetrievalSkip.for_share(f, v, s).threshold, 4) for s in shares})
         logger.info("%s on the valid slice: mean %.3f; thresholds %s", f, float(v.mean()), grids[f])
     return grids
 

@@ -91,6 +91,13 @@ class RetrievalSkip:
             raise TrimeUserError(f"--retrieval-skip-feature {feature} needs --retrieval-skip-threshold")
         return cls(feature, float(threshold))
 
+    @classmethod
+    def for_share(cls, feature: str, values: Tensor, share: float) -> "RetrievalSkip":
+        """The rule that skips about ``share`` of the queries whose feature ``values`` (of
+        :meth:`values`) are given: a quantile of them (entropy: skip below; max-prob: above)."""
+        q = share if feature == "entropy" else 1.0 - share
+        return cls(feature, float(values.float().quantile(min(max(q, 0.0), 1.0))))
+
     def values(self, tok_lprobs: Tensor) -> Tensor:
         """The feature ``[...]`` of token log-probabilities ``[..., V]``."""
         lp = tok_lprobs.detach().float()
