@@ -137,11 +137,9 @@ def eval_run(data: Path, ckpt: Path, args: List, log: Path) -> dict:
         if old.get("key") == key:
             logger.info("reusing %s (delete it to rerun)", saved)
             return old["result"]
-    before = _children_cpu()
+    # with CPU seconds of the fairseq-eval-lm command: unlike wall-clock tokens/s, not
+    # inflated by other jobs sharing the machine (the runs are single-threaded)
     r = ex.eval_lm(data, ckpt, args, log)
-    # CPU seconds of the whole fairseq-eval-lm process (start-up included): unlike wall-clock
-    # tokens/s, not inflated by other jobs sharing the machine (the runs are single-threaded)
-    r["cpu_s"] = _children_cpu() - before
     r["load_average"] = os.getloadavg()[0]
     m = _SPLIT.findall(log.read_text())
     if m:
@@ -180,13 +178,6 @@ def skip_grids(a, sl: Path, ckpt: Path) -> Dict[str, List[float]]:
         grids[f] = sorted({round(RetrievalSkip.for_share(f, v, s).threshold, 4) for s in shares})
         logger.info("%s on the valid slice: mean %.3f; thresholds %s", f, float(v.mean()), grids[f])
     return grids
-
-
-def _children_cpu() -> float:
-    import resource
-
-    u = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return u.ru_utime + u.ru_stime
 
 
 def nearest(rows: List[dict], share: float) -> dict:
@@ -339,7 +330,8 @@ def markdown(result: dict) -> str:
         f"* Timing: {m['cpus']} CPU cores shared with other jobs ({load}), every run single-threaded "
         "(`OMP_NUM_THREADS=1`) and niced. Wall-clock tokens/s and the time split move with the load (a run "
         "that shared its core can come out slower than one that skipped less); the CPU seconds of each "
-        "`fairseq-eval-lm` process (start-up, about the vanilla row's, included) move less, but contention "
+        "`fairseq-eval-lm` command (forked from a server that imported fairseq, so without its start-up) "
+        "move less, but contention "
         "shows in them too. Each row was run once.",
         f"* CPU spent: the {len(result['rows'])} `fairseq-eval-lm` runs above took "
         f"{m['eval_cpu_s_total'] / 60:.1f} CPU minutes (training, the datastore and the two `trime-tune` "

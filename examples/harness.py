@@ -6,10 +6,10 @@ step's full command line is logged and its output kept under ``logs/``).
 """
 import json
 import logging
+import math
 import os
 import re
 import shlex
-import subprocess
 import sys
 import textwrap
 import time
@@ -17,6 +17,7 @@ from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence
 
+from trime_fairseq import launch
 from trime_fairseq.cli import LOG_FORMAT
 from trime_fairseq.results import atomic_write, save_figure, write_results  # noqa: F401  (re-exported)
 
@@ -70,10 +71,16 @@ def run_parallel(jobs: Dict[str, Callable[[], dict]], workers: int) -> Dict[str,
         _job_threads = before
 
 
-def run_logged(module: str, args: Sequence[str], log_path: Path, show: bool = True) -> str:
-    """Run ``python -m module args``, teeing output to ``log_path``; returns the output.
+class CommandOutput(str):
+    """A command's output, with the CPU seconds it took (``cpu_s``)."""
 
-    Lines with progress (fairseq's ``train_inner``/``valid``, perplexities) are echoed.
+    cpu_s: float = math.nan
+
+
+def run_logged(module: str, args: Sequence[str], log_path: Path, show: bool = True) -> CommandOutput:
+    """Run ``python -m module args`` (:mod:`trime_fairseq.launch`), its output written to
+    ``log_path`` as it runs; returns the output. Lines with progress (fairseq's
+    ``train_inner``/``valid``, perplexities) are echoed.
     """
     cmd = [sys.executable, "-m", module, *map(str, args)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,18 +88,26 @@ def run_logged(module: str, args: Sequence[str], log_path: Path, show: bool = Tr
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if _job_threads is not None and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(_job_threads)  # run_parallel: share the cores, don't oversubscribe
+    proc = launch.start(module, args, log_path, env=env)  # the log written as the command runs
     lines: List[str] = []
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()  # so that the log can be followed while the step runs
-            lines.append(line)
-            if show and _SHOW.search(line) and "faiss.loader" not in line:
-                logger.info("  %s", _compact(line))
-        rc = proc.wait()
-    out = "".join(lines)
+    with open(log_path, errors="replace") as log:
+        partial = ""
+        while True:
+            finished = proc.poll() is not None
+            for line in (partial + log.read()).splitlines(keepends=True):
+                if not line.endswith("\n") and not finished:
+                    partial = line
+                    break
+                partial = ""
+                lines.append(line)
+                if show and _SHOW.search(line) and "faiss.loader" not in line:
+                    logger.info("  %s", _compact(line))
+            if finished:
+                break
+            time.sleep(0.1)
+    rc = proc.returncode
+    out = CommandOutput("".join(lines))
+    out.cpu_s = proc.cpu_s if proc.cpu_s is not None else math.nan
     if rc != 0:
         tail = "".join(lines[-25:])
         raise CommandError(f"{module} exited with {rc} (log: {log_path}):\n{tail}")
@@ -132,7 +147,8 @@ _TPS = re.compile(r"Evaluated ([0-9,]+) tokens in ([0-9.]+)s \(([0-9.]+) tokens/
 
 
 def eval_lm(data: Path, ckpt: Path, args: Sequence[str], log_path: Path) -> Dict[str, float]:
-    """``fairseq-eval-lm --task trime_lm``; returns perplexity, tokens and tokens/s."""
+    """``fairseq-eval-lm --task trime_lm``; returns perplexity, tokens, tokens/s and the
+    command's CPU seconds."""
     out = run_logged(
         "fairseq_cli.eval_lm",
         [data, "--path", ckpt, "--user-dir", REPO_PKG, "--task", "trime_lm", *args],
@@ -142,7 +158,8 @@ def eval_lm(data: Path, ckpt: Path, args: Sequence[str], log_path: Path) -> Dict
     tps = _TPS.findall(out)
     if not ppl or not tps:
         raise CommandError(f"could not read the perplexity from {log_path}")
-    return {"ppl": float(ppl[-1]), "tokens": int(tps[-1][0].replace(",", "")), "tokens_per_s": float(tps[-1][2])}
+    return {"ppl": float(ppl[-1]), "tokens": int(tps[-1][0].replace(",", "")), "tokens_per_s": float(tps[-1][2]),
+            "cpu_s": out.cpu_s}
 
 
 def cached_eval(data: Path, ckpt: Path, args: Sequence, out: Path, log: Path) -> Dict:

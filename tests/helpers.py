@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import List, Optional
@@ -14,6 +13,7 @@ from fairseq.data import Dictionary
 from fairseq.models.transformer_lm import TransformerLanguageModel
 
 import trime_fairseq  # noqa: F401  (registers everything)
+from trime_fairseq import launch
 from trime_fairseq.data.synthetic import write_lm_text, write_parallel_text
 from trime_fairseq.models.architectures import trime_tiny
 
@@ -61,11 +61,9 @@ def write_tiny_corpus(root: Path, n_docs: int = 24, seed: int = 0) -> Path:
 
 
 def run_cli(argv: List[str], check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python -m <module> <args>`` from the repo root; returns the completed process."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", *argv], cwd=REPO, env=env, capture_output=True, text=True
-    )
+    """Run ``python -m <module> <args>`` from the repo root (forked from the pre-imported
+    server of :mod:`trime_fairseq.launch`); returns the completed process."""
+    proc = launch.run(argv[0], argv[1:], cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if check and proc.returncode != 0:
         raise AssertionError(f"{argv[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -34,6 +34,7 @@ import torch
 
 from conftest import USER_DIR
 from helpers import REPO
+from trime_fairseq import launch
 from trime_fairseq.errors import TrimeUserError, UserErrorExit, user_error_message
 
 pytestmark = pytest.mark.slow
@@ -335,7 +336,9 @@ def run_inprocess(case: Case, argv: List[str]) -> str:
 
 @pytest.fixture(scope="module")
 def subprocess_results(world, tmp_path_factory):
-    """All subprocess cases, started at once (they spend most of their time importing)."""
+    """All subprocess cases, started at once as commands (:mod:`trime_fairseq.launch`: forks of
+    a server that imported fairseq once; ``tests/test_launch.py`` checks that a fork reports as
+    a new interpreter does)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     procs = {}
     for case in CASES:
@@ -345,9 +348,10 @@ def subprocess_results(world, tmp_path_factory):
         module = {"fairseq-train": "fairseq_cli.train", "fairseq-eval-lm": "fairseq_cli.eval_lm",
                   "fairseq-generate": "fairseq_cli.generate"}.get(case.command)
         module = module or "trime_fairseq.cli." + case.command.split("-", 1)[1].replace("-", "_")
-        procs[case.id] = (subprocess.Popen([sys.executable, "-m", module, *case.argv(world, tmp)], cwd=REPO, env=env,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), tmp)
-    return {k: (p.communicate(timeout=600), p.returncode, tmp) for k, (p, tmp) in procs.items()}
+        procs[case.id] = (launch.start(module, case.argv(world, tmp), tmp / "stdout", tmp / "stderr", REPO, env), tmp)
+    codes = {k: p.wait(600) for k, (p, _) in procs.items()}
+    return {k: (((tmp / "stdout").read_text(), (tmp / "stderr").read_text()), codes[k], tmp)
+            for k, (_, tmp) in procs.items()}
 
 
 def prog_of(command: str) -> str:

@@ -180,15 +180,18 @@ def test_parallel_commands_share_the_cores(tmp_path, monkeypatch):
 
     seen = []
 
-    class FakeProc:
-        def __init__(self, cmd, env, **kw):
-            seen.append(env.get("OMP_NUM_THREADS"))
-            self.stdout = iter(())
+    class FakeCommand:
+        returncode, cpu_s = 0, 1.0
 
-        def wait(self):
+        def poll(self):
             return 0
 
-    monkeypatch.setattr(ex.subprocess, "Popen", FakeProc)
+    def fake_start(module, args, log, env):
+        seen.append(env.get("OMP_NUM_THREADS"))
+        log.write_text("")
+        return FakeCommand()
+
+    monkeypatch.setattr(ex.launch, "start", fake_start)
     monkeypatch.setattr(ex.os, "cpu_count", lambda: 4)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     job = lambda: ex.run_logged("fairseq_cli.train", [], tmp_path / "log", show=False)  # noqa: E731
