@@ -112,9 +112,9 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
 
     For kNN-LM (÷ vanilla) and TRIMELM_ext (local + external memory, ÷ TRIME with local
     memory only): the full search (``k`` neighbours at the index's recall-tuned nprobe) gives
-    the reference perplexity; then "search cheaper": every smaller K of ``ks`` with nprobe
-    cut by 4 each step, then fewer candidates re-ranked (``k_factor`` halved, indexes with
-    a refinement stage); then "search less" (with ``skip_feature``): the shares of
+    the reference perplexity; then "search cheaper": the full K and every smaller K of ``ks``,
+    each with nprobe cut by 4 each step, then at its fewest lists within the budget fewer
+    candidates re-ranked (``k_factor`` halved, indexes with a refinement stage); then "search less" (with ``skip_feature``): the shares of
     ``skip_shares`` skipped on top of the fastest of those within ``budget`` of the reference.
     The fastest setting within the budget is kept. Every setting is scored on
     the same valid blocks; each chosen setting is timed once more with its time split
@@ -201,12 +201,17 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
             return {key: best[key] for key in ("k", "nprobe", "k_factor", "skip_share") if key in best}
 
         sweep = []
-        for kk in sorted((x for x in ks if x < full_k), reverse=True):
-            sweep += until_over({"k": kk, "nprobe": nprobe} for nprobe in nprobes)
-            if not sweep[-1]["within_budget"] and sweep[-1]["nprobe"] == nprobes[0]:
-                break  # a smaller K only loses more
-        kept = fastest(sweep)  # then fewer candidates re-ranked with the exact keys
-        sweep += until_over({"k": kept["k"], "nprobe": kept["nprobe"], "k_factor": f} for f in k_factors)
+        for kk in [full_k, *sorted((x for x in ks if x < full_k), reverse=True)]:
+            # fewer lists probed (the full K starts from the full search), then, at the
+            # fastest of those within the budget, fewer candidates re-ranked with the exact keys
+            rows = until_over({"k": kk, "nprobe": nprobe} for nprobe in (nprobes[1:] if kk == full_k else nprobes))
+            if rows and not rows[0]["within_budget"] and rows[0]["nprobe"] == nprobes[0]:
+                sweep += rows
+                break  # this K is over the budget at the full nprobe: a smaller K only loses more
+            at_k = [r for r in rows if r["within_budget"]]
+            nprobe = min((r["nprobe"] for r in at_k), default=full_nprobe)
+            rows += until_over({"k": kk, "nprobe": nprobe, "k_factor": f} for f in k_factors)
+            sweep += rows
         kept = fastest(sweep)
         skips = until_over({**kept, "skip_share": share} for share in skip_shares) if skip_feature else []
         setting = fastest(sweep + skips)

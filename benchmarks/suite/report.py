@@ -279,8 +279,8 @@ def render(report: dict) -> str:
         "",
         "## Search settings tried (external memory, valid blocks)",
         "",
-        "Smaller K with fewer inverted lists probed, then fewer candidates re-ranked (k_factor), then "
-        "skipped searches on top of the fastest setting within the budget; the kept setting is timed "
+        "The full K, then each smaller K, with fewer inverted lists probed and then fewer candidates "
+        "re-ranked (k_factor); then skipped searches on top of the fastest setting within the budget; the kept setting is timed "
         "once more. Ratio: against vanilla "
         "(kNN-LM) or TRIME with local memory only (TRIMELM_ext), in the same run.",
         "",
