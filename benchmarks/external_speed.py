@@ -114,8 +114,9 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
     memory only): the full search (``k`` neighbours at the index's recall-tuned nprobe) gives
     the reference perplexity; then "search cheaper": the full K and every smaller K of ``ks``,
     each with nprobe cut by 4 each step, then at its fewest lists within the budget fewer
-    candidates re-ranked (``k_factor`` halved, indexes with a refinement stage); then "search less" (with ``skip_feature``): the shares of
-    ``skip_shares`` skipped on top of the fastest of those within ``budget`` of the reference.
+    candidates re-ranked (``k_factor`` halved, indexes with a refinement stage); then "search
+    less" (with ``skip_feature``): the shares of ``skip_shares`` skipped on top of the fastest
+    of those within ``budget`` of the reference.
     The fastest setting within the budget is kept. Every setting is scored on
     the same valid blocks; each chosen setting is timed once more with its time split
     (model / search / combine) and share of searches skipped."""
@@ -208,8 +209,7 @@ def bench_ext_eval(cfg, model, task, datastore: str, k: int, max_blocks: int, la
             if rows and not rows[0]["within_budget"] and rows[0]["nprobe"] == nprobes[0]:
                 sweep += rows
                 break  # this K is over the budget at the full nprobe: a smaller K only loses more
-            at_k = [r for r in rows if r["within_budget"]]
-            nprobe = min((r["nprobe"] for r in at_k), default=full_nprobe)
+            nprobe = min((r["nprobe"] for r in rows if r["within_budget"]), default=full_nprobe)
             rows += until_over({"k": kk, "nprobe": nprobe, "k_factor": f} for f in k_factors)
             sweep += rows
         kept = fastest(sweep)

@@ -156,11 +156,12 @@ def _logging_when_fairseq_is_imported() -> None:
     builtins.__import__ = first_import
 
 
-def _cpu_seconds(who: int) -> float:
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of the processes it waited for."""
     import resource
 
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _child(module: str, args: Sequence[str], cwd: str, env: dict, stdout: str, stderr: str, cpu: str) -> None:
@@ -208,10 +209,8 @@ def _child(module: str, args: Sequence[str], cwd: str, env: dict, stdout: str, s
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    import resource
-
     with open(cpu, "w") as f:  # what a parent reads from wait4() for a child of its own
-        f.write(str(_cpu_seconds(resource.RUSAGE_SELF) + _cpu_seconds(resource.RUSAGE_CHILDREN)))
+        f.write(str(_cpu_seconds()))
     os._exit(code)
 
 
