@@ -7,7 +7,10 @@ the memory is full, so the timed steps search a full memory; the recall@k of fai
 against exact search is measured on the memory and queries of one more step);
 ``trime_loss_long`` (``--consecutive-segments m``, long-term in-batch memory) when
 ``--long-m`` is given; ``trime_loss_ext`` (BM25 batches, memory = the whole batch) with
-``--ext``.
+``--ext``. With either, ``cross_entropy_document_segments`` too: CE on the document-aligned
+segments those two train on (its BM25 batches with ``--ext``, else the consecutive
+segments; a document's last segment is padded, and padding is not counted in tokens/s), so
+their ratio against it is the memory's own cost.
 
 Both criteria train the same architecture on the same batches (fairseq's own task,
 model, criterion and batch iterator); blocks of steps alternate between them so that
@@ -39,6 +42,9 @@ from benchmarks.profiling import best_seconds, extra_time_split, profile_operato
 
 logger = logging.getLogger("benchmarks.train_speed")
 
+#: CE on document-aligned segments, the batches of the long- and external-memory variants
+#: (a document's last segment is padded; CE's own batches are a packed stream)
+SAME_BATCHES = "cross_entropy_document_segments"
 VARIANTS: Dict[str, List[str]] = {
     "cross_entropy": ["--criterion", "cross_entropy"],
     "trime_loss": ["--criterion", "trime_loss"],
@@ -93,6 +99,13 @@ def time_steps(task, model, criterion, batches, start: int, steps: int, optim) -
         tokens += sample["ntokens"]
     sync()
     return tokens / (time.perf_counter() - t0)
+
+
+def padding_share(batches: List[dict], task) -> float:
+    """The share of target positions that are padding (not counted in tokens/s)."""
+    pad = task.target_dictionary.pad()
+    total = sum(b["target"].numel() for b in batches)
+    return sum(int(b["target"].eq(pad).sum()) for b in batches) / max(total, 1)
 
 
 def op_counts(task, model, criterion, batches, start: int, optim, top: int = 12) -> dict:
@@ -236,6 +249,10 @@ def main(argv=None) -> dict:
     if ours.ext:
         variants["trime_loss_ext"] = ["--criterion", "trime_loss", "--bm25-batching", "--drop-local-prob", "0.9",
                                       "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
+    if ours.long_m > 1 or ours.ext:  # CE on the same document-aligned segments: what the batches cost alone
+        grouping = ["--bm25-batching"] if ours.ext else ["--consecutive-segments", str(ours.long_m)]
+        variants[SAME_BATCHES] = ["--criterion", "cross_entropy", *grouping,
+                                  "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
     if ours.ext and ours.ext_recompute:
         variants["trime_loss_ext_recompute"] = [*variants["trime_loss_ext"], "--checkpoint-similarity-above", "0"]
         variants["trime_loss_ext_keep"] = [*variants["trime_loss_ext"], "--checkpoint-similarity-above", str(1 << 40)]
@@ -250,6 +267,8 @@ def main(argv=None) -> dict:
                                   "--memorizing-memory-size", str(ours.memorizing)]
     if ours.only:
         keep = set(ours.only.split(",")) | {"cross_entropy"}
+        if keep & {"trime_loss_long", "trime_loss_ext"}:
+            keep.add(SAME_BATCHES)
         variants = {k: v for k, v in variants.items() if k in keep}
     if ours.threads:
         torch.set_num_threads(ours.threads)
@@ -303,10 +322,15 @@ def main(argv=None) -> dict:
                                           / statistics.median(runs["memorizing_no_memory"]["tps"])
                                           if "memorizing" in runs else None),
         "peak_rss_ratio_vs_cross_entropy": {k: v / peaks["cross_entropy"] for k, v in peaks.items()},
+        "padding_share": {k: padding_share(r["batches"], r["task"]) for k, r in runs.items()},
         "torch_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(0) if ours.device == "cuda" else "cpu",
         "peak_memory_measure": "CUDA max_memory_allocated" if ours.device == "cuda" else "process peak RSS",
     }
+    if SAME_BATCHES in runs:  # the memory's own cost: against CE on the same segments
+        same = statistics.median(runs[SAME_BATCHES]["tps"])
+        result["ratio_vs_cross_entropy_same_batches"] = {
+            k: statistics.median(runs[k]["tps"]) / same for k in ("trime_loss_long", "trime_loss_ext") if k in runs}
     result["similarity_bound"] = {
         name: similarity_bound(name, runs[name]["batches"][0], max(ours.long_m, 1),
                                result["tokens_per_s"]["cross_entropy"], runs[name]["model"],

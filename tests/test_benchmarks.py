@@ -61,6 +61,11 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
         bound = train["similarity_bound"][variant]
         assert 0 < bound["bound_ratio_vs_cross_entropy"] < 1 and bound["similarities"] > 0
         assert set(train["extra_time_split"][variant]) == {"extra_ms", "base_ms", "top"}
+    # CE on the document-aligned segments long and external memory train on: padded, unlike CE's stream
+    assert set(train["ratio_vs_cross_entropy_same_batches"]) == {"trime_loss_long", "trime_loss_ext"}
+    assert train["padding_share"]["cross_entropy_document_segments"] > train["padding_share"]["cross_entropy"]
+    assert "CE on the same document-aligned segments" in next(
+        f["notes"] for f in data["figures"] if f["key"] == "train_speed_long")
     # external memory: every query against every key; long memory: causal runs, so fewer
     assert train["similarity_bound"]["trime_loss_ext"]["similarities"] > train["similarity_bound"]["trime_loss_long"]["similarities"]
     for step in ("eval_full_memory", "eval_documents"):

@@ -41,6 +41,10 @@ def _train_notes(variant: str) -> Callable[[dict], str]:
         text = (f"{r['tokens_per_s'][variant]:,.0f} vs {r['tokens_per_s']['cross_entropy']:,.0f} tokens/s; "
                 f"{_peak_measure(r)} {r['peak_rss_mb_per_variant'][variant]:,.0f} vs "
                 f"{r['peak_rss_mb_per_variant']['cross_entropy']:,.0f} MB")
+        same = (r.get("ratio_vs_cross_entropy_same_batches") or {}).get(variant)
+        if same:  # CE on the same document-aligned (partly padded) segments
+            text += (f"; {same:.3f} × CE on the same document-aligned segments "
+                     f"({r['padding_share'][variant]:.1%} of their positions are padding)")
         bound = (r.get("similarity_bound") or {}).get(variant)
         if bound:  # what the similarity products of Eq. 5 alone allow
             text += (f"; at most {bound['bound_ratio_vs_cross_entropy']:.2f} if only Eq. 5's similarity products "

@@ -85,7 +85,7 @@ class TrimeLossConfig(FairseqDataclass):
         metadata={
             "help": "if the in-batch similarity matrix has more entries than this, the backward "
             "pass recomputes it chunk by chunk instead of keeping it (memory: one chunk); at or "
-            "below, it is kept (one float and one bool per entry). Default 0: always recompute "
+            "below, it is kept (one float per entry). Default 0: always recompute "
             "(on CPU as fast as keeping, within noise, at the memory of CE)"
         },
     )

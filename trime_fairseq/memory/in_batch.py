@@ -17,7 +17,10 @@ subset of the tokens of its own group:
 Gradients flow into queries and memory alike. The similarity matrix is built in chunks of
 query rows, in the forward pass and again in the hand-written backward
 (:func:`~trime_fairseq.memory.joint.chunked_joint_target_log_prob`), so memory is
-``O(G · chunk · T)`` rather than ``O((G·T)^2)``.
+``O(G · chunk · T)`` rather than ``O((G·T)^2)``. Each query's memory is described by key
+ranges (:meth:`InBatchMemory.ranges`, :class:`RangeLayout`), so no similarity-sized mask or
+label comparison is built: a chunk masks only the keys some of its queries may not use, and
+the positives (memory entries labelled with the target) are index pairs.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trime_fairseq.memory.joint import chunked_joint_target_log_prob
+from trime_fairseq.memory.joint import NEG_INF, DenseLayout, chunked_joint_target_log_prob
 
 MODES = ("local", "long", "external")
 
@@ -90,6 +93,172 @@ class InBatchMemory:
         return (local | ~same_seg) & valid
 
 
+    def ranges(self, key_valid: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+        """The memory as key ranges: query ``i``'s memory is the valid keys in ``[lo_i, hi_i) ∪
+        [tail_i, K)``, ``[G, T]`` each (key positions). ``None`` when a document or segment is
+        not one run of positions (then only :meth:`mask` describes the memory)."""
+        groups, total = (self.seg_id if self.mode == "external" else key_valid).shape
+        n_keys = key_valid.size(1)
+        device = key_valid.device
+        qpos = torch.arange(total, device=device).expand(groups, total) + self.query_offset
+        end = torch.full_like(qpos, n_keys)
+        if self.mode == "local":
+            return torch.zeros_like(qpos), qpos, end
+        if self.mode == "long":
+            start, _, ok = _runs(self.doc_id)
+            return (start, qpos, end) if ok else None
+        key_seg = self.seg_id if self.key_seg_id is None else self.key_seg_id
+        key_start, key_end, ok = _runs(key_seg)
+        if not ok or key_seg.size(0) != 1 or key_seg.numel() == 0:
+            return None
+        first = torch.ones_like(key_seg[0], dtype=torch.bool)
+        first[1:] = key_seg[0, 1:] != key_seg[0, :-1]
+        run_ids, run_start, run_end = key_seg[0][first], key_start[0][first], key_end[0][first]
+        if run_ids.numel() > 1 and not bool((run_ids[1:] > run_ids[:-1]).all()):
+            return None
+        at = torch.searchsorted(run_ids, self.seg_id[0]).clamp_max(run_ids.numel() - 1)
+        found = run_ids[at] == self.seg_id[0]
+        seg_start = torch.where(found, run_start[at], n_keys).unsqueeze(0)
+        seg_end = torch.where(found, run_end[at], n_keys).unsqueeze(0)
+        keep = torch.ones_like(found) if self.keep_local is None else self.keep_local[0]
+        hi = torch.where(found, torch.where(keep, qpos[0], seg_start[0]), n_keys).unsqueeze(0)
+        return torch.zeros_like(qpos), hi, seg_end
+
+    def layout(self, key_valid: Tensor, key_labels: Tensor, target: Tensor):
+        """The :class:`~trime_fairseq.memory.joint.ChunkLayout` of this memory: key ranges
+        (:class:`RangeLayout`) where :meth:`ranges` has them, else the dense :meth:`mask`."""
+        ranges = self.ranges(key_valid)
+        if ranges is None:
+            return DenseLayout(lambda q0, q1, k_end: self.mask(q0, q1, k_end, key_valid))
+        return RangeLayout(*ranges, key_valid, key_labels, target)
+
+
+def _runs(ids: Tensor) -> Tuple[Tensor, Tensor, bool]:
+    """For ``[G, N]`` ids: the start and end (exclusive) of the run of equal ids holding each
+    position, and whether every id of a row forms a single run."""
+    n = ids.size(1)
+    pos = torch.arange(n, device=ids.device).expand_as(ids)
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    last = torch.ones_like(new)
+    last[:, :-1] = new[:, 1:]
+    start = torch.where(new, pos, torch.zeros_like(pos)).cummax(1).values
+    end = torch.where(last, pos + 1, torch.full_like(pos, n)).flip(1).cummin(1).values.flip(1)
+    ordered = ids.sort(1).values
+    distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(1) + 1
+    return start, end, bool((new.sum(1) == distinct).all())
+
+
+class RangeLayout:
+    """A :class:`~trime_fairseq.memory.joint.ChunkLayout` for memories given as key ranges
+    (:meth:`InBatchMemory.ranges`): each chunk computes scores only from the first key any of
+    its queries may use, masks only the band of keys that some query may not use (its own
+    segment, its future), and takes its positives as index pairs found once per batch by
+    sorting the keys by label, so no similarity-sized comparison is made. What a chunk needs
+    is worked out once and reused when the backward pass recomputes the chunk.
+
+    Args:
+        lo, hi, tail: ``[G, T]`` query ``i``'s memory is the valid keys in ``[lo_i, hi_i) ∪ [tail_i, K)``.
+        key_valid, key_labels: ``[G, K]``; target: ``[G, T]``.
+        max_pair_share, max_pairs: above this many positives per similarity entry, or in
+            all, the positives are compared densely instead (a batch of few distinct tokens).
+        mask_cache_bytes: chunk masks are kept for the backward's recompute up to this size.
+    """
+
+    def __init__(self, lo: Tensor, hi: Tensor, tail: Tensor, key_valid: Tensor, key_labels: Tensor,
+                 target: Tensor, max_pair_share: float = 0.125, max_pairs: int = 1 << 23,
+                 mask_cache_bytes: int = 1 << 26) -> None:
+        self.lo, self.hi, self.tail = lo, hi, tail
+        self.key_valid, self.key_labels, self.target = key_valid, key_labels, target
+        self.max_pair_share, self.max_pairs = max_pair_share, max_pairs
+        self._pairs: Optional[Tensor] = None
+        self._pairs_built = False
+        self._windows: dict = {}
+        self._masks: dict = {}
+        self._mask_bytes, self.mask_cache_bytes = 0, mask_cache_bytes
+
+    def window(self, q0: int, q1: int, k_end: int) -> Tuple[int, int]:
+        if (q0, q1, k_end) not in self._windows:
+            self._windows[q0, q1, k_end] = min(int(self.lo[:, q0:q1].min()), k_end), k_end
+        return self._windows[q0, q1, k_end]
+
+    def fill_(self, scores: Tensor, q0: int, q1: int, k0: int) -> None:
+        key = (q0, q1, k0, k0 + scores.size(-1))
+        mask = self._masks.get(key) or self._chunk_mask(*key)
+        band, outside, invalid = mask
+        size = sum(t.numel() for t in (outside, invalid) if t is not None)
+        if key not in self._masks and self._mask_bytes + size <= self.mask_cache_bytes:
+            self._masks[key], self._mask_bytes = mask, self._mask_bytes + size
+        if band is not None:
+            scores[..., band[0] - k0:band[1] - k0].masked_fill_(outside, NEG_INF)
+        if invalid is not None and invalid.dtype == torch.bool:
+            scores.masked_fill_(invalid, NEG_INF)
+        elif invalid is not None:
+            scores.index_fill_(-1, invalid, NEG_INF)
+
+    def _chunk_mask(self, q0: int, q1: int, k0: int, k1: int):
+        """``(band, outside, invalid)``: the columns ``band`` where some query of the chunk has
+        keys outside its memory and those keys (bool ``[G, q, band]``), and the invalid keys
+        of the window (their columns for one group, else bool ``[G, 1, k1-k0]``); ``None``
+        where there are none."""
+        lo, hi, tail = (t[:, q0:q1].clamp(k0, k1) for t in (self.lo, self.hi, self.tail))
+        # keys outside memory within the window: [k0, lo) and [hi, tail)
+        band = []
+        if bool((lo > k0).any()):
+            band.append((k0, int(lo.max())))
+        cut = hi < tail
+        if bool(cut.any()):
+            band.append((int(hi[cut].min()), int(tail[cut].max())))
+        outside = None
+        if band:
+            band = (min(b[0] for b in band), max(b[1] for b in band))
+            cols = torch.arange(*band, device=lo.device)
+            outside = (cols < lo[..., None]) | ((cols >= hi[..., None]) & (cols < tail[..., None]))
+        valid = self.key_valid[:, k0:k1]
+        invalid = None
+        if not bool(valid.all()):  # one group: the padding keys' columns; several: a mask
+            invalid = (~valid[0]).nonzero().squeeze(1) if valid.size(0) == 1 else ~valid[:, None, :]
+        return (band or None), outside, invalid
+
+    def pairs(self, q0: int, q1: int, k0: int, k1: int) -> Optional[Tuple[Tensor, Tensor]]:
+        if not self._pairs_built:
+            self._pairs, self._pairs_built = self._all_pairs(), True
+        if self._pairs is None:
+            return None
+        groups, n_keys = self.key_labels.shape
+        bounds = torch.tensor([q0 * groups * n_keys, q1 * groups * n_keys], device=self._pairs.device)
+        s, e = torch.searchsorted(self._pairs, bounds).tolist()
+        flat = self._pairs[s:e]
+        owner, j = flat // n_keys, flat % n_keys
+        row = (owner % groups) * (q1 - q0) + owner // groups - q0
+        return row * (k1 - k0) + (j - k0), row
+
+    def _all_pairs(self) -> Optional[Tensor]:
+        """Every (query ``i``, group ``g``, key ``j``) whose key is in the query's memory with the
+        query's target as label, as one sorted index ``(i·G + g)·K + j``; ``None`` if there are
+        more than ``max_pair_share`` of all entries or ``max_pairs`` (a batch of few distinct tokens)."""
+        groups, n_keys = self.key_labels.shape
+        n_queries = self.target.size(1)
+        device = self.target.device
+        span = int(max(int(self.key_labels.max()), int(self.target.max()))) + 1
+        offset = torch.arange(groups, device=device).unsqueeze(1) * span
+        valid = self.key_valid.reshape(-1).nonzero().squeeze(1)  # flat g·K + j
+        labels, order = (self.key_labels + offset).reshape(-1)[valid].sort()
+        keys = valid[order] % n_keys
+        wanted = (self.target + offset).t().reshape(-1)  # query-major: i·G + g
+        first = torch.searchsorted(labels, wanted)
+        counts = torch.searchsorted(labels, wanted, right=True) - first
+        total = int(counts.sum())
+        if total > min(self.max_pair_share * groups * n_queries * n_keys, self.max_pairs):
+            return None
+        owner = torch.repeat_interleave(torch.arange(wanted.numel(), device=device), counts)
+        key = keys[first[owner] + torch.arange(total, device=device)
+                   - torch.repeat_interleave(counts.cumsum(0) - counts, counts)]
+        query, group = owner // groups, owner % groups
+        inside = ((key >= self.lo[group, query]) & (key < self.hi[group, query])) | (key >= self.tail[group, query])
+        return (owner * n_keys + key)[inside].sort().values
+
+
 def in_batch_log_prob(
     tok_target: Tensor,
     tok_lse: Tensor,
@@ -131,9 +300,9 @@ def in_batch_log_prob(
     key_valid = key_labels.ne(padding_idx)
     chunks = [(q0, min(q0 + chunk_size, total), memory.key_end(min(q0 + chunk_size, total), keys.size(1)))
               for q0 in range(0, total, chunk_size)]
+    layout = memory.layout(key_valid, key_labels, target)
     lprob, log_partition = chunked_joint_target_log_prob(
-        tok_target, tok_lse, reps, keys, key_labels, target,
-        lambda q0, q1, k_end: memory.mask(q0, q1, k_end, key_valid), chunks, temperature, checkpoint_above, top_k,
+        tok_target, tok_lse, reps, keys, key_labels, target, layout, chunks, temperature, checkpoint_above, top_k,
     )
     return (lprob, log_partition) if with_log_partition else lprob
 

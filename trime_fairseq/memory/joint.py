@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -118,12 +118,59 @@ def joint_target_log_prob(
 MaskFn = Callable[[int, int, int], Tensor]
 
 
+class ChunkLayout(Protocol):
+    """Which keys are each query's memory, told chunk by chunk of query rows to
+    :func:`chunked_joint_target_log_prob` (built by :mod:`trime_fairseq.memory.in_batch`)."""
+
+    def window(self, q0: int, q1: int, k_end: int) -> Tuple[int, int]:
+        """``(k0, k1)``: the keys outside ``[k0, k1)`` are in no memory of queries ``q0..q1``."""
+
+    def fill_(self, scores: Tensor, q0: int, q1: int, k0: int) -> None:
+        """Set ``scores`` ``[G, q1-q0, k1-k0]`` to ``-inf`` outside each query's memory, in place."""
+
+    def pairs(self, q0: int, q1: int, k0: int, k1: int) -> Optional[Tuple[Tensor, Tensor]]:
+        """The positives (memory entries labelled with the query's target) of the chunk as
+        ``(flat index into the [G, q1-q0, k1-k0] block, flat index into its [G, q1-q0]
+        rows)``; ``None``: compare labels densely instead."""
+
+
+class DenseLayout:
+    """A :class:`ChunkLayout` from a dense :data:`MaskFn` (every key, every entry masked)."""
+
+    def __init__(self, mask_fn: MaskFn) -> None:
+        self.mask_fn = mask_fn
+
+    def window(self, q0: int, q1: int, k_end: int) -> Tuple[int, int]:
+        return 0, k_end
+
+    def fill_(self, scores: Tensor, q0: int, q1: int, k0: int) -> None:
+        scores.masked_fill_(~self.mask_fn(q0, q1, k0 + scores.size(-1))[..., k0:], NEG_INF)
+
+    def pairs(self, q0: int, q1: int, k0: int, k1: int) -> None:
+        return None
+
+
+@dataclass
+class _Chunk:
+    """One chunk's masked memory scores ``[G, q, k1-k0]`` (keys ``k0..k1``) and its positives:
+    dense (``positive`` bool, same shape) or sparse (``pairs`` of :meth:`ChunkLayout.pairs`
+    and their scores ``pair_scores``)."""
+
+    scores: Tensor
+    k0: int
+    k1: int
+    positive: Optional[Tensor] = None
+    pairs: Optional[Tuple[Tensor, Tensor]] = None
+    pair_scores: Optional[Tensor] = None
+
+
 class _ChunkedJointLogProb(torch.autograd.Function):
     """Eq. 5 with memory scores ``q·k/(√d τ)`` computed chunk by chunk of query rows, with a
     hand-written backward: two matrix products and one exponential per chunk, no autograd
     graph over the elementwise work. The forward keeps each chunk's masked scores for the
-    backward (one float and one bool per entry) when ``keep_scores``; otherwise the backward
-    recomputes them chunk by chunk, and no similarity-sized tensor outlives a chunk.
+    backward when ``keep_scores``; otherwise the backward recomputes them chunk by chunk, and
+    no similarity-sized tensor outlives a chunk. Where the layout gives the positives as
+    index pairs, the target's memory mass is gathered from them, not compared densely.
 
     Outputs ``log P(target)`` and the log-partition ``D``. With ``N``/``D`` the log numerator/
     denominator of Eq. 5 (:func:`_joint_num_den`) and ``m_j`` the scores:
@@ -132,19 +179,19 @@ class _ChunkedJointLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tok_target, tok_lse, queries, keys, key_labels, target, scale, chunks, mask_fn, top_k,
+    def forward(ctx, tok_target, tok_lse, queries, keys, key_labels, target, scale, chunks, layout, top_k,
                 keep_scores):
         nums, dens, kept = [], [], []
         for q0, q1, k_end in chunks:
-            scores, positive = _chunk_scores(queries, keys, key_labels, target, scale, mask_fn, top_k, q0, q1, k_end)
-            num, den = _joint_num_den(tok_target[:, q0:q1], tok_lse[:, q0:q1], scores, positive)
+            chunk = _chunk_scores(queries, keys, key_labels, target, scale, layout, top_k, q0, q1, k_end)
+            num, den = _chunk_num_den(tok_target[:, q0:q1], tok_lse[:, q0:q1], chunk, in_place=not keep_scores)
             nums.append(num)
             dens.append(den)
             if keep_scores:
-                kept.append((scores, positive))
+                kept.append(chunk)
         num, den = torch.cat(nums, 1), torch.cat(dens, 1)
         ctx.save_for_backward(tok_target, tok_lse, queries, keys, key_labels, target, num, den)
-        ctx.scale, ctx.chunks, ctx.mask_fn, ctx.top_k, ctx.kept = scale, chunks, mask_fn, top_k, kept
+        ctx.scale, ctx.chunks, ctx.layout, ctx.top_k, ctx.kept = scale, chunks, layout, top_k, kept
         return num - den, den
 
     @staticmethod
@@ -159,38 +206,72 @@ class _ChunkedJointLogProb(torch.autograd.Function):
         if need_q or need_k:
             qf, kf = at_least_float32(queries), at_least_float32(keys)
             for i, (q0, q1, k_end) in enumerate(ctx.chunks):
-                if ctx.kept:
-                    scores, positive = ctx.kept[i]
+                if ctx.kept:  # left as they are (gradcheck, retain_graph)
+                    chunk = ctx.kept[i]
+                    coef = torch.sub(chunk.scores, den[:, q0:q1, None])
                 else:
-                    scores, positive = _chunk_scores(queries, keys, key_labels, target, ctx.scale, ctx.mask_fn,
-                                                     ctx.top_k, q0, q1, k_end)
+                    chunk = _chunk_scores(queries, keys, key_labels, target, ctx.scale, ctx.layout, ctx.top_k,
+                                          q0, q1, k_end)
+                    coef = chunk.scores.sub_(den[:, q0:q1, None])
                 # g·(exp(m - N)·[pos] - exp(m - D)) + g_D·exp(m - D)
-                #   = exp(m - D)·([pos]·g·exp(D - N) - g + g_D): one exponential per entry,
-                # and the per-query factors (times the scale) picked by one select
-                g, gd = grad[:, q0:q1, None], grad_den[:, q0:q1, None]
-                base = (gd - g) * ctx.scale
-                with_pos = torch.exp(den[:, q0:q1, None] - num[:, q0:q1, None]) * g * ctx.scale + base
-                coef = torch.sub(scores, den[:, q0:q1, None]).exp_()
-                coef.mul_(torch.where(positive, with_pos, base))
+                #   = exp(m - D)·(g_D - g) + [pos]·g·exp(m - N): one exponential per entry, the
+                # per-query factor (times the scale) in one product, the positives added apart
+                g, gd = grad[:, q0:q1], grad_den[:, q0:q1]
+                base = ((gd - g) * ctx.scale).unsqueeze(-1)
+                coef.exp_()
+                if chunk.pairs is None:
+                    with_pos = torch.exp(den[:, q0:q1, None] - num[:, q0:q1, None]) * g.unsqueeze(-1) * ctx.scale
+                    coef.mul_(torch.where(chunk.positive, with_pos + base, base))
+                else:
+                    coef.mul_(base)
+                    blk, row = chunk.pairs
+                    extra = torch.exp(chunk.pair_scores - num[:, q0:q1].reshape(-1)[row])
+                    coef.view(-1).index_add_(0, blk, (extra * (g * ctx.scale).reshape(-1)[row]).to(coef.dtype))
+                k0, k1 = chunk.k0, chunk.k1
                 if need_q:
-                    g_q[:, q0:q1] = torch.matmul(coef, kf[:, :k_end])
+                    g_q[:, q0:q1] = torch.matmul(coef, kf[:, k0:k1])
                 if need_k:
-                    g_k[:, :k_end].baddbmm_(coef.transpose(1, 2), qf[:, q0:q1])
+                    g_k[:, k0:k1].baddbmm_(coef.transpose(1, 2), qf[:, q0:q1])
         g_q = g_q.to(queries.dtype) if g_q is not None else None
         g_k = g_k.to(keys.dtype) if g_k is not None else None
         return g_tt, g_tl, g_q, g_k, None, None, None, None, None, None, None
 
 
-def _chunk_scores(queries, keys, key_labels, target, scale, mask_fn, top_k, q0, q1, k_end):
-    """Masked scores ``[G, q1-q0, k_end]`` (``-inf`` outside memory, and outside each query's
-    ``top_k`` best entries when ``top_k > 0``) and the positives (memory entries labelled with
-    the query's target)."""
-    mask = mask_fn(q0, q1, k_end)
-    scores = at_least_float32(torch.matmul(queries[:, q0:q1] * scale, keys[:, :k_end].transpose(1, 2)))
-    mask = top_k_mask(scores, mask, top_k)
-    scores = scores.masked_fill_(~mask, NEG_INF)
-    positive = mask.logical_and_(key_labels[:, None, :k_end].eq(target[:, q0:q1, None]))
-    return scores, positive
+def _chunk_scores(queries, keys, key_labels, target, scale, layout: ChunkLayout, top_k, q0, q1, k_end) -> _Chunk:
+    """The masked scores of queries ``q0..q1`` against the keys of the layout's window
+    (``-inf`` outside memory, and outside each query's ``top_k`` best entries when
+    ``top_k > 0``) and their positives (memory entries labelled with the query's target)."""
+    k0, k1 = layout.window(q0, q1, k_end)
+    scores = at_least_float32(torch.matmul(queries[:, q0:q1] * scale, keys[:, k0:k1].transpose(1, 2)))
+    layout.fill_(scores, q0, q1, k0)
+    pairs = layout.pairs(q0, q1, k0, k1) if top_k <= 0 else None
+    if pairs is not None:
+        return _Chunk(scores, k0, k1, pairs=pairs, pair_scores=scores.view(-1)[pairs[0]])
+    mask = scores.ne(NEG_INF)
+    if top_k > 0:
+        mask = top_k_mask(scores, mask, top_k)
+        scores.masked_fill_(~mask, NEG_INF)
+    positive = mask.logical_and_(key_labels[:, None, k0:k1].eq(target[:, q0:q1, None]))
+    return _Chunk(scores, k0, k1, positive=positive)
+
+
+def _chunk_num_den(tok_target: Tensor, tok_lse: Tensor, chunk: _Chunk, in_place: bool) -> Tuple[Tensor, Tensor]:
+    """:func:`_joint_num_den` of one chunk, ``[G, q]`` each; with sparse positives the
+    target's memory mass is summed over the pairs (``in_place``: the scores may be overwritten)."""
+    if chunk.pairs is None:
+        return _joint_num_den(tok_target, tok_lse, chunk.scores, chunk.positive)
+    scores = chunk.scores
+    shift = scores.amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    weights = scores.sub_(shift) if in_place else torch.sub(scores, shift)
+    total = weights.exp_().sum(-1)
+    _, row = chunk.pairs
+    flat_shift = shift.view(-1)
+    pos_sum = torch.zeros_like(flat_shift).index_add_(0, row, torch.exp(chunk.pair_scores - flat_shift[row]))
+    shift = shift.squeeze(-1)
+    num = torch.logaddexp(tok_target, _log_or_neg_inf(pos_sum.view_as(shift)) + shift)
+    den = torch.logaddexp(tok_lse, _log_or_neg_inf(total) + shift)
+    return num, den
 
 
 def chunked_joint_target_log_prob(
@@ -200,7 +281,7 @@ def chunked_joint_target_log_prob(
     keys: Tensor,
     key_labels: Tensor,
     target: Tensor,
-    mask_fn: MaskFn,
+    mask_fn: Union[MaskFn, ChunkLayout],
     chunks: Sequence[Tuple[int, int, int]],
     temperature: float = 1.0,
     recompute_above: int = 0,
@@ -212,7 +293,8 @@ def chunked_joint_target_log_prob(
     Args:
         tok_target, tok_lse, target: ``[G, T]``; queries ``[G, T, d]``; keys ``[G, K, d]``;
             key_labels ``[G, K]``.
-        mask_fn: memory mask of a chunk of queries against the first ``k_end`` keys.
+        mask_fn: memory mask of a chunk of queries against the first ``k_end`` keys, or a
+            :class:`ChunkLayout` (key windows, in-place masking, sparse positives).
         chunks: ``(q0, q1, k_end)`` covering ``0..T`` in order; keys past ``k_end`` are
             outside every memory of that chunk.
         recompute_above: when the chunks hold more similarity entries than this, the
@@ -225,8 +307,9 @@ def chunked_joint_target_log_prob(
     scale = 1.0 / (math.sqrt(queries.size(-1)) * temperature)
     entries = queries.size(0) * sum((q1 - q0) * k_end for q0, q1, k_end in chunks)
     keep = torch.is_grad_enabled() and entries <= recompute_above
+    layout = mask_fn if hasattr(mask_fn, "fill_") else DenseLayout(mask_fn)
     return _ChunkedJointLogProb.apply(tok_target, tok_lse, queries, keys, key_labels, target, scale,
-                                      tuple(chunks), mask_fn, int(top_k), keep)
+                                      tuple(chunks), layout, int(top_k), keep)
 
 
 def _log_or_neg_inf(x: Tensor) -> Tensor:
