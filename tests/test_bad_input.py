@@ -561,7 +561,7 @@ def test_exclude_self_from_datastore_equals_brute_force(world):
     ds = Datastore(str(world.ds))
     keys = torch.from_numpy(np.asarray(ds.keys, dtype=np.float32))
     values = torch.from_numpy(np.asarray(ds.values, dtype=np.int64))
-    position, self_first = 0, 0
+    position, self_first, ties = 0, 0, 0
     for row in iter_scored_rows(model, task, cfg, external=True, k=k, representations=("g",)):
         scored = row.target[0].ne(task.dictionary.pad())  # the last block of a batch is padded
         q = row.query_g[0][scored]
@@ -571,7 +571,14 @@ def test_exclude_self_from_datastore_equals_brute_force(world):
         sims[torch.arange(q.size(0)), pos] = -float("inf")
         top, ids = sims.topk(k, dim=-1)
         torch.testing.assert_close(row.ext_scores[0][scored], top, rtol=1e-4, atol=1e-4)
-        assert torch.equal(row.ext_labels[0][scored], values[ids])
+        # entries of equal score (identical keys) may come in either order: their labels are not compared
+        close = (top[:, 1:] - top[:, :-1]).abs() <= 1e-4 * top[:, :-1].abs().clamp_min(1.0)
+        tied = torch.zeros_like(top, dtype=torch.bool)
+        tied[:, 1:] |= close
+        tied[:, :-1] |= close
+        assert torch.equal(row.ext_labels[0][scored][~tied], values[ids][~tied])
+        ties += int(tied.sum())
         position += q.size(0)
     assert position == len(ds)  # every entry was a query once
+    assert ties < 0.1 * k * len(ds)  # the labels of almost every retrieved entry were compared
     assert self_first > 0.5 * len(ds)  # the leak the flag removes

@@ -92,7 +92,6 @@ class InBatchMemory:
             local = local & self.keep_local[:, q0:q1, None]
         return (local | ~same_seg) & valid
 
-
     def ranges(self, key_valid: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
         """The memory as key ranges: query ``i``'s memory is the valid keys in ``[lo_i, hi_i) ∪
         [tail_i, K)``, ``[G, T]`` each (key positions). ``None`` when a document or segment is
