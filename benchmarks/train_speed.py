@@ -236,7 +236,8 @@ def main(argv=None) -> dict:
     p.add_argument("--op-counts", action="store_true",
                    help="also count the operators one training step of each variant dispatches (torch.profiler)")
     p.add_argument("--out", default=None, help="write the result as JSON here (and .md beside)")
-    p.add_argument("--only", default=None, help="comma-separated variants to time (cross_entropy always)")
+    p.add_argument("--only", default=None, help="comma-separated variants to time (cross_entropy always; with trime_loss_long or "
+                        "trime_loss_ext also CE on their batches)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the model trains (cuda: the first GPU; peak memory is then CUDA's max_memory_allocated)")
     p.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one variant, report peak RSS
