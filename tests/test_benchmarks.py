@@ -138,3 +138,16 @@ def test_a_failing_benchmark_is_reported_and_sets_the_exit_code(tmp_path, monkey
     md = report.read_text()
     assert md.count("**FAILED**") == len(FIGURES)
     assert "train.log" in md
+
+
+def test_in_batch_speed_times_both_layouts_with_the_same_losses(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from benchmarks import in_batch_speed
+
+    out = tmp_path / "in_batch.json"
+    result = in_batch_speed.main(["--segments", "8", "--length", "32", "--dim", "16", "--vocab", "50", "--chunk", "16",
+                                  "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    for mode in ("external", "long", "local"):
+        r = result["modes"][mode]
+        assert r["ranges_s"] > 0 and r["dense_s"] > 0 and r["max_abs_diff"] < 1e-4, (mode, r)
