@@ -104,14 +104,13 @@ class InBatchMemory:
         if self.mode == "local":
             return torch.zeros_like(qpos), qpos, end
         if self.mode == "long":
-            start, _, ok = _runs(self.doc_id)
+            start, _, _, ok = _runs(self.doc_id)
             return (start, qpos, end) if ok else None
         key_seg = self.seg_id if self.key_seg_id is None else self.key_seg_id
-        key_start, key_end, ok = _runs(key_seg)
+        key_start, key_end, first, ok = _runs(key_seg)
         if not ok or key_seg.size(0) != 1 or key_seg.numel() == 0:
             return None
-        first = torch.ones_like(key_seg[0], dtype=torch.bool)
-        first[1:] = key_seg[0, 1:] != key_seg[0, :-1]
+        first = first[0]
         run_ids, run_start, run_end = key_seg[0][first], key_start[0][first], key_end[0][first]
         if run_ids.numel() > 1 and not bool((run_ids[1:] > run_ids[:-1]).all()):
             return None
@@ -132,9 +131,9 @@ class InBatchMemory:
         return RangeLayout(*ranges, key_valid, key_labels, target)
 
 
-def _runs(ids: Tensor) -> Tuple[Tensor, Tensor, bool]:
+def _runs(ids: Tensor) -> Tuple[Tensor, Tensor, Tensor, bool]:
     """For ``[G, N]`` ids: the start and end (exclusive) of the run of equal ids holding each
-    position, and whether every id of a row forms a single run."""
+    position, where runs begin (bool), and whether every id of a row forms a single run."""
     n = ids.size(1)
     pos = torch.arange(n, device=ids.device).expand_as(ids)
     new = torch.ones_like(ids, dtype=torch.bool)
@@ -145,7 +144,7 @@ def _runs(ids: Tensor) -> Tuple[Tensor, Tensor, bool]:
     end = torch.where(last, pos + 1, torch.full_like(pos, n)).flip(1).cummin(1).values.flip(1)
     ordered = ids.sort(1).values
     distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(1) + 1
-    return start, end, bool((new.sum(1) == distinct).all())
+    return start, end, new, bool((new.sum(1) == distinct).all())
 
 
 class RangeLayout:
@@ -181,7 +180,7 @@ class RangeLayout:
             self._windows[q0, q1, k_end] = min(int(self.lo[:, q0:q1].min()), k_end), k_end
         return self._windows[q0, q1, k_end]
 
-    def fill_(self, scores: Tensor, q0: int, q1: int, k0: int) -> None:
+    def fill_(self, scores: Tensor, q0: int, q1: int, k0: int) -> None:  # builds no full mask
         key = (q0, q1, k0, k0 + scores.size(-1))
         mask = self._masks.get(key) or self._chunk_mask(*key)
         band, outside, invalid = mask

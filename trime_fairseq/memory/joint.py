@@ -67,13 +67,28 @@ def top_k_mask(mem_scores: Tensor, mem_mask: Tensor, k: int) -> Tensor:
     return keep & mem_mask
 
 
+def _row_shift(scores: Tensor) -> Tensor:
+    """Each row's largest score ``[..., 1]`` (detached; 0 for rows without one): subtracted
+    before the exponentials so that one pass serves every sum."""
+    shift = scores.amax(dim=-1, keepdim=True).detach()
+    return torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+
+
+def _num_den(tok_target: Tensor, tok_lse: Tensor, pos_sum: Tensor, total: Tensor,
+             shift: Tensor) -> Tuple[Tensor, Tensor]:
+    """Eq. 5's log numerator and denominator from the shifted memory sums of the positives
+    and of all entries (``shift`` ``[..., 1]`` from :func:`_row_shift`)."""
+    shift = shift.squeeze(-1)
+    num = torch.logaddexp(tok_target, _log_or_neg_inf(pos_sum) + shift)
+    den = torch.logaddexp(tok_lse, _log_or_neg_inf(total) + shift)
+    return num, den
+
+
 def _joint_num_den(tok_target: Tensor, tok_lse: Tensor, scores: Tensor, positive: Tensor) -> Tuple[Tensor, Tensor]:
     """Numerator and denominator of Eq. 5 in log space, ``[N]`` each:
     ``log(exp(s_target) + Σ_{j∈M, x_j=target} exp(m_j))`` and ``log(Σ_v exp(s_v) + Σ_{j∈M} exp(m_j))``,
     from memory scores already ``-inf`` outside the memory."""
-    # one exponential pass serves both sums: shift by the (detached) largest allowed score
-    shift = scores.amax(dim=-1, keepdim=True).detach()
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    shift = _row_shift(scores)
     weights = torch.sub(scores, shift)
     if scores.requires_grad:
         weights = weights.exp()  # masked -> 0
@@ -81,9 +96,7 @@ def _joint_num_den(tok_target: Tensor, tok_lse: Tensor, scores: Tensor, positive
     else:  # no graph to keep: one buffer, exponentiated and then masked in place
         total = weights.exp_().sum(-1)
         pos_sum = weights.masked_fill_(positive.logical_not(), 0.0).sum(-1)
-    num = torch.logaddexp(tok_target, _log_or_neg_inf(pos_sum) + shift.squeeze(-1))
-    den = torch.logaddexp(tok_lse, _log_or_neg_inf(total) + shift.squeeze(-1))
-    return num, den
+    return _num_den(tok_target, tok_lse, pos_sum, total, shift)
 
 
 def joint_target_log_prob(
@@ -125,8 +138,9 @@ class ChunkLayout(Protocol):
     def window(self, q0: int, q1: int, k_end: int) -> Tuple[int, int]:
         """``(k0, k1)``: the keys outside ``[k0, k1)`` are in no memory of queries ``q0..q1``."""
 
-    def fill_(self, scores: Tensor, q0: int, q1: int, k0: int) -> None:
-        """Set ``scores`` ``[G, q1-q0, k1-k0]`` to ``-inf`` outside each query's memory, in place."""
+    def fill_(self, scores: Tensor, q0: int, q1: int, k0: int) -> Optional[Tensor]:
+        """Set ``scores`` ``[G, q1-q0, k1-k0]`` to ``-inf`` outside each query's memory, in place;
+        returns the memory mask when it built one (else ``None``)."""
 
     def pairs(self, q0: int, q1: int, k0: int, k1: int) -> Optional[Tuple[Tensor, Tensor]]:
         """The positives (memory entries labelled with the query's target) of the chunk as
@@ -143,8 +157,10 @@ class DenseLayout:
     def window(self, q0: int, q1: int, k_end: int) -> Tuple[int, int]:
         return 0, k_end
 
-    def fill_(self, scores: Tensor, q0: int, q1: int, k0: int) -> None:
-        scores.masked_fill_(~self.mask_fn(q0, q1, k0 + scores.size(-1))[..., k0:], NEG_INF)
+    def fill_(self, scores: Tensor, q0: int, q1: int, k0: int) -> Tensor:
+        mask = self.mask_fn(q0, q1, k0 + scores.size(-1))[..., k0:]
+        scores.masked_fill_(~mask, NEG_INF)
+        return mask
 
     def pairs(self, q0: int, q1: int, k0: int, k1: int) -> None:
         return None
@@ -243,11 +259,12 @@ def _chunk_scores(queries, keys, key_labels, target, scale, layout: ChunkLayout,
     ``top_k > 0``) and their positives (memory entries labelled with the query's target)."""
     k0, k1 = layout.window(q0, q1, k_end)
     scores = at_least_float32(torch.matmul(queries[:, q0:q1] * scale, keys[:, k0:k1].transpose(1, 2)))
-    layout.fill_(scores, q0, q1, k0)
+    mask = layout.fill_(scores, q0, q1, k0)
     pairs = layout.pairs(q0, q1, k0, k1) if top_k <= 0 else None
     if pairs is not None:
         return _Chunk(scores, k0, k1, pairs=pairs, pair_scores=scores.view(-1)[pairs[0]])
-    mask = scores.ne(NEG_INF)
+    if mask is None:
+        mask = scores.ne(NEG_INF)
     if top_k > 0:
         mask = top_k_mask(scores, mask, top_k)
         scores.masked_fill_(~mask, NEG_INF)
@@ -261,17 +278,13 @@ def _chunk_num_den(tok_target: Tensor, tok_lse: Tensor, chunk: _Chunk, in_place:
     if chunk.pairs is None:
         return _joint_num_den(tok_target, tok_lse, chunk.scores, chunk.positive)
     scores = chunk.scores
-    shift = scores.amax(dim=-1, keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    shift = _row_shift(scores)
     weights = scores.sub_(shift) if in_place else torch.sub(scores, shift)
     total = weights.exp_().sum(-1)
     _, row = chunk.pairs
     flat_shift = shift.view(-1)
     pos_sum = torch.zeros_like(flat_shift).index_add_(0, row, torch.exp(chunk.pair_scores - flat_shift[row]))
-    shift = shift.squeeze(-1)
-    num = torch.logaddexp(tok_target, _log_or_neg_inf(pos_sum.view_as(shift)) + shift)
-    den = torch.logaddexp(tok_lse, _log_or_neg_inf(total) + shift)
-    return num, den
+    return _num_den(tok_target, tok_lse, pos_sum.view_as(total), total, shift)
 
 
 def chunked_joint_target_log_prob(
