@@ -24,7 +24,9 @@ projects, Debian package descriptions (DDTP) and Debian base-system ``.mo`` cata
    (one retrieval pass per model); Meta-k (adaptive kNN-MT) is trained on the validation
    set with ``trime-train-metak``. With ``--bleu-lambdas``, kNN-MT's λ and TRIME-MT's
    Appendix F λ are also chosen by validation BLEU (one beam search per value), reported
-   as extra systems.
+   as extra systems; with ``--bleu-temperature-factors`` too, each system's memory
+   temperature (kNN-MT's T, Appendix F's τ') is then chosen by validation BLEU at that λ
+   (coordinate ascent, the same for both systems), reported as a third pair of systems.
 4. ``fairseq-generate`` (beam 5) on the test sets, detokenised, scored with sacrebleu; the
    test NLL of kNN-MT and TRIME-MT at their tuned settings (reported, not used to choose).
 
@@ -39,7 +41,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, List, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -51,7 +53,12 @@ DEFAULT_SOURCES = "pypi,debian-ddtp,debian-mo"
 #: ``docs/results/translation.json`` row keys
 ROW_KEYS = {"base": "base", "kNN-MT": "knnmt", "adaptive kNN-MT": "adaptive_knnmt", "TRIME-MT": "trime_mt",
             "TRIME-MT (no memory)": "trime_mt_nomem", "kNN-MT (λ by valid BLEU)": "knnmt_bleu_lambda",
-            "TRIME-MT (λ by valid BLEU)": "trime_mt_bleu_lambda"}
+            "TRIME-MT (λ by valid BLEU)": "trime_mt_bleu_lambda",
+            "kNN-MT (λ, temperature by valid BLEU)": "knnmt_bleu",
+            "TRIME-MT (λ, temperature by valid BLEU)": "trime_mt_bleu"}
+#: settings chosen by validation BLEU: (suffix of the system names, what was chosen), in search order
+BLEU_TUNINGS = ((" (λ by valid BLEU)", "λ by validation BLEU"),
+                (" (λ, temperature by valid BLEU)", "λ, then temperature by validation BLEU"))
 
 
 def knn_generate_flags(p: dict, datastore: list) -> list:
@@ -64,6 +71,20 @@ def trime_generate_flags(p: dict, datastore: list) -> list:
     return ["--eval-combiner", "trime", "--eval-temperature", p["tau"], *datastore,
             *(["--memory-lambda", p["memory_lambda"], "--memory-temperature", p["memory_tau"]]
               if p.get("memory_lambda", 0) > 0 else [])]
+
+
+def coordinate_search(start: dict, axes: Sequence[Tuple[str, Sequence[float]]],
+                      score: Callable[[dict], float]) -> Tuple[List[dict], List[dict]]:
+    """Coordinate ascent of ``score`` from ``start``: each ``(key, values)`` axis in turn, the
+    best value (the first one on ties) kept for the next axis. Returns the point after each
+    axis and every scored point (``score`` added), in order."""
+    point, steps, scored = dict(start), [], []
+    for key, values in axes:
+        trial = [({**point, key: v}, score({**point, key: v})) for v in values]
+        scored += [{**p, "score": s} for p, s in trial]
+        point = max(trial, key=lambda t: t[1])[0]
+        steps.append(point)
+    return steps, scored
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -259,6 +280,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also choose kNN-MT's λ and TRIME-MT's Appendix F λ by validation BLEU (beam search "
                         "on the validation set at each of these values, the other settings as tuned by NLL) and "
                         "report those systems too ('': NLL tuning only)")
+    p.add_argument("--bleu-temperature-factors", default="",
+                   help="with --bleu-lambdas: then choose each system's memory temperature (kNN-MT: T, TRIME-MT: "
+                        "Appendix F's tau') by validation BLEU at its BLEU-chosen λ, among its NLL-tuned "
+                        "temperature times each of these factors ('': λ only)")
     p.add_argument("--knn-k", type=int, default=16, help="neighbours retrieved per decoding step")
     p.add_argument("--beam", type=int, default=5, help="beam size")
     p.add_argument("--gen-batch-size", type=int, default=64, help="sentences per generation batch")
@@ -370,18 +395,24 @@ def main(argv=None) -> dict:
             return {**ex.bleu(gen["hyps"][: len(refs)], refs), "sentences_per_s": gen["sentences_per_s"],
                     "hyps": gen["hyps"][: len(refs)], "refs": refs}
 
-        if a.bleu_lambdas:  # λ by validation BLEU, the rest as tuned by NLL
-            for system, model, key, make, params in (
-                    ("kNN-MT", "base", "lambda", knn_generate_flags, kp),
-                    ("TRIME-MT", "trime", "memory_lambda", trime_generate_flags, tp)):
-                curve = []
-                for lam in [float(v) for v in a.bleu_lambdas.split(",")]:
-                    point = {**params, key: lam}
-                    score = decode(f"{system} {key} {lam:g}", model, make(point, ds[model]), va)
-                    curve.append({"domain": domain, "system": system, key: lam, "valid_bleu": score["bleu"]})
-                bleu_lambda += curve
-                best = max(curve, key=lambda r: r["valid_bleu"])
-                systems.append((f"{system} (λ by valid BLEU)", model, make({**params, key: best[key]}, ds[model])))
+        if a.bleu_lambdas:  # λ, then the memory temperature, by validation BLEU; the rest as tuned by NLL
+            lambdas = [float(v) for v in a.bleu_lambdas.split(",")]
+            factors = [float(v) for v in a.bleu_temperature_factors.split(",")] if a.bleu_temperature_factors else []
+            for system, model, lam_key, temp_key, make, params in (
+                    ("kNN-MT", "base", "lambda", "temperature", knn_generate_flags, kp),
+                    ("TRIME-MT", "trime", "memory_lambda", "memory_tau", trime_generate_flags, tp)):
+
+                def valid_bleu(point: dict) -> float:
+                    changed = [k for k in (lam_key, temp_key) if k == lam_key or point[k] != params[k]]
+                    name = " ".join([system, *(f"{k} {point[k]:g}" for k in changed)])
+                    return decode(name, model, make(point, ds[model]), va)["bleu"]
+
+                axes = [(lam_key, lambdas)] + ([(temp_key, [params[temp_key] * f for f in factors])] if factors else [])
+                steps, scored = coordinate_search(params, axes, valid_bleu)
+                bleu_lambda += [{"domain": domain, "system": system, "lambda": p[lam_key], "temperature": p[temp_key],
+                                 "valid_bleu": p["score"]} for p in scored]
+                for (suffix, _), point in zip(BLEU_TUNINGS, steps):
+                    systems.append((f"{system}{suffix}", model, make(point, ds[model])))
         hyps = {}
         for system, model, flags in systems:
             score = decode(system, model, flags, te)
@@ -390,7 +421,7 @@ def main(argv=None) -> dict:
                          "sentences_per_s": score["sentences_per_s"], "flags": " ".join(map(str, flags)),
                          "signature": score["signature"]})
             logger.info("%s / %s: BLEU %.2f (%.1f sentences/s)", domain, system, score["bleu"], score["sentences_per_s"])
-        for tuning, suffix in (("validation NLL", ""), ("λ by validation BLEU", " (λ by valid BLEU)")):
+        for suffix, tuning in (("", "validation NLL"), *BLEU_TUNINGS):
             if f"kNN-MT{suffix}" in hyps and f"TRIME-MT{suffix}" in hyps:
                 significance.append({"domain": domain, "tuning": tuning,
                                      **ex.paired_bootstrap(hyps[f"kNN-MT{suffix}"], hyps[f"TRIME-MT{suffix}"],
@@ -449,13 +480,15 @@ def main(argv=None) -> dict:
                                                           "ci"],
                                            ["test set", "settings chosen by", "kNN-MT", "TRIME-MT", "p", "± 95% CI"]))
     if bleu_lambda:
-        header_recipes += ("\n\nValidation BLEU (beam search) against each system's interpolation weight "
-                           "(kNN-MT: λ; TRIME-MT: Appendix F's λ), the other settings as tuned by NLL; the best "
-                           "λ per system and domain gives the '(λ by valid BLEU)' rows above:\n\n"
-                           + ex.markdown_table([{**r, "lam": r.get("lambda", r.get("memory_lambda"))}
-                                                for r in bleu_lambda],
-                                               ["domain", "system", "lam", "valid_bleu"],
-                                               ["domain", "system", "λ", "valid BLEU"]))
+        header_recipes += ("\n\nValidation BLEU (beam search) at each setting tried, in order: first each system's "
+                           "interpolation weight λ (kNN-MT: λ; TRIME-MT: Appendix F's λ) at its NLL-tuned "
+                           "temperature (kNN-MT: T; TRIME-MT: Appendix F's τ'), then, with "
+                           "--bleu-temperature-factors, the temperature at the best λ; the other settings as tuned "
+                           "by NLL. The best λ gives the '(λ by valid BLEU)' rows above, the best temperature at that λ "
+                           "the '(λ, temperature by valid BLEU)' rows:\n\n"
+                           + ex.markdown_table([{**r, "temperature": f"{r['temperature']:g}"} for r in bleu_lambda],
+                                               ["domain", "system", "lambda", "temperature", "valid_bleu"],
+                                               ["domain", "system", "λ", "temperature", "valid BLEU"]))
     for out in ex.publish(result, header + table + header_curve + header_recipes, run_json, a.results, logger):
         ex.bar_plot([dict(r, system=f"{r['system']} ({r['domain']})") for r in rows], out.with_suffix(".png"),
                     "Translation with memory", keys=("bleu",), ylabel="BLEU (higher is better)")

@@ -361,6 +361,34 @@ def test_translation_generate_flags_follow_the_tuned_point():
     assert "--memory-lambda" not in trime_generate_flags({"tau": 40.0, "memory_lambda": 0.0, "memory_tau": 3.0}, ds)
 
 
+def test_translation_coordinate_search_tunes_one_setting_at_a_time():
+    """``--bleu-lambdas`` then ``--bleu-temperature-factors``: λ is chosen at the starting
+    temperature, then the temperature at that λ (first best on ties); every point is scored
+    once and reported, so the λ-only and the joint choice are both visible."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from translation import coordinate_search
+
+    calls = []
+
+    def score(p):  # best at lambda 0.7, temperature 20; lambda 0.8 and 0.9 tie, both worse
+        calls.append(dict(p))
+        return -abs(p["lambda"] - 0.7) * (1 if p["lambda"] < 0.8 else 0) - abs(p["temperature"] - 20) / 100 \
+            - (0.5 if p["lambda"] >= 0.8 else 0)
+
+    start = {"lambda": 0.5, "temperature": 10.0, "k": 16}
+    steps, scored = coordinate_search(start, [("lambda", [0.5, 0.7, 0.8, 0.9]), ("temperature", [5.0, 10.0, 20.0])],
+                                      score)
+    assert steps == [{"lambda": 0.7, "temperature": 10.0, "k": 16}, {"lambda": 0.7, "temperature": 20.0, "k": 16}]
+    assert [(p["lambda"], p["temperature"]) for p in scored] == [
+        (0.5, 10.0), (0.7, 10.0), (0.8, 10.0), (0.9, 10.0), (0.7, 5.0), (0.7, 10.0), (0.7, 20.0)]
+    assert all(p["k"] == 16 for p in calls) and len(calls) == 7
+    assert scored[-1]["score"] == score({"lambda": 0.7, "temperature": 20.0, "k": 16})
+    tie, _ = coordinate_search(start, [("lambda", [0.9, 0.8])], lambda p: 1.0)
+    assert tie == [{"lambda": 0.9, "temperature": 10.0, "k": 16}]  # the first of equal scores
+
+
 def test_paired_bootstrap_separates_a_real_difference_from_none():
     import sys
 
