@@ -5,8 +5,9 @@ Variants: ``cross_entropy``; ``trime_loss`` (local memory, fairseq's batches);
 Transformer with and without its kNN memory, same weights and batches; both warm up until
 the memory is full, so the timed steps search a full memory; the recall@k of faiss search
 against exact search is measured on the memory and queries of one more step);
-``trime_loss_long`` (``--consecutive-segments m``, long-term in-batch memory) when
-``--long-m`` is given; ``trime_loss_ext`` (BM25 batches, memory = the whole batch) with
+``trime_loss_long`` (``--consecutive-segments m``, long-term in-batch memory) and
+``trime_loss_long_stream`` (the same with ``--memory-across-documents``: the reference's
+unpadded stream segments, memory across documents) when ``--long-m`` is given; ``trime_loss_ext`` (BM25 batches, memory = the whole batch) with
 ``--ext``. With either, ``cross_entropy_document_segments`` too: CE on the document-aligned
 segments those two train on (its BM25 batches with ``--ext``, else the consecutive
 segments; a document's last segment is padded, and padding is not counted in tokens/s), so
@@ -45,6 +46,8 @@ logger = logging.getLogger("benchmarks.train_speed")
 #: CE on document-aligned segments, the batches of the long- and external-memory variants
 #: (a document's last segment is padded; CE's own batches are a packed stream)
 SAME_BATCHES = "cross_entropy_document_segments"
+#: TRIMELM_long on the stream cut every L tokens (``--memory-across-documents``): no padding
+LONG_STREAM = "trime_loss_long_stream"
 VARIANTS: Dict[str, List[str]] = {
     "cross_entropy": ["--criterion", "cross_entropy"],
     "trime_loss": ["--criterion", "trime_loss"],
@@ -247,6 +250,7 @@ def main(argv=None) -> dict:
     if ours.long_m > 1:
         variants["trime_loss_long"] = ["--criterion", "trime_loss", "--consecutive-segments", str(ours.long_m),
                                        "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
+        variants[LONG_STREAM] = [*variants["trime_loss_long"], "--memory-across-documents"]
     if ours.ext:
         variants["trime_loss_ext"] = ["--criterion", "trime_loss", "--bm25-batching", "--drop-local-prob", "0.9",
                                       "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
@@ -270,6 +274,8 @@ def main(argv=None) -> dict:
         keep = set(ours.only.split(",")) | {"cross_entropy"}
         if keep & {"trime_loss_long", "trime_loss_ext"}:
             keep.add(SAME_BATCHES)
+        if "trime_loss_long" in keep:
+            keep.add(LONG_STREAM)
         variants = {k: v for k, v in variants.items() if k in keep}
     if ours.threads:
         torch.set_num_threads(ours.threads)
@@ -338,7 +344,7 @@ def main(argv=None) -> dict:
         name: similarity_bound(name, runs[name]["batches"][0], max(ours.long_m, 1),
                                result["tokens_per_s"]["cross_entropy"], runs[name]["model"],
                                runs[name]["criterion"].cfg.similarity_chunk_size)
-        for name in ("trime_loss_long", "trime_loss_ext") if name in runs}
+        for name in ("trime_loss_long", LONG_STREAM, "trime_loss_ext") if name in runs}
     if ours.op_counts:
         result["op_counts"] = {name: op_counts(r["task"], r["model"], r["criterion"], r["batches"],
                                                warm[name] + ours.blocks * ours.steps, r["optim"])

@@ -84,13 +84,28 @@ def test_segments_stay_inside_documents_and_runs_are_consecutive():
     assert batch["trime_memory"]["mode"] == "long" and batch["trime_memory"]["segments_per_group"] == 3
 
 
+def test_segments_across_documents_are_the_unpadded_stream():
+    d = make_dictionary(20)
+    s = make_stream(d, [23, 5, 40, 9], seed=1)
+    per_doc = DocumentSegments(s, length=8, pad=d.pad(), group=3)
+    seg = DocumentSegments(s, length=8, pad=d.pad(), group=3, across_documents=True)
+    # the stream cut every 8 tokens: every token but the last is a source exactly once
+    assert list(seg.starts) == list(range(0, len(s) - 1, 8))
+    assert (seg.sizes[:-1] == 8).all() and int(seg.sizes.sum()) == len(s) - 1
+    assert len(seg) < len(per_doc)  # no segment is cut short at a document boundary
+    spans = [len(set(s.docs[int(a):int(a) + int(n) + 1])) for a, n in zip(seg.starts, seg.sizes)]
+    assert max(spans) > 1  # some segment runs across a boundary
+    batch = seg.collater([seg[i] for i in seg.groups()[0]])
+    assert int(batch["target"].eq(d.pad()).sum()) == 0
+    assert batch["trime_memory"]["mode"] == "long"
+
+
 @pytest.mark.parametrize("across", [False, True])
 def test_long_memory_loss_equals_brute_force(across):
     d = make_dictionary(30)
     model = make_model(d).double()
     s = make_stream(d, [30, 6, 25], seed=2)
-    seg = DocumentSegments(s, length=7, pad=d.pad(), group=3)
-    seg.across_documents = across
+    seg = DocumentSegments(s, length=7, pad=d.pad(), group=3, across_documents=across)
     idx = np.concatenate(seg.groups()[:3])
     sample = seg.collater([seg[i] for i in idx])
     # the true documents of the rows: a run mixes documents, which see each other only across

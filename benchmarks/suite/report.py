@@ -109,6 +109,8 @@ FIGURES: List[Figure] = [
       for kind, variant, desc, target in (
           ("local", "trime_loss", "local memory", 0.95),
           ("long", "trime_loss_long", "long memory (consecutive segments)", 0.95),
+          ("long_stream", "trime_loss_long_stream",
+           "long memory across documents (consecutive segments of the unpadded stream, as the reference)", 0.95),
           ("external", "trime_loss_ext", "external memory (BM25 batches)", 0.9))],
     *[Figure(f"train_peak_memory_{kind}", f"peak training memory ÷ CE, {desc}", "train",
              lambda r, v=variant: r["peak_rss_ratio_vs_cross_entropy"][v], target, "<=",

@@ -130,23 +130,28 @@ class DocumentSegments(_InOrder):
         length: L, the segment length.
         group: m; collated batches carry ``sample["trime_memory"]`` for
             ``trime_loss`` (``long`` memory over groups of ``m`` consecutive rows, within a
-            document unless ``across_documents`` is set after construction).
+            document unless ``across_documents``).
         external: collated batches ask for ``external`` memory (all other segments of
             the batch; the batches themselves come from BM25 batching).
+        across_documents: long memory over the stream, as the reference trains on
+            WikiText-103: the segments are the stream cut every ``length`` tokens (a segment
+            may span a document boundary, none is padded) and a run's memory is every
+            earlier token of the run, whatever its document.
     """
 
-    def __init__(self, stream: TokenStream, length: int, pad: int, group: int = 1, external: bool = False) -> None:
+    def __init__(self, stream: TokenStream, length: int, pad: int, group: int = 1, external: bool = False,
+                 across_documents: bool = False) -> None:
         if length < 1:
             raise TrimeUserError(f"--tokens-per-sample must be >= 1, got {length}")
         self.stream, self.length, self.pad, self.group = stream, length, pad, group
         self.external = external  # batches of BM25-similar segments (TRIMELM_ext)
         self.stream_rows = False  # batches continue each row's stream (Memorizing Transformer)
         self.with_positions = False  # add mem_docs / mem_positions to net_input
-        self.across_documents = False  # long runs: memory crosses document boundaries
+        self.across_documents = across_documents  # long runs: memory crosses document boundaries
         starts: List[np.ndarray] = []
         lens: List[np.ndarray] = []
         if len(stream):
-            doc_start = stream.doc_starts
+            doc_start = stream.doc_starts[:1] if across_documents else stream.doc_starts
             doc_end = np.concatenate([doc_start[1:], [len(stream)]])
             for a, b in zip(doc_start, doc_end):
                 n_src = b - a - 1  # the last token of a document has no next token in it

@@ -86,8 +86,9 @@ class TrimeLMConfig(LanguageModelingConfig, RetrievalConfig, BM25BatchingConfig)
             "help": "long-term memory over the stream instead of the document: no reset at "
             "document boundaries, at test time (--eval-memory local+long reads the "
             "--long-memory-size most recent tokens whatever their document, as the reference "
-            "evaluates WikiText-103) and in training (--consecutive-segments: a token's memory "
-            "is every earlier token of its run, documents included)"
+            "evaluates WikiText-103) and in training (--consecutive-segments: the segments are "
+            "the stream cut every --tokens-per-sample tokens, unpadded and across document "
+            "boundaries, and a token's memory is every earlier token of its run)"
         },
     )
     consecutive_segments: int = field(
@@ -341,9 +342,9 @@ class TrimeLanguageModelingTask(DatastoreKeys, LanguageModelingTask):
             ds.with_positions = self.with_positions
             self.datasets[split] = ds
         elif m > 1:
-            ds = DocumentSegments(self.stream(split), self.args.tokens_per_sample, self.dictionary.pad(), group=m)
+            ds = DocumentSegments(self.stream(split), self.args.tokens_per_sample, self.dictionary.pad(), group=m,
+                                  across_documents=bool(self.args.memory_across_documents))
             ds.with_positions = self.with_positions
-            ds.across_documents = bool(self.args.memory_across_documents)
             ds.shuffle = split.startswith("train")
             self.datasets[split] = ds
             logger.info("%s: %d segments of <= %d tokens from %d documents, in runs of %d",
