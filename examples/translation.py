@@ -18,10 +18,10 @@ projects, Debian package descriptions (DDTP) and Debian base-system ``.mo`` cata
 2. datastores of every training target token: L2 for the base model (kNN-MT), inner
    product for TRIME-MT; for the domain-adaptation rows, over the held-out domain's
    training pairs instead (the models never saw that domain).
-3. kNN-MT's λ and T and TRIME-MT's τ (a grid around its training temperature) with
-   Appendix F's λ and τ' (Eq. 8 over the retrieved neighbours) are chosen by validation NLL
-   with ``trime-tune-mt``
-   (one retrieval pass per model); Meta-k (adaptive kNN-MT) is trained on the validation
+3. kNN-MT's λ and T and TRIME-MT's τ (a grid from 1/16 to 4 times its training
+   temperature) with Appendix F's λ and τ' (Eq. 8 over the retrieved neighbours) are chosen
+   by validation NLL with ``trime-tune-mt`` (one retrieval pass per model; an optimum at the
+   edge of its grid is logged and named on the page); Meta-k (adaptive kNN-MT) is trained on the validation
    set with ``trime-train-metak``. With ``--bleu-lambdas``, kNN-MT's λ and TRIME-MT's
    Appendix F λ are also chosen by validation BLEU (one beam search per value), reported
    as extra systems; with ``--bleu-temperature-factors`` too, each system's memory
@@ -41,7 +41,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -85,6 +85,36 @@ def coordinate_search(start: dict, axes: Sequence[Tuple[str, Sequence[float]]],
         point = max(trial, key=lambda t: t[1])[0]
         steps.append(point)
     return steps, scored
+
+
+#: interpolation weights: a tuned value at 0 or 1 is a real boundary, not a grid's edge
+UNIT_INTERVAL = {"lambda", "memory_lambda"}
+
+
+def grid_edges(tune: dict, tolerance: float = 1e-3) -> Dict[str, float]:
+    """The parameters of a ``trime-tune-mt`` result whose best value is the smallest or the
+    largest of the (at least three) values tried and still improving there: the best NLL
+    with the next value inward is worse by more than ``tolerance`` nats, so the optimum may
+    lie outside the grid (a plateau at the edge is not flagged). An interpolation weight at
+    0 or 1 is not an edge (it cannot go further)."""
+    best = tune["best"]["params"]
+    edges = {}
+    for key, value in best.items():
+        tried = sorted({r["params"][key] for r in tune["rows"] if key in r["params"]})
+        if len(tried) < 3 or value not in (tried[0], tried[-1]):
+            continue
+        if key in UNIT_INTERVAL and value in (0.0, 1.0):
+            continue
+        inward = tried[1] if value == tried[0] else tried[-2]
+        next_best = min(r["nll"] for r in tune["rows"] if r["params"].get(key) == inward)
+        if next_best - tune["best"]["nll"] > tolerance:
+            edges[key] = value
+    return edges
+
+
+def float_list(text: str) -> List[float]:
+    """``"0.5,1,2"`` -> ``[0.5, 1.0, 2.0]``."""
+    return [float(v) for v in text.split(",") if v.strip()]
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -269,7 +299,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "update, found from the batches; BM25 groups pad more than length-sorted batches)")
     p.add_argument("--ce-warmup-frac", type=float, default=0.3, help="TRIME-MT: share of updates with plain CE first")
     add_recipe_args(p)
-    p.add_argument("--memory-lambdas", default="0,0.2,0.4,0.6",
+    p.add_argument("--knn-lambdas", default="0.1,0.2,0.3,0.5,0.7,0.8,0.9",
+                   help="kNN-MT: λ values tuned on validation NLL (with --knn-temperatures)")
+    p.add_argument("--knn-temperatures", default="1,3,10,30,100",
+                   help="kNN-MT: temperature values T tuned on validation NLL (neighbour distances / T)")
+    p.add_argument("--tau-factors", default="0.0625,0.125,0.25,0.5,1,2,4",
+                   help="TRIME-MT: Eq. 6's tau values tuned on validation NLL, as multiples of --trime-temperature "
+                        "(the datastore may want a much sharper temperature than in-batch training memory)")
+    p.add_argument("--memory-lambdas", default="0,0.2,0.4,0.6,0.8",
                    help="TRIME-MT: Appendix F's lambda values (Eq. 8) tuned with tau (0: Eq. 6 alone)")
     p.add_argument("--memory-taus", default="1,3,10,30",
                    help="TRIME-MT: Appendix F's tau' values (Eq. 7: neighbours' raw similarity / tau')")
@@ -326,7 +363,7 @@ def main(argv=None) -> dict:
     domains = {"general": ("train", "valid", "test")}
     if domain_splits:
         domains["in-domain"] = ("indomain_train", "indomain_valid", "indomain_test")
-    rows, tuned, index_info, test_nll, bleu_lambda, significance = [], {}, {}, {}, [], []
+    rows, tuned, index_info, test_nll, bleu_lambda, significance, edges = [], {}, {}, {}, [], [], []
     for domain, (tr, va, te) in domains.items():
         stores = {"base": ("l2", run / "ds" / f"base_{tr}"), "trime": ("ip", run / "ds" / f"{a.trime_name}_{tr}")}
         for name, (metric, out) in stores.items():
@@ -339,10 +376,11 @@ def main(argv=None) -> dict:
         ds = {n: ["--datastore", out, "--knn-k", a.knn_k] for n, (_, out) in stores.items()}
         valid = [*run_flags, "--gen-subset", va]
         knn = ex.run_tool("trime_fairseq.cli.tune_mt",
-                          [data, "--path", ckpt["base"], "--combiner", "knn", "--grid", "lambda=0.1,0.2,0.3,0.5,0.7",
-                           "temperature=1,10,100", "--out", run / f"tune_knn_{domain}.json", *ds["base"], *valid],
+                          [data, "--path", ckpt["base"], "--combiner", "knn", "--grid", f"lambda={a.knn_lambdas}",
+                           f"temperature={a.knn_temperatures}", "--out", run / f"tune_knn_{domain}.json",
+                           *ds["base"], *valid],
                           run / f"tune_knn_{domain}.json", logs / f"tune_knn_{domain}.log")
-        taus = ",".join(f"{a.trime_temperature * f:g}" for f in (0.25, 0.5, 1, 2, 4))
+        taus = ",".join(f"{a.trime_temperature * f:g}" for f in float_list(a.tau_factors))
         trime = ex.run_tool("trime_fairseq.cli.tune_mt",
                             [data, "--path", ckpt["trime"], "--combiner", "trime", "--grid", f"tau={taus}",
                              f"memory_lambda={a.memory_lambdas}", f"memory_tau={a.memory_taus}",
@@ -354,6 +392,12 @@ def main(argv=None) -> dict:
                           [data, "--path", ckpt["base"], "--out", metak, *ds["base"], *valid],
                           logs / f"metak_{domain}.log")
         tuned[domain] = {"knn": knn["best"], "trime": trime["best"]}
+        for system, tune in (("kNN-MT", knn), ("TRIME-MT", trime)):
+            for key, value in grid_edges(tune).items():
+                logger.warning("%s, %s: the validation-NLL optimum %s=%g is at the edge of its grid and still "
+                               "improving there; widen it",
+                               domain, system, key, value)
+                edges.append({"domain": domain, "system": system, "param": key, "value": value})
         kp, tp = knn["best"]["params"], trime["best"]["params"]
         # the tuned points on the test set: NLL is reported, never used to choose
         test_nll[domain] = {
@@ -443,13 +487,19 @@ def main(argv=None) -> dict:
               f"{a.beam} (outputs of at most 1.2 x source + 10 tokens), batch {a.gen_batch_size}, K={a.knn_k}. sacrebleu: `{rows[0]['signature']}`.\n\n"
               "Memory parameters chosen by validation NLL (`trime-tune-mt`): "
               + "; ".join(f"{d}: kNN-MT {v['knn']['params']}, TRIME-MT {v['trime']['params']}" for d, v in tuned.items())
+              + f". Grids: kNN-MT λ {a.knn_lambdas}, T {a.knn_temperatures}; TRIME-MT τ {taus} (the training "
+              f"temperature times {a.tau_factors}), Appendix F's λ {a.memory_lambdas}, τ' {a.memory_taus}. "
+              + ("Optima at the edge of their grid, still improving there (by > 0.001 nats): " + "; ".join(
+                  f"{e['domain']} {e['system']} {e['param']}={e['value']:g}" for e in edges)
+                 if edges else "No optimum is at the edge of its grid while still improving there (by > 0.001 "
+                 "nats; λ = 0 or 1 excepted).")
               + "\n\n")
     curve = ex.markdown_table(curves["base"], ["updates", "valid_bleu", "valid_nll"],
                               ["updates", "valid BLEU (greedy)", "valid NLL (nats/token)"])
     header_curve = "\n\nBase model against updates (validation set):\n\n" + curve
     result = {"args": vars(a), "trime_max_tokens": trime_max_tokens, "target_tokens_per_update": wpb, "rows": rows,
               "tuned": tuned, "index": index_info, "train": trained, "valid_curves": curves,
-              "test_nll": test_nll, "bleu_lambda": bleu_lambda, "significance": significance}
+              "test_nll": test_nll, "bleu_lambda": bleu_lambda, "significance": significance, "grid_edges": edges}
     run_json = run / ("results.json" if a.trime_name == "trime" else f"results_{a.trime_name}.json")
     result["recipes"] = recipe_rows(run, run_json, result)
     recipes = ex.markdown_table(result["recipes"], ["trime_name", "recipe", "valid_nll", "general_nomem",
