@@ -7,8 +7,8 @@ the memory is full, so the timed steps search a full memory; the recall@k of fai
 against exact search is measured on the memory and queries of one more step);
 ``trime_loss_long`` (``--consecutive-segments m``, long-term in-batch memory) and
 ``trime_loss_long_stream`` (the same with ``--memory-across-documents``: the reference's
-unpadded stream segments, memory across documents) when ``--long-m`` is given; ``trime_loss_ext`` (BM25 batches, memory = the whole batch) with
-``--ext``. With either, ``cross_entropy_document_segments`` too: CE on the document-aligned
+unpadded stream segments, memory across documents) when ``--long-m`` is given;
+``trime_loss_ext`` (BM25 batches, memory = the whole batch) with ``--ext``. With either, ``cross_entropy_document_segments`` too: CE on the document-aligned
 segments those two train on (its BM25 batches with ``--ext``, else the consecutive
 segments; a document's last segment is padded, and padding is not counted in tokens/s), so
 their ratio against it is the memory's own cost.

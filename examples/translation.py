@@ -21,8 +21,8 @@ projects, Debian package descriptions (DDTP) and Debian base-system ``.mo`` cata
 3. kNN-MT's λ and T and TRIME-MT's τ (a grid from 1/16 to 4 times its training
    temperature) with Appendix F's λ and τ' (Eq. 8 over the retrieved neighbours) are chosen
    by validation NLL with ``trime-tune-mt`` (one retrieval pass per model; an optimum at the
-   edge of its grid is logged and named on the page); Meta-k (adaptive kNN-MT) is trained on the validation
-   set with ``trime-train-metak``. With ``--bleu-lambdas``, kNN-MT's λ and TRIME-MT's
+   edge of its grid is logged and named on the page); Meta-k (adaptive kNN-MT) is trained
+   on the validation set with ``trime-train-metak``. With ``--bleu-lambdas``, kNN-MT's λ and TRIME-MT's
    Appendix F λ are also chosen by validation BLEU (one beam search per value), reported
    as extra systems; with ``--bleu-temperature-factors`` too, each system's memory
    temperature (kNN-MT's T, Appendix F's τ') is then chosen by validation BLEU at that λ
@@ -395,8 +395,7 @@ def main(argv=None) -> dict:
         for system, tune in (("kNN-MT", knn), ("TRIME-MT", trime)):
             for key, value in grid_edges(tune).items():
                 logger.warning("%s, %s: the validation-NLL optimum %s=%g is at the edge of its grid and still "
-                               "improving there; widen it",
-                               domain, system, key, value)
+                               "improving there; widen it", domain, system, key, value)
                 edges.append({"domain": domain, "system": system, "param": key, "value": value})
         kp, tp = knn["best"]["params"], trime["best"]["params"]
         # the tuned points on the test set: NLL is reported, never used to choose
