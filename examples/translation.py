@@ -280,6 +280,17 @@ def memory_gain_rows(run: Path, domains: Sequence[str], recipes: Sequence[str]) 
     return out
 
 
+def eq6_by_temperature(tune: dict) -> List[dict]:
+    """Eq. 6 alone (Appendix F's λ = 0) against its temperature τ, from a TRIME-MT
+    ``trime-tune-mt`` result: ``[{"tau", "valid_nll"}]``, τ ascending (the best point per τ)."""
+    best: Dict[float, float] = {}
+    for r in tune["rows"][1:]:
+        p = r["params"]
+        if "tau" in p and p.get("memory_lambda", 0) == 0:
+            best[p["tau"]] = min(r["nll"], best.get(p["tau"], float("inf")))
+    return [{"tau": t, "valid_nll": best[t]} for t in sorted(best)]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/mt", help="where data, checkpoints and results go")
@@ -364,6 +375,7 @@ def main(argv=None) -> dict:
     if domain_splits:
         domains["in-domain"] = ("indomain_train", "indomain_valid", "indomain_test")
     rows, tuned, index_info, test_nll, bleu_lambda, significance, edges = [], {}, {}, {}, [], [], []
+    eq6_curves: Dict[str, dict] = {}
     for domain, (tr, va, te) in domains.items():
         stores = {"base": ("l2", run / "ds" / f"base_{tr}"), "trime": ("ip", run / "ds" / f"{a.trime_name}_{tr}")}
         for name, (metric, out) in stores.items():
@@ -392,6 +404,7 @@ def main(argv=None) -> dict:
                           [data, "--path", ckpt["base"], "--out", metak, *ds["base"], *valid],
                           logs / f"metak_{domain}.log")
         tuned[domain] = {"knn": knn["best"], "trime": trime["best"]}
+        eq6_curves[domain] = {"model_alone": trime["rows"][0]["nll"], "by_tau": eq6_by_temperature(trime)}
         for system, tune in (("kNN-MT", knn), ("TRIME-MT", trime)):
             for key, value in grid_edges(tune).items():
                 logger.warning("%s, %s: the validation-NLL optimum %s=%g is at the edge of its grid and still "
@@ -498,7 +511,8 @@ def main(argv=None) -> dict:
     header_curve = "\n\nBase model against updates (validation set):\n\n" + curve
     result = {"args": vars(a), "trime_max_tokens": trime_max_tokens, "target_tokens_per_update": wpb, "rows": rows,
               "tuned": tuned, "index": index_info, "train": trained, "valid_curves": curves,
-              "test_nll": test_nll, "bleu_lambda": bleu_lambda, "significance": significance, "grid_edges": edges}
+              "test_nll": test_nll, "bleu_lambda": bleu_lambda, "significance": significance, "grid_edges": edges,
+              "eq6_alone_by_tau": {"training_temperature": a.trime_temperature, **eq6_curves}}
     run_json = run / ("results.json" if a.trime_name == "trime" else f"results_{a.trime_name}.json")
     result["recipes"] = recipe_rows(run, run_json, result)
     recipes = ex.markdown_table(result["recipes"], ["trime_name", "recipe", "valid_nll", "general_nomem",
@@ -515,6 +529,14 @@ def main(argv=None) -> dict:
                                "gain", "tuned setting"])
     header_recipes += ("\n\nValidation NLL (nats/token, `trime-tune-mt`) alone and with memory at the setting "
                        "tuned on it:\n\n" + gains)
+    eq6_taus = sorted({p["tau"] for c in eq6_curves.values() for p in c["by_tau"]})
+    eq6_rows = [{"domain": d, **{f"{p['tau']:g}": f"{p['valid_nll']:.3f}" for p in c["by_tau"]},
+                 "model_alone": f"{c['model_alone']:.3f}"} for d, c in eq6_curves.items()]
+    header_recipes += (f"\n\nTRIME-MT's Eq. 6 alone (its joint softmax over the datastore's neighbours, no Appendix F) "
+                       f"against its temperature τ, validation NLL (nats/token); trained with temperature "
+                       f"{a.trime_temperature:g}:\n\n"
+                       + ex.markdown_table(eq6_rows, ["domain", *(f"{t:g}" for t in eq6_taus), "model_alone"],
+                                           ["domain", *(f"τ {t:g}" for t in eq6_taus), "model alone"]))
     nll_rows = [{"domain": d, "system": n, "model_alone": f"{v['rows'][0]['nll']:.3f}",
                  "with_memory": f"{v['rows'][1]['nll']:.3f}", "params": v["rows"][1]["params"]}
                 for d, per in test_nll.items() for n, v in per.items()]

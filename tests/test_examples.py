@@ -522,3 +522,19 @@ def test_translation_grid_edges_name_optima_that_may_lie_outside_the_grid():
     flat = [{"tau": 5, "memory_lambda": 0.4}]
     assert grid_edges(tune({"tau": 10, "memory_lambda": 0.4}, grid, plateau=flat)) == {}
     assert grid_edges(tune({"tau": 10, "memory_lambda": 0.4}, grid, plateau=flat), tolerance=1e-5) == {"tau": 10}
+
+
+def test_translation_eq6_by_temperature_takes_the_lambda_zero_rows():
+    """Eq. 6 alone against τ: only Appendix F's λ = 0 points, the best per τ, τ ascending."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from translation import eq6_by_temperature
+
+    rows = [{"params": {}, "nll": 3.3}]
+    for tau, nll in ((10, 3.26), (1.25, 2.92), (2.5, 3.11)):
+        rows += [{"params": {"tau": tau, "memory_lambda": 0.0, "memory_tau": t}, "nll": nll + t / 100} for t in (3, 1)]
+        rows += [{"params": {"tau": tau, "memory_lambda": 0.4, "memory_tau": 3}, "nll": 2.0}]
+    curve = eq6_by_temperature({"rows": rows, "best": {"params": {}, "nll": 2.0}})
+    assert [p["tau"] for p in curve] == [1.25, 2.5, 10]
+    assert [round(p["valid_nll"], 3) for p in curve] == [2.93, 3.12, 3.27]
