@@ -60,6 +60,8 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     for variant in ("trime_loss_long", "trime_loss_ext"):
         bound = train["similarity_bound"][variant]
         assert 0 < bound["bound_ratio_vs_cross_entropy"] < 1 and bound["similarities"] > 0
+        # Eq. 5's exponentials on top of the products: a lower bound, never a higher one (timing noise aside)
+        assert 0 < bound["bound_ratio_vs_cross_entropy_with_exp"] <= bound["bound_ratio_vs_cross_entropy"] + 0.05
         assert set(train["extra_time_split"][variant]) == {"extra_ms", "base_ms", "top"}
     # CE on the document-aligned segments long and external memory train on: padded, unlike CE's stream
     assert set(train["ratio_vs_cross_entropy_same_batches"]) == {"trime_loss_long", "trime_loss_ext"}
@@ -75,6 +77,8 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
         ev = data["raw"][step]
         assert 0 < ev["similarity_bound"]["bound_ratio_vs_local"] < 1 and ev["extra_time_split"]["base_ms"] > 0
     assert "similarity products cost time" in next(f["notes"] for f in data["figures"] if f["key"] == "eval_long_memory_full")
+    assert "with one exponential per similarity" in next(
+        f["notes"] for f in data["figures"] if f["key"] == "eval_long_memory_documents")
     assert {"cpus", "torch", "faiss", "date", "load_average_start"} <= set(data["machine"])
     # search cheaper / less: the kept setting is the fastest tried within the perplexity budget of the full search
     ext = data["raw"]["ext_eval"]["ext_eval"]

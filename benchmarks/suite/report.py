@@ -49,6 +49,8 @@ def _train_notes(variant: str) -> Callable[[dict], str]:
         if bound:  # what the similarity products of Eq. 5 alone allow
             text += (f"; at most {bound['bound_ratio_vs_cross_entropy']:.2f} if only Eq. 5's similarity products "
                      f"cost time ({bound['products_s']:.2f} s vs {bound['ce_step_s']:.2f} s per CE step)")
+            if "bound_ratio_vs_cross_entropy_with_exp" in bound:
+                text += f", {bound['bound_ratio_vs_cross_entropy_with_exp']:.2f} with one exponential per similarity"
         split = (r.get("extra_time_split") or {}).get(variant)
         if split and variant != "trime_loss":  # the profile: which operators the extra time is
             text += (f"; {split['extra_ms']:+.0f} ms per step over CE's {split['base_ms']:.0f} ms, most in "
@@ -72,9 +74,11 @@ def _eval_notes(r: dict) -> str:
     text = (f"{r['tokens_per_s'][name]:,.0f} vs {r['tokens_per_s']['local']:,.0f} tokens/s; {name}, "
             f"mean {occ:,.0f} entries in long memory")
     bound, split = r.get("similarity_bound"), r.get("extra_time_split")
-    if bound:  # what the similarity products against the memory alone allow
+    if bound:  # what the similarity products against the memory alone allow (and with Eq. 6's exponentials)
         text += (f"; at most {bound['bound_ratio_vs_local']:.2f} if only the [{bound['tokens']:,}, {bound['dim']}] x "
                  f"[{bound['dim']}, {bound['entries']:,}] similarity products cost time")
+        if "bound_ratio_vs_local_with_exp" in bound:
+            text += f", {bound['bound_ratio_vs_local_with_exp']:.2f} with one exponential per similarity"
     if split:  # the profile: which operators the extra time is
         text += (f"; {split['extra_ms']:+,.0f} ms over local-only's {split['base_ms']:,.0f} ms per pass, most in "
                  + ", ".join(f"{k} {v:+,.0f}" for k, v in list(split["top"].items())[:3]))
