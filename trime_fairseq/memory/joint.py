@@ -178,14 +178,19 @@ class _Chunk:
     positive: Optional[Tensor] = None
     pairs: Optional[Tuple[Tensor, Tensor]] = None
     pair_scores: Optional[Tensor] = None
+    #: after :func:`_chunk_num_den`, ``scores`` holds ``exp(m - shift)`` and this the rows'
+    #: ``shift`` ``[G, q, 1]``: a kept chunk's backward needs no exponential of its own
+    shift: Optional[Tensor] = None
 
 
 class _ChunkedJointLogProb(torch.autograd.Function):
     """Eq. 5 with memory scores ``q·k/(√d τ)`` computed chunk by chunk of query rows, with a
-    hand-written backward: two matrix products and one exponential per chunk, no autograd
-    graph over the elementwise work. The forward keeps each chunk's masked scores for the
-    backward when ``keep_scores``; otherwise the backward recomputes them chunk by chunk, and
-    no similarity-sized tensor outlives a chunk. Where the layout gives the positives as
+    hand-written backward: two matrix products per chunk, no autograd graph over the
+    elementwise work. The forward keeps each chunk's exponentiated scores ``exp(m - shift)``
+    for the backward when ``keep_scores`` (one float per entry; the backward then rescales
+    them, ``exp(m - D) = exp(m - shift)·exp(shift - D)``, with no exponential or product of
+    its own); otherwise the backward recomputes the scores and their exponentials chunk by
+    chunk, and no similarity-sized tensor outlives a chunk. Where the layout gives the positives as
     index pairs, the target's memory mass is gathered from them, not compared densely.
 
     Outputs ``log P(target)`` and the log-partition ``D``. With ``N``/``D`` the log numerator/
@@ -200,7 +205,7 @@ class _ChunkedJointLogProb(torch.autograd.Function):
         nums, dens, kept = [], [], []
         for q0, q1, k_end in chunks:
             chunk = _chunk_scores(queries, keys, key_labels, target, scale, layout, top_k, q0, q1, k_end)
-            num, den = _chunk_num_den(tok_target[:, q0:q1], tok_lse[:, q0:q1], chunk, in_place=not keep_scores)
+            num, den = _chunk_num_den(tok_target[:, q0:q1], tok_lse[:, q0:q1], chunk, keep=keep_scores)
             nums.append(num)
             dens.append(den)
             if keep_scores:
@@ -222,19 +227,18 @@ class _ChunkedJointLogProb(torch.autograd.Function):
         if need_q or need_k:
             qf, kf = at_least_float32(queries), at_least_float32(keys)
             for i, (q0, q1, k_end) in enumerate(ctx.chunks):
-                if ctx.kept:  # left as they are (gradcheck, retain_graph)
+                if ctx.kept:  # left as they are (gradcheck, retain_graph): exp(m - shift)·exp(shift - D)
                     chunk = ctx.kept[i]
-                    coef = torch.sub(chunk.scores, den[:, q0:q1, None])
+                    coef = torch.mul(chunk.scores, torch.exp(chunk.shift - den[:, q0:q1, None]))
                 else:
                     chunk = _chunk_scores(queries, keys, key_labels, target, ctx.scale, ctx.layout, ctx.top_k,
                                           q0, q1, k_end)
-                    coef = chunk.scores.sub_(den[:, q0:q1, None])
+                    coef = chunk.scores.sub_(den[:, q0:q1, None]).exp_()
                 # g·(exp(m - N)·[pos] - exp(m - D)) + g_D·exp(m - D)
-                #   = exp(m - D)·(g_D - g) + [pos]·g·exp(m - N): one exponential per entry, the
-                # per-query factor (times the scale) in one product, the positives added apart
+                #   = exp(m - D)·(g_D - g) + [pos]·g·exp(m - N): the per-query factor (times the
+                # scale) in one product, the positives added apart
                 g, gd = grad[:, q0:q1], grad_den[:, q0:q1]
                 base = ((gd - g) * ctx.scale).unsqueeze(-1)
-                coef.exp_()
                 if chunk.pairs is None:
                     with_pos = torch.exp(den[:, q0:q1, None] - num[:, q0:q1, None]) * g.unsqueeze(-1) * ctx.scale
                     coef.mul_(torch.where(chunk.positive, with_pos + base, base))
@@ -272,15 +276,19 @@ def _chunk_scores(queries, keys, key_labels, target, scale, layout: ChunkLayout,
     return _Chunk(scores, k0, k1, positive=positive)
 
 
-def _chunk_num_den(tok_target: Tensor, tok_lse: Tensor, chunk: _Chunk, in_place: bool) -> Tuple[Tensor, Tensor]:
-    """:func:`_joint_num_den` of one chunk, ``[G, q]`` each; with sparse positives the
-    target's memory mass is summed over the pairs (``in_place``: the scores may be overwritten)."""
-    if chunk.pairs is None:
-        return _joint_num_den(tok_target, tok_lse, chunk.scores, chunk.positive)
+def _chunk_num_den(tok_target: Tensor, tok_lse: Tensor, chunk: _Chunk, keep: bool) -> Tuple[Tensor, Tensor]:
+    """:func:`_joint_num_den` of one chunk, ``[G, q]`` each, exponentiating its scores in
+    place (``chunk.scores`` becomes ``exp(m - shift)``, ``chunk.shift`` the shift); with sparse
+    positives the target's memory mass is summed over the pairs. ``keep``: the weights stay
+    intact for the backward (the dense positives' sum takes a copy instead of masking them)."""
     scores = chunk.scores
     shift = _row_shift(scores)
-    weights = scores.sub_(shift) if in_place else torch.sub(scores, shift)
-    total = weights.exp_().sum(-1)
+    weights = scores.sub_(shift).exp_()  # masked -> 0
+    total = weights.sum(-1)
+    chunk.shift = shift
+    if chunk.pairs is None:
+        pos = weights.mul(chunk.positive) if keep else weights.masked_fill_(chunk.positive.logical_not(), 0.0)
+        return _num_den(tok_target, tok_lse, pos.sum(-1), total, shift)
     _, row = chunk.pairs
     flat_shift = shift.view(-1)
     pos_sum = torch.zeros_like(flat_shift).index_add_(0, row, torch.exp(chunk.pair_scores - flat_shift[row]))
