@@ -188,10 +188,11 @@ class _ChunkedJointLogProb(torch.autograd.Function):
     hand-written backward: two matrix products per chunk, no autograd graph over the
     elementwise work. The forward keeps each chunk's exponentiated scores ``exp(m - shift)``
     for the backward when ``keep_scores`` (one float per entry; the backward then rescales
-    them, ``exp(m - D) = exp(m - shift)·exp(shift - D)``, with no exponential or product of
-    its own); otherwise the backward recomputes the scores and their exponentials chunk by
-    chunk, and no similarity-sized tensor outlives a chunk. Where the layout gives the positives as
-    index pairs, the target's memory mass is gathered from them, not compared densely.
+    them, ``exp(m - D) = exp(m - shift)·exp(shift - D)``, without recomputing scores or
+    exponentials); otherwise the backward recomputes the scores and their exponentials chunk
+    by chunk, and no similarity-sized tensor outlives a chunk. Where the layout gives the
+    positives as index pairs, the target's memory mass is gathered from them, not compared
+    densely.
 
     Outputs ``log P(target)`` and the log-partition ``D``. With ``N``/``D`` the log numerator/
     denominator of Eq. 5 (:func:`_joint_num_den`) and ``m_j`` the scores:
