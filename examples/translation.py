@@ -46,6 +46,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples import harness as ex  # noqa: E402
+from trime_fairseq.cli.grid import grid_edges  # noqa: E402
 
 logger = logging.getLogger("translation")
 
@@ -85,31 +86,6 @@ def coordinate_search(start: dict, axes: Sequence[Tuple[str, Sequence[float]]],
         point = max(trial, key=lambda t: t[1])[0]
         steps.append(point)
     return steps, scored
-
-
-#: interpolation weights: a tuned value at 0 or 1 is a real boundary, not a grid's edge
-UNIT_INTERVAL = {"lambda", "memory_lambda"}
-
-
-def grid_edges(tune: dict, tolerance: float = 1e-3) -> Dict[str, float]:
-    """The parameters of a ``trime-tune-mt`` result whose best value is the smallest or the
-    largest of the (at least three) values tried and still improving there: the best NLL
-    with the next value inward is worse by more than ``tolerance`` nats, so the optimum may
-    lie outside the grid (a plateau at the edge is not flagged). An interpolation weight at
-    0 or 1 is not an edge (it cannot go further)."""
-    best = tune["best"]["params"]
-    edges = {}
-    for key, value in best.items():
-        tried = sorted({r["params"][key] for r in tune["rows"] if key in r["params"]})
-        if len(tried) < 3 or value not in (tried[0], tried[-1]):
-            continue
-        if key in UNIT_INTERVAL and value in (0.0, 1.0):
-            continue
-        inward = tried[1] if value == tried[0] else tried[-2]
-        next_best = min(r["nll"] for r in tune["rows"] if r["params"].get(key) == inward)
-        if next_best - tune["best"]["nll"] > tolerance:
-            edges[key] = value
-    return edges
 
 
 def float_list(text: str) -> List[float]:
@@ -406,7 +382,7 @@ def main(argv=None) -> dict:
         tuned[domain] = {"knn": knn["best"], "trime": trime["best"]}
         eq6_curves[domain] = {"model_alone": trime["rows"][0]["nll"], "by_tau": eq6_by_temperature(trime)}
         for system, tune in (("kNN-MT", knn), ("TRIME-MT", trime)):
-            for key, value in grid_edges(tune).items():
+            for key, value in grid_edges(tune["rows"][1:], tune["best"], lambda r: r["nll"]).items():
                 logger.warning("%s, %s: the validation-NLL optimum %s=%g is at the edge of its grid and still "
                                "improving there; widen it", domain, system, key, value)
                 edges.append({"domain": domain, "system": system, "param": key, "value": value})

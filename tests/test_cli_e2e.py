@@ -43,7 +43,7 @@ def test_train_logs_trime_and_ce_and_warms_up(trained):
     assert float(logs[-1]["loss"]) != pytest.approx(float(logs[-1]["ce_loss"]), abs=1e-3)
 
 
-def test_eval_lm_with_each_memory_flag(trained):
+def test_eval_lm_with_each_memory_flag(trained, tmp_path):
     data, ckpt, _ = trained
     vanilla = ppl_of(eval_lm(data, ckpt, "--max-tokens", "512"))
     trime = ppl_of(eval_lm(data, ckpt, "--eval-combiner", "trime", "--eval-temperature", "1.0"))
@@ -66,6 +66,17 @@ def test_eval_lm_with_each_memory_flag(trained):
     long_ppl = ppl_of(eval_lm(data, ckpt, "--eval-combiner", "trime", "--eval-temperature", "1.0",
                               "--eval-memory", "local+long", "--long-memory-size", "64"))
     assert float(re.findall(r"ppl ([0-9.]+)", out.stderr)[-1]) == pytest.approx(long_ppl, rel=1e-3)
+    # a grid whose best value is its largest, still improving there: named in the JSON and warned about
+    # (small temperatures make the memory term dominate, so perplexity falls as tau grows); at
+    # tau 0.001 the perplexity is beyond float range: inf, not an overflow error
+    result = tmp_path / "tune.json"
+    out = run_cli(["trime_fairseq.cli.tune", str(data), "--path", str(ckpt), "--combiner", "trime",
+                   "--grid", "tau=0.001,1,3", "--tokens-per-sample", "64", "--context-window", "32",
+                   "--gen-subset", "valid", "--cpu", "--out", str(result)])
+    tuned = json.loads(result.read_text())
+    assert tuned["rows"][1]["ppl"] == float("inf")
+    assert tuned["best"]["params"]["tau"] == 3.0 and tuned["grid_edges"] == {"tau": 3.0}
+    assert "the best tau=3 is at the edge of its --grid values" in out.stderr
 
 
 def test_eval_results_do_not_depend_on_batch_size(trained):

@@ -497,33 +497,6 @@ def test_memorizing_params_read_new_and_old_checkpoints(tmp_path, name):
     assert params["scale"] == [round(math.e, 2), 1.0]
 
 
-def test_translation_grid_edges_name_optima_that_may_lie_outside_the_grid():
-    """An NLL optimum at the smallest or largest value tried is flagged; interior optima, and
-    interpolation weights at 0 or 1 (they cannot go further), are not."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "examples"))
-    from translation import grid_edges
-
-    def tune(best, grid, plateau=()):
-        """the best point at NLL 1.0, the points in ``plateau`` within 1e-4 of it, others 2.0"""
-        rows = [{"params": {}, "nll": 3.0}] + [{"params": p, "nll": 1.00005 if p in plateau else 2.0} for p in grid]
-        return {"rows": rows, "best": {"params": best, "nll": 1.0}}
-
-    grid = [{"tau": t, "memory_lambda": m} for t in (2.5, 5, 10) for m in (0.0, 0.4, 1.0)]
-    assert grid_edges(tune({"tau": 5, "memory_lambda": 0.4}, grid)) == {}
-    assert grid_edges(tune({"tau": 2.5, "memory_lambda": 0.4}, grid)) == {"tau": 2.5}
-    assert grid_edges(tune({"tau": 10, "memory_lambda": 1.0}, grid)) == {"tau": 10}
-    assert grid_edges(tune({"tau": 5, "memory_lambda": 0.0}, grid)) == {}
-    knn = [{"lambda": v, "temperature": t} for v in (0.1, 0.5, 0.7) for t in (1, 10, 100)]
-    assert grid_edges(tune({"lambda": 0.7, "temperature": 10}, knn)) == {"lambda": 0.7}
-    assert grid_edges(tune({"lambda": 0.5, "temperature": 1}, [p for p in knn if p["temperature"] != 100])) == {}
-    # a plateau at the edge: the next value inward is as good, so the grid is wide enough
-    flat = [{"tau": 5, "memory_lambda": 0.4}]
-    assert grid_edges(tune({"tau": 10, "memory_lambda": 0.4}, grid, plateau=flat)) == {}
-    assert grid_edges(tune({"tau": 10, "memory_lambda": 0.4}, grid, plateau=flat), tolerance=1e-5) == {"tau": 10}
-
-
 def test_translation_eq6_by_temperature_takes_the_lambda_zero_rows():
     """Eq. 6 alone against τ: only Appendix F's λ = 0 points, the best per τ, τ ascending."""
     import sys

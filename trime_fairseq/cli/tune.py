@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from trime_fairseq.tasks.memory_flags import EvalMemory
 from trime_fairseq.cli import setup_cli_logging
+from trime_fairseq.cli.grid import LAMBDAS, SKIP_AXIS, grid_edges, warn_grid_edges
 from trime_fairseq.errors import TrimeUserError, cli_entry
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
 from trime_fairseq.memory.joint import DEFAULT_PPRIME, PPRIME_KINDS
@@ -61,11 +62,6 @@ GRID_KEYS: Dict[str, Tuple[Tuple[str, ...], Dict[str, float]]] = {
 }
 
 
-# interpolation weights: < 1 so that every token keeps a non-zero probability
-LAMBDAS = ("lambda", "memory_lambda", "cache_lambda")
-
-#: adaptive retrieval: the grid axis of --retrieval-skip-threshold (combiners with external memory)
-SKIP_AXIS = "skip_threshold"
 SKIP_COMBINERS = ("trime", "knn")
 #: the largest relative perplexity increase over always-search that the skip choice accepts
 DEFAULT_MAX_PPL_INCREASE = 0.01
@@ -296,6 +292,14 @@ def plot_memory_sweep(rows: List[dict], path: str, title: str = "") -> None:
 PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def perplexity(nll_sum: float, tokens: int) -> float:
+    """``exp(nll_sum / tokens)``; ``inf`` for no token or beyond float range (a grid point
+    whose memory term swamps the model, e.g. a tiny temperature), never an overflow error."""
+    if not tokens or nll_sum / tokens > 700.0:
+        return float("inf")
+    return math.exp(nll_sum / tokens)
+
+
 def with_plugin(argv: Sequence[str]) -> List[str]:
     """``argv`` plus ``--user-dir trime_fairseq --task trime_lm`` unless already given."""
     argv = list(argv)
@@ -389,7 +393,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     total = counts[0][0]  # the model alone scores every token
     if total == 0:
         raise TrimeUserError(f"--gen-subset {cfg.dataset.gen_subset}: no token to score")
-    rows = [{"params": {}, "combiner": "none", "memory_size": 0, "ppl": math.exp(-sums[0][0] / total), "tokens": total,
+    rows = [{"params": {}, "combiner": "none", "memory_size": 0, "ppl": perplexity(-sums[0][0], total), "tokens": total,
              "skipped": 0.0}]
     for point, comb, per_size, per_count, rule, share in zip(grid, combiners, sums[1:], counts[1:], skips[1:],
                                                              skipped[1:] or [0.0] * len(grid)):
@@ -400,14 +404,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                 logger.warning("%s M=%d: %d of %d tokens have probability 0 and are left out, as "
                                "fairseq-eval-lm does", desc, size, total - n, total)
             rows.append({"params": dict(point, memory_size=size), "combiner": desc, "memory_size": size,
-                         "ppl": math.exp(-s / n) if n else float("inf"), "tokens": n, "skipped": share})
+                         "ppl": perplexity(-s, n), "tokens": n, "skipped": share})
     # a point that gives some token probability 0 is never "best": its perplexity leaves them out
     best = min((r for r in rows[1:] if r["tokens"] == total), key=lambda r: r["ppl"], default=None) or \
         min(rows[1:], key=lambda r: r["ppl"])
     for r in rows:
         logger.info("%-40s M=%-6d ppl %.3f  searches skipped %5.1f%%%s", r["combiner"], r["memory_size"], r["ppl"],
                     100 * r["skipped"], "  <- best" if r is best else "")
-    result = {"subset": cfg.dataset.gen_subset, "tokens": total, "rows": rows, "best": best}
+    result = {"subset": cfg.dataset.gen_subset, "tokens": total, "rows": rows, "best": best,
+              "grid_edges": grid_edges(rows[1:], best, lambda r: math.log(r["ppl"]))}
+    warn_grid_edges(result["grid_edges"], "trime-tune")
     if any(skips):
         result["retrieval_skip_feature"] = ours.retrieval_skip_feature
         result["skip_choice"] = choose_skip(rows, ours.max_ppl_increase)
