@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from trime_fairseq import launch
 from trime_fairseq.cli import LOG_FORMAT
+from trime_fairseq.cli.grid import grid_edges, result_nll
 from trime_fairseq.results import atomic_write, save_figure, write_results  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("trime_fairseq.experiment")
@@ -270,10 +271,14 @@ def tune(data: Path, ckpt: Path, combiner: str, grid: Sequence[str], args: Seque
     key = {"argv": argv, "checkpoint_mtime": os.path.getmtime(ckpt) if os.path.exists(ckpt) else None}
     if out_json.exists() and stamp.exists() and json.loads(stamp.read_text()) == key:
         logger.info("reusing %s (delete it to rerun)", out_json)
-        return json.loads(out_json.read_text())
-    run_logged("trime_fairseq.cli.tune", argv, log_path)
-    atomic_write(stamp, json.dumps(key))
-    return json.loads(out_json.read_text())
+    else:
+        run_logged("trime_fairseq.cli.tune", argv, log_path)
+        atomic_write(stamp, json.dumps(key))
+    result = json.loads(out_json.read_text())
+    edges = grid_edges([r for r in result["rows"] if r["params"]], result["best"], result_nll)
+    for name, value in edges.items():  # also for results cached before trime-tune checked its grid
+        logger.warning("%s: the best %s=%g is on the edge of its grid and still improving there", out_json, name, value)
+    return result
 
 
 def add_common_args(p, run_dir: str, tokens_per_sample: int, max_update: int = 320, lr: float = 2e-3,

@@ -1,4 +1,5 @@
 """Tuning grids (``trime_fairseq.cli.grid``): an optimum on the edge of its grid is named."""
+import json
 import math
 
 import pytest
@@ -47,3 +48,23 @@ def test_two_values_are_not_a_range_and_sweep_axes_are_not_settings():
     assert grid_edges(rows, best, lambda r: math.log(r["ppl"])) == {"tau": 0.5}
     best0 = min((r for r in rows if r["params"]["memory_size"] == 0), key=lambda r: r["ppl"])
     assert grid_edges(rows, best0, lambda r: math.log(r["ppl"])) == {}
+
+
+def test_the_scan_finds_tuning_results_nested_in_results_pages(tmp_path, capsys):
+    """``python -m trime_fairseq.cli.grid`` reads trime-tune (ppl) and trime-tune-mt (nll)
+    results wherever a JSON nests them and names the optima on an edge."""
+    from trime_fairseq.cli.grid import main
+
+    lm_rows = [{"params": {}, "ppl": 90.0}] + [{"params": {"tau": t, "memory_size": 0}, "ppl": p}
+                                              for t, p in ((0.5, 60.0), (1.0, 50.0), (2.0, 40.0))]
+    mt_rows, mt_best = tune({"lambda": 0.5, "temperature": 10}, [{"lambda": v, "temperature": t}
+                                                                 for v in (0.3, 0.5, 0.7) for t in (1, 10, 100)])
+    page = {"results": {"a": {"rows": lm_rows, "best": lm_rows[-1]}},
+            "runs": [{"rows": [{"params": {}, "nll": 3.0}, *mt_rows], "best": mt_best}]}
+    path = tmp_path / "page.json"
+    path.write_text(json.dumps(page))
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("/results/a: best {\"tau\": 2.0, \"memory_size\": 0}; on the edge: tau=2")
+    assert out[1].endswith("/runs[0]: best {\"lambda\": 0.5, \"temperature\": 10}; inside its grid")
+    assert out[-1] == "1 tuning result(s) with an optimum on the edge of its grid"

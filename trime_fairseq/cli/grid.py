@@ -1,7 +1,11 @@
 """Tuning grids shared by ``trime-tune``, ``trime-tune-mt`` and the examples that read their output:
 which axes are interpolation weights, and whether an optimum sits on the edge of its grid."""
+import argparse
+import json
 import logging
-from typing import Callable, Dict, Sequence
+import math
+import sys
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 logger = logging.getLogger("trime_fairseq.tune")
 
@@ -46,3 +50,51 @@ def warn_grid_edges(edges: Dict[str, float], command: str) -> None:
     for key, value in edges.items():
         logger.warning("%s: the best %s=%g is at the edge of its --grid values and still improving there; "
                        "widen the grid", command, key, value)
+
+
+def tuning_results(data, path: str = "") -> Iterator[Tuple[str, dict]]:
+    """Every ``trime-tune`` / ``trime-tune-mt`` result (``rows`` of ``params`` and ``best``)
+    nested anywhere in a JSON document, with its path."""
+    if isinstance(data, dict):
+        rows = data.get("rows")
+        if "best" in data and isinstance(rows, list) and rows and isinstance(rows[0], dict) and "params" in rows[0]:
+            yield path or "/", data
+        for key, value in data.items():
+            yield from tuning_results(value, f"{path}/{key}")
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from tuning_results(value, f"{path}[{i}]")
+
+
+def result_nll(row: dict) -> float:
+    """Nats per token of a tuning row: ``nll`` (``trime-tune-mt``) or ``log ppl`` (``trime-tune``)."""
+    return float(row["nll"]) if "nll" in row else math.log(row["ppl"])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m trime_fairseq.cli.grid FILE.json ...``: the optima on the edge of their grid
+    (and still improving there) in every tuning result the files hold, one line each."""
+    p = argparse.ArgumentParser(prog="python -m trime_fairseq.cli.grid", description=main.__doc__)
+    p.add_argument("files", nargs="+", help="JSON files: trime-tune / trime-tune-mt outputs or results pages")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_EDGE_TOLERANCE,
+                   help="nats per token an edge optimum must beat the next value inward by")
+    a = p.parse_args(argv)
+    found = 0
+    for name in a.files:
+        try:
+            with open(name) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {name}: not a readable JSON file ({e})") from None
+        for where, result in tuning_results(data):
+            rows = [r for r in result["rows"] if r["params"]]
+            edges = grid_edges(rows, result["best"], result_nll, a.tolerance)
+            found += bool(edges)
+            print(f"{name}{where}: best {json.dumps(result['best']['params'])}; "
+                  + ("on the edge: " + ", ".join(f"{k}={v:g}" for k, v in edges.items()) if edges else "inside its grid"))
+    print(f"{found} tuning result(s) with an optimum on the edge of its grid")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
