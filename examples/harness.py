@@ -275,7 +275,8 @@ def tune(data: Path, ckpt: Path, combiner: str, grid: Sequence[str], args: Seque
         run_logged("trime_fairseq.cli.tune", argv, log_path)
         atomic_write(stamp, json.dumps(key))
     result = json.loads(out_json.read_text())
-    edges = grid_edges([r for r in result["rows"] if r["params"]], result["best"], result_nll)
+    rows = [r for r in result.get("rows", []) if r.get("params")]
+    edges = grid_edges(rows, result["best"], result_nll) if rows and "best" in result else {}
     for name, value in edges.items():  # also for results cached before trime-tune checked its grid
         logger.warning("%s: the best %s=%g is on the edge of its grid and still improving there", out_json, name, value)
     return result
