@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples import harness as ex  # noqa: E402
-from trime_fairseq.cli.grid import grid_edges  # noqa: E402
+from trime_fairseq.cli.grid import grid_edges, result_nll  # noqa: E402
 
 logger = logging.getLogger("translation")
 
@@ -382,7 +382,7 @@ def main(argv=None) -> dict:
         tuned[domain] = {"knn": knn["best"], "trime": trime["best"]}
         eq6_curves[domain] = {"model_alone": trime["rows"][0]["nll"], "by_tau": eq6_by_temperature(trime)}
         for system, tune in (("kNN-MT", knn), ("TRIME-MT", trime)):
-            for key, value in grid_edges(tune["rows"][1:], tune["best"], lambda r: r["nll"]).items():
+            for key, value in grid_edges(tune["rows"][1:], tune["best"], result_nll).items():
                 logger.warning("%s, %s: the validation-NLL optimum %s=%g is at the edge of its grid and still "
                                "improving there; widen it", domain, system, key, value)
                 edges.append({"domain": domain, "system": system, "param": key, "value": value})
