@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from trime_fairseq import launch
 from trime_fairseq.cli import LOG_FORMAT
-from trime_fairseq.cli.grid import grid_edges, result_nll
+from trime_fairseq.cli.grid import grid_edges, result_nll, warn_grid_edges
 from trime_fairseq.results import atomic_write, save_figure, write_results  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("trime_fairseq.experiment")
@@ -275,11 +275,18 @@ def tune(data: Path, ckpt: Path, combiner: str, grid: Sequence[str], args: Seque
         run_logged("trime_fairseq.cli.tune", argv, log_path)
         atomic_write(stamp, json.dumps(key))
     result = json.loads(out_json.read_text())
+    check_grid_edges(result, str(out_json))
+    return result
+
+
+def check_grid_edges(result: dict, label: str) -> Dict[str, float]:
+    """The optima of a ``trime-tune`` / ``trime-tune-mt`` result on the edge of their grid and
+    still improving there, logged under ``label`` (also for results cached before the tools
+    checked their grids)."""
     rows = [r for r in result.get("rows", []) if r.get("params")]
     edges = grid_edges(rows, result["best"], result_nll) if rows and "best" in result else {}
-    for name, value in edges.items():  # also for results cached before trime-tune checked its grid
-        logger.warning("%s: the best %s=%g is on the edge of its grid and still improving there", out_json, name, value)
-    return result
+    warn_grid_edges(edges, label)
+    return edges
 
 
 def add_common_args(p, run_dir: str, tokens_per_sample: int, max_update: int = 320, lr: float = 2e-3,

@@ -46,7 +46,6 @@ from typing import Callable, Dict, List, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples import harness as ex  # noqa: E402
-from trime_fairseq.cli.grid import grid_edges, result_nll  # noqa: E402
 
 logger = logging.getLogger("translation")
 
@@ -382,9 +381,7 @@ def main(argv=None) -> dict:
         tuned[domain] = {"knn": knn["best"], "trime": trime["best"]}
         eq6_curves[domain] = {"model_alone": trime["rows"][0]["nll"], "by_tau": eq6_by_temperature(trime)}
         for system, tune in (("kNN-MT", knn), ("TRIME-MT", trime)):
-            for key, value in grid_edges(tune["rows"][1:], tune["best"], result_nll).items():
-                logger.warning("%s, %s: the validation-NLL optimum %s=%g is at the edge of its grid and still "
-                               "improving there; widen it", domain, system, key, value)
+            for key, value in ex.check_grid_edges(tune, f"{domain}, {system}").items():
                 edges.append({"domain": domain, "system": system, "param": key, "value": value})
         kp, tp = knn["best"]["params"], trime["best"]["params"]
         # the tuned points on the test set: NLL is reported, never used to choose
@@ -428,8 +425,7 @@ def main(argv=None) -> dict:
                     "hyps": gen["hyps"][: len(refs)], "refs": refs}
 
         if a.bleu_lambdas:  # λ, then the memory temperature, by validation BLEU; the rest as tuned by NLL
-            lambdas = [float(v) for v in a.bleu_lambdas.split(",")]
-            factors = [float(v) for v in a.bleu_temperature_factors.split(",")] if a.bleu_temperature_factors else []
+            lambdas, factors = float_list(a.bleu_lambdas), float_list(a.bleu_temperature_factors)
             for system, model, lam_key, temp_key, make, params in (
                     ("kNN-MT", "base", "lambda", "temperature", knn_generate_flags, kp),
                     ("TRIME-MT", "trime", "memory_lambda", "memory_tau", trime_generate_flags, tp)):
