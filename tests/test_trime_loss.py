@@ -374,10 +374,11 @@ def test_logit_terms_gradient():
 
 
 @pytest.mark.parametrize("top_k", [0, 2])
-@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("keep", [10**9, 0, 24])  # every chunk kept, none, the first (2 x 2 x 6 entries) only
 def test_chunked_joint_gradients_of_both_outputs(top_k, keep):
     """The hand-written backward of the chunked Eq. 5 (log-prob and log-partition outputs,
-    with and without top-k memory, similarities kept or recomputed) against finite differences."""
+    with and without top-k memory, similarities kept, recomputed, or the first chunk kept and
+    the second recomputed) against finite differences."""
     from trime_fairseq.memory.joint import chunked_joint_target_log_prob
 
     torch.manual_seed(3)
@@ -393,7 +394,9 @@ def test_chunked_joint_gradients_of_both_outputs(top_k, keep):
     def fn(tt, tl, q, k):
         lp, den = chunked_joint_target_log_prob(
             tt, tl, q, k, labels, target, lambda q0, q1, e: mask[:, q0:q1, :e].clone(),
-            [(0, 2, K), (2, 5, K)], temperature=0.7, recompute_above=10**9 if keep else 0, top_k=top_k)
+            [(0, 2, K), (2, 5, K)], temperature=0.7, recompute_above=keep, top_k=top_k)
+        fn.kept = [c is not None for c in lp.grad_fn.kept]  # the chunks the backward reads from the forward
         return (lp * torch.linspace(0.5, 1.5, T)).sum() + 0.3 * den.sum()
 
     assert torch.autograd.gradcheck(fn, (tt, tl, q, k), eps=1e-6, atol=1e-6)
+    assert fn.kept == {10**9: [True, True], 0: [False, False], 24: [True, False]}[keep]

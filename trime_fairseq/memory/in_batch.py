@@ -281,9 +281,10 @@ def in_batch_log_prob(
         memory: which tokens are each token's memory.
         chunk_size: query rows per chunk of the similarity matrix (causal memories only
             compute keys up to the chunk's last query).
-        checkpoint_above: when the chunks hold more similarity entries than this in
-            total, the backward recomputes each chunk's similarities instead of keeping
-            them (:func:`chunked_joint_target_log_prob`), so memory stays at one chunk.
+        checkpoint_above: the forward keeps the similarities of its first chunks, as many
+            as hold at most this many entries, for the backward, which recomputes the other
+            chunks' one at a time (:func:`chunked_joint_target_log_prob`). 0: recompute all,
+            memory stays at one chunk.
         top_k: keep only each query's ``top_k`` highest memory scores (0: all), as the
             reference TRIME-MT does with 8 (:func:`~trime_fairseq.memory.joint.top_k_mask`).
         with_log_partition: also return each token's joint log-partition ``[G, T]``.

@@ -19,6 +19,7 @@ Notation used throughout:
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence, Tuple, Union
@@ -186,11 +187,11 @@ class _Chunk:
 class _ChunkedJointLogProb(torch.autograd.Function):
     """Eq. 5 with memory scores ``q·k/(√d τ)`` computed chunk by chunk of query rows, with a
     hand-written backward: two matrix products per chunk, no autograd graph over the
-    elementwise work. The forward keeps each chunk's exponentiated scores ``exp(m - shift)``
-    for the backward when ``keep_scores`` (one float per entry; the backward then rescales
-    them, ``exp(m - D) = exp(m - shift)·exp(shift - D)``, without recomputing scores or
-    exponentials); otherwise the backward recomputes the scores and their exponentials chunk
-    by chunk, and no similarity-sized tensor outlives a chunk. Where the layout gives the
+    elementwise work. The forward keeps the exponentiated scores ``exp(m - shift)`` of the
+    chunks flagged in ``keep_scores`` for the backward (one float per entry; the backward then
+    rescales them, ``exp(m - D) = exp(m - shift)·exp(shift - D)``, without recomputing scores
+    or exponentials); the backward recomputes the other chunks' scores and exponentials one
+    chunk at a time, so no similarity-sized tensor of theirs outlives a chunk. Where the layout gives the
     positives as index pairs, the target's memory mass is gathered from them, not compared
     densely.
 
@@ -204,13 +205,12 @@ class _ChunkedJointLogProb(torch.autograd.Function):
     def forward(ctx, tok_target, tok_lse, queries, keys, key_labels, target, scale, chunks, layout, top_k,
                 keep_scores):
         nums, dens, kept = [], [], []
-        for q0, q1, k_end in chunks:
+        for (q0, q1, k_end), keep in zip(chunks, keep_scores):
             chunk = _chunk_scores(queries, keys, key_labels, target, scale, layout, top_k, q0, q1, k_end)
-            num, den = _chunk_num_den(tok_target[:, q0:q1], tok_lse[:, q0:q1], chunk, keep=keep_scores)
+            num, den = _chunk_num_den(tok_target[:, q0:q1], tok_lse[:, q0:q1], chunk, keep=keep)
             nums.append(num)
             dens.append(den)
-            if keep_scores:
-                kept.append(chunk)
+            kept.append(chunk if keep else None)
         num, den = torch.cat(nums, 1), torch.cat(dens, 1)
         ctx.save_for_backward(tok_target, tok_lse, queries, keys, key_labels, target, num, den)
         ctx.scale, ctx.chunks, ctx.layout, ctx.top_k, ctx.kept = scale, chunks, layout, top_k, kept
@@ -228,8 +228,8 @@ class _ChunkedJointLogProb(torch.autograd.Function):
         if need_q or need_k:
             qf, kf = at_least_float32(queries), at_least_float32(keys)
             for i, (q0, q1, k_end) in enumerate(ctx.chunks):
-                if ctx.kept:  # left as they are (gradcheck, retain_graph): exp(m - shift)·exp(shift - D)
-                    chunk = ctx.kept[i]
+                chunk = ctx.kept[i]
+                if chunk is not None:  # left as it is (gradcheck, retain_graph): exp(m - shift)·exp(shift - D)
                     coef = torch.mul(chunk.scores, torch.exp(chunk.shift - den[:, q0:q1, None]))
                 else:
                     chunk = _chunk_scores(queries, keys, key_labels, target, ctx.scale, ctx.layout, ctx.top_k,
@@ -319,16 +319,18 @@ def chunked_joint_target_log_prob(
             :class:`ChunkLayout` (key windows, in-place masking, sparse positives).
         chunks: ``(q0, q1, k_end)`` covering ``0..T`` in order; keys past ``k_end`` are
             outside every memory of that chunk.
-        recompute_above: when the chunks hold more similarity entries than this, the
-            backward recomputes them chunk by chunk instead of keeping them (memory: one chunk).
+        recompute_above: the forward keeps the similarities of its first chunks, as many as
+            hold at most this many entries together, for the backward; the backward recomputes
+            the others chunk by chunk (memory: one chunk). 0: recompute every chunk.
         top_k: keep only each query's ``top_k`` highest-scoring memory entries (0: all;
             :func:`top_k_mask`).
     Returns:
         ``([G, T], [G, T])``; gradients reach token terms, queries and keys.
     """
     scale = 1.0 / (math.sqrt(queries.size(-1)) * temperature)
-    entries = queries.size(0) * sum((q1 - q0) * k_end for q0, q1, k_end in chunks)
-    keep = torch.is_grad_enabled() and entries <= recompute_above
+    budget = recompute_above if torch.is_grad_enabled() else 0
+    sizes = [queries.size(0) * (q1 - q0) * k_end for q0, q1, k_end in chunks]
+    keep = tuple(total <= budget for total in itertools.accumulate(sizes))
     layout = mask_fn if hasattr(mask_fn, "fill_") else DenseLayout(mask_fn)
     return _ChunkedJointLogProb.apply(tok_target, tok_lse, queries, keys, key_labels, target, scale,
                                       tuple(chunks), layout, int(top_k), keep)
