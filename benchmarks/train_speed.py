@@ -8,14 +8,17 @@ against exact search is measured on the memory and queries of one more step);
 ``trime_loss_long`` (``--consecutive-segments m``, long-term in-batch memory) and
 ``trime_loss_long_stream`` (the same with ``--memory-across-documents``: the reference's
 unpadded stream segments, memory across documents) when ``--long-m`` is given;
-``trime_loss_ext`` (BM25 batches, memory = the whole batch) with ``--ext``. With either, ``cross_entropy_document_segments`` too: CE on the document-aligned
+``trime_loss_ext`` (BM25 batches, memory = the whole batch) and ``trime_loss_ext_stream``
+(the same over the unpadded stream segments of ``--memory-across-documents``, as the
+reference batches) with ``--ext``. With either, ``cross_entropy_document_segments`` too: CE on the document-aligned
 segments those two train on (its BM25 batches with ``--ext``, else the consecutive
 segments; a document's last segment is padded, and padding is not counted in tokens/s), so
 their ratio against it is the memory's own cost.
 
 Both criteria train the same architecture on the same batches (fairseq's own task,
 model, criterion and batch iterator); blocks of steps alternate between them so that
-machine noise hits both alike. Prints tokens/s of each, the ratio (target >= 0.95) and the
+machine noise hits both alike. Prints tokens/s of each, the ratio (target >= 0.95; the
+median of the ratios within each block, :func:`paired_ratio`) and the
 peak RSS growth of each, and writes JSON/markdown if asked. ``--device cuda`` trains on the
 first GPU (peak memory is then CUDA's ``max_memory_allocated``); ``--op-counts`` adds the
 operators one step of each variant dispatches (a GPU step of a small model is bound by them).
@@ -48,6 +51,8 @@ logger = logging.getLogger("benchmarks.train_speed")
 SAME_BATCHES = "cross_entropy_document_segments"
 #: TRIMELM_long on the stream cut every L tokens (``--memory-across-documents``): no padding
 LONG_STREAM = "trime_loss_long_stream"
+#: TRIMELM_ext over BM25 batches of the unpadded stream segments (``--memory-across-documents``)
+EXT_STREAM = "trime_loss_ext_stream"
 VARIANTS: Dict[str, List[str]] = {
     "cross_entropy": ["--criterion", "cross_entropy"],
     "trime_loss": ["--criterion", "trime_loss"],
@@ -102,6 +107,13 @@ def time_steps(task, model, criterion, batches, start: int, steps: int, optim) -
         tokens += sample["ntokens"]
     sync()
     return tokens / (time.perf_counter() - t0)
+
+
+def paired_ratio(speeds: List[float], base: List[float]) -> float:
+    """The median over timed blocks of ``speeds[b] / base[b]``: each block's ratio is measured
+    within a minute, so slow drifts of the machine's speed cancel (a ratio of medians mixes
+    blocks timed minutes apart)."""
+    return statistics.median(s / b for s, b in zip(speeds, base))
 
 
 def padding_share(batches: List[dict], task) -> float:
@@ -258,6 +270,7 @@ def main(argv=None) -> dict:
     if ours.ext:
         variants["trime_loss_ext"] = ["--criterion", "trime_loss", "--bm25-batching", "--drop-local-prob", "0.9",
                                       "--batch-size", str(ours.max_tokens // ours.tokens_per_sample)]
+        variants[EXT_STREAM] = [*variants["trime_loss_ext"], "--memory-across-documents"]
     if ours.long_m > 1 or ours.ext:  # CE on the same document-aligned segments: what the batches cost alone
         grouping = ["--bm25-batching"] if ours.ext else ["--consecutive-segments", str(ours.long_m)]
         variants[SAME_BATCHES] = ["--criterion", "cross_entropy", *grouping,
@@ -280,6 +293,8 @@ def main(argv=None) -> dict:
             keep.add(SAME_BATCHES)
         if "trime_loss_long" in keep:
             keep.add(LONG_STREAM)
+        if "trime_loss_ext" in keep:
+            keep.add(EXT_STREAM)
         variants = {k: v for k, v in variants.items() if k in keep}
     if ours.threads:
         torch.set_num_threads(ours.threads)
@@ -323,16 +338,14 @@ def main(argv=None) -> dict:
             r["tps"].append(time_steps(r["task"], r["model"], r["criterion"], r["batches"],
                                        warm[name] + block * ours.steps, ours.steps, r["optim"]))
             logger.info("block %d %-14s %.0f tokens/s", block, name, r["tps"][-1])
-    base = statistics.median(runs["cross_entropy"]["tps"])
     result = {
         "arch": ours.arch,
         "args": extra,
         "variants": variants,
         "tokens_per_s": {k: statistics.median(r["tps"]) for k, r in runs.items()},
-        "ratio_vs_cross_entropy": {k: statistics.median(r["tps"]) / base for k, r in runs.items()},
+        "ratio_vs_cross_entropy": {k: paired_ratio(r["tps"], runs["cross_entropy"]["tps"]) for k, r in runs.items()},
         "peak_rss_mb_per_variant": peaks,
-        "memorizing_ratio_vs_no_memory": (statistics.median(runs["memorizing"]["tps"])
-                                          / statistics.median(runs["memorizing_no_memory"]["tps"])
+        "memorizing_ratio_vs_no_memory": (paired_ratio(runs["memorizing"]["tps"], runs["memorizing_no_memory"]["tps"])
                                           if "memorizing" in runs else None),
         "peak_rss_ratio_vs_cross_entropy": {k: v / peaks["cross_entropy"] for k, v in peaks.items()},
         "padding_share": {k: padding_share(r["batches"], r["task"]) for k, r in runs.items()},
@@ -341,14 +354,14 @@ def main(argv=None) -> dict:
         "peak_memory_measure": "CUDA max_memory_allocated" if ours.device == "cuda" else "process peak RSS",
     }
     if SAME_BATCHES in runs:  # the memory's own cost: against CE on the same segments
-        same = statistics.median(runs[SAME_BATCHES]["tps"])
         result["ratio_vs_cross_entropy_same_batches"] = {
-            k: statistics.median(runs[k]["tps"]) / same for k in ("trime_loss_long", "trime_loss_ext") if k in runs}
+            k: paired_ratio(runs[k]["tps"], runs[SAME_BATCHES]["tps"]) for k in ("trime_loss_long", "trime_loss_ext")
+            if k in runs}
     result["similarity_bound"] = {
         name: similarity_bound(name, runs[name]["batches"][0], max(ours.long_m, 1),
                                result["tokens_per_s"]["cross_entropy"], runs[name]["model"],
                                runs[name]["criterion"].cfg.similarity_chunk_size)
-        for name in ("trime_loss_long", LONG_STREAM, "trime_loss_ext") if name in runs}
+        for name in ("trime_loss_long", LONG_STREAM, "trime_loss_ext", EXT_STREAM) if name in runs}
     if ours.op_counts:
         result["op_counts"] = {name: op_counts(r["task"], r["model"], r["criterion"], r["batches"],
                                                warm[name] + ours.blocks * ours.steps, r["optim"])

@@ -23,7 +23,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +34,14 @@ logger = logging.getLogger("external_memory_ablation")
 OFF = ["--bm25-grow", "heap", "--bm25-exclude-same-doc", "off", "--bm25-max-jaccard", "2"]
 MODEL_ALONE = ["--model-alone-weight", "1"]
 BM25_FLAGS = ("--bm25-",)  # the variant flags that shape the batches (the rest are loss flags)
+#: the one batching flag without a value: BM25 groups the unpadded stream segments
+STREAM = "--memory-across-documents"
+
+
+def flag_pairs(flags: list) -> Tuple[List[tuple], bool]:
+    """A variant's ``(flag, value)`` pairs, and whether it batches the stream (:data:`STREAM`)."""
+    rest = [f for f in flags if f != STREAM]
+    return list(zip(rest[::2], rest[1::2])), len(rest) < len(flags)
 
 
 def variants(jaccard: float) -> Dict[str, dict]:
@@ -45,6 +53,8 @@ def variants(jaccard: float) -> Dict[str, dict]:
                       [*OFF, "--bm25-max-jaccard", jaccard], 512, 16),
         "ext_chain": ("chain growth instead of heap", [*OFF, "--bm25-grow", "chain"], 512, 16),
         "ext_long": ("8 segments of 1024 (heap, no exclusion)", OFF, 1024, 8),
+        "ext_stream": ("unpadded stream segments (heap, no exclusion; --memory-across-documents, as the "
+                       "reference)", [*OFF, STREAM], 512, 16),
         "ext_all": ("chain + same-document + near-duplicate exclusion",
                     [*OFF, "--bm25-grow", "chain", "--bm25-exclude-same-doc", "on", "--bm25-max-jaccard", jaccard],
                     512, 16),
@@ -63,8 +73,9 @@ def batchings(var: Dict[str, tuple]) -> List[str]:
     segment length and batch size (loss-only variants share their batches)."""
     seen, out = set(), []
     for name, (_, flags, length, bsz) in var.items():
-        key = (tuple(str(f) for pair in zip(flags[::2], flags[1::2]) if str(pair[0]).startswith(BM25_FLAGS)
-                     for f in pair), length, bsz)
+        pairs, stream = flag_pairs(flags)
+        key = (tuple(str(f) for pair in pairs if str(pair[0]).startswith(BM25_FLAGS) for f in pair),
+               stream, length, bsz)
         if key not in seen:
             seen.add(key)
             out.append(name)
@@ -189,14 +200,16 @@ def main(argv=None) -> dict:
         from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, cached_bm25_batches
 
         _, flags, length, bsz = var[name]
-        opts = {f.lstrip("-").replace("-", "_"): v for f, v in zip(flags[::2], flags[1::2]) if f.startswith(BM25_FLAGS)}
+        pairs, stream = flag_pairs(flags)
+        opts = {f.lstrip("-").replace("-", "_"): v for f, v in pairs if f.startswith(BM25_FLAGS)}
         defaults = BM25BatchingConfig()
         ns = Namespace(**{k: getattr(defaults, k) for k in defaults.__dataclass_fields__})
         ns.bm25_cache_dir = str(run)
         for k, v in opts.items():
             setattr(ns, k, float(v) if k == "bm25_max_jaccard" else v)
-        segs, docs = split_segments_with_docs(str(data), "train", length)
-        batches = cached_bm25_batches(ns, segs, bsz, a.seed, str(run), f"train_L{length}", docs=docs)
+        segs, docs = split_segments_with_docs(str(data), "train", length, across_documents=stream)
+        batches = cached_bm25_batches(ns, segs, bsz, a.seed, str(run), f"train_L{length}" + ("_stream" if stream else ""),
+                                      docs=docs)
         return batch_composition(batches, docs, ngram_sets(segs, 5))
 
     if a.report:

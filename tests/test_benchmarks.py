@@ -10,6 +10,7 @@ from helpers import REPO
 RUN_ALL = REPO / "benchmarks" / "run_all.py"
 FIGURES = [  # every figure the suite reports, in report order
     "train_speed_local", "train_speed_long", "train_speed_long_stream", "train_speed_external",
+    "train_speed_external_stream",
     "train_peak_memory_local", "train_peak_memory_long", "train_peak_memory_external",
     "eval_long_memory_full", "eval_long_memory_documents", "ext_eval", "ext_eval_trime", "datastore_build",
     "datastore_peak_memory", "bm25_seconds", "knn_mt_generation", "memorizing_train",
@@ -70,6 +71,10 @@ def test_smoke_suite_writes_a_complete_report(tmp_path):
     # memory across documents: the stream cut every L tokens, no padding, as CE's own batches
     assert train["padding_share"]["trime_loss_long_stream"] < train["padding_share"]["trime_loss_long"]
     assert "--memory-across-documents" in train["variants"]["trime_loss_long_stream"]
+    # and BM25 batches of those stream segments (the reference's TRIMELM_ext batches)
+    assert train["padding_share"]["trime_loss_ext_stream"] < train["padding_share"]["trime_loss_ext"]
+    assert "--memory-across-documents" in train["variants"]["trime_loss_ext_stream"]
+    assert train["similarity_bound"]["trime_loss_ext_stream"]["similarities"] > 0
     assert "CE on the same document-aligned segments" in next(
         f["notes"] for f in data["figures"] if f["key"] == "train_speed_long")
     # external memory: every query against every key; long memory: causal runs, so fewer

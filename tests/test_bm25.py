@@ -192,3 +192,36 @@ def test_lm_bm25_from_epoch_trains_epoch_one_on_ordinary_batches(tmp_path):
     assert switched[1] == ordinary != always[1]  # epoch 1: the segments' ordinary batches
     assert switched[2] == always[2]  # then BM25 batches
     assert sorted(i for b in switched[1] for i in b) == list(range(len(task.dataset("train"))))
+
+
+def test_lm_bm25_across_documents_groups_the_unpadded_stream(tmp_path):
+    """--bm25-batching --memory-across-documents: BM25 groups the stream cut every L tokens
+    (no padded segment; some segment spans two documents), with its own cache file."""
+    from fairseq import options, tasks
+
+    from helpers import write_tiny_corpus
+    from trime_fairseq.cli.tune import with_plugin
+
+    data = write_tiny_corpus(tmp_path / "corpus")
+
+    def train_task(*extra):
+        argv = with_plugin([str(data), "--task", "trime_lm", "--arch", "transformer_lm_trime_tiny", "--cpu",
+                            "--tokens-per-sample", "16", "--batch-size", "4", "--criterion", "trime_loss",
+                            "--bm25-batching", "--bm25-cache-dir", str(tmp_path), *extra])
+        task = tasks.setup_task(options.parse_args_and_arch(options.get_training_parser(), input_args=argv))
+        task.load_dataset("train")
+        ds = task.dataset("train")
+        return ds, [np.asarray(b) for b in task.get_batch_iterator(ds, max_sentences=4, seed=1, epoch=1).frozen_batches]
+
+    per_doc, _ = train_task()
+    ds, batches = train_task("--memory-across-documents")
+    stream = ds.stream
+    assert list(ds.starts) == list(range(0, len(stream) - 1, 16))
+    assert int(ds.sizes.sum()) == len(stream) - 1 and len(ds) < len(per_doc)
+    assert any(len(set(stream.docs[a:a + n + 1])) > 1 for a, n in zip(ds.starts, ds.sizes))
+    assert sorted(i for b in batches for i in b) == list(range(len(ds)))
+    full = next(b for b in batches if (ds.sizes[b] == 16).all())
+    sample = ds.collater([ds[i] for i in full])
+    assert int(sample["target"].eq(ds.pad).sum()) == 0 and sample["trime_memory"]["mode"] == "external"
+    assert len(list(tmp_path.glob("bm25_train_L16_stream_*.npz"))) == 1
+    assert len(list(tmp_path.glob("bm25_train_L16_B*.npz"))) == 1

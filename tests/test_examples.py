@@ -55,12 +55,13 @@ def test_lm_examples_main_job_then_external_memory_then_its_ablation(corpus, tmp
     args = ["--run-dir", str(run), "--data", str(corpus), *TINY, "--knn-k", "8", "--datastore-fraction", "1",
             "--out", str(tmp_path / "abl")]
     run_example("external_memory_ablation", *args, "--only", "vanilla,ext_all")
-    run_example("external_memory_ablation", *args, "--only", "trime,ext_base,ext_xdoc,ext_ce", "--no-ext-eval")
+    run_example("external_memory_ablation", *args, "--only", "trime,ext_base,ext_xdoc,ext_ce,ext_stream",
+                "--no-ext-eval")
     run_example("external_memory_ablation", *args, "--report")
     result = json.loads((tmp_path / "abl.json").read_text())
     rows = {r["key"]: r for r in result["rows"]}
     assert set(rows) == {"vanilla", "cache", "knnlm", "knnlm_cache", "trimelm_nomem", "trimelm", "ext_base",
-                         "ext_xdoc", "ext_ce", "ext_all"}
+                         "ext_xdoc", "ext_ce", "ext_all", "ext_stream"}
     for r in rows.values():
         assert r["valid_ppl"] is None or r["valid_ppl"] > 1
     assert rows["ext_all"]["model_alone_valid_ppl"] > 1 and rows["ext_all"]["valid_ppl_pprime_published"] > 1
@@ -69,6 +70,8 @@ def test_lm_examples_main_job_then_external_memory_then_its_ablation(corpus, tmp
     comp = result["batch_composition"]
     assert comp["ext_xdoc"]["with_same_doc_mate"] <= comp["ext_base"]["with_same_doc_mate"]
     assert "ext_ce" not in comp  # a loss-only variant batches as ext_base does
+    assert "ext_stream" in comp and list(run.glob("bm25_train_L*_stream_*.npz"))  # stream segments, own batches
+    assert rows["ext_stream"]["local_valid_ppl"] > 1
     assert "| model |" in (run / "ablation.md").read_text()
 
 

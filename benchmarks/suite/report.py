@@ -124,7 +124,9 @@ FIGURES: List[Figure] = [
           ("long", "trime_loss_long", "long memory (consecutive segments)", 0.95),
           ("long_stream", "trime_loss_long_stream",
            "long memory across documents (consecutive segments of the unpadded stream, as the reference)", 0.95),
-          ("external", "trime_loss_ext", "external memory (BM25 batches)", 0.9))],
+          ("external", "trime_loss_ext", "external memory (BM25 batches)", 0.9),
+          ("external_stream", "trime_loss_ext_stream",
+           "external memory (BM25 batches of the unpadded stream segments, as the reference)", 0.9))],
     *[Figure(f"train_peak_memory_{kind}", f"peak training memory ÷ CE, {desc}", "train",
              lambda r, v=variant: r["peak_rss_ratio_vs_cross_entropy"][v], target, "<=",
              notes=lambda r, v=variant: f"{r['peak_rss_mb_per_variant'][v]:,.0f} vs "

@@ -45,7 +45,7 @@ SIZES: Dict[str, Size] = {
         # kNN-MT generation is timed on real output lengths, not an untrained model's
         mt_arch="transformer_mt_trime_small", mt_updates=400, mt_max_tokens=4096, lm_recall_k=1024, mt_recall_k=16,
         # repetitions sized so the benchmarks take ~25 min on 2 busy cores (preparation: ~45 min, once)
-        train=["--blocks", "2", "--steps", "3", "--long-m", "4", "--op-counts"],
+        train=["--blocks", "4", "--steps", "3", "--long-m", "4", "--op-counts"],
         memorizing=["--blocks", "2", "--steps", "3", "--memorizing", "8192"],
         eval=["--long-memory-size", "12000", "--max-blocks", "100", "--passes", "2"],
         external=["--bm25-segments", "100000", "--blocks", "60", "--knn-k", "1024"],

@@ -28,8 +28,10 @@ def split_segments(data: str, split: str, length: int) -> List[np.ndarray]:
     return split_segments_with_docs(data, split, length)[0]
 
 
-def split_segments_with_docs(data: str, split: str, length: int) -> Tuple[List[np.ndarray], np.ndarray]:
-    """:func:`split_segments` and the document index of each segment."""
+def split_segments_with_docs(data: str, split: str, length: int,
+                             across_documents: bool = False) -> Tuple[List[np.ndarray], np.ndarray]:
+    """:func:`split_segments` and the document index of each segment; ``across_documents``:
+    the stream cut every ``length`` tokens instead (``--memory-across-documents``)."""
     from fairseq.data import Dictionary, data_utils
 
     from trime_fairseq.data.stream import DocumentSegments, TokenStream
@@ -42,7 +44,7 @@ def split_segments_with_docs(data: str, split: str, length: int) -> Tuple[List[n
     if lines is None:
         raise FileNotFoundError(f"split {split!r} not found in {data}")
     stream = TokenStream.from_lines(lines, d.eos())
-    seg = DocumentSegments(stream, length, d.pad())
+    seg = DocumentSegments(stream, length, d.pad(), across_documents=across_documents)
     return [stream.ids(int(s), int(s) + int(n)) for s, n in zip(seg.starts, seg.sizes)], seg.seg_docs
 
 

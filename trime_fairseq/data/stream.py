@@ -133,10 +133,11 @@ class DocumentSegments(_InOrder):
             document unless ``across_documents``).
         external: collated batches ask for ``external`` memory (all other segments of
             the batch; the batches themselves come from BM25 batching).
-        across_documents: long memory over the stream, as the reference trains on
-            WikiText-103: the segments are the stream cut every ``length`` tokens (a segment
-            may span a document boundary, none is padded) and a run's memory is every
-            earlier token of the run, whatever its document.
+        across_documents: the segments are the stream cut every ``length`` tokens, as the
+            reference trains on WikiText-103 (a segment may span a document boundary, none
+            is padded); a run's long memory is then every earlier token of the run, whatever
+            its document, and a segment's document (``seg_docs``, for BM25's same-document
+            exclusion) is that of its first token.
     """
 
     def __init__(self, stream: TokenStream, length: int, pad: int, group: int = 1, external: bool = False,
@@ -147,7 +148,7 @@ class DocumentSegments(_InOrder):
         self.external = external  # batches of BM25-similar segments (TRIMELM_ext)
         self.stream_rows = False  # batches continue each row's stream (Memorizing Transformer)
         self.with_positions = False  # add mem_docs / mem_positions to net_input
-        self.across_documents = across_documents  # long runs: memory crosses document boundaries
+        self.across_documents = across_documents  # stream segments; long runs' memory crosses documents
         starts: List[np.ndarray] = []
         lens: List[np.ndarray] = []
         if len(stream):

@@ -88,7 +88,9 @@ class TrimeLMConfig(LanguageModelingConfig, RetrievalConfig, BM25BatchingConfig)
             "--long-memory-size most recent tokens whatever their document, as the reference "
             "evaluates WikiText-103) and in training (--consecutive-segments: the segments are "
             "the stream cut every --tokens-per-sample tokens, unpadded and across document "
-            "boundaries, and a token's memory is every earlier token of its run)"
+            "boundaries, and a token's memory is every earlier token of its run; --bm25-batching: "
+            "BM25 groups those unpadded stream segments, as the reference does, and a segment's "
+            "local memory may reach into the previous document)"
         },
     )
     consecutive_segments: int = field(
@@ -333,7 +335,8 @@ class TrimeLanguageModelingTask(DatastoreKeys, LanguageModelingTask):
         if self.args.stream_batching and (m > 1 or self.args.bm25_batching):
             raise TrimeUserError("--stream-batching cannot be combined with --consecutive-segments or --bm25-batching")
         if self.args.bm25_batching and split.startswith("train"):
-            ds = DocumentSegments(self.stream(split), self.args.tokens_per_sample, self.dictionary.pad(), external=True)
+            ds = DocumentSegments(self.stream(split), self.args.tokens_per_sample, self.dictionary.pad(), external=True,
+                                  across_documents=bool(self.args.memory_across_documents))
             ds.shuffle, ds.split = True, split
             self.datasets[split] = ds
         elif self.args.stream_batching:
@@ -417,7 +420,8 @@ class TrimeLanguageModelingTask(DatastoreKeys, LanguageModelingTask):
         """BM25 batches of the training segments, computed once and cached on disk."""
         segments = [dataset[i]["source"].numpy() for i in range(len(dataset))]
         return cached_bm25_batches(self.args, segments, batch_size, seed, utils.split_paths(self.args.data)[0],
-                                   f"{dataset.split}_L{self.args.tokens_per_sample}", docs=dataset.seg_docs)
+                                   f"{dataset.split}_L{self.args.tokens_per_sample}"
+                                   + ("_stream" if dataset.across_documents else ""), docs=dataset.seg_docs)
 
     def eval_lm_dataloader(self, dataset, max_tokens: Optional[int] = 36000, batch_size=None,
                            max_positions=None, num_shards: int = 1, shard_id: int = 0,
