@@ -241,6 +241,9 @@ def main(argv=None) -> dict:
     p.add_argument("--ext-recompute", action="store_true",
                    help="with --ext: also time the in-batch similarities recomputed in backward (recompute) and "
                         "kept from forward (keep), whatever the criterion's default")
+    p.add_argument("--ext-keep", type=int, default=0,
+                   help="with --ext: also time trime_loss_ext (and its stream variant) with this "
+                        "--checkpoint-similarity-above (similarity entries kept from forward; the rest recomputed)")
     p.add_argument("--ext-chunk", type=int, default=0,
                    help="with --ext: also time trime_loss_ext with this --similarity-chunk-size (query rows per "
                         "chunk of the in-batch similarities; larger = fewer, larger operators)")
@@ -278,6 +281,10 @@ def main(argv=None) -> dict:
     if ours.ext and ours.ext_recompute:
         variants["trime_loss_ext_recompute"] = [*variants["trime_loss_ext"], "--checkpoint-similarity-above", "0"]
         variants["trime_loss_ext_keep"] = [*variants["trime_loss_ext"], "--checkpoint-similarity-above", str(1 << 40)]
+    if ours.ext and ours.ext_keep:
+        for name in ("trime_loss_ext", EXT_STREAM):
+            variants[f"{name}_keep{ours.ext_keep}"] = [*variants[name], "--checkpoint-similarity-above",
+                                                      str(ours.ext_keep)]
     if ours.ext and ours.ext_chunk:
         variants[f"trime_loss_ext_chunk{ours.ext_chunk}"] = [*variants["trime_loss_ext"], "--similarity-chunk-size",
                                                               str(ours.ext_chunk)]

@@ -282,8 +282,8 @@ def in_batch_log_prob(
         chunk_size: query rows per chunk of the similarity matrix (causal memories only
             compute keys up to the chunk's last query).
         checkpoint_above: the forward keeps the similarities of its first chunks, as many
-            as hold at most this many entries, for the backward, which recomputes the other
-            chunks' one at a time (:func:`chunked_joint_target_log_prob`). 0: recompute all,
+            as hold at most this many entries, for the backward, which recomputes the others
+            one at a time (:func:`chunked_joint_target_log_prob`). 0: recompute all,
             memory stays at one chunk.
         top_k: keep only each query's ``top_k`` highest memory scores (0: all), as the
             reference TRIME-MT does with 8 (:func:`~trime_fairseq.memory.joint.top_k_mask`).

@@ -191,9 +191,9 @@ class _ChunkedJointLogProb(torch.autograd.Function):
     chunks flagged in ``keep_scores`` for the backward (one float per entry; the backward then
     rescales them, ``exp(m - D) = exp(m - shift)·exp(shift - D)``, without recomputing scores
     or exponentials); the backward recomputes the other chunks' scores and exponentials one
-    chunk at a time, so no similarity-sized tensor of theirs outlives a chunk. Where the layout gives the
-    positives as index pairs, the target's memory mass is gathered from them, not compared
-    densely.
+    chunk at a time, so no similarity-sized tensor of theirs outlives a chunk. Where the
+    layout gives the positives as index pairs, the target's memory mass is gathered from
+    them, not compared densely.
 
     Outputs ``log P(target)`` and the log-partition ``D``. With ``N``/``D`` the log numerator/
     denominator of Eq. 5 (:func:`_joint_num_den`) and ``m_j`` the scores:
