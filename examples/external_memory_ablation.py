@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
 
         from trime_fairseq.cli.near_dups import split_segments_with_docs
         from trime_fairseq.data.near_dup import batch_composition, ngram_sets
-        from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, cached_bm25_batches
+        from trime_fairseq.tasks.memory_flags import BM25BatchingConfig, bm25_segments_name, cached_bm25_batches
 
         _, flags, length, bsz = var[name]
         pairs, stream = flag_pairs(flags)
@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
         for k, v in opts.items():
             setattr(ns, k, float(v) if k == "bm25_max_jaccard" else v)
         segs, docs = split_segments_with_docs(str(data), "train", length, across_documents=stream)
-        batches = cached_bm25_batches(ns, segs, bsz, a.seed, str(run), f"train_L{length}" + ("_stream" if stream else ""),
+        batches = cached_bm25_batches(ns, segs, bsz, a.seed, str(run), bm25_segments_name("train", length, stream),
                                       docs=docs)
         return batch_composition(batches, docs, ngram_sets(segs, 5))
 

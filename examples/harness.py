@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from trime_fairseq import launch
 from trime_fairseq.cli import LOG_FORMAT
-from trime_fairseq.cli.grid import grid_edges, result_nll, warn_grid_edges
+from trime_fairseq.cli.grid import result_grid_edges, warn_grid_edges
 from trime_fairseq.results import atomic_write, save_figure, write_results  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("trime_fairseq.experiment")
@@ -283,8 +283,7 @@ def check_grid_edges(result: dict, label: str) -> Dict[str, float]:
     """The optima of a ``trime-tune`` / ``trime-tune-mt`` result on the edge of their grid and
     still improving there, logged under ``label`` (also for results cached before the tools
     checked their grids)."""
-    rows = [r for r in result.get("rows", []) if r.get("params")]
-    edges = grid_edges(rows, result["best"], result_nll) if rows and "best" in result else {}
+    edges = result_grid_edges(result)
     warn_grid_edges(edges, label)
     return edges
 

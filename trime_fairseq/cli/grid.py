@@ -45,6 +45,14 @@ def grid_edges(rows: Sequence[dict], best: dict, nll: Callable[[dict], float],
     return edges
 
 
+def result_grid_edges(result: dict, tolerance: float = DEFAULT_EDGE_TOLERANCE) -> Dict[str, float]:
+    """:func:`grid_edges` of a ``trime-tune`` / ``trime-tune-mt`` result (``rows`` and
+    ``best``; none without them)."""
+    if not result.get("rows") or not result.get("best"):
+        return {}
+    return grid_edges(result["rows"], result["best"], result_nll, tolerance)
+
+
 def warn_grid_edges(edges: Dict[str, float], command: str) -> None:
     """One warning per setting whose optimum may lie outside its grid."""
     for key, value in edges.items():
@@ -87,8 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {name}: not a readable JSON file ({e})") from None
         for where, result in tuning_results(data):
-            rows = [r for r in result["rows"] if r["params"]]
-            edges = grid_edges(rows, result["best"], result_nll, a.tolerance)
+            edges = result_grid_edges(result, a.tolerance)
             found += bool(edges)
             print(f"{name}{where}: best {json.dumps(result['best']['params'])}; "
                   + ("on the edge: " + ", ".join(f"{k}={v:g}" for k, v in edges.items()) if edges else "inside its grid"))

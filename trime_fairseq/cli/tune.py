@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from trime_fairseq.tasks.memory_flags import EvalMemory
 from trime_fairseq.cli import setup_cli_logging
-from trime_fairseq.cli.grid import LAMBDAS, SKIP_AXIS, grid_edges, result_nll, warn_grid_edges
+from trime_fairseq.cli.grid import LAMBDAS, SKIP_AXIS, result_grid_edges, warn_grid_edges
 from trime_fairseq.errors import TrimeUserError, cli_entry
 from trime_fairseq.memory.combiners import CacheCombiner, Combiner, KnnCombiner, NoMemory, TrimeCombiner
 from trime_fairseq.memory.joint import DEFAULT_PPRIME, PPRIME_KINDS
@@ -411,8 +411,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     for r in rows:
         logger.info("%-40s M=%-6d ppl %.3f  searches skipped %5.1f%%%s", r["combiner"], r["memory_size"], r["ppl"],
                     100 * r["skipped"], "  <- best" if r is best else "")
-    result = {"subset": cfg.dataset.gen_subset, "tokens": total, "rows": rows, "best": best,
-              "grid_edges": grid_edges(rows[1:], best, result_nll)}
+    result = {"subset": cfg.dataset.gen_subset, "tokens": total, "rows": rows, "best": best}
+    result["grid_edges"] = result_grid_edges(result)
     warn_grid_edges(result["grid_edges"], "trime-tune")
     if any(skips):
         result["retrieval_skip_feature"] = ours.retrieval_skip_feature

@@ -29,7 +29,7 @@ import torch
 
 from trime_fairseq.memory.combiners import Combiner, ScoringInputs
 from trime_fairseq.cli import setup_cli_logging
-from trime_fairseq.cli.grid import grid_edges, result_nll, warn_grid_edges
+from trime_fairseq.cli.grid import result_grid_edges, warn_grid_edges
 from trime_fairseq.errors import TrimeUserError, cli_entry
 
 logger = logging.getLogger("trime_fairseq.tune_mt")
@@ -131,7 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rows = score_grid(c, ours.combiner, grid)
     best = min(rows[1:], key=lambda r: r["nll"])
     result = {"combiner": ours.combiner, "tokens": int(c["target"].numel()), "k": int(c["scores"].size(1)),
-              "rows": rows, "best": best, "grid_edges": grid_edges(rows[1:], best, result_nll)}
+              "rows": rows, "best": best}
+    result["grid_edges"] = result_grid_edges(result)
     warn_grid_edges(result["grid_edges"], "trime-tune-mt")
     for r in rows:
         logger.info("%-40s NLL %.4f", json.dumps(r["params"]) if r["params"] else "MT alone", r["nll"])

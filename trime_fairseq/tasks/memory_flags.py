@@ -326,6 +326,13 @@ def bm25_options(args) -> dict:
     }
 
 
+def bm25_segments_name(split: str, length: int, across_documents: bool = False) -> str:
+    """The name of a split's training segments in BM25 cache files (:func:`bm25_cache_key`):
+    ``train_L512``, or ``train_L512_stream`` for the stream segments of
+    ``--memory-across-documents``."""
+    return f"{split}_L{length}" + ("_stream" if across_documents else "")
+
+
 def bm25_cache_key(args, name: str, batch_size: int, seed: int, with_docs: bool) -> str:
     """File name stem of a BM25 batching: every option that changes the batches is in it
     (options at their old defaults keep the old names, so existing caches stay valid)."""

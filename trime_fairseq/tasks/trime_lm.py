@@ -33,8 +33,8 @@ from trime_fairseq.models.output_layer import (
     ADAPTIVE_TOKEN_MASS_HELP, ADAPTIVE_TOKEN_MASSES, DEFAULT_ADAPTIVE_TOKEN_MASS, check_adaptive_token_mass)
 from trime_fairseq.tasks.datastore_keys import DatastoreKeys, KeyLayout
 from trime_fairseq.tasks.memory_flags import (  # noqa: F401  (build_combiner: the task's registry)
-    EVAL_MEMORY_CHOICES, BM25BatchingConfig, EvalMemory, RetrievalConfig, bm25_batches_at, build_combiner,
-    build_retriever, cached_bm25_batches, check_bm25_flags, retrieval_skip)
+    EVAL_MEMORY_CHOICES, BM25BatchingConfig, EvalMemory, RetrievalConfig, bm25_batches_at, bm25_segments_name,
+    build_combiner, build_retriever, cached_bm25_batches, check_bm25_flags, retrieval_skip)
 from trime_fairseq.errors import TrimeUserError
 
 logger = logging.getLogger(__name__)
@@ -420,8 +420,8 @@ class TrimeLanguageModelingTask(DatastoreKeys, LanguageModelingTask):
         """BM25 batches of the training segments, computed once and cached on disk."""
         segments = [dataset[i]["source"].numpy() for i in range(len(dataset))]
         return cached_bm25_batches(self.args, segments, batch_size, seed, utils.split_paths(self.args.data)[0],
-                                   f"{dataset.split}_L{self.args.tokens_per_sample}"
-                                   + ("_stream" if dataset.across_documents else ""), docs=dataset.seg_docs)
+                                   bm25_segments_name(dataset.split, self.args.tokens_per_sample,
+                                                      dataset.across_documents), docs=dataset.seg_docs)
 
     def eval_lm_dataloader(self, dataset, max_tokens: Optional[int] = 36000, batch_size=None,
                            max_positions=None, num_shards: int = 1, shard_id: int = 0,
