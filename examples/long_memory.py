@@ -82,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Figure 3 also trains TRIMELM_long with each of these m (comma-separated) and adds "
                         "its curve as the row trimelm_long_m<m>: how the length of the training memory "
                         "(m x L tokens) moves the best test-time memory")
+    p.add_argument("--long-top-k-grid", type=int_list, default=[],
+                   help="Figure 3 also reads TRIMELM_long with only each query's k most similar long-term "
+                        "entries (--long-memory-top-k), k chosen on valid per size among these values "
+                        "(comma-separated, with τ), as the row trimelm_long_topk")
     p.add_argument("--distance-analysis", action="store_true",
                    help="Figure 3 also runs trime-analyze on valid for each TRIME row at the largest memory "
                         "size (its chosen τ): the probability mass that local memory and each age of long-term "
@@ -162,8 +166,9 @@ def main(argv=None) -> dict:
     max_size = max(int(s) for s in a.memory_sizes.split(","))
     if a.figure3:  # its own evaluations only (no table of test runs below)
         return figure3(a, run, logs, data, ckpt, ev, trained)
-    if a.eval_docs or a.across_documents or a.more_consecutive_segments:
-        raise SystemExit("error: --eval-docs, --across-documents and --more-consecutive-segments are for --figure3")
+    if a.eval_docs or a.across_documents or a.more_consecutive_segments or a.long_top_k_grid:
+        raise SystemExit("error: --eval-docs, --across-documents, --more-consecutive-segments and --long-top-k-grid "
+                         "are for --figure3")
     sweeps = ex.run_parallel(sweep_jobs(a, run, logs, data, ckpt, ev, "valid"), a.parallel)
 
     def best(name, local_only=False):
@@ -244,6 +249,11 @@ def sweep_jobs(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: 
         name = f"trime_long_m{m}"
         jobs[name] = lambda name=name: ex.tune(data, ckpt[name], "trime", [f"tau={a.tau_grid}"], args,
                                                run / f"sweep_{name}{suffix}.json", logs / f"sweep_{name}{suffix}.log")
+    if getattr(a, "long_top_k_grid", None):
+        top_k = f"long_k={','.join(str(k) for k in a.long_top_k_grid)}"
+        jobs[TOPK_SWEEP] = lambda: ex.tune(
+            data, ckpt["trime_long"], "trime", [f"tau={a.tau_grid}", top_k], args,
+            run / f"sweep_{TOPK_SWEEP}{suffix}.json", logs / f"sweep_{TOPK_SWEEP}{suffix}.log")
     if getattr(a, "across_documents", False):
         jobs[STREAM_SWEEP] = lambda: ex.tune(
             data, ckpt["trime_long"], "trime", [f"tau={a.tau_grid}"], [*args, *ACROSS_DOCUMENTS],
@@ -274,6 +284,7 @@ def same_tokens_larger_batch(a, m: int) -> List:
 
 ACROSS_DOCUMENTS = ["--memory-across-documents"]
 STREAM_SWEEP = "trime_long_stream"  #: TRIMELM_long's sweep with the stream's memory (--across-documents)
+TOPK_SWEEP = "trime_long_topk"  #: TRIMELM_long's sweep over τ and --long-memory-top-k (--long-top-k-grid)
 
 
 def flags(name: str, row: dict, across_documents: bool = False) -> List:
@@ -285,6 +296,8 @@ def flags(name: str, row: dict, across_documents: bool = False) -> List:
         mem += ACROSS_DOCUMENTS
     if name == "vanilla":
         return ["--eval-combiner", "cache", "--cache-lambda", p["lambda"], "--cache-theta", p["theta"], *mem]
+    if mem and p.get("long_k"):
+        mem += ["--long-memory-top-k", int(p["long_k"])]
     return ["--eval-combiner", "trime", "--eval-temperature", p["tau"], *mem]
 
 
@@ -292,6 +305,7 @@ def flags(name: str, row: dict, across_documents: bool = False) -> List:
 FIG3_SYSTEMS = (("trimelm_long", "TRIMELM_long", "trime_long", "trime_long"), ("trimelm", "TRIMELM", "trime", "trime"),
                 ("cache_long", "vanilla + continuous cache*", "vanilla", "vanilla"))
 FIG3_STREAM = ("trimelm_long_stream", "TRIMELM_long, memory across documents", STREAM_SWEEP, "trime_long")
+FIG3_TOPK = ("trimelm_long_topk", "TRIMELM_long, top-k long-term memory", TOPK_SWEEP, "trime_long")
 
 
 def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: List, trained: Dict[str, dict]) -> dict:
@@ -321,7 +335,8 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
     sweeps = {k[1]: v for k, v in done.items() if k[0] == "valid_sweep"}
     more = tuple((f"trimelm_long_m{m}", f"TRIMELM_long, trained with m={m} ({m * a.tokens_per_sample} tokens)",
                   f"trime_long_m{m}", f"trime_long_m{m}") for m in a.more_consecutive_segments)
-    systems = FIG3_SYSTEMS + more + ((FIG3_STREAM,) if a.across_documents else ())
+    systems = FIG3_SYSTEMS + more + ((FIG3_STREAM,) if a.across_documents else ()) + \
+        ((FIG3_TOPK,) if a.long_top_k_grid else ())
     jobs, plan = {}, {}
     for key, _, sweep, model in systems:
         for size in sizes:
@@ -360,6 +375,7 @@ def figure3(a, run: Path, logs: Path, data: Path, ckpt: Dict[str, Path], ev: Lis
                      "valid_ppl": [plan[key, s][0]["ppl"] for s in sizes],
                      "test_ppl": [test_ppl(key, sweep, s) for s in sizes],
                      "flags": [" ".join(map(str, plan[key, s][1])) for s in sizes],
+                     "settings": [plan[key, s][0]["params"] for s in sizes],
                      "no_memory_valid_ppl": sweeps[sweep]["rows"][0]["ppl"],
                      "train_tokens_per_s": trained[model]["train_tokens_per_s"]})
         if (key, "distance") in done:

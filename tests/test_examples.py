@@ -100,15 +100,16 @@ def test_long_memory_examples_table_then_figure3_then_memorizing_vs_trime(corpus
                 "--consecutive-segments", "4", "--memory-sizes", "0,50,100", "--tau-grid", "1,2",
                 "--cache-lambda-grid", "0.1", "--cache-theta-grid", "0.1", "--memorizing", "--train-memory", "64",
                 "--memorizing-sizes", "0,100", "--test-from", "sweep", "--parallel", "2", "--across-documents",
-                "--more-consecutive-segments", "2", "--distance-analysis", "--figure3", str(fig))
+                "--more-consecutive-segments", "2", "--long-top-k-grid", "0,4", "--distance-analysis",
+                "--figure3", str(fig))
     result = json.loads(fig.with_suffix(".json").read_text())
     rows = {r["system"]: r for r in result["rows"]}
     assert set(rows) == {"trimelm_long", "trimelm", "cache_long", "memorizing", "trimelm_long_stream",
-                         "trimelm_long_m2"}
+                         "trimelm_long_m2", "trimelm_long_topk"}
     # another training memory: its own model, trained with its own m
     assert "'consecutive_segments': 2," in (run / "logs" / "train_trime_long_m2.log").read_text()
     # memory by distance for the TRIME rows at the largest size (buckets at the memory sizes below it)
-    for key in ("trimelm_long", "trimelm", "trimelm_long_m2", "trimelm_long_stream"):
+    for key in ("trimelm_long", "trimelm", "trimelm_long_m2", "trimelm_long_stream", "trimelm_long_topk"):
         dist = rows[key]["memory_by_distance"]
         assert [d["memory"] for d in dist] == ["local", "0-50", ">=50"]
         assert all(0 <= d["on_target"] <= d["mass"] < 1 for d in dist) and dist[0]["mass"] > 0
@@ -120,6 +121,13 @@ def test_long_memory_examples_table_then_figure3_then_memorizing_vs_trime(corpus
     assert stream["valid_ppl"][0] == pytest.approx(per_doc["valid_ppl"][0], rel=1e-6)
     assert all("--memory-across-documents" in f for f in stream["flags"][1:])
     assert not any("--memory-across-documents" in f for f in per_doc["flags"])
+    # top-k long-term memory: k chosen with τ per size among 0 (all) and 4; with k = 0 in the
+    # grid it can only match or beat the plain row on valid, and its flags name the k chosen
+    top = rows["trimelm_long_topk"]
+    assert all(t <= p * (1 + 1e-9) for t, p in zip(top["valid_ppl"], per_doc["valid_ppl"]))
+    assert top["valid_ppl"][0] == pytest.approx(per_doc["valid_ppl"][0], rel=1e-9)
+    assert all(("--long-memory-top-k 4" in f) == (p["long_k"] == 4)
+               for f, p in zip(top["flags"][1:], top["settings"][1:]))
     for r in rows.values():
         assert r["memory_tokens"][0] == 0
         assert len(r["memory_tokens"]) == len(r["valid_ppl"]) == len(r["test_ppl"])

@@ -150,8 +150,11 @@ def eval_rows(wrapper, blocks, batch_size):
     return out
 
 
-@pytest.mark.parametrize("size,across", [(5, False), (1000, False), (5, True), (1000, True)])
-def test_eval_with_long_memory_equals_brute_force(size, across):
+@pytest.mark.parametrize("size,across,top_k", [(5, False, 0), (1000, False, 0), (5, True, 0), (1000, True, 0),
+                                               (1000, False, 3), (5, True, 2)])
+def test_eval_with_long_memory_equals_brute_force(size, across, top_k):
+    """Eq. 6 over local + long-term memory against a per-token sum; ``top_k``: each query
+    reads only its ``top_k`` most similar long-term entries (``--long-memory-top-k``)."""
     d = make_dictionary(30)
     model = make_model(d).double()
     s = make_stream(d, [37, 8, 29], seed=4)
@@ -184,20 +187,26 @@ def test_eval_with_long_memory_equals_brute_force(size, across):
                 label = int(tgt[j]) if tgt[j] != d.pad() else int(src[j + 1])
                 terms.append((g[t] @ g[j], label))
             older = [q for q in range(ctx_start) if (across or s.docs[q] == int(docs[t])) and q in g_scored]
-            for q in older[-size:]:  # long: same document (any: across), before the window, newest `size`
-                terms.append((g[t] @ g_scored[q], int(s.tokens[q + 1])))
+            long_terms = [(g[t] @ g_scored[q], int(s.tokens[q + 1])) for q in older[-size:]]
+            if top_k:  # long: same document (any: across), before the window, newest `size`
+                long_terms = sorted(long_terms, key=lambda e: -e[0].item())[:top_k]
+            terms += long_terms
             for sim, label in terms:
                 e = math.exp(sim.item() / math.sqrt(g.size(-1)) / tau)
                 den += e
                 num += e if label == int(tgt[t]) else 0.0
             ref[p] = math.log(num / den)
     for bsz in (1, 3):
-        wrapper = MemoryEvalModel(model, TrimeCombiner(tau), d.pad(), long_memory_size=size,
+        wrapper = MemoryEvalModel(model, TrimeCombiner(tau, long_top_k=top_k), d.pad(), long_memory_size=size,
                                   across_documents=across)
         got = eval_rows(wrapper, blocks, bsz)
         assert set(got) == set(ref)
         for p in ref:
             assert got[p] == pytest.approx(ref[p], abs=1e-9), p
+    if top_k:  # the cut changes some token's probability
+        whole = eval_rows(MemoryEvalModel(model, TrimeCombiner(tau), d.pad(), long_memory_size=size,
+                                          across_documents=across), blocks, 1)
+        assert any(whole[p] != pytest.approx(ref[p], abs=1e-9) for p in ref)
     if across:  # the first block of the second document sees the first document
         start = int(s.doc_starts[1])
         per_doc = eval_rows(MemoryEvalModel(model, TrimeCombiner(tau), d.pad(), long_memory_size=size), blocks, 1)
@@ -249,6 +258,22 @@ def test_bad_long_memory_flags():
         check_memory_flags(SimpleNamespace(**dict(base, consecutive_segments=0)))
     with pytest.raises(ValueError, match="--long-memory-size"):
         LongTermMemory(size=-1)
+    top = dict(base, eval_combiner="trime", long_memory_top_k=8)
+    with pytest.raises(ValueError, match="--long-memory-top-k .*--eval-memory local\\+long"):
+        check_memory_flags(SimpleNamespace(**top))
+    with pytest.raises(ValueError, match="--long-memory-top-k must be >= 0"):
+        check_memory_flags(SimpleNamespace(**dict(top, long_memory_top_k=-1)))
+    with pytest.raises(ValueError, match="--long-memory-top-k applies to --eval-combiner trime"):
+        check_memory_flags(SimpleNamespace(**dict(top, eval_memory="local+long", long_memory_size=10,
+                                                  eval_combiner="cache")))
+    check_memory_flags(SimpleNamespace(**dict(top, eval_memory="local+long", long_memory_size=10)))
+    with pytest.raises(ValueError, match="--long-memory-top-k"):
+        TrimeCombiner(1.0, long_top_k=-2)
+    from trime_fairseq.cli.tune import make_combiner, parse_grid
+
+    assert [make_combiner("trime", p).long_top_k for p in parse_grid("trime", ["tau=1", "long_k=0,16"])] == [0, 16]
+    with pytest.raises(ValueError, match="--grid long_k"):
+        make_combiner("trime", {"tau": 1.0, "long_k": 2.5})
 
 
 def test_train_and_eval_long_memory_through_fairseq(tmp_path):

@@ -55,7 +55,7 @@ logger = logging.getLogger("trime_fairseq.tune")
 
 # per combiner: required grid axes, and optional ones with their default
 GRID_KEYS: Dict[str, Tuple[Tuple[str, ...], Dict[str, float]]] = {
-    "trime": (("tau",), {"memory_lambda": 0.0, "memory_tau": 1.0, "k": 0, "ext_tau": 0.0,
+    "trime": (("tau",), {"memory_lambda": 0.0, "memory_tau": 1.0, "k": 0, "ext_tau": 0.0, "long_k": 0,
                          "pprime": float(PPRIME_KINDS.index(DEFAULT_PPRIME))}),
     "cache": (("lambda", "theta"), {}),
     "knn": (("lambda", "temperature"), {"k": 0, "cache_lambda": 0.0, "cache_theta": 0.0}),
@@ -105,8 +105,10 @@ def make_combiner(combiner: str, point: Dict[str, float], representation: str = 
         kind = int(opt["pprime"])
         if kind not in range(len(PPRIME_KINDS)) or kind != opt["pprime"]:
             raise ValueError(f"--grid pprime takes {', '.join(f'{i} ({k})' for i, k in enumerate(PPRIME_KINDS))}")
+        if opt["long_k"] < 0 or opt["long_k"] != int(opt["long_k"]):
+            raise TrimeUserError(f"--grid long_k: values must be integers >= 0 (0: all), got {opt['long_k']:g}")
         return TrimeCombiner(opt["tau"], opt["memory_lambda"], opt["memory_tau"], PPRIME_KINDS[kind],
-                             opt["ext_tau"] or None)
+                             opt["ext_tau"] or None, int(opt["long_k"]))
     if combiner == "cache":
         return CacheCombiner(opt["lambda"], opt["theta"], representation)
     cache = CacheCombiner(opt["cache_lambda"], opt["cache_theta"], representation) if opt["cache_lambda"] > 0 else None
@@ -342,8 +344,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         prog="trime-tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--combiner", choices=sorted(GRID_KEYS), required=True,
-                        help="trime (grid over tau [ext_tau memory_lambda memory_tau k pprime]; ext_tau = "
-                        "--ext-temperature, 0 = tau; pprime = "
+                        help="trime (grid over tau [ext_tau memory_lambda memory_tau k long_k pprime]; ext_tau = "
+                        "--ext-temperature, 0 = tau; long_k = --long-memory-top-k, 0 = all; pprime = "
                         + ", ".join(f"{i}: {k}" for i, k in enumerate(PPRIME_KINDS))
                         + " of --memory-distribution), cache (lambda "
                         "theta) or knn (lambda temperature [k cache_lambda cache_theta])")

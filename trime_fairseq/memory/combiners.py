@@ -42,6 +42,7 @@ from trime_fairseq.memory.joint import (
     memory_log_probs_at,
     memory_target_log_prob,
     scaled_similarity,
+    top_k_mask,
 )
 from trime_fairseq.errors import TrimeUserError
 
@@ -273,13 +274,27 @@ class NoMemory(Combiner):
         return x.tok_target_log_prob()
 
 
-def memory_entries(x: ScoringInputs, temperature: float, ext_temperature: Optional[float] = None):
+def top_long_memory(x: ScoringInputs, scores: Tensor, k: int) -> Tensor:
+    """``x.mask`` with each query's long-term entries cut to its ``k`` highest-scoring ones
+    (local memory untouched; ``k <= 0`` or no long-term memory: unchanged). Scores of the
+    shared keys ``[B, T, K]``; the ranking is the similarity's, whatever the temperature."""
+    if k <= 0 or x.key_rank is None:
+        return x.mask
+    is_long = (x.key_rank >= 0).unsqueeze(1)
+    kept = top_k_mask(scores, x.mask & is_long, k)
+    return (x.mask & ~is_long) | kept
+
+
+def memory_entries(x: ScoringInputs, temperature: float, ext_temperature: Optional[float] = None,
+                   long_top_k: int = 0):
     """All memory of ``x`` as ``(scores [B,T,K], labels, mask)``: shared keys (local, long)
     scored ``sim/τ`` with ``sim = g·g_j/√d``, then the retrieved external entries scored
-    ``sim/τ_ext`` (``ext_temperature``; ``None`` = ``τ``, Eq. 6's one temperature)."""
+    ``sim/τ_ext`` (``ext_temperature``; ``None`` = ``τ``, Eq. 6's one temperature).
+    ``long_top_k > 0``: each query reads only its ``long_top_k`` most similar long-term
+    entries (:func:`top_long_memory`)."""
     scores = scaled_similarity(x.query_g, x.keys_g, temperature)
     labels = x.key_labels.unsqueeze(1)
-    mask = x.mask
+    mask = top_long_memory(x, scores, long_top_k)
     if x.ext_scores is not None:
         ext = x.ext_scores / (math.sqrt(x.query_g.size(-1)) * (ext_temperature or temperature))
         scores = torch.cat([scores, ext], -1)
@@ -297,17 +312,25 @@ class TrimeCombiner(Combiner):
     ``ext_temperature`` (``τ_ext``) scores the retrieved external entries of Eq. 6 by
     ``sim/τ_ext`` instead of ``sim/τ``: the top-K of a large datastore are far closer to
     the query than the in-batch keys seen in training (Appendix F's shift), so they want a
-    flatter scale than local memory. ``None`` = ``τ`` (the paper)."""
+    flatter scale than local memory. ``None`` = ``τ`` (the paper).
+
+    ``long_top_k > 0``: each query reads only its ``long_top_k`` most similar long-term
+    entries (local and external memory whole), so a larger long-term memory can offer better
+    entries without adding the mass of every dissimilar one to Eq. 6's denominator. 0: all
+    (the paper)."""
 
     name = "trime"
     representations = ("g",)
 
     def __init__(self, temperature: float = 1.0, lam: float = 0.0, memory_temperature: Optional[float] = None,
-                 memory_distribution: str = DEFAULT_PPRIME, ext_temperature: Optional[float] = None) -> None:
+                 memory_distribution: str = DEFAULT_PPRIME, ext_temperature: Optional[float] = None,
+                 long_top_k: int = 0) -> None:
         if temperature <= 0:
             raise TrimeUserError(f"--eval-temperature must be > 0, got {temperature}")
         if ext_temperature is not None and ext_temperature <= 0:
             raise TrimeUserError(f"--ext-temperature must be > 0, got {ext_temperature}")
+        if long_top_k < 0:
+            raise TrimeUserError(f"--long-memory-top-k must be >= 0 (0: all long-term entries), got {long_top_k}")
         if not 0.0 <= lam < 1.0:
             raise TrimeUserError(f"--memory-lambda must be in [0, 1), got {lam}: at 1 the model gets no weight "
                                  "and tokens absent from memory get probability 0")
@@ -318,9 +341,10 @@ class TrimeCombiner(Combiner):
         self.temperature, self.lam, self.memory_temperature = temperature, lam, memory_temperature
         self.memory_distribution = str(memory_distribution)
         self.ext_temperature = ext_temperature
+        self.long_top_k = int(long_top_k)
 
     def _entries(self, x: ScoringInputs):
-        return memory_entries(x, self.temperature, self.ext_temperature)
+        return memory_entries(x, self.temperature, self.ext_temperature, self.long_top_k)
 
     def _has_pprime(self, x: ScoringInputs) -> bool:
         """False when P' has no entries at all (published P' without a datastore)."""
@@ -371,7 +395,8 @@ class TrimeCombiner(Combiner):
         extra = (f", lambda={self.lam:g}, tau'={self.memory_temperature:g}, P' over {self.memory_distribution}"
                  if self.lam > 0 else "")
         ext = f", tau_ext={self.ext_temperature:g}" if self.ext_temperature is not None else ""
-        return f"trime(tau={self.temperature:g}{ext}{extra})"
+        top = f", long top-k={self.long_top_k}" if self.long_top_k else ""
+        return f"trime(tau={self.temperature:g}{ext}{top}{extra})"
 
 
 class CacheCombiner(Combiner):

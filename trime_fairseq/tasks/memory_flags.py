@@ -54,7 +54,7 @@ def build_combiner(cfg, kind: Optional[str] = None, flag: str = "--eval-combiner
         return TrimeCombiner(cfg.eval_temperature, getattr(cfg, "memory_lambda", 0.0),
                              getattr(cfg, "memory_temperature", None),
                              str(getattr(cfg, "memory_distribution", DEFAULT_PPRIME)),
-                             getattr(cfg, "ext_temperature", None))
+                             getattr(cfg, "ext_temperature", None), int(getattr(cfg, "long_memory_top_k", 0)))
     if kind == "adaptive":
         from trime_fairseq.models.memory_generate import load_metak
 

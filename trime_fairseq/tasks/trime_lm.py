@@ -80,6 +80,15 @@ class TrimeLMConfig(LanguageModelingConfig, RetrievalConfig, BM25BatchingConfig)
             "at document boundaries (unless --memory-across-documents)"
         },
     )
+    long_memory_top_k: int = field(
+        default=0,
+        metadata={
+            "help": "--eval-combiner trime with long-term memory: each query reads only its k most "
+            "similar long-term entries (local and external memory whole), so that a larger "
+            "memory offers better entries without adding every dissimilar one to Eq. 6's "
+            "denominator; 0 = all of them (the paper). trime-tune: --grid long_k=..."
+        },
+    )
     memory_across_documents: bool = field(
         default=False,
         metadata={
@@ -147,9 +156,22 @@ def check_memory_flags(cfg) -> None:
                          "(or use --memory-distribution all-scaled)")
     if getattr(cfg, "knn_k", 1) < 1:
         raise TrimeUserError(f"--knn-k must be >= 1, got {cfg.knn_k}")
+    check_long_top_k(cfg, memory)
     retrieval_skip(cfg, memory.ext)
     check_bm25_flags(cfg)
     check_adaptive_token_mass(getattr(cfg, "adaptive_token_mass", DEFAULT_ADAPTIVE_TOKEN_MASS))
+
+
+def check_long_top_k(cfg, memory: EvalMemory) -> None:
+    """``--long-memory-top-k`` needs long-term memory and Eq. 6 (never a silent no-op)."""
+    top_k = int(getattr(cfg, "long_memory_top_k", 0))
+    if top_k < 0:
+        raise TrimeUserError(f"--long-memory-top-k must be >= 0 (0: all long-term entries), got {top_k}")
+    if top_k > 0 and not memory.long:
+        raise TrimeUserError("--long-memory-top-k selects long-term entries: it needs --eval-memory local+long "
+                             "(or local+long+ext) and --long-memory-size")
+    if top_k > 0 and str(cfg.eval_combiner) != "trime":
+        raise TrimeUserError(f"--long-memory-top-k applies to --eval-combiner trime, not {cfg.eval_combiner}")
 
 
 def check_lm_checkpoint(model, args) -> None:
