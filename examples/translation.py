@@ -26,7 +26,8 @@ projects, Debian package descriptions (DDTP) and Debian base-system ``.mo`` cata
    Appendix F λ are also chosen by validation BLEU (one beam search per value), reported
    as extra systems; with ``--bleu-temperature-factors`` too, each system's memory
    temperature (kNN-MT's T, Appendix F's τ') is then chosen by validation BLEU at that λ
-   (coordinate ascent, the same for both systems), reported as a third pair of systems.
+   (coordinate ascent, the same for both systems), reported as a third pair of systems;
+   ``--bleu-tau-factors`` adds TRIME-MT's second temperature (Eq. 6's τ) to that step.
 4. ``fairseq-generate`` (beam 5) on the test sets, detokenised, scored with sacrebleu; the
    test NLL of kNN-MT and TRIME-MT at their tuned settings (reported, not used to choose).
 
@@ -85,6 +86,20 @@ def coordinate_search(start: dict, axes: Sequence[Tuple[str, Sequence[float]]],
         point = max(trial, key=lambda t: t[1])[0]
         steps.append(point)
     return steps, scored
+
+
+def bleu_axes(params: dict, lam_key: str, temp_key: str, lambdas: Sequence[float], factors: Sequence[float],
+              tau_factors: Sequence[float] = ()) -> List[Tuple[str, List[float]]]:
+    """The validation-BLEU coordinate search: λ, then (``factors``) the memory temperature
+    ``temp_key`` at that λ, then (``tau_factors``, TRIME-MT) Eq. 6's τ; each temperature
+    among its NLL-tuned value in ``params`` times the factors. The systems reported are the
+    point after λ and the point after the last axis."""
+    axes = [(lam_key, list(lambdas))]
+    if factors:
+        axes.append((temp_key, [params[temp_key] * f for f in factors]))
+        if tau_factors:
+            axes.append(("tau", [params["tau"] * f for f in tau_factors]))
+    return axes
 
 
 def float_list(text: str) -> List[float]:
@@ -307,6 +322,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --bleu-lambdas: then choose each system's memory temperature (kNN-MT: T, TRIME-MT: "
                         "Appendix F's tau') by validation BLEU at its BLEU-chosen λ, among its NLL-tuned "
                         "temperature times each of these factors ('': λ only)")
+    p.add_argument("--bleu-tau-factors", default="",
+                   help="with --bleu-temperature-factors: TRIME-MT's temperature step then also chooses Eq. 6's "
+                        "tau by validation BLEU (after tau'), among its NLL-tuned tau times each of these factors "
+                        "(TRIME-MT has two memory temperatures, kNN-MT one; '': tau' only)")
     p.add_argument("--knn-k", type=int, default=16, help="neighbours retrieved per decoding step")
     p.add_argument("--beam", type=int, default=5, help="beam size")
     p.add_argument("--gen-batch-size", type=int, default=64, help="sentences per generation batch")
@@ -426,20 +445,21 @@ def main(argv=None) -> dict:
 
         if a.bleu_lambdas:  # λ, then the memory temperature, by validation BLEU; the rest as tuned by NLL
             lambdas, factors = float_list(a.bleu_lambdas), float_list(a.bleu_temperature_factors)
+            tau_factors = float_list(a.bleu_tau_factors)
             for system, model, lam_key, temp_key, make, params in (
                     ("kNN-MT", "base", "lambda", "temperature", knn_generate_flags, kp),
                     ("TRIME-MT", "trime", "memory_lambda", "memory_tau", trime_generate_flags, tp)):
 
                 def valid_bleu(point: dict) -> float:
-                    changed = [k for k in (lam_key, temp_key) if k == lam_key or point[k] != params[k]]
+                    changed = [k for k in (lam_key, temp_key, "tau") if k == lam_key or point.get(k) != params.get(k)]
                     name = " ".join([system, *(f"{k} {point[k]:g}" for k in changed)])
                     return decode(name, model, make(point, ds[model]), va)["bleu"]
 
-                axes = [(lam_key, lambdas)] + ([(temp_key, [params[temp_key] * f for f in factors])] if factors else [])
+                axes = bleu_axes(params, lam_key, temp_key, lambdas, factors, tau_factors if model == "trime" else ())
                 steps, scored = coordinate_search(params, axes, valid_bleu)
                 bleu_lambda += [{"domain": domain, "system": system, "lambda": p[lam_key], "temperature": p[temp_key],
-                                 "valid_bleu": p["score"]} for p in scored]
-                for (suffix, _), point in zip(BLEU_TUNINGS, steps):
+                                 "eq6_tau": p.get("tau"), "valid_bleu": p["score"]} for p in scored]
+                for (suffix, _), point in zip(BLEU_TUNINGS, steps[:1] + steps[1:][-1:]):
                     systems.append((f"{system}{suffix}", model, make(point, ds[model])))
         hyps = {}
         for system, model, flags in systems:
@@ -526,12 +546,16 @@ def main(argv=None) -> dict:
         header_recipes += ("\n\nValidation BLEU (beam search) at each setting tried, in order: first each system's "
                            "interpolation weight λ (kNN-MT: λ; TRIME-MT: Appendix F's λ) at its NLL-tuned "
                            "temperature (kNN-MT: T; TRIME-MT: Appendix F's τ'), then, with "
-                           "--bleu-temperature-factors, the temperature at the best λ; the other settings as tuned "
+                           "--bleu-temperature-factors, the temperature at the best λ (with --bleu-tau-factors, "
+                           "TRIME-MT then also Eq. 6's τ); the other settings as tuned "
                            "by NLL. The best λ gives the '(λ by valid BLEU)' rows above, the best temperature at that λ "
                            "the '(λ, temperature by valid BLEU)' rows:\n\n"
-                           + ex.markdown_table([{**r, "temperature": f"{r['temperature']:g}"} for r in bleu_lambda],
-                                               ["domain", "system", "lambda", "temperature", "valid_bleu"],
-                                               ["domain", "system", "λ", "temperature", "valid BLEU"]))
+                           + ex.markdown_table([{**r, "temperature": f"{r['temperature']:g}",
+                                                 "eq6_tau": "" if r.get("eq6_tau") is None else f"{r['eq6_tau']:g}"}
+                                                for r in bleu_lambda],
+                                               ["domain", "system", "lambda", "temperature", "eq6_tau", "valid_bleu"],
+                                               ["domain", "system", "λ", "temperature", "TRIME-MT Eq. 6 τ",
+                                                "valid BLEU"]))
     for out in ex.publish(result, header + table + header_curve + header_recipes, run_json, a.results, logger):
         ex.bar_plot([dict(r, system=f"{r['system']} ({r['domain']})") for r in rows], out.with_suffix(".png"),
                     "Translation with memory", keys=("bleu",), ylabel="BLEU (higher is better)")

@@ -400,6 +400,25 @@ def test_translation_coordinate_search_tunes_one_setting_at_a_time():
     assert tie == [{"lambda": 0.9, "temperature": 10.0, "k": 16}]  # the first of equal scores
 
 
+def test_translation_bleu_axes_add_eq6_tau_after_the_memory_temperature():
+    """``--bleu-tau-factors``: TRIME-MT's temperature step tries Appendix F's τ' and then
+    Eq. 6's τ (each its NLL-tuned value times the factors); without
+    ``--bleu-temperature-factors`` only λ is searched."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from translation import bleu_axes, coordinate_search
+
+    tp = {"tau": 2.5, "memory_lambda": 0.4, "memory_tau": 3.0}
+    axes = bleu_axes(tp, "memory_lambda", "memory_tau", [0.4, 0.6], [0.5, 2], [0.5, 1, 2])
+    assert axes == [("memory_lambda", [0.4, 0.6]), ("memory_tau", [1.5, 6.0]), ("tau", [1.25, 2.5, 5.0])]
+    assert bleu_axes(tp, "memory_lambda", "memory_tau", [0.4], [], [0.5]) == [("memory_lambda", [0.4])]
+    kp = {"lambda": 0.7, "temperature": 10.0}
+    assert bleu_axes(kp, "lambda", "temperature", [0.7], [1], ()) == [("lambda", [0.7]), ("temperature", [10.0])]
+    steps, _ = coordinate_search(tp, axes, lambda p: -abs(p["tau"] - 1.25) - abs(p["memory_lambda"] - 0.6))
+    assert steps[-1] == {"tau": 1.25, "memory_lambda": 0.6, "memory_tau": 1.5}  # τ' ties: the first
+
+
 def test_paired_bootstrap_separates_a_real_difference_from_none():
     import sys
 
