@@ -459,7 +459,8 @@ def main(argv=None) -> dict:
                 steps, scored = coordinate_search(params, axes, valid_bleu)
                 bleu_lambda += [{"domain": domain, "system": system, "lambda": p[lam_key], "temperature": p[temp_key],
                                  "eq6_tau": p.get("tau"), "valid_bleu": p["score"]} for p in scored]
-                for (suffix, _), point in zip(BLEU_TUNINGS, steps[:1] + steps[1:][-1:]):
+                reported = [steps[0], steps[-1]] if len(steps) > 1 else steps  # after λ; after the last axis
+                for (suffix, _), point in zip(BLEU_TUNINGS, reported):
                     systems.append((f"{system}{suffix}", model, make(point, ds[model])))
         hyps = {}
         for system, model, flags in systems:
